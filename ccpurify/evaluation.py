@@ -1,0 +1,84 @@
+"""Scoring models on the protocol's test sets: build the clean and triggered sets once, score many.
+
+``TestBench`` is what the CLI's ``evaluate`` and ``purify`` and the benchmark grid use to put numbers
+before and after a defense side by side. Only the test split is touched here, and only for scoring.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from ccpurify.attacks import Attack
+from ccpurify.data import DatasetSpec, Normalize, SourceInfo, get_spec, load_dataset
+from ccpurify.metrics import BackdoorMetrics, ModelCost, der, evaluate, model_cost
+
+
+@dataclass
+class Score:
+    """CA/ASR/RA (fractions) and cost of one model."""
+
+    metrics: BackdoorMetrics
+    cost: ModelCost
+
+    def to_dict(self) -> dict:
+        return {**self.metrics.to_dict(), **self.cost.to_dict()}
+
+
+@dataclass
+class TestBench:
+    """The clean test set and, with an attack, the triggered non-target set."""
+
+    spec: DatasetSpec
+    images: np.ndarray
+    labels: np.ndarray
+    bd_images: np.ndarray | None
+    bd_labels: np.ndarray | None
+    target: int | None
+    source: SourceInfo | None = None
+
+    @classmethod
+    def build(
+        cls,
+        dataset: str,
+        attack: Attack | None = None,
+        data_dir: str | os.PathLike | None = None,
+        test_subset: int | None = None,
+        seed: int = 0,
+    ) -> TestBench:
+        spec = get_spec(dataset)
+        test = load_dataset(dataset, "test", data_dir)
+        if test_subset is not None and test_subset < len(test):
+            # The same seeded draw as training's ``test_subset`` (ccpurify.train._subset, salt 2).
+            rng = np.random.default_rng([seed, 2])
+            test = test.subset(np.sort(rng.choice(len(test), size=test_subset, replace=False)))
+        bd_images = bd_labels = None
+        if attack is not None:
+            bd_images, bd_labels = attack.test_set(test.images, test.labels)
+        target = attack.target if attack is not None else None
+        return cls(spec, test.images, test.labels, bd_images, bd_labels, target, test.source)
+
+    @property
+    def normalize(self) -> Normalize:
+        return Normalize(self.spec.mean, self.spec.std)
+
+    def score(self, model: nn.Module) -> Score:
+        metrics = evaluate(
+            model, self.images, self.labels, self.bd_images, self.bd_labels, self.target, self.normalize
+        )
+        size = self.spec.image_size
+        return Score(metrics, model_cost(model, (1, 3, size, size)))
+
+
+def compare(before: Score, after: Score) -> dict:
+    """Before/after numbers with DER and cost ratios (what ``purify`` prints)."""
+    out = {"before": before.to_dict(), "after": after.to_dict()}
+    b, a = before.metrics, after.metrics
+    if b.asr is not None and a.asr is not None:
+        out["der"] = der(b.ca, b.asr, a.ca, a.asr)
+    out["params_ratio"] = after.cost.params / before.cost.params
+    out["macs_ratio"] = after.cost.macs / before.cost.macs
+    return out

@@ -1,0 +1,122 @@
+"""Metrics of the protocol (specs/protocol.md, "Metrics"): CA, ASR, RA, DER, and model cost.
+
+- CA: accuracy on the whole clean test set.
+- ASR: fraction of triggered non-target test images classified as the target.
+- RA: fraction of the same triggered images classified as their true class.
+- DER = [max(0, ASR_before - ASR_after) - max(0, CA_before - CA_after) + 1] / 2, the documented
+  formula (BackdoorBench's code adds the CA term: a sign bug, reference §7).
+
+All rates are fractions in [0, 1]; tables multiply by 100. This module knows no attack: callers pass
+the triggered images (``attack.test_set(...)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ccpurify.data.transforms import Normalize
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: np.ndarray,
+    normalize: Normalize | None = None,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Class predictions (N,) for uint8 NHWC ``images``, in eval mode."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    out = np.empty(len(images), dtype=np.int64)
+    try:
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            if normalize is not None:
+                x = normalize(x)
+            out[start : start + len(x)] = model(x).argmax(1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class BackdoorMetrics:
+    """CA on the clean test set; ASR and RA on the triggered non-target set (fractions)."""
+
+    ca: float
+    asr: float | None
+    ra: float | None
+    n_clean: int
+    n_poisoned: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    model: nn.Module,
+    clean_images: np.ndarray,
+    clean_labels: np.ndarray,
+    poisoned_images: np.ndarray | None = None,
+    poisoned_true_labels: np.ndarray | None = None,
+    target: int | None = None,
+    normalize: Normalize | None = None,
+    batch_size: int = 500,
+) -> BackdoorMetrics:
+    """CA, and ASR/RA when the triggered set and the target class are given."""
+    ca = float((predict(model, clean_images, normalize, batch_size) == clean_labels).mean())
+    if poisoned_images is None or target is None:
+        return BackdoorMetrics(ca, None, None, len(clean_labels), 0)
+    if np.any(poisoned_true_labels == target):
+        raise ValueError("the triggered set must hold non-target images only (protocol: ASR excludes the target class)")
+    pred = predict(model, poisoned_images, normalize, batch_size)
+    asr = float((pred == target).mean()) if len(pred) else 0.0
+    ra = float((pred == poisoned_true_labels).mean()) if len(pred) else 0.0
+    return BackdoorMetrics(ca, asr, ra, len(clean_labels), len(pred))
+
+
+def der(ca_before: float, asr_before: float, ca_after: float, asr_after: float) -> float:
+    """Defense effectiveness rating in [0, 1]; 0.5 means nothing changed."""
+    return (max(0.0, asr_before - asr_after) - max(0.0, ca_before - ca_after) + 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Parameters and multiply-accumulates of one forward pass at the example input's size."""
+
+    params: int
+    macs: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_cost(model: nn.Module, example_inputs: torch.Tensor | Sequence[int] = (1, 3, 32, 32)) -> ModelCost:
+    """Params and MACs through torch-pruning's counter (conv MACs = k*k*Cin*Cout/groups per pixel).
+
+    MACs are counted for a batch of one, whatever the example's batch size.
+    """
+    if not isinstance(example_inputs, torch.Tensor):
+        example_inputs = torch.zeros(*example_inputs)
+    example = example_inputs[:1].to(_model_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    finally:
+        model.train(was_training)
+    return ModelCost(params=int(params), macs=int(macs))

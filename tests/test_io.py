@@ -1,0 +1,107 @@
+"""Safe model files: exact round trips, and hostile or broken files refused with clear messages."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from ccpurify import models
+from ccpurify.io import ArchRef, ModelLoadError, UnsafeModelError, load_model, load_weights, read_metadata, save_model
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return models.create("preact_resnet18", num_classes=10, width=0.25).eval()
+
+
+def test_save_load_round_trip_gives_identical_logits(model, tmp_path):
+    path = save_model(model, tmp_path / "m.safetensors", "preact_resnet18", arch_kwargs={"num_classes": 10, "width": 0.25},
+                      extra={"dataset": "cifar10"})
+    loaded = load_model(path)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+    assert read_metadata(path).extra == {"dataset": "cifar10"}
+
+
+def test_plain_state_dict_loads_with_an_arch(model, tmp_path):
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    loaded = load_model(tmp_path / "weights.pth", arch="preact_resnet18", arch_kwargs={"width": 0.25})
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_plain_weights_without_an_arch_ask_for_one(model, tmp_path):
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ModelLoadError, match="pass arch="):
+        load_model(tmp_path / "weights.pt")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ccpurify-pwned-by-model",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = Path("/tmp/ccpurify-pwned-by-model")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"conv1.weight": _Payload()}, fh)
+    with pytest.raises(UnsafeModelError, match="could run code"):
+        load_weights(path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _Payload()}, tmp_path / "evil2.pt")
+    with pytest.raises(UnsafeModelError):
+        load_model(tmp_path / "evil2.pt", arch="preact_resnet18")
+    assert not marker.exists()
+
+
+def test_whole_pickled_module_is_refused(model, tmp_path):
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(UnsafeModelError, match="plain state_dict or safetensors"):
+        load_weights(tmp_path / "whole.pt")
+
+
+def test_corrupt_files_are_reported(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_model(tmp_path / "bad.safetensors", arch="preact_resnet18")
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_weights(tmp_path / "bad.pt")
+
+
+def test_nan_weights_are_refused(model, tmp_path):
+    with torch.no_grad():
+        model.linear.weight[0, 0] = float("nan")
+    path = save_model(model, tmp_path / "nan.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25})
+    with pytest.raises(ModelLoadError, match="linear.weight.*NaN"):
+        load_model(path)
+
+
+def test_weights_of_another_architecture_are_reported(model, tmp_path):
+    path = save_model(model, tmp_path / "m.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25})
+    with pytest.raises(ModelLoadError, match="do not fit resnet18.*--arch"):
+        load_model(path, arch="resnet18", arch_kwargs={"width": 0.25})
+    with pytest.raises(ModelLoadError, match="shape mismatches"):
+        load_model(path, arch="preact_resnet18", arch_kwargs={"width": 0.5})
+
+
+def test_import_path_architectures_need_an_explicit_opt_in(model, tmp_path):
+    arch = ArchRef(import_path="ccpurify.models.preact_resnet:PreActResNet", kwargs={"num_blocks": [2, 2, 2, 2], "width": 0.25})
+    path = save_model(model, tmp_path / "m.safetensors", arch)
+    with pytest.raises(ModelLoadError, match="allow_import=True"):
+        load_model(path)
+    assert isinstance(load_model(path, allow_import=True), torch.nn.Module)
+    bad = save_model(model, tmp_path / "os.safetensors", ArchRef(import_path="os:system", kwargs={"command": "true"}))
+    with pytest.raises(ModelLoadError, match="not an nn.Module class"):
+        load_model(bad, allow_import=True)
+
+
+def test_a_failed_save_leaves_no_file(model, tmp_path):
+    target = tmp_path / "m.safetensors"
+    with pytest.raises(Exception):
+        save_model(model, target, "preact_resnet18", extra={"bad": object()}, arch_kwargs={"width": object()})
+    assert not target.exists() and not list(tmp_path.iterdir())
