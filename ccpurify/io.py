@@ -84,6 +84,27 @@ class ArchRef:
         return cls(name=data.get("name"), kwargs=dict(data.get("kwargs", {})), import_path=data.get("import_path"))
 
 
+# A model remembers how it was built and edited, so a pipeline's output can be saved without
+# threading the recipe through by hand (attributes survive deepcopy; they are not in state_dict).
+ARCH_ATTR = "_ccpurify_arch"
+EDITS_ATTR = "_ccpurify_edits"
+
+
+def arch_of(model: nn.Module) -> ArchRef | None:
+    """The base architecture recorded on ``model`` (by ``models.create`` or ``load_model``)."""
+    data = getattr(model, ARCH_ATTR, None)
+    return ArchRef.from_dict(data) if isinstance(data, dict) else data
+
+
+def edits_of(model: nn.Module) -> list[dict]:
+    """The structural edits applied to ``model`` since it was built from its base architecture."""
+    return list(getattr(model, EDITS_ATTR, []))
+
+
+def append_edits(model: nn.Module, edits: list[dict]) -> None:
+    setattr(model, EDITS_ATTR, edits_of(model) + list(edits))
+
+
 # Edit replayers: op name -> fn(model, edit, example_inputs) -> model. Registered by graph/lowrank.
 EDIT_REPLAYERS: dict[str, Callable[[nn.Module, dict, torch.Tensor], nn.Module]] = {}
 
@@ -126,15 +147,22 @@ def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_model(
     model: nn.Module,
     path: str | os.PathLike,
-    arch: ArchRef | str,
+    arch: ArchRef | str | None = None,
     edits: list[dict] | None = None,
     input_shape: tuple[int, ...] = (1, 3, 32, 32),
     extra: dict | None = None,
     arch_kwargs: dict | None = None,
 ) -> Path:
-    """Write ``model`` as one safetensors file (atomically) with its architecture and edit recipe."""
+    """Write ``model`` as one safetensors file (atomically) with its architecture and edit recipe.
+
+    ``arch`` and ``edits`` default to what the model records (``arch_of``, ``edits_of``).
+    """
     if isinstance(arch, str):
         arch = ArchRef(name=arch, kwargs=dict(arch_kwargs or {}))
+    arch = arch or arch_of(model)
+    if arch is None:
+        raise ValueError("the model records no base architecture: pass arch= (a zoo name or ArchRef)")
+    edits = edits_of(model) if edits is None else edits
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -243,6 +271,8 @@ def load_model(
             "check --arch, --num-classes and --width"
         )
     model.load_state_dict(state, strict=True)
+    setattr(model, ARCH_ATTR, arch_ref.to_dict())
+    setattr(model, EDITS_ATTR, list(saved.edits) if saved is not None else [])
     return model.eval()
 
 

@@ -19,8 +19,13 @@ register_model = MODELS.register
 
 
 def create(name: str, **kwargs) -> nn.Module:
-    """Build zoo model ``name``; keyword arguments go to its factory (``num_classes``, ``width``...)."""
-    return MODELS.create(name, **kwargs)
+    """Build zoo model ``name``; keyword arguments go to its factory (``num_classes``, ``width``...).
+
+    The model records how it was built (``ccpurify.io.arch_of``), so it can be saved by name.
+    """
+    model = MODELS.create(name, **kwargs)
+    model._ccpurify_arch = {"name": name, "kwargs": dict(kwargs)}
+    return model
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -1,0 +1,41 @@
+"""Passes: backdoor defenses and compression steps with one protocol, created by name.
+
+>>> from ccpurify import passes
+>>> passes.list_passes()
+>>> model2, report = passes.create("prune", macs=0.5)(model, passes.PurifyContext())
+>>> model3, report = passes.Pipeline([passes.create("clp"), passes.create("factorize", macs=0.5)])(model)
+"""
+
+from __future__ import annotations
+
+from ccpurify.passes.base import Pass, PassReport, PassResult, Pipeline, PipelineReport, PurifyContext
+from ccpurify.passes.data import LabeledData, UnlabeledData, as_labeled, as_unlabeled
+from ccpurify.registry import Registry, UnknownNameError
+
+PASSES: Registry = Registry("pass")
+
+
+def register_pass(cls):
+    """Class decorator: register a ``Pass`` subclass under its ``name``."""
+    PASSES.register(cls, name=cls.name)
+    return cls
+
+
+def create(name: str, **options) -> Pass:
+    """Build pass ``name`` with keyword options (its dataclass fields)."""
+    return PASSES.create(name, **options)
+
+
+def list_passes(pattern: str = "*") -> list[str]:
+    return PASSES.list(pattern)
+
+
+from ccpurify.passes import factorize, prune  # noqa: E402,F401  (register)
+from ccpurify.passes.factorize import Factorize  # noqa: E402
+from ccpurify.passes.prune import Prune  # noqa: E402
+
+__all__ = [
+    "PASSES", "Factorize", "LabeledData", "Pass", "PassReport", "PassResult", "Pipeline", "PipelineReport", "Prune",
+    "PurifyContext", "UnknownNameError", "UnlabeledData", "as_labeled", "as_unlabeled", "create", "list_passes",
+    "register_pass",
+]

@@ -1,0 +1,190 @@
+"""The pass protocol: ``Pass(model, context) -> (model', PassReport)``, and pipelines of passes.
+
+A pass never modifies the model it is given: it works on a copy and returns it. Every report
+carries params and MACs before and after (measured, not assumed), wall time, the pass's own
+details (per-layer changes), and the structural edits it made, so the result can be saved with
+``ccpurify.io.save_model`` and rebuilt without pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ccpurify.io import append_edits
+from ccpurify.metrics import model_cost
+from ccpurify.passes.data import LabeledData, UnlabeledData
+from ccpurify.progress import ProgressCallback
+
+
+@dataclass
+class PurifyContext:
+    """What a pass may use besides the model.
+
+    ``example_inputs`` fixes the input size (MACs, graph tracing, noise shape); ``clean_data`` is a
+    small labelled clean set (RNP); ``unlabeled_data`` a pool of unlabelled images (BCU). Data-free
+    passes use neither. Nothing here is the test set.
+    """
+
+    example_inputs: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 3, 32, 32))
+    num_classes: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    clean_data: LabeledData | None = None
+    unlabeled_data: UnlabeledData | None = None
+    progress: ProgressCallback | None = None
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A fresh generator seeded from the context (passes stay deterministic and independent)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+    def require_clean_data(self, who: str) -> LabeledData:
+        if self.clean_data is None:
+            raise ValueError(f"{who} needs labelled clean images: pass clean_data= (CLI: --clean-data)")
+        return self.clean_data
+
+    def require_unlabeled_data(self, who: str) -> UnlabeledData:
+        if self.unlabeled_data is None:
+            raise ValueError(f"{who} needs unlabelled images: pass unlabeled_data= (CLI: --unlabeled-data)")
+        return self.unlabeled_data
+
+
+@dataclass
+class PassReport:
+    """What one pass did, in numbers (serialises to JSON)."""
+
+    name: str
+    config: dict
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    wall_time_s: float
+    details: dict = field(default_factory=dict)
+    edits: list[dict] = field(default_factory=list)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(macs_ratio=self.macs_ratio, params_ratio=self.params_ratio)
+        return d
+
+
+@dataclass
+class PassResult:
+    """What ``Pass.run`` returns: the edited model, details for the report, structural edits."""
+
+    model: nn.Module
+    details: dict = field(default_factory=dict)
+    edits: list[dict] = field(default_factory=list)
+
+
+class Pass(ABC):
+    """A model-to-model transformation: a defense, a compression step or a recovery step."""
+
+    name: ClassVar[str]
+
+    def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PassReport]:
+        context = context or PurifyContext()
+        example = context.example_inputs.to(context.device)
+        work = copy.deepcopy(model).to(context.device).eval()
+        before = model_cost(work, example)
+        started = time.perf_counter()
+        result = self.run(work, context)
+        wall = time.perf_counter() - started
+        out = result.model.eval()
+        append_edits(out, result.edits)
+        after = model_cost(out, example)
+        report = PassReport(
+            name=self.name, config=self.config(), params_before=before.params, params_after=after.params,
+            macs_before=before.macs, macs_after=after.macs, wall_time_s=wall, details=result.details, edits=result.edits,
+        )  # fmt: skip
+        return out, report
+
+    @abstractmethod
+    def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
+        """Transform ``model`` (already a private copy, in eval mode, on the context's device)."""
+
+    def config(self) -> dict[str, Any]:
+        """The pass's parameters as JSON (dataclass passes get this for free)."""
+        return _jsonable(asdict(self)) if hasattr(self, "__dataclass_fields__") else {}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return value.value  # enums
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+@dataclass
+class PipelineReport:
+    passes: list[PassReport]
+
+    @property
+    def wall_time_s(self) -> float:
+        return sum(p.wall_time_s for p in self.passes)
+
+    @property
+    def macs_before(self) -> int:
+        return self.passes[0].macs_before if self.passes else 0
+
+    @property
+    def macs_after(self) -> int:
+        return self.passes[-1].macs_after if self.passes else 0
+
+    @property
+    def params_before(self) -> int:
+        return self.passes[0].params_before if self.passes else 0
+
+    @property
+    def params_after(self) -> int:
+        return self.passes[-1].params_after if self.passes else 0
+
+    def to_dict(self) -> dict:
+        return {
+            "passes": [p.to_dict() for p in self.passes], "wall_time_s": self.wall_time_s,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "macs_ratio": self.macs_after / self.macs_before if self.macs_before else 1.0,
+            "params_ratio": self.params_after / self.params_before if self.params_before else 1.0,
+        }  # fmt: skip
+
+
+class Pipeline:
+    """Passes run in order; each gets the previous one's output.
+
+    >>> Pipeline([CLP(), Prune(macs=0.5), Recover()])(model, context)
+    """
+
+    def __init__(self, passes: Sequence[Pass]) -> None:
+        self.passes = list(passes)
+
+    def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PipelineReport]:
+        reports = []
+        for p in self.passes:
+            model, report = p(model, context)
+            reports.append(report)
+        return model, PipelineReport(reports)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.passes!r})"
