@@ -71,30 +71,66 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ models
+class ModelSource:
+    """A model named on the command line: a run directory, a ccpurify file, or weights + --arch."""
+
+    def __init__(self, path: str, args: argparse.Namespace) -> None:
+        from ccpurify.data import get_spec
+        from ccpurify.io import load_model, read_metadata
+        from ccpurify.train import open_run
+
+        self.path = Path(path)
+        self.run = None
+        if self.path.is_dir():
+            self.run = open_run(self.path)
+            self.model, self.dataset = self.run.load_model(), self.run.config.dataset
+            return
+        meta = read_metadata(self.path) if self.path.suffix == ".safetensors" and self.path.is_file() else None
+        self.dataset = getattr(args, "dataset", None) or (meta.extra.get("dataset") if meta else None) or "cifar10"
+        kwargs = {"num_classes": getattr(args, "num_classes", None) or get_spec(self.dataset).num_classes}
+        if getattr(args, "width", None) is not None:
+            kwargs["width"] = args.width
+        self.model = load_model(self.path, arch=getattr(args, "arch", None), arch_kwargs=kwargs,
+                                allow_import=getattr(args, "allow_import", False))  # fmt: skip
+
+    @property
+    def example_inputs(self):
+        import torch
+
+        from ccpurify.data import get_spec
+
+        size = get_spec(self.dataset).image_size
+        return torch.zeros(1, 3, size, size)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from ccpurify import models
+    from ccpurify.data import DATASETS
+
+    p.add_argument("--arch", choices=models.list_models(), default=None, help="architecture of a plain weights file")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a plain weights file (default: the dataset's)")
+    p.add_argument("--width", type=float, default=None, help="width multiplier of a plain weights file (default: 1)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="dataset of the model (default: from the model file, else cifar10)")
+    p.add_argument("--allow-import", action="store_true", help="allow a model file's import-path architecture (only for files you trust)")
+
+
 # ----------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ccpurify import attacks
     from ccpurify.atomic import write_json
-    from ccpurify.data import get_spec
     from ccpurify.evaluation import TestBench
-    from ccpurify.io import load_model, read_metadata
     from ccpurify.train import open_run
 
-    target = Path(args.model)
+    source = ModelSource(args.model, args)
+    target, model, dataset = source.path, source.model, source.dataset
     test_subset, seed = args.test_subset, 0
-    if target.is_dir():
-        run = open_run(target)
-        model, attack, dataset = run.load_model(), run.attack, run.config.dataset
-        test_subset = test_subset if test_subset is not None else run.config.test_subset
-        seed = run.config.seed
+    if source.run is not None:
+        attack = source.run.attack
+        test_subset = test_subset if test_subset is not None else source.run.config.test_subset
+        seed = source.run.config.seed
         out = Path(args.out) if args.out else target / "evaluation.json"
     else:
-        meta = read_metadata(target) if target.suffix == ".safetensors" and target.is_file() else None
-        dataset = args.dataset or (meta.extra.get("dataset") if meta else None) or "cifar10"
-        kwargs = {"num_classes": args.num_classes or get_spec(dataset).num_classes}
-        if args.width is not None:
-            kwargs["width"] = args.width
-        model = load_model(target, arch=args.arch, arch_kwargs=kwargs, allow_import=args.allow_import)
         attack = None
         if args.attack_from:
             attack = open_run(args.attack_from).attack
@@ -111,6 +147,85 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     write_json(out, {"model": str(target), "dataset": dataset, "attack": attack.recipe() if attack else None,
                      "test_subset": test_subset, **score.to_dict()})  # fmt: skip
     print(f"wrote {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ export
+def _train_images(dataset: str, count: int, run, data_dir, seed: int = 0):
+    """Model-ready training images for calibration: the run's defender subset, else a seeded draw."""
+    import numpy as np
+    import torch
+
+    from ccpurify.data import Normalize, get_spec, load_dataset
+
+    spec = get_spec(dataset)
+    train = load_dataset(dataset, "train", data_dir)
+    pool = np.asarray(run.defender.clean_subset) if run is not None else np.arange(len(train))
+    idx = np.random.default_rng(seed).choice(pool, size=min(count, len(pool)), replace=False)
+    x = torch.from_numpy(train.images[np.sort(idx)]).permute(0, 3, 1, 2).float() / 255
+    return Normalize(spec.mean, spec.std)(x).numpy()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from ccpurify.data import Normalize, get_spec, load_dataset
+    from exporters.onnx import export
+
+    source = ModelSource(args.model, args)
+    out = Path(args.out)
+    report = export(source.model, out, source.example_inputs, opset=args.opset, tolerance=args.tolerance)
+    rows = [[out.name, f"{report.file_bytes / 1e6:.2f} MB", count(report.params), count(report.macs), f"{report.parity_max_abs_diff:.2e}", "-"]]
+    if args.int8:
+        from exporters.quantize import quantize_int8
+
+        calib = _train_images(source.dataset, args.calibration_images, source.run, args.data)
+        eval_x = eval_y = None
+        if args.eval_images > 0:
+            spec = get_spec(source.dataset)
+            test = load_dataset(source.dataset, "test", args.data)
+            n = min(args.eval_images, len(test))
+            eval_x = Normalize(spec.mean, spec.std)(torch.from_numpy(test.images[:n]).permute(0, 3, 1, 2).float() / 255).numpy()
+            eval_y = test.labels[:n]
+        q = quantize_int8(out, out.with_suffix(".int8.onnx"), calib, eval_images=eval_x, eval_labels=eval_y)
+        change = "-" if q.accuracy_change is None else f"{100 * q.accuracy_change:+.2f} pt"
+        rows.append([Path(q.path).name, f"{q.file_bytes / 1e6:.2f} MB", "-", "-", f"agree {q.agreement:.3f}" if q.agreement is not None else "-", change])
+    print(format_table(rows, ["file", "size", "params", "MACs", "max |Δlogit| / agreement", "accuracy change"]))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ccpurify.atomic import write_json, write_text
+    from exporters.latency import BenchConfig, benchmark
+    from exporters.onnx import export
+
+    if len(args.models) > 2:
+        raise CliError("bench takes one model, or two for an A/B comparison")
+    config = BenchConfig(
+        batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), warmup=args.warmup, runs=args.runs,
+        rounds=args.rounds, graph_optimization=args.graph_optimization, spinning=args.spinning, torch_eager=not args.no_torch,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_paths, torch_models = {}, {}
+        for i, path in enumerate(args.models):
+            name = Path(path).stem if Path(path).stem not in onnx_paths else f"{Path(path).stem}-{i}"
+            if path.endswith(".onnx"):
+                onnx_paths[name] = path
+            else:
+                source = ModelSource(path, args)
+                onnx_paths[name] = export(source.model, Path(tmp) / f"{i}.onnx", source.example_inputs).path
+                torch_models[name] = source.model
+        progress = TqdmProgress(leave=False)
+        report = benchmark(onnx_paths, config, torch_models=torch_models, progress=progress)
+        progress.close()
+    print(report.to_markdown())
+    if args.out:
+        write_json(args.out, report.to_dict())
+    if args.markdown:
+        write_text(args.markdown, report.to_markdown() + "\n")
     return 0
 
 
@@ -153,10 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="measure CA / ASR / RA, params and MACs of a run directory or a weights file",
                        description="Evaluate a model on the clean test set and, given an attack, on its triggered set.")  # fmt: skip
     e.add_argument("model", help="a run directory, a ccpurify .safetensors file, or a weights file (.safetensors/.pt/.pth) with --arch")
-    e.add_argument("--arch", choices=models.list_models(), default=None, help="architecture of a plain weights file")
-    e.add_argument("--num-classes", type=int, default=None, help="classes of a plain weights file (default: the dataset's)")
-    e.add_argument("--width", type=float, default=None, help="width multiplier of a plain weights file (default: 1)")
-    e.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="test set (default: from the model file, else cifar10)")
+    _add_model_options(e)
     e.add_argument("--attack", choices=[*attacks.list_attacks(), "none"], default=None,
                    help="score ASR/RA with this attack's default seeded trigger")  # fmt: skip
     e.add_argument("--attack-from", metavar="RUN_DIR", default=None, help="score ASR/RA with the exact trigger of a run directory")
@@ -164,9 +276,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attack-seed", type=int, default=0, help="seed of --attack's trigger (default: 0)")
     e.add_argument("--test-subset", type=int, default=None, help="score on a seeded subset of this many test images")
     e.add_argument("--out", default=None, help="where to write the JSON (default: <run>/evaluation.json or <weights>.evaluation.json)")
-    e.add_argument("--allow-import", action="store_true", help="allow a model file's import-path architecture (only for files you trust)")
     _add_data_option(e)
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="export a model to one verified ONNX file (optionally also INT8)",
+                       description="Export to ONNX (dynamic batch, opset 20), check it, compare onnxruntime with PyTorch.")  # fmt: skip
+    x.add_argument("model", help="a run directory, a ccpurify .safetensors file, or a weights file with --arch")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    _add_model_options(x)
+    x.add_argument("--opset", type=int, default=20, help="ONNX opset (default: 20)")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted between onnxruntime and PyTorch (default: 1e-4)")
+    x.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx: static QDQ quantization calibrated on training images")
+    x.add_argument("--calibration-images", type=int, default=256, help="training images used to calibrate INT8 (default: 256)")
+    x.add_argument("--eval-images", type=int, default=1000, help="test images used to report INT8's accuracy change (default: 1000; 0 skips)")
+    _add_data_option(x)
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="measure onnxruntime (and PyTorch) latency of one model, or two as an A/B table",
+                       description="Latency benchmark with explicit settings; two models are measured interleaved.")  # fmt: skip
+    b.add_argument("models", nargs="+", metavar="MODEL", help="one or two models: .onnx files, run directories or model files (exported on the fly)")
+    _add_model_options(b)
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes to time (default: 1)")
+    b.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op thread counts (default: 1)")
+    b.add_argument("--runs", type=int, default=100, help="timed runs per model and setting, at least 50 (default: 100)")
+    b.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default: 10)")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds the runs are split into (default: 3)")
+    b.add_argument("--graph-optimization", choices=["disable", "basic", "extended", "all"], default="all",
+                   help="onnxruntime graph optimisation level (default: all)")  # fmt: skip
+    b.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin while waiting (off by default: slower on small VMs)")
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager timings")
+    b.add_argument("--out", default=None, help="write the report as JSON here")
+    b.add_argument("--markdown", default=None, help="write the report as a Markdown table here")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

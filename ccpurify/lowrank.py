@@ -201,6 +201,7 @@ def svd_factorize(
         second = second / row_scale[:, None]
     dtype = layer.weight.dtype
     bias = layer.bias is not None
+    first, second = first.contiguous(), second.contiguous()  # views would compute differently once saved
     if isinstance(layer, nn.Linear):
         a, b = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=bias)
         a.weight.data = first.to(dtype)
@@ -234,9 +235,9 @@ def tucker2_factorize(conv: nn.Conv2d, ranks: tuple[int, int]) -> LowRank:
     first = nn.Conv2d(conv.in_channels, r_in, 1, bias=False)
     middle = nn.Conv2d(r_in, r_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False)
     last = nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None)
-    first.weight.data = u_in.t().reshape(r_in, conv.in_channels, 1, 1).to(dtype)
-    middle.weight.data = core.to(dtype)
-    last.weight.data = u_out.reshape(conv.out_channels, r_out, 1, 1).to(dtype)
+    first.weight.data = u_in.t().reshape(r_in, conv.in_channels, 1, 1).to(dtype).contiguous()
+    middle.weight.data = core.to(dtype).contiguous()
+    last.weight.data = u_out.reshape(conv.out_channels, r_out, 1, 1).to(dtype).contiguous()
     if conv.bias is not None:
         last.bias.data = conv.bias.detach().clone()
     return LowRank(first, middle, last, method=Method.TUCKER2, ranks=(r_out, r_in)).to(conv.weight.device)

@@ -100,8 +100,15 @@ def test_import_path_architectures_need_an_explicit_opt_in(model, tmp_path):
         load_model(bad, allow_import=True)
 
 
-def test_a_failed_save_leaves_no_file(model, tmp_path):
+def test_a_save_that_fails_midway_leaves_no_file(model, tmp_path, monkeypatch):
+    import ccpurify.io
+
+    def write_half_then_fail(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ccpurify.io, "save_file", write_half_then_fail)
     target = tmp_path / "m.safetensors"
-    with pytest.raises(Exception):
-        save_model(model, target, "preact_resnet18", extra={"bad": object()}, arch_kwargs={"width": object()})
-    assert not target.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, target, "preact_resnet18", arch_kwargs={"width": 0.25})
+    assert not list(tmp_path.iterdir())

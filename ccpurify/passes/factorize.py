@@ -74,6 +74,7 @@ def plan_ranks(
     energy: float | None = None,
     rank: int | None = None,
     spectra: dict | None = None,
+    only_if_cheaper: bool = True,
 ) -> RankPlan:
     """Ranks for every layer that saves MACs under the given per-layer rule."""
     ranks: dict[str, tuple[int, ...]] = {}
@@ -87,7 +88,7 @@ def plan_ranks(
             r = (k,) if m is Method.SVD else lowrank.tucker2_ranks(geo, k / geo.full_rank)
         else:
             r = lowrank.ranks_for_macs(geo, fraction, m)
-        if lowrank.saves_macs(geo, m, r):
+        if lowrank.saves_macs(geo, m, r) or not only_if_cheaper:
             ranks[name] = r
             total += geo.macs(m, r)
         else:
@@ -109,6 +110,7 @@ class Factorize(Pass):
     skip_stem: bool = True
     skip_output: bool = True
     layers: tuple[str, ...] = field(default_factory=tuple)  # restrict to these layer names (default: all eligible)
+    only_if_cheaper: bool = True  # leave a layer dense when its factors would not cost fewer MACs
 
     def __post_init__(self) -> None:
         self.method, self.allocation = Method(self.method), Allocation(self.allocation)
@@ -149,9 +151,9 @@ class Factorize(Pass):
 
     def _plan(self, model, context, geometries, spectra) -> RankPlan:
         if self.rank is not None:
-            return plan_ranks(geometries, self.method, rank=self.rank)
+            return plan_ranks(geometries, self.method, rank=self.rank, only_if_cheaper=self.only_if_cheaper)
         if self.energy is not None:
-            return plan_ranks(geometries, self.method, energy=self.energy, spectra=spectra)
+            return plan_ranks(geometries, self.method, energy=self.energy, spectra=spectra, only_if_cheaper=self.only_if_cheaper)
         from ccpurify.metrics import model_cost
 
         total = model_cost(model, context.example_inputs).macs

@@ -1,0 +1,89 @@
+"""``ccpurify.purify``: run a defense (or any pass or pipeline) on a model in one call.
+
+>>> import ccpurify
+>>> result = ccpurify.purify(model, method="clp")                 # data-free
+>>> result = ccpurify.purify(model, method="rnp", clean_data=(x, y))
+>>> result.model, result.report.macs_after, result.save("purified.safetensors")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ccpurify.io import save_model
+from ccpurify.passes import PASSES, Pass, Pipeline, PipelineReport, PurifyContext, as_labeled, as_unlabeled
+from ccpurify.progress import ProgressCallback
+
+
+@dataclass
+class PurifyResult:
+    model: nn.Module
+    report: PipelineReport
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Save the purified model (base architecture + edit recipe + safetensors weights)."""
+        return save_model(self.model, path, extra={"purify": self.report.to_dict(), **(extra or {})})
+
+
+def resolve(method: str | Pass | Pipeline | Sequence, options: dict, has_clean: bool, has_unlabeled: bool) -> Pipeline:
+    """A pipeline from a pass name, a pass, a pipeline, a list of those, or None (the defaults)."""
+    if method is None:
+        from ccpurify.passes.defaults import default_pipeline
+
+        if options:
+            raise ValueError("options need a named method; the default pipeline takes none")
+        return default_pipeline(has_clean=has_clean, has_unlabeled=has_unlabeled)
+    if isinstance(method, Pipeline):
+        return method
+    if isinstance(method, Pass):
+        return Pipeline([method])
+    if isinstance(method, str):
+        return Pipeline([PASSES.create(method, **options)])
+    if isinstance(method, Sequence):
+        if options:
+            raise ValueError("options apply to a single named method; configure each pass of a list yourself")
+        return Pipeline([resolve(m, {}, has_clean, has_unlabeled).passes[0] if not isinstance(m, Pass) else m for m in method])
+    raise TypeError(f"method must be a pass name, a Pass, a Pipeline or a list of them; got {type(method).__name__}")
+
+
+def purify(
+    model: nn.Module,
+    method: str | Pass | Pipeline | Sequence | None = None,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    clean_data=None,
+    unlabeled_data=None,
+    num_classes: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    **options,
+) -> PurifyResult:
+    """Purify ``model`` with ``method`` (a registered pass name and its ``options``, a ``Pass``, a
+    ``Pipeline``, or None for the default pipeline for the data given). The input model is not
+    modified."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    example = example_inputs if example_inputs is not None else torch.zeros(1, 3, 32, 32)
+    context = PurifyContext(
+        example_inputs=example, num_classes=num_classes, device=device, seed=seed,
+        clean_data=as_labeled(clean_data) if clean_data is not None else None,
+        unlabeled_data=as_unlabeled(unlabeled_data) if unlabeled_data is not None else None, progress=progress,
+    )  # fmt: skip
+    if context.num_classes is None:
+        with torch.no_grad():
+            context.num_classes = int(model.eval()(example.to(device)).shape[1])
+    for data, who in ((context.clean_data, "clean_data"), (context.unlabeled_data, "unlabeled_data")):
+        if data is not None:
+            data.check(example, who)
+    if context.clean_data is not None:
+        context.clean_data.check_classes(context.num_classes, "clean_data")
+    pipeline = resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None)
+    purified, report = pipeline(model, context)
+    return PurifyResult(purified, report)

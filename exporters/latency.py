@@ -1,0 +1,254 @@
+"""Latency benchmarking with onnxruntime (and PyTorch eager for comparison), every knob explicit.
+
+Protocol (specs/reference/ecosystem.md §5.2): fixed intra-op threads (default 1: on small VMs more
+threads with spinning are slower), inter-op 1, sequential execution, a chosen graph optimisation
+level, spinning off unless asked; one fixed input per batch size; warm-up runs; at least 50 timed
+runs; median, p90, mean and coefficient of variation. Several models are measured *interleaved* in
+rounds (A B, B A, A B...) so drift hits all of them alike; ratios are the headline, absolute times
+belong to the machine that measured them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters.graph_cost import onnx_cost
+from exporters.onnx import load_onnx
+
+MIN_RUNS = 50
+
+
+class GraphOptimization(str, Enum):
+    DISABLE = "disable"
+    BASIC = "basic"
+    EXTENDED = "extended"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1,)
+    threads: tuple[int, ...] = (1,)
+    warmup: int = 10
+    runs: int = 100
+    rounds: int = 3
+    graph_optimization: GraphOptimization = GraphOptimization.ALL
+    spinning: bool = False
+    torch_eager: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.runs < MIN_RUNS:
+            raise ValueError(f"runs must be >= {MIN_RUNS} for a trustworthy median (got {self.runs})")
+        if self.rounds < 1 or self.warmup < 0 or not self.batch_sizes or not self.threads:
+            raise ValueError("rounds >= 1, warmup >= 0 and at least one batch size and thread count are required")
+        object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["graph_optimization"] = self.graph_optimization.value
+        return d
+
+
+@dataclass
+class Timing:
+    model: str
+    engine: str  # "onnxruntime" or "torch"
+    batch: int
+    threads: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    cv: float
+    min_ms: float
+    round_medians_ms: list[float]
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    onnx_path: str
+    file_bytes: int
+    params: int
+    macs: int
+
+
+@dataclass
+class BenchReport:
+    config: BenchConfig
+    environment: dict
+    models: list[ModelInfo]
+    timings: list[Timing] = field(default_factory=list)
+
+    def timing(self, model: str, engine: str, batch: int, threads: int) -> Timing:
+        for t in self.timings:
+            if (t.model, t.engine, t.batch, t.threads) == (model, engine, batch, threads):
+                return t
+        raise KeyError((model, engine, batch, threads))
+
+    def ratio(self, b: str, a: str, engine: str = "onnxruntime", batch: int = 1, threads: int = 1) -> float:
+        """Median latency of ``b`` over that of ``a`` (measured interleaved in the same run)."""
+        return self.timing(b, engine, batch, threads).median_ms / self.timing(a, engine, batch, threads).median_ms
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "environment": self.environment,
+                "models": [asdict(m) for m in self.models], "timings": [asdict(t) for t in self.timings],
+                "ratios": self.ratios()}  # fmt: skip
+
+    def ratios(self) -> list[dict]:
+        """Every model against the first one, per engine, batch and thread count."""
+        if len(self.models) < 2:
+            return []
+        base = self.models[0]
+        out = []
+        for m in self.models[1:]:
+            for t in self.timings:
+                if t.model != m.name:
+                    continue
+                ref = self.timing(base.name, t.engine, t.batch, t.threads)
+                out.append({"model": m.name, "baseline": base.name, "engine": t.engine, "batch": t.batch,
+                            "threads": t.threads, "latency_ratio": t.median_ms / ref.median_ms,
+                            "macs_ratio": m.macs / base.macs if base.macs else None,
+                            "params_ratio": m.params / base.params if base.params else None,
+                            "size_ratio": m.file_bytes / base.file_bytes})  # fmt: skip
+        return out
+
+    def to_markdown(self) -> str:
+        lines = ["| model | engine | batch | threads | median ms | p90 ms | CV | runs |", "|---|---|---|---|---|---|---|---|"]
+        for t in self.timings:
+            lines.append(f"| {t.model} | {t.engine} | {t.batch} | {t.threads} | {t.median_ms:.3f} | {t.p90_ms:.3f} | {t.cv:.3f} | {t.runs} |")
+        info = ["", "| model | params | MACs | ONNX bytes |", "|---|---|---|---|"]
+        info += [f"| {m.name} | {m.params:,} | {m.macs:,} | {m.file_bytes:,} |" for m in self.models]
+        lines += info
+        if self.ratios():
+            lines += ["", f"Ratios against `{self.models[0].name}` (measured interleaved in one run):", "",
+                      "| model | engine | batch | threads | latency ratio | MACs ratio | params ratio | size ratio |",
+                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for r in self.ratios():
+                lines.append(f"| {r['model']} | {r['engine']} | {r['batch']} | {r['threads']} | {r['latency_ratio']:.3f} | "
+                             f"{r['macs_ratio']:.3f} | {r['params_ratio']:.3f} | {r['size_ratio']:.3f} |")  # fmt: skip
+        env = self.environment
+        lines += ["", f"Machine: {env['cpu']} ({env['cores']} cores); onnxruntime {env['onnxruntime']}, torch {env['torch']}; "
+                  f"graph optimisation {self.config.graph_optimization.value}, spinning {'on' if self.config.spinning else 'off'}, "
+                  f"{self.config.warmup} warm-up + {self.config.runs} timed runs in {self.config.rounds} interleaved rounds."]  # fmt: skip
+        return "\n".join(lines)
+
+
+def _environment() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+def _session(path: str, threads: int, config: BenchConfig):
+    import onnxruntime as ort
+
+    level = {
+        GraphOptimization.DISABLE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        GraphOptimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        GraphOptimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        GraphOptimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[config.graph_optimization]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _summarise(model: str, engine: str, batch: int, threads: int, rounds: list[list[float]]) -> Timing:
+    samples = np.array([s for r in rounds for s in r]) * 1e3
+    return Timing(
+        model=model, engine=engine, batch=batch, threads=threads, runs=len(samples),
+        median_ms=float(np.median(samples)), p90_ms=float(np.percentile(samples, 90)), mean_ms=float(samples.mean()),
+        cv=float(samples.std() / samples.mean()), min_ms=float(samples.min()),
+        round_medians_ms=[float(np.median(r) * 1e3) for r in rounds],
+    )  # fmt: skip
+
+
+def benchmark(
+    models: Mapping[str, str | os.PathLike],
+    config: BenchConfig | None = None,
+    torch_models: Mapping[str, nn.Module] | None = None,
+    progress=None,
+) -> BenchReport:
+    """Time every ONNX file in ``models`` (name -> path), interleaved, per batch size and thread count.
+
+    ``torch_models`` (same names) adds PyTorch eager timings of the matching modules.
+    """
+    config = config or BenchConfig()
+    infos, shapes = [], {}
+    for name, path in models.items():
+        proto = load_onnx(path)
+        cost = onnx_cost(proto)
+        infos.append(ModelInfo(name, os.fspath(path), os.path.getsize(path), cost.params, cost.macs))
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        shapes[name] = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)[1:]
+    report = BenchReport(config, _environment(), infos)
+    rng = np.random.default_rng(config.seed)
+    names = list(models)
+    per_round = max(1, -(-config.runs // config.rounds))
+    cells = [(b, t) for b in config.batch_sizes for t in config.threads]
+    for cell_index, (batch, threads) in enumerate(cells):
+        inputs = {n: rng.standard_normal((batch, *shapes[n])).astype(np.float32) for n in names}
+        engines: dict[str, dict[str, callable]] = {"onnxruntime": {}}
+        for n in names:
+            sess = _session(os.fspath(models[n]), threads, config)
+            feed = {sess.get_inputs()[0].name: inputs[n]}
+            engines["onnxruntime"][n] = lambda s=sess, f=feed: s.run(None, f)
+        if config.torch_eager and torch_models:
+            engines["torch"] = {}
+            for n in names:
+                if n in torch_models:
+                    module, x = torch_models[n].eval(), torch.from_numpy(inputs[n])
+                    engines["torch"][n] = lambda m=module, xx=x: m(xx)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                for engine, fns in engines.items():
+                    for fn in fns.values():
+                        for _ in range(config.warmup):
+                            fn()
+                    samples = {n: [] for n in fns}
+                    for r in range(config.rounds):
+                        order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
+                        for n in order:
+                            fn, times = fns[n], []
+                            for _ in range(per_round):
+                                t0 = time.perf_counter()
+                                fn()
+                                times.append(time.perf_counter() - t0)
+                            samples[n].append(times)
+                    for n, rounds in samples.items():
+                        report.timings.append(_summarise(n, engine, batch, threads, rounds))
+        finally:
+            torch.set_num_threads(previous_threads)
+        if progress is not None:
+            from ccpurify.progress import report as send
+
+            send(progress, "benchmark", cell_index + 1, len(cells))
+    return report

@@ -1,0 +1,146 @@
+"""ONNX export with verification: one self-contained file, dynamic batch, checker, ORT parity.
+
+``export(model, path, example_inputs)`` runs the dynamo exporter (opset 20) in eval mode with the
+initializers inside the file (no side ``.data`` file), checks it with ``onnx.checker`` (full check),
+runs it in onnxruntime at two batch sizes and compares with PyTorch. The file only appears at
+``path`` when every check passed (specs/reference/ecosystem.md §4, §7 gotcha 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ccpurify.atomic import atomic_path
+from exporters.graph_cost import onnx_cost
+
+DEFAULT_OPSET = 20
+MAX_ONNX_BYTES = 2 << 30  # refuse to parse larger files (protobuf limit; hostile input)
+
+
+class ExportError(RuntimeError):
+    """Export failed, or the exported graph does not compute what the model computes."""
+
+
+@dataclass
+class ExportReport:
+    path: str
+    opset: int
+    file_bytes: int
+    parity_max_abs_diff: float
+    parity_batch_sizes: list[int]
+    tolerance: float
+    params: int
+    macs: int
+    nodes: int
+    export_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporter prints progress and logs torchvision-op notices; keep the caller's output clean."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file with a size limit (files may come from elsewhere)."""
+    size = os.path.getsize(path)
+    if size > MAX_ONNX_BYTES:
+        raise ExportError(f"{path}: {size} bytes is over the {MAX_ONNX_BYTES} byte limit for ONNX files")
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise ExportError(f"{path}: not a readable ONNX file ({exc})") from exc
+
+
+def ort_session(path: str | os.PathLike, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | os.PathLike, x: np.ndarray, session=None) -> np.ndarray:
+    session = session or ort_session(path)
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: torch.Tensor,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    tolerance: float = 1e-4,
+    parity_inputs: torch.Tensor | None = None,
+    input_name: str = "input",
+    output_name: str = "logits",
+) -> ExportReport:
+    """Export ``model`` to ``path`` and verify it; raises ``ExportError`` (and writes nothing) on failure."""
+    model = model.eval()
+    example = example_inputs[:1].detach().cpu().float()
+    path = Path(path)
+    started = time.perf_counter()
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with atomic_path(path) as tmp:
+        try:
+            with quiet(), torch.no_grad():
+                program = torch.onnx.export(
+                    model.cpu(), (example,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                    input_names=[input_name], output_names=[output_name], external_data=False, verbose=False,
+                )  # fmt: skip
+                program.save(os.fspath(tmp), external_data=False)
+        except Exception as exc:
+            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        if Path(f"{tmp}.data").exists():
+            raise ExportError("the exporter wrote external data; the artefact must be one file")
+        try:
+            onnx.checker.check_model(os.fspath(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"onnx.checker rejected the export: {exc}") from exc
+        gen = torch.Generator().manual_seed(0)
+        batches = [example]
+        if dynamic_batch:
+            batches.append(parity_inputs if parity_inputs is not None else torch.randn(4, *example.shape[1:], generator=gen))
+        session = ort_session(tmp)
+        worst = 0.0
+        for x in batches:
+            with torch.no_grad():
+                expected = model(x.cpu().float()).numpy()
+            got = run_onnx(tmp, x.cpu().numpy(), session)
+            worst = max(worst, float(np.abs(got - expected).max()))
+        if not worst <= tolerance:
+            raise ExportError(f"onnxruntime and PyTorch disagree: max |delta logit| = {worst:.3g} > {tolerance}")
+        proto = load_onnx(tmp)
+        cost = onnx_cost(proto)
+        size = tmp.stat().st_size
+    return ExportReport(
+        path=os.fspath(path), opset=opset, file_bytes=size, parity_max_abs_diff=worst,
+        parity_batch_sizes=[int(b.shape[0]) for b in batches], tolerance=tolerance, params=cost.params,
+        macs=cost.macs, nodes=len(proto.graph.node), export_seconds=time.perf_counter() - started,
+    )  # fmt: skip

@@ -1,0 +1,95 @@
+"""ONNX export (parity, one file, dynamic batch), graph cost, INT8 quantization, latency benchmark."""
+
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from ccpurify import models
+from ccpurify.passes import Factorize, Prune
+from exporters.graph_cost import onnx_cost
+from exporters.latency import BenchConfig, benchmark
+from exporters.onnx import ExportError, export, run_onnx
+from exporters.quantize import quantize_int8
+
+EXAMPLE = torch.zeros(1, 3, 32, 32)
+
+
+def zoo(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return models.create(name, width=0.125).eval()
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_pruned_and_factorized_zoo_models_export_with_parity(name, tmp_path):
+    model = zoo(name)
+    for tag, p in (("pruned", Prune(macs=0.5)), ("factorized", Factorize(macs=0.5))):
+        changed, _ = p(model)
+        report = export(changed, tmp_path / f"{tag}.onnx", EXAMPLE)
+        assert report.parity_max_abs_diff <= 1e-4 and report.parity_batch_sizes == [1, 4]
+        assert not list(tmp_path.glob("*.data"))  # one self-contained file
+        x = torch.randn(7, 3, 32, 32)  # any batch size runs: the batch axis is dynamic
+        with torch.no_grad():
+            assert np.abs(run_onnx(report.path, x.numpy()) - changed(x).numpy()).max() <= 1e-4
+
+
+def test_graph_cost_counts_conv_and_gemm_macs(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).eval()
+    export(model, tmp_path / "m.onnx", EXAMPLE)
+    cost = onnx_cost(onnx.load(tmp_path / "m.onnx"))
+    assert cost.macs == 8 * 16 * 16 * 27 + 10 * 8 * 16 * 16
+    assert cost.params == 8 * 27 + 10 * 2048 + 10
+
+
+def test_failed_export_leaves_no_file(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("cannot run")
+
+    with pytest.raises(ExportError, match="export failed"):
+        export(Broken(), tmp_path / "broken.onnx", EXAMPLE)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_corrupt_onnx_file_is_reported(tmp_path):
+    from exporters.onnx import load_onnx
+
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ExportError, match="not a readable ONNX file"):
+        load_onnx(tmp_path / "bad.onnx")
+
+
+def test_int8_static_quantization_shrinks_the_file_and_reports_accuracy(tmp_path, cifar_test):
+    from ccpurify.data import CIFAR10, Normalize
+
+    model = zoo("vgg16_bn")
+    fp32 = export(model, tmp_path / "fp32.onnx", EXAMPLE)
+    x = Normalize(CIFAR10.mean, CIFAR10.std)(torch.from_numpy(cifar_test.images[:96]).permute(0, 3, 1, 2).float() / 255).numpy()
+    report = quantize_int8(fp32.path, tmp_path / "int8.onnx", x[:32], eval_images=x[32:], eval_labels=cifar_test.labels[32:96])
+    assert report.file_bytes < 0.4 * report.fp32_file_bytes
+    assert 0.0 <= report.agreement <= 1.0 and report.accuracy_change is not None
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(report.path).graph.node)
+
+
+def test_benchmark_interleaves_models_and_reports_ratios(tmp_path):
+    dense = zoo("preact_resnet18")
+    small, _ = Prune(macs=0.5)(dense)
+    paths = {"dense": export(dense, tmp_path / "a.onnx", EXAMPLE).path, "pruned": export(small, tmp_path / "b.onnx", EXAMPLE).path}
+    config = BenchConfig(batch_sizes=(1, 2), threads=(1,), warmup=2, runs=50, rounds=2)
+    report = benchmark(paths, config, torch_models={"dense": dense, "pruned": small})
+    assert {(t.model, t.engine, t.batch) for t in report.timings} == {
+        (m, e, b) for m in paths for e in ("onnxruntime", "torch") for b in (1, 2)
+    }
+    assert all(t.runs >= 50 and t.median_ms > 0 and t.p90_ms >= t.median_ms for t in report.timings)
+    ratios = report.ratios()
+    assert len(ratios) == 4 and all(r["macs_ratio"] < 0.55 for r in ratios)
+    md = report.to_markdown()
+    assert "latency ratio" in md and "spinning off" in md
+    assert report.to_dict()["config"]["runs"] == 50
+
+
+def test_benchmark_refuses_too_few_runs():
+    with pytest.raises(ValueError, match="runs must be >= 50"):
+        BenchConfig(runs=10)

@@ -1,0 +1,146 @@
+"""Generic passes (Prune, Factorize), pipelines, reports, and purify(): on every zoo arch and the
+custom architectures, the outputs are smaller, exact where they must be, saved and reloaded exactly."""
+
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+from archs import CUSTOM, randomize_norms
+from torch import nn
+
+import ccpurify
+from ccpurify import models, passes
+from ccpurify.io import ArchRef, edits_of, load_model, save_model
+from ccpurify.passes import Factorize, Pipeline, Prune, PurifyContext
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+ALL = models.list_models() + sorted(CUSTOM)
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = models.create(name, width=0.25) if name in models.list_models() else CUSTOM[name]()
+    return randomize_norms(model)
+
+
+def analytic_macs(model: nn.Module) -> int:
+    """Conv and linear MACs from the shapes seen in a forward pass (independent of any counter).
+
+    Per output element: ``C_in/groups * kh * kw`` (conv) or ``in_features`` (linear), plus one for
+    a bias, which is torch-pruning's counting convention."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        per_output = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
+        total += out[0].numel() * (per_output + (m.bias is not None))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(X[:1])
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def counted_conv_linear_macs(model: nn.Module) -> int:
+    _, _, per_layer, _ = tp.utils.count_ops_and_params(model, X[:1], layer_wise=True)
+    return int(sum(v for m, v in per_layer.items() if isinstance(m, (nn.Conv2d, nn.Linear))))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_factorize_at_full_rank_reproduces_the_logits(name):
+    model = build(name)
+    full, report = Factorize(rank=10**6, only_if_cheaper=False)(model)
+    assert report.details["factorized"], name
+    with torch.no_grad():
+        assert (full(X) - model(X)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_prune_and_factorize_hit_their_targets_with_analytic_macs(name, tmp_path):
+    model = build(name)
+    pruned, pr = Prune(macs=0.5)(model)
+    assert pr.macs_ratio <= 0.5 + 1e-6 and pr.macs_ratio > 0.4 and pr.params_after < pr.params_before
+    factored, fr = Factorize(macs=0.5)(model)
+    assert fr.macs_ratio <= 0.52
+    for m in (pruned, factored):
+        assert analytic_macs(m) == counted_conv_linear_macs(m)
+    layer = fr.details["factorized"][0]
+    sub = factored.get_submodule(layer["layer"])
+    assert layer["macs_after"] == sum(analytic_macs_of_layer(factored, s) for s in sub)
+    # save -> load rebuilds the changed structure and gives identical logits
+    arch = ArchRef(import_path=f"archs:{type(model).__name__}") if name in CUSTOM else None
+    for i, m in enumerate((pruned, factored)):
+        path = save_model(m, tmp_path / f"{i}.safetensors", arch=arch)
+        with torch.no_grad():
+            assert torch.equal(load_model(path, allow_import=True)(X), m(X))
+
+
+def analytic_macs_of_layer(model: nn.Module, layer: nn.Module) -> int:
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        total += out[0].numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+
+    h = layer.register_forward_hook(hook)
+    with torch.no_grad():
+        model(X[:1])
+    h.remove()
+    return total
+
+
+def test_a_pipeline_chains_edits_and_reloads_exactly(tmp_path):
+    model = build("preact_resnet18")
+    out, report = Pipeline([Prune(macs=0.7), Factorize(macs=0.6), Prune(params=0.8)])(model)
+    assert [e["op"] for e in edits_of(out)] == ["remove_channels", "factorize", "remove_channels"]
+    assert report.macs_after < 0.7 * 0.6 * report.macs_before * 1.05
+    json.dumps(report.to_dict())
+    loaded = load_model(save_model(out, tmp_path / "chain.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(X), out(X))
+
+
+def test_passes_never_modify_their_input():
+    model = build("resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    Prune(macs=0.5)(model)
+    Factorize(macs=0.5)(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prune_is_deterministic():
+    model = build("mobilenet_v2")
+    a, _ = Prune(macs=0.6)(model)
+    b, _ = Prune(macs=0.6)(model)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_taylor_importance_needs_data_and_uses_it():
+    model = build("vgg16_bn")
+    with pytest.raises(ValueError, match="Taylor importance needs images"):
+        Prune(macs=0.6, importance="taylor")(model)
+    data = passes.LabeledData(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+    out, report = Prune(macs=0.6, importance="taylor")(model, PurifyContext(clean_data=data))
+    assert report.macs_ratio <= 0.6
+
+
+def test_bad_targets_are_rejected():
+    with pytest.raises(ValueError, match="one target"):
+        Prune(macs=0.5, params=0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        Factorize(macs=1.5)
+
+
+def test_registry_and_purify_entry_point():
+    assert {"prune", "factorize"} <= set(passes.list_passes())
+    result = ccpurify.purify(build("vgg16_bn"), "factorize", macs=0.5)
+    assert result.report.passes[0].name == "factorize" and result.report.to_dict()["macs_ratio"] <= 0.52
+    with pytest.raises(KeyError, match="unknown pass"):
+        ccpurify.purify(build("vgg16_bn"), "magic")
+    with pytest.raises(ValueError, match="labels range"):
+        ccpurify.purify(build("vgg16_bn"), "prune", clean_data=(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 99])))
+    with pytest.raises(ValueError, match="model takes"):
+        ccpurify.purify(build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16))
