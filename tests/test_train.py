@@ -12,7 +12,7 @@ from ccpurify.train import RunExistsError, defender_resources, lr_at, open_run, 
 
 def test_ci_badnets_learns_the_backdoor_and_keeps_clean_accuracy(ci_run):
     assert ci_run.metrics["asr"] >= 0.80
-    assert ci_run.metrics["ca"] >= 0.30  # chance is 0.10
+    assert ci_run.metrics["ca"] >= 0.35  # chance is 0.10
 
 
 def test_run_directory_holds_everything_the_protocol_asks_for(ci_run):

@@ -30,12 +30,16 @@ def list_passes(pattern: str = "*") -> list[str]:
     return PASSES.list(pattern)
 
 
-from ccpurify.passes import factorize, prune  # noqa: E402,F401  (register)
+from ccpurify.passes import cc, clp, factorize, otbr, prune, recover  # noqa: E402,F401  (register)
+from ccpurify.passes.cc import CleanCompact  # noqa: E402
+from ccpurify.passes.clp import CLP  # noqa: E402
 from ccpurify.passes.factorize import Factorize  # noqa: E402
+from ccpurify.passes.otbr import OTBR  # noqa: E402
 from ccpurify.passes.prune import Prune  # noqa: E402
+from ccpurify.passes.recover import Recover  # noqa: E402
 
 __all__ = [
-    "PASSES", "Factorize", "LabeledData", "Pass", "PassReport", "PassResult", "Pipeline", "PipelineReport", "Prune",
+    "CLP", "PASSES", "CleanCompact", "Factorize", "OTBR", "Recover", "LabeledData", "Pass", "PassReport", "PassResult", "Pipeline", "PipelineReport", "Prune",
     "PurifyContext", "UnknownNameError", "UnlabeledData", "as_labeled", "as_unlabeled", "create", "list_passes",
     "register_pass",
 ]

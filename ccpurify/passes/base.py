@@ -40,6 +40,7 @@ class PurifyContext:
     clean_data: LabeledData | None = None
     unlabeled_data: UnlabeledData | None = None
     progress: ProgressCallback | None = None
+    teacher: nn.Module | None = None  # set by Pipeline: the latest defense's output (for Recover)
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A fresh generator seeded from the context (passes stay deterministic and independent)."""
@@ -97,6 +98,7 @@ class Pass(ABC):
     """A model-to-model transformation: a defense, a compression step or a recovery step."""
 
     name: ClassVar[str]
+    kind: ClassVar[str] = "compression"  # "defense", "compression" or "recovery"
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PassReport]:
         context = context or PurifyContext()
@@ -180,10 +182,20 @@ class Pipeline:
         self.passes = list(passes)
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PipelineReport]:
+        """Run the passes in order. ``context.teacher`` starts as the input model and becomes each
+        defense's output, so a later ``Recover`` distills from the purified, not the suspect, model."""
+        context = context or PurifyContext()
+        outer_teacher = context.teacher
+        context.teacher = model
         reports = []
-        for p in self.passes:
-            model, report = p(model, context)
-            reports.append(report)
+        try:
+            for p in self.passes:
+                model, report = p(model, context)
+                reports.append(report)
+                if p.kind == "defense":
+                    context.teacher = model
+        finally:
+            context.teacher = outer_teacher
         return model, PipelineReport(reports)
 
     def __repr__(self) -> str:

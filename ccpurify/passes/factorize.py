@@ -154,22 +154,36 @@ class Factorize(Pass):
             return plan_ranks(geometries, self.method, rank=self.rank, only_if_cheaper=self.only_if_cheaper)
         if self.energy is not None:
             return plan_ranks(geometries, self.method, energy=self.energy, spectra=spectra, only_if_cheaper=self.only_if_cheaper)
-        from ccpurify.metrics import model_cost
+        return plan_for_macs(model, context, geometries, self.method, self.macs, self.allocation, spectra)
 
-        total = model_cost(model, context.example_inputs).macs
-        fixed = total - sum(g.dense_macs for g in geometries.values())
-        goal = self.macs * total
-        lo, hi = 0.0, 1.0  # bisection on the per-layer fraction (uniform) or the energy threshold
-        best = plan_ranks(geometries, self.method, fraction=1e-9) if self.allocation is Allocation.UNIFORM else \
-            plan_ranks(geometries, self.method, energy=1e-9, spectra=spectra)  # fmt: skip
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if self.allocation is Allocation.UNIFORM:
-                plan = plan_ranks(geometries, self.method, fraction=mid)
-            else:
-                plan = plan_ranks(geometries, self.method, energy=max(mid, 1e-9), spectra=spectra)
-            if fixed + plan.macs <= goal:
-                lo, best = mid, plan
-            else:
-                hi = mid
-        return best
+
+def plan_for_macs(
+    model: nn.Module,
+    context: PurifyContext,
+    geometries: dict[str, Geometry],
+    method: Method,
+    fraction: float,
+    allocation: Allocation,
+    spectra: dict | None = None,
+) -> RankPlan:
+    """Ranks that bring the whole model to ``fraction`` of its measured MACs: bisection on the
+    per-layer MACs fraction (``uniform``) or on one global energy threshold (``energy``)."""
+    from ccpurify.metrics import model_cost
+
+    total = model_cost(model, context.example_inputs).macs
+    fixed = total - sum(g.dense_macs for g in geometries.values())
+
+    def plan_at(x: float) -> RankPlan:
+        if allocation is Allocation.UNIFORM:
+            return plan_ranks(geometries, method, fraction=x)
+        return plan_ranks(geometries, method, energy=max(x, 1e-9), spectra=spectra)
+
+    lo, hi, best = 0.0, 1.0, plan_at(1e-9)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        plan = plan_at(mid)
+        if fixed + plan.macs <= fraction * total:
+            lo, best = mid, plan
+        else:
+            hi = mid
+    return best

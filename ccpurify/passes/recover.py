@@ -1,0 +1,237 @@
+"""Accuracy recovery by distillation: from a teacher, on given or synthetic data.
+
+- ``distill``: KL(softmax(t / T) || softmax(s / T)) * T^2 (Hinton et al., 2015), batchmean, with an
+  optional hard-label CE term when labels exist; SGD with momentum and a cosine schedule.
+- ``synthesize_bn_images``: images that make every BatchNorm's batch statistics match its running
+  statistics, optimised from Gaussian noise with Adam (ZeroQ, Cai et al., CVPR 2020), plus a small
+  total-variation prior. They carry what the network learned about its training distribution and
+  nothing of a trigger that the BN statistics do not encode.
+- ``Recover``: distill the current model from a teacher on, in order of preference, the labelled
+  clean data, the unlabelled data, or synthetic images. Inside a ``Pipeline`` the default teacher
+  is the output of the latest defense pass (never the suspect model once a defense has run).
+  On synthetic data the student's BN running statistics stay frozen: the images were made to match
+  them, and re-estimating them on a few thousand synthetic images only adds noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ccpurify.data.transforms import Augment
+from ccpurify.passes import register_pass
+from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.progress import ProgressCallback, report
+
+
+def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None]
+
+
+def synthesize_bn_images(
+    model: nn.Module,
+    count: int,
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 128,
+    steps: int = 200,
+    lr: float = 0.1,
+    tv_weight: float = 1e-4,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    progress: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """``count`` model-ready images whose per-layer BN input statistics match the running ones."""
+    layers = _bn_layers(model)
+    if not layers:
+        raise ValueError("synthetic data needs BatchNorm statistics, and this model has no BatchNorm2d layer")
+    model.eval()
+    stats: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        stats.append(torch.norm(mean - module.running_mean) + torch.norm(var.add(module.eps).sqrt() - module.running_var.add(module.eps).sqrt()))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    params = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = []
+    batches = math.ceil(count / batch_size)
+    try:
+        for b in range(batches):
+            n = min(batch_size, count - b * batch_size)
+            x = torch.randn(n, *input_shape, generator=generator).to(device).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=lr)
+            for step in range(steps):
+                stats.clear()
+                model(x)
+                tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+                loss = torch.stack(stats).sum() + tv_weight * tv
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            out.append(x.detach())
+            report(progress, "synthesize images", b + 1, batches, bn_loss=float(loss.detach()))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(model.parameters(), params):
+            p.requires_grad_(flag)
+    return torch.cat(out)
+
+
+def _freeze_bn_stats(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    temperature: float = 4.0,
+    hard_label_weight: float = 0.0,
+    augment: Augment | None = None,
+    freeze_bn_stats: bool = False,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    progress: ProgressCallback | None = None,
+    task: str = "distill",
+) -> dict:
+    """Train ``student`` to match ``teacher``'s softened outputs on ``images``; returns the loss curve."""
+    teacher.eval()
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
+    total = epochs * steps_per_epoch
+    losses = []
+    step = 0
+    for epoch in range(epochs):
+        student.train()
+        if freeze_bn_stats:
+            _freeze_bn_stats(student)
+        order = torch.randperm(len(images), generator=generator)
+        running = 0.0
+        for i in range(steps_per_epoch):
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            x = images[idx]
+            if augment is not None:
+                x = augment(x, generator)
+            x = x.to(device)
+            with torch.no_grad():
+                t = teacher(x)
+            s = student(x)
+            loss = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean") * temperature**2
+            if labels is not None and hard_label_weight > 0:
+                loss = loss + hard_label_weight * F.cross_entropy(s, labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss.detach())
+            step += 1
+        losses.append(running / steps_per_epoch)
+        report(progress, task, epoch + 1, epochs, loss=losses[-1])
+    student.eval()
+    return {"epochs": epochs, "loss_per_epoch": losses, "images": len(images)}
+
+
+@torch.no_grad()
+def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor, batch_size: int = 500) -> float:
+    """Fraction of images on which two models predict the same class."""
+    a.eval(), b.eval()
+    same = sum(int((a(images[i : i + batch_size]).argmax(1) == b(images[i : i + batch_size]).argmax(1)).sum())
+               for i in range(0, len(images), batch_size))  # fmt: skip
+    return same / max(1, len(images))
+
+
+class RecoverData(str, Enum):
+    AUTO = "auto"  # clean labelled data, else unlabelled data, else synthetic images
+    CLEAN = "clean"
+    UNLABELED = "unlabeled"
+    SYNTHETIC = "synthetic"
+
+
+def recover_data_free(student: nn.Module, teacher: nn.Module, context: PurifyContext, **options) -> dict:
+    """Distill ``student`` from ``teacher`` on synthetic BN-statistics images (C&C's recovery)."""
+    return Recover(teacher=teacher, data=RecoverData.SYNTHETIC, **options).recover(student, context)
+
+
+@register_pass
+@dataclass
+class Recover(Pass):
+    """Distillation from a teacher to win back accuracy after compression."""
+
+    name = "recover"
+    kind = "recovery"
+    teacher: nn.Module | None = None
+    data: RecoverData = RecoverData.AUTO
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    temperature: float = 4.0
+    hard_label_weight: float = 0.0
+    augment: bool = True
+    hflip: bool = True
+    synthetic_images: int = 1024
+    synthetic_steps: int = 200
+
+    def __post_init__(self) -> None:
+        self.data = RecoverData(self.data)
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+
+    def config(self) -> dict:
+        d = super().config()
+        d["teacher"] = "given" if self.teacher is not None else "pipeline"
+        return d
+
+    def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
+        return PassResult(model, self.recover(model, context))
+
+    def recover(self, student: nn.Module, context: PurifyContext) -> dict:
+        teacher = self.teacher if self.teacher is not None else context.teacher
+        if teacher is None:
+            raise ValueError("Recover needs a teacher: pass teacher= or put it in a Pipeline after a defense")
+        teacher = teacher.to(context.device).eval()
+        source, images, labels = self._data(teacher, context)
+        augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
+        log = distill(
+            student, teacher, images, labels=labels, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+            temperature=self.temperature, hard_label_weight=self.hard_label_weight, augment=augment,
+            freeze_bn_stats=source == RecoverData.SYNTHETIC, generator=context.generator(7), device=context.device,
+            progress=context.progress, task="recover",
+        )  # fmt: skip
+        return {"data": source.value, **log}
+
+    def _data(self, teacher: nn.Module, context: PurifyContext):
+        want = self.data
+        if want in (RecoverData.AUTO, RecoverData.CLEAN) and context.clean_data is not None:
+            return RecoverData.CLEAN, context.clean_data.x, context.clean_data.y
+        if want is RecoverData.CLEAN:
+            context.require_clean_data("Recover(data='clean')")
+        if want in (RecoverData.AUTO, RecoverData.UNLABELED) and context.unlabeled_data is not None:
+            return RecoverData.UNLABELED, context.unlabeled_data.x, None
+        if want is RecoverData.UNLABELED:
+            context.require_unlabeled_data("Recover(data='unlabeled')")
+        images = synthesize_bn_images(
+            teacher, self.synthetic_images, tuple(context.example_inputs.shape[1:]), steps=self.synthetic_steps,
+            generator=context.generator(11), device=context.device, progress=context.progress,
+        )  # fmt: skip
+        return RecoverData.SYNTHETIC, images.cpu(), None

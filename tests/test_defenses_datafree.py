@@ -1,0 +1,210 @@
+"""Data-free defenses (CLP, C&C, OTBR) and Recover, step by step on hand-checkable cases."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from archs import CUSTOM, NetWithUnknownLayer, randomize_norms
+from torch import nn
+
+from ccpurify import models
+from ccpurify.passes import CLP, OTBR, CleanCompact, LabeledData, Prune, PurifyContext, Recover, UnlabeledData
+from ccpurify.passes.cc import Normalization, RankPurification, purify_spectrum
+from ccpurify.passes.clp import module_order_pairs, outliers, uclc
+from ccpurify.passes.otbr import fuse_layer, target_convs
+from ccpurify.passes.recover import agreement, synthesize_bn_images
+
+X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = models.create(name, width=0.25) if name in models.list_models() else CUSTOM[name]()
+    return randomize_norms(model, seed)
+
+
+# ------------------------------------------------------------------------------------------- CLP
+def test_uclc_of_a_known_filter():
+    conv = nn.Conv2d(2, 1, 2, bias=False)
+    with torch.no_grad():  # filter as a (C_in x kh*kw) matrix: [[3,0,0,0],[0,4,0,0]] -> sigma_max 4
+        conv.weight.copy_(torch.tensor([[[[3.0, 0], [0, 0]], [[0, 4.0], [0, 0]]]]))
+    bn = nn.BatchNorm2d(1, eps=1.0).eval()
+    with torch.no_grad():
+        bn.weight.fill_(-2.0)
+        bn.running_var.fill_(3.0)  # |gamma| / sqrt(var + eps) = 2 / 2 = 1
+    assert uclc(conv, bn).item() == pytest.approx(4.0)
+    assert uclc(conv, None).item() == pytest.approx(4.0)
+
+
+def test_outliers_use_mean_plus_u_unbiased_std():
+    scores = torch.tensor([1.0] * 9 + [10.0])
+    threshold = scores.mean() + 2 * scores.std(unbiased=True)  # 1.9 + 2 * 2.846
+    assert threshold < 10 and outliers(scores, 2.0) == [9] and outliers(scores, 3.0) == []
+
+
+def _with_planted_outlier(name: str, layer: str, channel: int) -> nn.Module:
+    model = build(name)
+    with torch.no_grad():
+        model.get_submodule(layer).weight[channel] *= 30.0
+    return model
+
+
+def test_clp_compress_equals_faithful_zeroing_on_internal_channels():
+    model = _with_planted_outlier("vgg16_bn", "features.7", 5)
+    faithful, fr = CLP(mode="faithful")(model)
+    compressed, cr = CLP(mode="compress")(model)
+    assert 5 in fr.details["layers"]["features.7"]["flagged"]
+    assert cr.details["removed"] == fr.details["flagged"] and cr.params_after < cr.params_before
+    with torch.no_grad():
+        assert (faithful(X) - compressed(X)).abs().max() <= 1e-5
+
+
+def test_clp_pairs_through_the_graph_not_module_order_on_preact():
+    model = build("preact_resnet18")
+    reference = dict((bn, conv) for conv, bn in module_order_pairs(model))
+    assert reference["layer2.1.bn1"] == "layer2.0.shortcut.0"  # the reference's mis-pairing
+    _, report = CLP(mode="faithful")(model)
+    assert "layer2.0.shortcut.0" not in report.details["layers"]  # unpaired: skipped by default
+    assert report.details["layers"]["layer2.0.conv1"]["bn"] == "layer2.0.bn2"
+    _, ref_report = CLP(mode="faithful", reference_pairing=True)(model)
+    assert ref_report.details["pairing"] == "module_order" and "layer2.1.bn1" in ref_report.details["layers"]
+    _, conv_only = CLP(mode="faithful", unpaired="conv_only")(model)
+    assert conv_only.details["layers"]["layer2.0.shortcut.0"]["bn"] is None
+
+
+def test_clp_leaves_layers_it_cannot_edit_alone_and_says_so():
+    model = randomize_norms(NetWithUnknownLayer())
+    with torch.no_grad():
+        model.b.weight[3] *= 50
+    out, report = CLP(unpaired="conv_only", u=1.0)(model)
+    assert "b" not in report.details["layers"] and report.details["unsupported"] == ["scale"]
+    # b's outputs feed the unknown layer: never scored or removed (its inputs may shrink with a's)
+    assert out.b.out_channels == model.b.out_channels and torch.equal(out.scale.gain, model.scale.gain)
+    out(X)
+
+
+def test_clp_options_are_validated():
+    with pytest.raises(ValueError, match="mode='faithful'"):
+        CLP(reference_pairing=True)
+    with pytest.raises(ValueError):
+        CLP(mode="gentle")
+
+
+# -------------------------------------------------------------------------------------------- C&C
+def test_cc_without_purification_at_full_rank_reproduces_the_logits():
+    for name in ("preact_resnet18", "vgg_mlp"):
+        model = build(name)
+        out, report = CleanCompact(purify="none", macs=None, energy=1.0, only_if_cheaper=False)(model)
+        assert report.details["factorized"] > 0
+        with torch.no_grad():
+            assert (out(X) - model(X)).abs().max() <= 1e-4
+
+
+def test_spectrum_purification_rules():
+    s = torch.tensor([10.0, 6.0, 2.0, 1.0])
+    assert purify_spectrum(s, 0.5, Normalization.MAX, RankPurification.CLIP).tolist() == [5.0, 5.0, 2.0, 1.0]
+    assert purify_spectrum(s, 0.5, Normalization.MAX, RankPurification.REMOVE).tolist() == [0.0, 0.0, 2.0, 1.0]
+    z = (s - s.mean()) / s.std()
+    cap = s.mean() + 1.0 * s.std()
+    out = purify_spectrum(s, 1.0, Normalization.ZSCORE, RankPurification.CLIP)
+    assert out[0] == pytest.approx(cap.item()) and torch.equal(out[z <= 1.0], s[z <= 1.0])
+    assert torch.equal(purify_spectrum(s, 0.5, Normalization.MAX, RankPurification.NONE), s)
+
+
+def test_cc_compacts_to_the_macs_target_and_clips_the_top_ranks():
+    model = build("preact_resnet18")
+    out, report = CleanCompact(tau=0.8, macs=0.5)(model)
+    assert report.macs_ratio <= 0.51 and report.details["sensitive_ranks"] > 0
+    layer = report.details["layers"]["layer1.0.conv1"]
+    assert layer["bn_folded"] == "layer1.0.bn2" and layer["energy_kept"] < 1.0
+
+
+# ------------------------------------------------------------------------------------------- OTBR
+def test_otbr_targets_skip_projection_shortcuts_found_from_the_graph():
+    from ccpurify.graph import ChannelGraph
+
+    for name, shortcut in (("preact_resnet18", "layer2.0.shortcut.0"), ("bottleneck_resnet", "body.0.proj.0")):
+        model = build(name)
+        targets = target_convs(model, ChannelGraph(model, X[:1]), X[:1])
+        assert shortcut not in targets
+    assert len(targets) == 1 + 3 * 3  # bottleneck: stem + reduce/spatial/expand per block
+    preact = build("preact_resnet18")
+    assert len(target_convs(preact, ChannelGraph(preact, X[:1]), X[:1])) == 17  # as the reference
+
+
+def test_otbr_with_lambda_zero_returns_the_original_model():
+    model = build("preact_resnet18")
+    out, report = OTBR(ratio=0.1, lam=0.0, steps=2, batch_size=16)(model)
+    assert report.details["pruned"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), out.state_dict().values()))
+
+
+def test_uniform_marginals_with_no_pruned_neuron_leave_a_layer_unchanged():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3)
+    fused, plan = fuse_layer(w, w, torch.ones(6), None, lam=0.5, eps=0.0)
+    assert torch.allclose(fused, w, atol=1e-6) and torch.allclose(plan, torch.eye(6, dtype=plan.dtype))
+
+
+def test_each_column_of_the_normalised_plan_sums_to_one():
+    torch.manual_seed(0)
+    original = torch.randn(8, 5, 3, 3)
+    pruned = original.clone()
+    pruned[[1, 4]] = 0
+    nwc = torch.rand(8, dtype=torch.float64) + 0.1
+    fused, plan = fuse_layer(pruned, original, nwc, torch.eye(5, dtype=torch.float64), lam=0.5, eps=1e-8)
+    assert torch.allclose(plan.sum(0), torch.ones(8, dtype=plan.dtype))
+    assert fused.shape == original.shape and not torch.allclose(fused, original)
+
+
+def test_otbr_is_deterministic_and_keeps_bn_and_classifier():
+    model = build("preact_resnet18")
+    a, ra = OTBR(ratio=0.05, steps=3, batch_size=32)(model)
+    b, _ = OTBR(ratio=0.05, steps=3, batch_size=32)(model)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(a.layer3[0].bn2.running_var, model.layer3[0].bn2.running_var) and torch.equal(a.linear.weight, model.linear.weight)
+    assert ra.details["fused_layers"]
+
+
+def test_otbr_compact_removes_neurons_physically():
+    model = build("vgg16_bn")  # every conv channel is internal
+    out, report = OTBR(ratio=0.05, steps=2, batch_size=32, compact=True)(model)
+    assert report.details["removed"] == report.details["pruned"] and report.params_after < report.params_before
+
+
+# ---------------------------------------------------------------------------------------- Recover
+def test_recover_raises_a_pruned_models_agreement_with_its_teacher(ci_run, data_dir):
+    from ccpurify.data import CIFAR10, Normalize, load_dataset
+
+    teacher = ci_run.model.eval()
+    train = load_dataset("cifar10", "train", data_dir)
+    norm = Normalize(CIFAR10.mean, CIFAR10.std)
+    images = norm(torch.from_numpy(train.images[:3000]).permute(0, 3, 1, 2).float() / 255)
+    pool, held_out = images[:2500], images[2500:]
+    pruned, _ = Prune(macs=0.4)(teacher)
+    before = agreement(pruned, teacher, held_out)
+    recovered, report = Recover(teacher=teacher, epochs=3, augment=False)(pruned, PurifyContext(unlabeled_data=UnlabeledData(pool)))
+    assert report.details["data"] == "unlabeled"
+    assert agreement(recovered, teacher, held_out) > before + 0.05
+
+
+def test_recover_prefers_labelled_data_and_needs_a_teacher():
+    model = build("vgg16_bn")
+    data = LabeledData(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    _, report = Recover(teacher=copy.deepcopy(model), epochs=1)(model, PurifyContext(clean_data=data))
+    assert report.details["data"] == "clean"
+    with pytest.raises(ValueError, match="needs a teacher"):
+        Recover()(model)
+
+
+def test_synthetic_images_match_a_trained_models_bn_statistics(ci_run):
+    model = copy.deepcopy(ci_run.model).eval()
+    losses = []
+    synthesize_bn_images(model, 32, (3, 32, 32), steps=1, generator=torch.Generator().manual_seed(0),
+                         progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
+    images = synthesize_bn_images(model, 32, (3, 32, 32), steps=50, generator=torch.Generator().manual_seed(0),
+                                  progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
+    assert losses[1] < 0.2 * losses[0]
+    with torch.no_grad():
+        assert len(model(images).argmax(1).unique()) >= 5  # not collapsed onto one class
