@@ -2,7 +2,6 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from archs import CUSTOM, NetWithUnknownLayer, randomize_norms
