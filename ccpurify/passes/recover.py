@@ -70,7 +70,7 @@ def synthesize_bn_images(
             n = min(batch_size, count - b * batch_size)
             x = torch.randn(n, *input_shape, generator=generator).to(device).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)
-            for step in range(steps):
+            for _ in range(steps):
                 stats.clear()
                 model(x)
                 tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
