@@ -150,6 +150,86 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ purify
+def parse_option(text: str) -> tuple[str, object]:
+    """``key=value`` with JSON values where they parse (numbers, true/false, null, lists), else a string."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise CliError(f"--set expects key=value, got {text!r}")
+    try:
+        return key.strip().replace("-", "_"), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), raw
+
+
+def cmd_purify(args: argparse.Namespace) -> int:
+    import time
+
+    import ccpurify
+    from ccpurify import defender
+    from ccpurify.atomic import write_json
+    from ccpurify.evaluation import TestBench, compare
+    from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions
+    from exporters.onnx import export
+
+    source = ModelSource(args.model, args)
+    options = dict(parse_option(o) for o in args.set)
+    clean = unlabeled = None
+    if args.clean_data:
+        clean = defender.clean_data(args.clean_data, source.dataset, rnp=args.method == "rnp", data_dir=args.data)
+    elif source.run is not None and args.method in ("rnp",):
+        clean = defender.clean_data(source.path, source.dataset, rnp=True, data_dir=args.data)
+    if args.unlabeled_data:
+        unlabeled = defender.unlabeled_data(args.unlabeled_data, source.dataset, count=args.unlabeled_count, seed=args.seed, data_dir=args.data)
+    elif source.run is not None and args.method in ("bcu",):
+        unlabeled = defender.unlabeled_data(source.path, source.dataset, count=args.unlabeled_count, data_dir=args.data)
+    out = Path(args.out) if args.out else (source.path if source.path.is_dir() else source.path.parent) / f"purified-{args.method or 'default'}"
+    out.mkdir(parents=True, exist_ok=True)
+    progress = TqdmProgress(leave=False)
+    started = time.perf_counter()
+    try:
+        result = ccpurify.purify(
+            source.model, args.method, example_inputs=source.example_inputs, clean_data=clean, unlabeled_data=unlabeled,
+            seed=args.seed, device=args.device, progress=progress, **options,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    wall = time.perf_counter() - started
+    model_path = result.save(out / "model.safetensors", extra={"dataset": source.dataset})
+    report = {"input": str(source.path), "method": args.method or "default", "options": options, "seed": args.seed,
+              "pipeline": result.report.to_dict()}  # fmt: skip
+    if not args.no_export:
+        report["onnx"] = export(result.model, out / "model.onnx", source.example_inputs).to_dict()
+    rows, header = [], ["model", "CA %", "ASR %", "RA %", "params", "MACs"]
+    if source.run is not None:
+        bench = TestBench.build(source.dataset, source.run.attack, args.data, source.run.config.test_subset, source.run.config.seed)
+        before, after = bench.score(source.model), bench.score(result.model)
+        report["evaluation"] = compare(before, after)
+        for label, sc in (("before", before), ("after", after)):
+            m = sc.metrics
+            rows.append([label, pct(m.ca), pct(m.asr), pct(m.ra), count(sc.cost.params), count(sc.cost.macs)])
+        header.append("DER %")
+        rows[0].append("-")
+        rows[1].append(pct(report["evaluation"].get("der")))
+    else:
+        pr = result.report
+        rows = [["before", "-", "-", "-", count(pr.params_before), count(pr.macs_before)],
+                ["after", "-", "-", "-", count(pr.params_after), count(pr.macs_after)]]  # fmt: skip
+    write_json(out / "report.json", report)
+    write_json(out / "manifest.json", {
+        "kind": "ccpurify.purify", "protocol": PROTOCOL_VERSION, "created": now(), "versions": versions(),
+        "git_commit": git_commit(), "machine": machine(), "seed": args.seed, "method": args.method or "default",
+        "options": options, "input": str(source.path), "wall_time_s": wall,
+        "files": sorted(p.name for p in out.iterdir() if p.is_file()),
+    })  # fmt: skip
+    print(format_table(rows, header))
+    print(f"{args.method or 'default pipeline'}: {wall:.1f} s; wrote {model_path}, report.json, manifest.json"
+          + ("" if args.no_export else ", model.onnx") + f" in {out}")  # fmt: skip
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ export
 def _train_images(dataset: str, count: int, run, data_dir, seed: int = 0):
     """Model-ready training images for calibration: the run's defender subset, else a seeded draw."""
@@ -278,6 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="where to write the JSON (default: <run>/evaluation.json or <weights>.evaluation.json)")
     _add_data_option(e)
     e.set_defaults(func=cmd_evaluate)
+
+    from ccpurify import passes
+
+    u = sub.add_parser("purify", help="remove a backdoor (and shrink the model) with a defense or a pipeline",
+                       description="Run a defense pass on a model; write the purified model, its ONNX file and a JSON report. "
+                       "Given a run directory, CA/ASR/RA are measured before and after.")  # fmt: skip
+    u.add_argument("model", help="a run directory, a ccpurify .safetensors file, or a weights file with --arch")
+    _add_model_options(u)
+    u.add_argument("--method", choices=passes.list_passes(), default=None,
+                   help="the pass to run (default: the default pipeline for the data given; see README)")  # fmt: skip
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pass option, e.g. --set u=2.5 --set mode=faithful (repeatable)")  # fmt: skip
+    u.add_argument("--clean-data", default=None, metavar="PATH",
+                   help="labelled clean images: a run directory (its defender subset) or an image folder/zip in the dataset's class layout")  # fmt: skip
+    u.add_argument("--unlabeled-data", default=None, metavar="PATH",
+                   help="unlabelled images: a run directory (its pool) or any image folder/zip, any dataset (test/val folders are skipped)")  # fmt: skip
+    u.add_argument("--unlabeled-count", type=int, default=5000, help="at most this many unlabelled images (default: 5000)")
+    u.add_argument("--out", default=None, help="output folder (default: purified-<method> next to the input)")
+    u.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    u.add_argument("--seed", type=int, default=0, help="seed of every random choice in the passes (default: 0)")
+    u.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run the passes (default: cpu)")
+    _add_data_option(u)
+    u.set_defaults(func=cmd_purify)
 
     x = sub.add_parser("export", help="export a model to one verified ONNX file (optionally also INT8)",
                        description="Export to ONNX (dynamic batch, opset 20), check it, compare onnxruntime with PyTorch.")  # fmt: skip

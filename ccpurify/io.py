@@ -101,8 +101,8 @@ def edits_of(model: nn.Module) -> list[dict]:
     return list(getattr(model, EDITS_ATTR, []))
 
 
-def append_edits(model: nn.Module, edits: list[dict]) -> None:
-    setattr(model, EDITS_ATTR, edits_of(model) + list(edits))
+def set_edits(model: nn.Module, edits: list[dict]) -> None:
+    setattr(model, EDITS_ATTR, list(edits))
 
 
 # Edit replayers: op name -> fn(model, edit, example_inputs) -> model. Registered by graph/lowrank.
@@ -251,7 +251,9 @@ def load_model(
     """Rebuild and load a model: from a ccpurify safetensors file alone, or from any weights file
     plus ``arch`` (a zoo name or ``ArchRef``). Returns the model in eval mode."""
     path = Path(path)
-    saved = read_metadata(path) if path.suffix == ".safetensors" and path.is_file() else None
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file (a model file, or a run directory where a command accepts one)")
+    saved = read_metadata(path) if path.suffix == ".safetensors" else None
     if arch is not None:
         arch_ref = ArchRef(name=arch, kwargs=dict(arch_kwargs or {})) if isinstance(arch, str) else arch
     elif saved is not None:

@@ -117,7 +117,7 @@ class InputAware(Attack):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += float(loss.detach())
             report(progress, "input-aware mask", epoch + 1, self.mask_epochs, loss=total / max(steps, 1))
         net.eval().requires_grad_(False)
 

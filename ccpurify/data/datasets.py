@@ -126,7 +126,7 @@ def _source_in(root: Path, spec: DatasetSpec) -> Path | None:
     """The readable source for ``spec`` at ``root``: ``root`` itself or a known name inside it."""
     if root.is_file():
         return root if root.suffix == ".zip" else None
-    if (root / "train").is_dir() or (root / "data_batch_1").is_file():
+    if (root / "train").is_dir() or (root / "test").is_dir() or (root / "data_batch_1").is_file():
         return root
     for name in spec.archives:
         candidate = root / name

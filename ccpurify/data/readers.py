@@ -27,27 +27,31 @@ class DataFormatError(ValueError):
     """The data exists but is not in a layout or encoding we can read."""
 
 
-def _decode(data: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            # Bilinear, whole image, as the shipped GTSRB copy was made (shared/data/README.md).
-            img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
+    """An encoded image as (size, size, 3) uint8 RGB; bilinear resize of the whole image, as the
+    shipped GTSRB copy was made (shared/data/README.md)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataFormatError(f"{name}: cannot decode the image ({exc}); the file is damaged or not an image") from exc
 
 
 def _decode_zip_members(zip_path: str, members: Sequence[str], size: int) -> np.ndarray:
     out = np.empty((len(members), size, size, 3), dtype=np.uint8)
     with zipfile.ZipFile(zip_path) as zf:
         for i, name in enumerate(members):
-            out[i] = _decode(zf.read(name), size)
+            out[i] = decode_image(zf.read(name), size, f"{zip_path}:{name}")
     return out
 
 
 def _decode_files(paths: Sequence[str], size: int) -> np.ndarray:
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
-        out[i] = _decode(Path(p).read_bytes(), size)
+        out[i] = decode_image(Path(p).read_bytes(), size, p)
     return out
 
 
@@ -141,6 +145,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how numpy >= 2 pickles raw bytes at protocol 2; only encodes a string
     }
 
     def find_class(self, module: str, name: str):

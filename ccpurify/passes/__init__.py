@@ -30,16 +30,18 @@ def list_passes(pattern: str = "*") -> list[str]:
     return PASSES.list(pattern)
 
 
-from ccpurify.passes import cc, clp, factorize, otbr, prune, recover  # noqa: E402,F401  (register)
+from ccpurify.passes import bcu, cc, clp, factorize, otbr, prune, recover, rnp  # noqa: E402,F401  (register)
+from ccpurify.passes.bcu import BCU  # noqa: E402
 from ccpurify.passes.cc import CleanCompact  # noqa: E402
 from ccpurify.passes.clp import CLP  # noqa: E402
 from ccpurify.passes.factorize import Factorize  # noqa: E402
 from ccpurify.passes.otbr import OTBR  # noqa: E402
 from ccpurify.passes.prune import Prune  # noqa: E402
 from ccpurify.passes.recover import Recover  # noqa: E402
+from ccpurify.passes.rnp import RNP  # noqa: E402
 
 __all__ = [
-    "CLP", "PASSES", "CleanCompact", "Factorize", "OTBR", "Recover", "LabeledData", "Pass", "PassReport", "PassResult", "Pipeline", "PipelineReport", "Prune",
+    "BCU", "CLP", "PASSES", "RNP", "CleanCompact", "Factorize", "OTBR", "Recover", "LabeledData", "Pass", "PassReport", "PassResult", "Pipeline", "PipelineReport", "Prune",
     "PurifyContext", "UnknownNameError", "UnlabeledData", "as_labeled", "as_unlabeled", "create", "list_passes",
     "register_pass",
 ]

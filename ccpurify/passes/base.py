@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ccpurify.io import append_edits
+from ccpurify.io import edits_of, set_edits
 from ccpurify.metrics import model_cost
 from ccpurify.passes.data import LabeledData, UnlabeledData
 from ccpurify.progress import ProgressCallback
@@ -104,12 +104,13 @@ class Pass(ABC):
         context = context or PurifyContext()
         example = context.example_inputs.to(context.device)
         work = copy.deepcopy(model).to(context.device).eval()
+        inherited = edits_of(work)
         before = model_cost(work, example)
         started = time.perf_counter()
         result = self.run(work, context)
         wall = time.perf_counter() - started
         out = result.model.eval()
-        append_edits(out, result.edits)
+        set_edits(out, inherited + result.edits)  # also right when run() called other passes
         after = model_cost(out, example)
         report = PassReport(
             name=self.name, config=self.config(), params_before=before.params, params_after=after.params,

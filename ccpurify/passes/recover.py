@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -105,7 +106,8 @@ def distill(
     lr: float = 0.01,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-    temperature: float = 4.0,
+    temperature: float | Callable[[int], float] = 4.0,
+    scale_by_t_squared: bool = True,
     hard_label_weight: float = 0.0,
     augment: Augment | None = None,
     freeze_bn_stats: bool = False,
@@ -114,7 +116,10 @@ def distill(
     progress: ProgressCallback | None = None,
     task: str = "distill",
 ) -> dict:
-    """Train ``student`` to match ``teacher``'s softened outputs on ``images``; returns the loss curve."""
+    """Train ``student`` to match ``teacher``'s softened outputs on ``images``; returns the loss curve.
+
+    ``temperature`` may be a function of the epoch (BCU's rising schedule); ``scale_by_t_squared``
+    multiplies the KL term by T^2 (Hinton's gradient correction; BCU's reference does not)."""
     teacher.eval()
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
@@ -126,6 +131,7 @@ def distill(
         if freeze_bn_stats:
             _freeze_bn_stats(student)
         order = torch.randperm(len(images), generator=generator)
+        t_epoch = temperature(epoch) if callable(temperature) else temperature
         running = 0.0
         for i in range(steps_per_epoch):
             for g in opt.param_groups:
@@ -138,7 +144,9 @@ def distill(
             with torch.no_grad():
                 t = teacher(x)
             s = student(x)
-            loss = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean") * temperature**2
+            loss = F.kl_div(F.log_softmax(s / t_epoch, 1), F.softmax(t / t_epoch, 1), reduction="batchmean")
+            if scale_by_t_squared:
+                loss = loss * t_epoch**2
             if labels is not None and hard_label_weight > 0:
                 loss = loss + hard_label_weight * F.cross_entropy(s, labels[idx].to(device))
             opt.zero_grad(set_to_none=True)

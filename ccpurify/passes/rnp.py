@@ -1,0 +1,245 @@
+"""RNP: Reconstructive Neuron Pruning with a few labelled clean images (Li et al., ICML 2023).
+
+Follows specs/defenses.md "RNP" and specs/reference/clp_rnp_bcu.md §2:
+
+1. Unlearn a copy: SGD (lr 0.01, momentum 0.9, wd 5e-4, x0.1 at epochs 10 and 20) *maximising*
+   cross-entropy on the clean images (with augmentation), until an epoch's running accuracy is
+   <= ``clean_threshold`` (0.2), at most ``unlearn_epochs`` (20) epochs; the last state is kept.
+2. Recover: a mask m in [0, 1] on every BatchNorm channel of the unlearned copy (BN weight gamma * m,
+   bias untouched), m = 1 at start; train only the masks (SGD lr 0.2, momentum 0.9, loss 0.2 * CE,
+   clamp after each step, 20 epochs, train mode).
+3. Prune the channels with m <= threshold on the *original* model. ``mode="faithful"`` zeroes gamma
+   only, as the reference (beta leaks a constant). The default zeroes gamma and beta and removes
+   the channels physically through the graph where the BN belongs to one conv; channels of BNs
+   that normalise a residual sum (PreAct ``bn1``) cannot be cut from the stream and stay zeroed.
+
+Threshold (never the test set): ``threshold=0.2`` (fixed default, the value the reference log
+highlights), or ``threshold="auto"``: hold out ``validation_fraction`` of the clean images, run
+steps 1-2 on the rest, and take the largest threshold on the grid 0.05..0.90 whose pruned model
+loses at most ``max_accuracy_drop`` accuracy on the held-out images.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ccpurify.data.transforms import Augment
+from ccpurify.graph import ChannelGraph, RemovalPolicy
+from ccpurify.passes import register_pass
+from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.data import LabeledData
+from ccpurify.progress import report
+
+
+class Mode(str, Enum):
+    FAITHFUL = "faithful"  # gamma only, masks on the original model
+    COMPRESS = "compress"  # gamma and beta, then physical removal
+
+
+THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 19)]  # 0.05 .. 0.90
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.affine}
+
+
+class BNMasks:
+    """Multiplicative masks on every BN's gamma, applied through forward hooks:
+    ``y = (BN(x) - beta) * m + beta`` equals BN with weight ``gamma * m`` and bias ``beta``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = bn_layers(model)
+        ref = next(iter(self.layers.values())).weight if self.layers else torch.zeros(0)
+        self.masks = {n: torch.ones(m.num_features, device=ref.device, requires_grad=True) for n, m in self.layers.items()}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+
+    def _hook(self, name: str):
+        def apply(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            beta = module.bias.view(1, -1, 1, 1)
+            return (out - beta) * self.masks[name].view(1, -1, 1, 1) + beta
+
+        return apply
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.masks.values())
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            for m in self.masks.values():
+                m.clamp_(0.0, 1.0)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach().cpu().clone() for n, m in self.masks.items()}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: LabeledData, device, batch_size: int = 500) -> float:
+    model.eval()
+    correct = sum(int((model(data.x[i : i + batch_size].to(device)).argmax(1).cpu() == data.y[i : i + batch_size]).sum())
+                  for i in range(0, len(data), batch_size))  # fmt: skip
+    return correct / max(1, len(data))
+
+
+def zero_bn_channels(model: nn.Module, selected: dict[str, list[int]], beta: bool) -> None:
+    with torch.no_grad():
+        for name, idx in selected.items():
+            bn = model.get_submodule(name)
+            bn.weight[idx] = 0
+            if beta:
+                bn.bias[idx] = 0
+
+
+def below(masks: dict[str, torch.Tensor], threshold: float) -> dict[str, list[int]]:
+    """BN channels whose mask is <= threshold (a global rule over all layers)."""
+    out = {}
+    for name, m in masks.items():
+        idx = torch.nonzero(m <= threshold).flatten().tolist()
+        if idx:
+            out[name] = idx
+    return out
+
+
+@register_pass
+@dataclass
+class RNP(Pass):
+    """Unlearn, recover BN-channel masks, prune low-mask channels of the original model."""
+
+    name = "rnp"
+    kind = "defense"
+    mode: Mode = Mode.COMPRESS
+    threshold: float | str = 0.2
+    max_accuracy_drop: float = 0.03
+    validation_fraction: float = 0.2
+    clean_threshold: float = 0.2
+    unlearn_epochs: int = 20
+    unlearn_lr: float = 0.01
+    recover_epochs: int = 20
+    recover_lr: float = 0.2
+    alpha: float = 0.2
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    hflip: bool = True
+    residual_policy: RemovalPolicy = RemovalPolicy.GROUP
+
+    def __post_init__(self) -> None:
+        self.mode, self.residual_policy = Mode(self.mode), RemovalPolicy(self.residual_policy)
+        if isinstance(self.threshold, str) and self.threshold != "auto":
+            raise ValueError("threshold must be a number in (0, 1) or 'auto'")
+        if not isinstance(self.threshold, str) and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+    # -- stages --------------------------------------------------------------------------------
+    def unlearn(self, model: nn.Module, data: LabeledData, context: PurifyContext) -> tuple[nn.Module, list[float]]:
+        """Stage 1: gradient ascent on clean cross-entropy until accuracy <= clean_threshold."""
+        unlearned = copy.deepcopy(model).train()
+        opt = torch.optim.SGD(unlearned.parameters(), lr=self.unlearn_lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        augment = Augment(4, self.hflip) if self.augment else None
+        gen = context.generator(21)
+        history = []
+        for epoch in range(self.unlearn_epochs):
+            lr = self.unlearn_lr * (0.1 ** sum(epoch >= m for m in (10, 20)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            correct = seen = 0
+            for idx, x in data.batches(self.batch_size, gen, augment):
+                y = data.y[idx].to(context.device)
+                logits = unlearned(x.to(context.device))
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                (-loss).backward()
+                opt.step()
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+            history.append(correct / seen)
+            report(context.progress, "rnp: unlearn", epoch + 1, self.unlearn_epochs, acc=history[-1])
+            if history[-1] <= self.clean_threshold:
+                report(context.progress, "rnp: unlearn", self.unlearn_epochs, self.unlearn_epochs, acc=history[-1])
+                break
+        return unlearned, history
+
+    def recover_masks(self, unlearned: nn.Module, data: LabeledData, context: PurifyContext) -> dict[str, torch.Tensor]:
+        """Stage 2: learn BN-channel masks on the unlearned copy, everything else frozen."""
+        model = copy.deepcopy(unlearned).train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        masks = BNMasks(model)
+        opt = torch.optim.SGD(masks.parameters(), lr=self.recover_lr, momentum=self.momentum)
+        augment = Augment(4, self.hflip) if self.augment else None
+        gen = context.generator(22)
+        try:
+            for epoch in range(self.recover_epochs):
+                total, seen = 0.0, 0
+                for idx, x in data.batches(self.batch_size, gen, augment):
+                    y = data.y[idx].to(context.device)
+                    loss = self.alpha * F.cross_entropy(model(x.to(context.device)), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    masks.clamp_()
+                    total += float(loss.detach()) * len(y)
+                    seen += len(y)
+                report(context.progress, "rnp: recover masks", epoch + 1, self.recover_epochs, loss=total / seen)
+        finally:
+            masks.remove()
+        return masks.values()
+
+    def choose_threshold(self, model: nn.Module, masks: dict[str, torch.Tensor], held_out: LabeledData, context) -> tuple[float, list]:
+        """Largest grid threshold whose pruned model keeps held-out accuracy within the allowed drop."""
+        base = accuracy(model, held_out, context.device)
+        chosen, sweep = THRESHOLD_GRID[0], []
+        for tau in THRESHOLD_GRID:
+            trial = copy.deepcopy(model)
+            zero_bn_channels(trial, below(masks, tau), beta=self.mode is Mode.COMPRESS)
+            acc = accuracy(trial, held_out, context.device)
+            sweep.append({"threshold": tau, "channels": sum(len(v) for v in below(masks, tau).values()), "heldout_acc": acc})
+            if acc >= base - self.max_accuracy_drop:
+                chosen = tau
+        return chosen, sweep
+
+    # -- pass ----------------------------------------------------------------------------------
+    def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
+        data = context.require_clean_data("RNP")
+        if not bn_layers(model):
+            raise ValueError("RNP masks BatchNorm channels, and this model has no BatchNorm2d layer")
+        train_data, held_out = data, None
+        if self.threshold == "auto":
+            gen = context.generator(23)
+            order = torch.randperm(len(data), generator=gen)
+            n_val = max(1, int(self.validation_fraction * len(data)))
+            held_out = LabeledData(data.x[order[:n_val]], data.y[order[:n_val]])
+            train_data = LabeledData(data.x[order[n_val:]], data.y[order[n_val:]])
+        unlearned, unlearn_history = self.unlearn(model, train_data, context)
+        masks = self.recover_masks(unlearned, train_data, context)
+        details = {"unlearn_epochs": len(unlearn_history), "unlearn_acc": unlearn_history, "clean_images": len(data)}
+        if held_out is not None:
+            tau, sweep = self.choose_threshold(model, masks, held_out, context)
+            details.update(threshold_rule="auto", heldout_images=len(held_out), sweep=sweep)
+        else:
+            tau = float(self.threshold)
+            details["threshold_rule"] = "fixed"
+        selected = below(masks, tau)
+        details.update(threshold=tau, pruned_channels=sum(len(v) for v in selected.values()),
+                       total_channels=sum(len(m) for m in masks.values()),
+                       masks={n: [round(float(v), 4) for v in m] for n, m in masks.items()})  # fmt: skip
+        if self.mode is Mode.FAITHFUL:
+            zero_bn_channels(model, selected, beta=False)
+            return PassResult(model, details)
+        zero_bn_channels(model, selected, beta=True)
+        graph = ChannelGraph(model, context.example_inputs.to(context.device))
+        owner = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
+        removable = {owner[bn]: idx for bn, idx in selected.items() if bn in owner}
+        removal = graph.remove_channels(removable, self.residual_policy)
+        details.update(removed=removal.removed, zeroed_only=sum(len(v) for v in selected.values()) - removal.removed)
+        return PassResult(model, details, [removal.edit()] if removal.history else [])

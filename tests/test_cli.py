@@ -1,0 +1,95 @@
+"""The command line: every command has --help; train/evaluate/purify/export/bench work on a ci run;
+bad inputs end with one line that says what to do."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ccpurify.cli import main, parse_option
+
+COMMANDS = ["train", "evaluate", "purify", "export", "bench"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ccpurify.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_its_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("--") >= 3 and "show this help message" in out
+
+
+def test_evaluate_a_run_directory(ci_run, tmp_path, capsys):
+    assert main(["evaluate", str(ci_run.run_dir), "--out", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["ca"] == pytest.approx(ci_run.metrics["ca"]) and result["asr"] == pytest.approx(ci_run.metrics["asr"])
+    assert "ASR %" in capsys.readouterr().out
+
+
+def test_evaluate_plain_weights_with_an_attack(ci_run, tmp_path, capsys):
+    import torch
+
+    torch.save(ci_run.model.state_dict(), tmp_path / "w.pth")
+    code = main(["evaluate", str(tmp_path / "w.pth"), "--arch", "preact_resnet18", "--width", "0.125", "--attack", "badnets",
+                 "--test-subset", "300"])  # fmt: skip
+    assert code == 0 and "badnets" in capsys.readouterr().out
+
+
+def test_purify_a_run_directory_writes_model_onnx_report_and_table(ci_run, tmp_path, capsys):
+    out = tmp_path / "clp"
+    assert main(["purify", str(ci_run.run_dir), "--method", "clp", "--set", "u=2.5", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.onnx", "report.json", "manifest.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"] == {"u": 2.5} and "der" in report["evaluation"]
+    assert report["onnx"]["parity_max_abs_diff"] <= 1e-4
+    table = capsys.readouterr().out
+    assert "before" in table and "after" in table and "DER %" in table
+    assert main(["evaluate", str(out / "model.safetensors"), "--attack-from", str(ci_run.run_dir), "--test-subset", "200"]) == 0
+
+
+def test_export_and_bench_from_the_command_line(ci_run, tmp_path, capsys):
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(ci_run.run_dir), "--out", str(onnx_path), "--int8", "--calibration-images", "32", "--eval-images", "64"]) == 0
+    assert onnx_path.is_file() and (tmp_path / "m.int8.onnx").is_file()
+    assert main(["bench", str(onnx_path), str(tmp_path / "m.int8.onnx"), "--runs", "50", "--rounds", "1", "--warmup", "2",
+                 "--out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]) == 0  # fmt: skip
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert len(bench["ratios"]) == 1 and "latency ratio" in (tmp_path / "b.md").read_text()
+
+
+def test_options_parse_as_json_values():
+    assert parse_option("u=2.5") == ("u", 2.5)
+    assert parse_option("mode=faithful") == ("mode", "faithful")
+    assert parse_option("reference-pairing=true") == ("reference_pairing", True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate", "nowhere.safetensors"], "nowhere.safetensors: no such file"),
+        (["purify", "nowhere/", "--method", "clp"], "no such file"),
+        (["train", "--data", "/nonexistent", "--epochs", "1"], "no cifar10 data found"),
+    ],
+)
+def test_bad_inputs_end_with_one_clear_line(args, message, tmp_path):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("ccpurify: error:") and message in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_arch_is_an_argument_error():
+    result = run_cli("train", "--arch", "alexnet")
+    assert result.returncode == 2 and "invalid choice: 'alexnet'" in result.stderr
+
+
+def test_purify_without_the_data_a_defense_needs_says_which_flag(ci_run, tmp_path):
+    result = run_cli("purify", str(ci_run.run_dir / "model.safetensors"), "--method", "rnp", "--out", str(tmp_path / "x"), "--no-export")
+    assert result.returncode == 1 and "--clean-data" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,154 @@
+"""Defenses with a little data (RNP, BCU) and the data they accept."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from archs import PlainVGGWithMLP, randomize_norms
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ccpurify import defender
+from ccpurify.passes import BCU, RNP, LabeledData, Prune, PurifyContext, UnlabeledData, as_labeled, as_unlabeled
+from ccpurify.passes.bcu import level_ratios, reinitialize, resolution_levels
+from ccpurify.passes.rnp import below, zero_bn_channels
+
+
+@pytest.fixture(scope="module")
+def rnp_data(ci_run, data_dir):
+    return defender.clean_data(ci_run.run_dir, "cifar10", data_dir=data_dir)  # the run's 5% clean subset
+
+
+def test_rnp_unlearning_stops_at_the_accuracy_threshold(ci_run, rnp_data):
+    unlearned, history = RNP(clean_threshold=0.2).unlearn(ci_run.model, rnp_data, PurifyContext())
+    assert history[-1] <= 0.2 and all(acc > 0.2 for acc in history[:-1]) and len(history) < 20
+
+
+def test_rnp_masks_stay_in_the_unit_interval(ci_run, rnp_data):
+    rnp = RNP(recover_epochs=3)
+    unlearned, _ = rnp.unlearn(ci_run.model, rnp_data, PurifyContext())
+    masks = rnp.recover_masks(unlearned, rnp_data, PurifyContext())
+    values = torch.cat(list(masks.values()))
+    assert values.min() >= 0.0 and values.max() <= 1.0 and (values < 1.0).any()
+
+
+def test_rnp_physical_prune_matches_the_masked_model(ci_run, rnp_data):
+    model = ci_run.model.eval()
+    out, report = RNP(threshold=0.9, recover_epochs=5)(model, PurifyContext(clean_data=rnp_data))
+    details = report.details
+    assert details["removed"] > 0 and report.params_after < report.params_before
+    masked = copy.deepcopy(model)
+    zero_bn_channels(masked, below({k: torch.tensor(v) for k, v in details["masks"].items()}, details["threshold"]), beta=True)
+    x = rnp_data.x[:64]
+    with torch.no_grad():
+        assert (out(x) - masked(x)).abs().max() <= 1e-5
+
+
+def test_rnp_faithful_zeroes_gamma_only(ci_run, rnp_data):
+    out, report = RNP(mode="faithful", threshold=0.9, recover_epochs=3)(ci_run.model, PurifyContext(clean_data=rnp_data))
+    name, idx = next(iter(below({k: torch.tensor(v) for k, v in report.details["masks"].items()}, 0.9).items()))
+    bn = out.get_submodule(name)
+    assert torch.all(bn.weight[idx] == 0) and torch.equal(bn.bias, ci_run.model.get_submodule(name).bias)
+    assert report.params_after == report.params_before
+
+
+def test_rnp_auto_threshold_uses_held_out_clean_images_only(ci_run, rnp_data):
+    _, report = RNP(threshold="auto", recover_epochs=3)(ci_run.model, PurifyContext(clean_data=rnp_data))
+    d = report.details
+    assert d["threshold_rule"] == "auto" and d["heldout_images"] == int(0.2 * len(rnp_data))
+    assert [s["threshold"] for s in d["sweep"]][:3] == [0.05, 0.1, 0.15]
+
+
+def test_rnp_needs_labelled_data():
+    with pytest.raises(ValueError, match="RNP needs labelled clean images"):
+        RNP()(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+# -------------------------------------------------------------------------------------------- BCU
+def test_bcu_reinitialises_the_expected_fraction_per_depth_on_a_custom_net():
+    torch.manual_seed(0)
+    model = randomize_norms(PlainVGGWithMLP())  # 4 resolution levels + an MLP head; no ResNet names
+    bcu = BCU()
+    ratios = bcu.depth_ratios(model, torch.zeros(1, 3, 32, 32))
+    expected = dict(zip(["features.0", "features.4", "features.8", "features.12"], level_ratios(4, 0.01, 0.27)))
+    assert ratios["mlp.5"] == 0.10 and ratios["mlp.1"] == pytest.approx(0.27)
+    for name, r in expected.items():
+        assert ratios[name] == pytest.approx(r)
+    assert level_ratios(4, 0.01, 0.27) == pytest.approx([0.01, 0.03, 0.09, 0.27])  # the reference's stages
+    before = copy.deepcopy(model)
+    replaced = reinitialize(model, ratios, torch.Generator().manual_seed(0))
+    for name in ("features.8", "features.12", "mlp.1"):
+        assert replaced[name] == pytest.approx(ratios[name], abs=0.02)
+        changed = (model.get_submodule(name).weight != before.get_submodule(name).weight).float().mean()
+        assert changed == pytest.approx(ratios[name], abs=0.02)
+    assert torch.equal(model.features[1].running_var, before.features[1].running_var)  # BN copied
+
+
+def test_resolution_levels_follow_downsampling_not_names():
+    levels = resolution_levels(PlainVGGWithMLP(), torch.zeros(1, 3, 32, 32))
+    assert [levels[n] for n in ("features.0", "features.4", "features.8", "features.12", "mlp.5")] == [0, 1, 2, 3, 3]
+
+
+def test_bcu_temperature_rises_linearly_from_one_to_four():
+    bcu = BCU(epochs=100)
+    assert bcu.temperature(0) == pytest.approx(1.03) and bcu.temperature(99) == pytest.approx(4.0)
+    assert BCU.reference().epochs == 100 and BCU.reference().batch_size == 256
+
+
+def test_bcu_distills_and_its_compact_variant_is_smaller(ci_run, data_dir):
+    pool = defender.unlabeled_data(ci_run.run_dir, "cifar10", data_dir=data_dir)
+    context = PurifyContext(unlabeled_data=UnlabeledData(pool.x[:256]))
+    out, report = BCU(epochs=2)(ci_run.model, context)
+    assert len(report.details["distill"]["loss_per_epoch"]) == 2 and report.params_after == report.params_before
+    small, compact = BCU(epochs=1, compact=Prune(macs=0.5))(ci_run.model, context)
+    assert compact.macs_ratio <= 0.5 and compact.edits and compact.config["compact"]["name"] == "prune"
+
+
+def test_bcu_needs_unlabelled_images_of_the_models_size():
+    with pytest.raises(ValueError, match="BCU needs unlabelled images"):
+        BCU()(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="model takes"):
+        BCU()(nn.Sequential(nn.Conv2d(3, 4, 3)), PurifyContext(unlabeled_data=UnlabeledData(torch.zeros(2, 3, 8, 8))))
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_data_arguments_accept_tensors_datasets_loaders_and_uint8_arrays():
+    x, y = torch.randn(10, 3, 8, 8), torch.arange(10) % 3
+    for data in ((x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=4)):
+        d = as_labeled(data)
+        assert torch.equal(d.x, x) and torch.equal(d.y, y)
+    assert as_unlabeled(DataLoader(TensorDataset(x), batch_size=3)).x.shape == x.shape
+    raw = np.full((2, 8, 8, 3), 255, np.uint8)
+    assert torch.allclose(as_unlabeled(raw).x, torch.ones(2, 3, 8, 8))
+
+
+def test_bad_data_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="carry no labels"):
+        as_labeled(torch.randn(3, 3, 8, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        as_unlabeled(torch.full((2, 3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="one label per image"):
+        LabeledData(torch.randn(3, 3, 8, 8), torch.zeros(2))
+    with pytest.raises(TypeError, match="cannot use str"):
+        as_labeled("images/")
+
+
+def test_defender_pools_come_from_training_data_of_any_dataset(ci_run, data_dir):
+    clean = defender.clean_data(ci_run.run_dir, "cifar10", data_dir=data_dir)
+    rnp = defender.clean_data(ci_run.run_dir, "cifar10", rnp=True, data_dir=data_dir)
+    assert len(clean) == 250 and len(rnp) == 50
+    ood = defender.unlabeled_data(data_dir / "gtsrb32-jpeg.zip", "cifar10", count=64)
+    assert ood.x.shape == (64, 3, 32, 32)
+    with pytest.raises(ValueError, match="cifar10 images but the model is a gtsrb model"):
+        defender.clean_data(ci_run.run_dir, "gtsrb", data_dir=data_dir)
+
+
+def test_image_pools_never_read_test_folders(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (0, 0, 0) if split == "train" else (255, 255, 255)).save(tmp_path / split / "a" / "x.png")
+    pool = defender.image_pool(tmp_path, 10, 32)
+    assert len(pool) == 1 and pool.max() == 0
