@@ -1,0 +1,253 @@
+"""Run every defense on every zoo model and write benchmarks/results/.
+
+    python benchmarks/grid.py                                  # every missing cell, then the tables
+    python benchmarks/grid.py --cell cifar10-badnets:clp       # one cell
+    python benchmarks/grid.py --entries cifar10-badnets --defenses clp cc otbr
+    python benchmarks/grid.py --tables-only                    # rebuild tables and plot from grid.json
+
+For each (zoo entry, defense) cell: the defense runs with the defender resources stored in the run
+directory (none; RNP's 500 labelled images; the 5,000-image unlabelled pool; or 5,000 images of
+the other dataset for the out-of-distribution BCU variant); CA/ASR/RA/DER on the test split and on
+the validation images (training split, unseen by every pass); params and MACs; ONNX latency ratios
+at batch 1 / 1 thread and batch 32 / 2 threads and of the INT8 model, measured interleaved with the
+undefended model in the same run; and the pass's wall time. Results accumulate in
+``results/grid.json``; an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ZOO, load_entry, measure_latency, read_json, score_pair, zoo_entries  # noqa: E402
+
+from ccpurify.atomic import write_json, write_text  # noqa: E402
+from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, Pass, Pipeline, Prune, PurifyContext  # noqa: E402
+from ccpurify.passes.defaults import CANDIDATES, DEFAULTS  # noqa: E402
+from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions  # noqa: E402
+
+ATTACK_ORDER = ["badnets", "blended", "wanet", "sig", "lf", "input_aware", "clean"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    data: str  # "none", "clean", "unlabeled" or "unlabeled_ood"
+    build: Callable[[], Pass | Pipeline]
+    label: str
+
+
+CELLS: dict[str, Cell] = {
+    "clp-reference": Cell("none", lambda: CLP(mode="faithful", reference_pairing=True), "CLP faithful, reference module-order pairing"),
+    "clp-faithful": Cell("none", lambda: CLP(mode="faithful"), "CLP faithful (zero gamma, beta), graph pairing"),
+    "clp": Cell("none", lambda: CLP(), "CLP compress: physical removal, group policy"),
+    "cc": Cell("none", lambda: CleanCompact(), "C&C (reconstructed), frozen default"),
+    "otbr": Cell("none", lambda: OTBR(), "OTBR, ratio 0.05"),
+    "otbr-compact": Cell("none", lambda: OTBR(compact=True), "OTBR compact: top-NWC neurons removed"),
+    "rnp": Cell("clean", lambda: RNP(), "RNP, 500 labelled images, threshold 0.2, physical removal"),
+    "rnp-faithful": Cell("clean", lambda: RNP(mode="faithful"), "RNP faithful (gamma only)"),
+    "bcu": Cell("unlabeled", lambda: BCU(), "BCU, 5,000 unlabelled images, 20 epochs"),
+    "bcu-ood": Cell("unlabeled_ood", lambda: BCU(), "BCU on 5,000 images of the other dataset"),
+    "bcu-compact": Cell("unlabeled", lambda: BCU(compact=Prune(macs=0.5)), "BCU with a 50%-MACs pruned student"),
+    **{f"pipeline:{name}": Cell(kind, builder, f"pipeline {name}") for name, (kind, builder) in CANDIDATES.items()},
+}
+
+
+def context_for(entry, data: str) -> PurifyContext:
+    context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
+    if data == "clean":
+        context.clean_data = entry.clean_data()
+    elif data == "unlabeled":
+        context.unlabeled_data = entry.unlabeled_data()
+    elif data == "unlabeled_ood":
+        context.unlabeled_data = entry.ood_unlabeled_data()
+    return context
+
+
+def run_cell(entry, defense: str, latency: bool) -> dict:
+    cell = CELLS[defense]
+    context = context_for(entry, cell.data)
+    pipeline = cell.build()
+    started = time.perf_counter()
+    out, report = (pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline]))(entry.model, context)
+    wall = time.perf_counter() - started
+    result = {
+        "entry": entry.name, "dataset": entry.dataset, "attack": entry.attack, "defense": defense, "label": cell.label,
+        "data": cell.data, "wall_time_s": wall, **score_pair(entry, entry.model, out),
+        "params_before": report.params_before, "params_after": report.params_after,
+        "macs_before": report.macs_before, "macs_after": report.macs_after,
+        "params_ratio": report.params_after / report.params_before, "macs_ratio": report.macs_after / report.macs_before,
+        "passes": [{"name": p.name, "config": p.config, "wall_time_s": p.wall_time_s,
+                    "details": {k: v for k, v in p.details.items() if k not in ("layers", "masks", "removal", "ratios", "replaced")}}
+                   for p in report.passes],
+    }  # fmt: skip
+    if latency:
+        result["latency"] = measure_latency(entry, entry.model, out)
+    return result
+
+
+def run(args) -> None:
+    grid_file = RESULTS / "grid.json"
+    grid = read_json(grid_file, {"cells": {}, "baselines": {}})
+    entries = args.entries or zoo_entries(Path(args.zoo))
+    defenses = args.defenses or list(CELLS)
+    todo = [(e, d) for e in entries for d in defenses]
+    if args.cell:
+        todo = [tuple(c.split(":", 1)) for c in args.cell]
+    for name in dict.fromkeys(e for e, _ in todo):
+        cells = [d for e, d in todo if e == name and (args.redo or f"{e}|{d}" not in grid["cells"])]
+        if not cells and name in grid["baselines"]:
+            continue
+        entry = load_entry(name, Path(args.zoo), args.data)
+        if name not in grid["baselines"]:
+            s = score_pair(entry, entry.model, entry.model)
+            grid["baselines"][name] = {"dataset": entry.dataset, "attack": entry.attack, "test": s["test"], "val": s["val"]}
+            write_json(grid_file, grid)
+        for defense in cells:
+            if defense not in CELLS:
+                raise SystemExit(f"unknown defense {defense!r}; known: {', '.join(CELLS)}")
+            print(f"{time.strftime('%H:%M:%S')} {name} x {defense} ...", flush=True)
+            result = run_cell(entry, defense, latency=not args.no_latency)
+            grid["cells"][f"{name}|{defense}"] = result
+            grid["meta"] = {"protocol": PROTOCOL_VERSION, "updated": now(), "git_commit": git_commit(),
+                            "versions": versions(), "machine": machine(), "seed": 0}  # fmt: skip
+            write_json(grid_file, grid)
+            t = result["test"]
+            asr = "-" if t["asr"] is None else f"{100 * t['asr']:.1f}"
+            print(f"    CA {100 * t['ca']:.1f} ASR {asr} MACs x{result['macs_ratio']:.2f} ({result['wall_time_s']:.0f} s)", flush=True)
+    write_tables(grid)
+
+
+# ----------------------------------------------------------------------------------------- tables
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def write_tables(grid: dict) -> None:
+    cells, baselines = grid["cells"], grid["baselines"]
+    meta = grid.get("meta", {})
+    commit = (meta.get("git_commit") or "unknown")[:10]
+    footer = (f"\n\nProtocol: {meta.get('protocol', PROTOCOL_VERSION)}; cpu-preset zoo (benchmarks/zoo), seed 0, commit "
+              f"`{commit}`, machine: {meta.get('machine', {}).get('cpu', '?')}. Regenerate: `python benchmarks/grid.py`.")  # fmt: skip
+    defenses = [d for d in CELLS if any(k.endswith(f"|{d}") for k in cells)]
+    sections = []
+    for dataset in ("cifar10", "gtsrb"):
+        names = sorted((n for n, b in baselines.items() if b["dataset"] == dataset), key=lambda n: ATTACK_ORDER.index(baselines[n]["attack"]))
+        if not names:
+            continue
+        header = "| attack | none | " + " | ".join(defenses) + " |"
+        lines = [f"## {dataset}: CA / ASR / DER (%, test split)", "", header, "|" + "---|" * (len(defenses) + 2)]
+        for n in names:
+            b = baselines[n]["test"]
+            row = [baselines[n]["attack"], f"{pct(b['ca_before'])} / {pct(b['asr_before'])}"]
+            for d in defenses:
+                c = cells.get(f"{n}|{d}")
+                row.append("" if c is None else f"{pct(c['test']['ca'])} / {pct(c['test']['asr'])} / {pct(c['test']['der'])}")
+            lines.append("| " + " | ".join(row) + " |")
+        mean_row = ["**mean DER** (attacks)", ""]
+        for d in defenses:
+            mean_row.append(pct(mean(cells[f"{n}|{d}"]["test"]["der"] for n in names if f"{n}|{d}" in cells)))
+        lines.append("| " + " | ".join(mean_row) + " |")
+        text = "\n".join(lines) + footer
+        write_text(RESULTS / f"{dataset}.md", text + "\n")
+        sections.append(text)
+    write_text(RESULTS / "compactness.md", compactness_table(cells, defenses) + footer + "\n")
+    write_text(RESULTS / "defenses.md", "\n".join(f"- `{d}`: {CELLS[d].label} (data: {CELLS[d].data})" for d in defenses) + "\n")
+    write_json(RESULTS / "summary.json", summary(cells, baselines, defenses))
+    plot(cells, defenses)
+
+
+def compactness_table(cells: dict, defenses: list[str]) -> str:
+    lines = ["## Compactness and cost per defense (means over all zoo models; ratios purified / undefended, same run)", "",
+             "| defense | data | params | MACs | latency b1/t1 | latency b32/t2 | INT8 latency b1/t1 | wall time s |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d in defenses:
+        rows = [c for k, c in cells.items() if k.endswith(f"|{d}")]
+        lat = [c.get("latency", {}) for c in rows]
+
+        def fmt(key: str, source: list[dict]) -> str:
+            m = mean(s.get(key) for s in source)
+            return "-" if m is None else f"{m:.3f}"
+
+        lines.append(f"| {d} | {CELLS[d].data} | {fmt('params_ratio', rows)} | {fmt('macs_ratio', rows)} | "
+                     f"{fmt('latency_ratio_bs1_t1', lat)} | {fmt('latency_ratio_bs32_t2', lat)} | "
+                     f"{fmt('int8_latency_ratio_bs1_t1', lat)} | {fmt('wall_time_s', rows)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def summary(cells: dict, baselines: dict, defenses: list[str]) -> dict:
+    """Headline numbers: per dataset and defense, mean test and validation DER over attacks, and
+    mean MACs and latency ratios."""
+    out = defaultdict(dict)
+    for dataset in ("cifar10", "gtsrb"):
+        names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean"]
+        for d in defenses:
+            rows = [cells[f"{n}|{d}"] for n in names if f"{n}|{d}" in cells]
+            if rows:
+                out[dataset][d] = {
+                    "attacks": len(rows), "mean_der_test": mean(r["test"]["der"] for r in rows),
+                    "mean_der_val": mean(r["val"]["der"] for r in rows), "mean_macs_ratio": mean(r["macs_ratio"] for r in rows),
+                    "mean_latency_ratio_bs1_t1": mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in rows),
+                    "mean_ca_drop_test": mean(r["test"]["ca_before"] - r["test"]["ca"] for r in rows),
+                    "max_asr_test": max(r["test"]["asr"] for r in rows),
+                }  # fmt: skip
+    return {"defaults": DEFAULTS, "per_dataset": out}
+
+
+def plot(cells: dict, defenses: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = "osD^v<>pP*Xh"
+    for i, d in enumerate(defenses):
+        rows = [c for k, c in cells.items() if k.endswith(f"|{d}") and c["test"]["asr"] is not None]
+        if rows:
+            ax.scatter([r["macs_ratio"] for r in rows], [100 * r["test"]["asr"] for r in rows], label=d, marker=markers[i % len(markers)], alpha=0.8)
+    ax.set_xlabel("MACs after / before")
+    ax.set_ylabel("ASR after defense (%)")
+    ax.set_title("Attack success rate against compute, every zoo model x defense")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "asr_vs_macs.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default=str(ZOO), help="zoo folder (default: benchmarks/zoo)")
+    parser.add_argument("--entries", nargs="*", default=None, help="zoo entries (default: all)")
+    parser.add_argument("--defenses", nargs="*", default=None, help=f"defenses (default: all): {', '.join(CELLS)}")
+    parser.add_argument("--cell", nargs="*", default=None, help="ENTRY:DEFENSE cells to run")
+    parser.add_argument("--redo", action="store_true", help="run cells again even if grid.json has them")
+    parser.add_argument("--no-latency", action="store_true", help="skip ONNX export and latency")
+    parser.add_argument("--tables-only", action="store_true", help="only rebuild the tables and plot")
+    parser.add_argument("--data", default=None, help="dataset location (default: $CCPURIFY_DATA, then ../shared/data)")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.tables_only:
+        write_tables(read_json(RESULTS / "grid.json", {"cells": {}, "baselines": {}}))
+    else:
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The default pipelines ``ccpurify.purify`` runs when no method is named, and the candidates they
+were chosen from.
+
+Every candidate is a fixed recipe: no per-model tuning. The benchmark grid
+(``benchmarks/grid.py``) runs each candidate on every zoo model; the default for each kind of
+defender data is the candidate with the best mean *validation* DER (CA and ASR measured on
+training-split images no pass sees, never the test split) among those that at least halve the
+MACs. The choice and its numbers are recorded in ``benchmarks/results/`` and the README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ccpurify.passes.base import Pipeline
+from ccpurify.passes.bcu import BCU
+from ccpurify.passes.cc import CleanCompact
+from ccpurify.passes.clp import CLP
+from ccpurify.passes.otbr import OTBR
+from ccpurify.passes.prune import Prune
+from ccpurify.passes.recover import Recover
+from ccpurify.passes.rnp import RNP
+
+# Data-free: a defense, then compression to half the MACs, then distillation from the defense's
+# output on images synthesized from the BatchNorm statistics.
+CANDIDATES: dict[str, tuple[str, Callable[[], Pipeline]]] = {
+    "clp+prune+recover": ("none", lambda: Pipeline([CLP(), Prune(macs=0.5), Recover(data="synthetic")])),
+    "cc+recover": ("none", lambda: Pipeline([CleanCompact(macs=0.5, recover=True)])),
+    "otbr+prune+recover": ("none", lambda: Pipeline([OTBR(), Prune(macs=0.5), Recover(data="synthetic")])),
+    # A few hundred labelled images.
+    "rnp+prune+recover": ("clean", lambda: Pipeline([RNP(), Prune(macs=0.5), Recover(data="clean", hard_label_weight=1.0)])),
+    "clp+prune+recover-clean": ("clean", lambda: Pipeline([CLP(), Prune(macs=0.5), Recover(data="clean", hard_label_weight=1.0)])),
+    # Unlabelled images.
+    "bcu-compact": ("unlabeled", lambda: Pipeline([BCU(compact=Prune(macs=0.5))])),
+    "clp+prune+recover-unlabeled": ("unlabeled", lambda: Pipeline([CLP(), Prune(macs=0.5), Recover(data="unlabeled")])),
+}
+
+# Chosen from the grid (see the module docstring); data-free is also what the demo runs.
+DEFAULTS = {"none": "clp+prune+recover", "clean": "rnp+prune+recover", "unlabeled": "clp+prune+recover-unlabeled"}
+
+
+def candidate(name: str) -> Pipeline:
+    if name not in CANDIDATES:
+        raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(CANDIDATES)}")
+    return CANDIDATES[name][1]()
+
+
+def default_name(has_clean: bool, has_unlabeled: bool) -> str:
+    return DEFAULTS["clean" if has_clean else "unlabeled" if has_unlabeled else "none"]
+
+
+def default_pipeline(has_clean: bool = False, has_unlabeled: bool = False) -> Pipeline:
+    """The default pipeline for the data a defender has (labelled data wins over unlabelled)."""
+    return candidate(default_name(has_clean, has_unlabeled))
