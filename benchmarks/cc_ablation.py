@@ -45,8 +45,13 @@ VARIANTS: dict[str, dict] = {
     "AB z clip 2 + 0.5": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5),
     "AB z clip 2.5 + 0.5 energy": dict(normalization="zscore", purify="clip", tau=2.5, macs=0.5, allocation="energy"),
     # both + data-free recovery (synthetic BN-statistics images, teacher = purified full rank)
-    "AB z clip 2.5 + 0.5 + recover": dict(normalization="zscore", purify="clip", tau=2.5, macs=0.5, recover=True),
-    "B trunc 0.5 + recover": dict(purify="none", macs=0.5, recover=True),
+    "AB z clip 2 + 0.5 energy": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="energy"),
+    "AB z clip 2 + 0.5 energy + recover": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="energy", recover=True),
+    "AB z clip 2 + 0.5 energy + recover 512x100": dict(
+        normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="energy", recover=True,
+        recover_options={"synthetic_images": 512, "synthetic_steps": 100},
+    ),
+    "B trunc 0.5 energy + recover": dict(purify="none", macs=0.5, allocation="energy", recover=True),
 }
 
 

@@ -93,11 +93,18 @@ def validation_bench(run: RunDir, data_dir: str | None = None) -> TestBench:
     return TestBench(spec, images, labels, bd_images, bd_labels, run.attack.target if run.attack else None)
 
 
+_BASELINES: dict[tuple[str, int, str], object] = {}
+
+
 def score_pair(entry: Entry, before: nn.Module, after: nn.Module) -> dict:
-    """Test and validation metrics of a defended model against its undefended one."""
+    """Test and validation metrics of a defended model against its undefended one (whose scores
+    are computed once per entry and split)."""
     out = {}
     for split, bench in (("test", entry.test), ("val", entry.val)):
-        b = bench.score(before).metrics
+        key = (entry.name, id(before), split)
+        if key not in _BASELINES:
+            _BASELINES[key] = bench.score(before).metrics
+        b = _BASELINES[key]
         a = bench.score(after).metrics
         out[split] = {
             "ca_before": b.ca, "asr_before": b.asr, "ra_before": b.ra, "ca": a.ca, "asr": a.asr, "ra": a.ra,

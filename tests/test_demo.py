@@ -1,0 +1,34 @@
+"""The demo runs on its embedded assets and prints one before/after table."""
+
+import json
+
+import pytest
+
+from ccpurify.cli import main
+from ccpurify.demo import ASSETS, DemoAssetError, verify_assets
+
+
+def test_demo_assets_are_complete_small_and_verified():
+    manifest = verify_assets()
+    assert set(manifest["files"]) == {"model.safetensors", "attack.json", "attack.safetensors", "test-sample.zip"}
+    assert (ASSETS / "test-sample.zip").stat().st_size <= 2_000_000 and manifest["test_images"] == 1000
+
+
+def test_altered_assets_are_refused(tmp_path):
+    import shutil
+
+    copy = tmp_path / "demo"
+    shutil.copytree(ASSETS, copy)
+    (copy / "attack.json").write_text('{"name": "badnets"}')
+    with pytest.raises(DemoAssetError, match="altered"):
+        verify_assets(copy)
+
+
+def test_demo_purifies_exports_benchmarks_and_prints_the_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--method", "clp", "--set", "u=2.5", "--runs", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "suspect (backdoored)" in out and "after / before" in out and "ms (b1, 1 thread)" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    suspect, purified = report["rows"]
+    assert suspect["asr"] > 0.9 and purified["asr"] < suspect["asr"] and purified["macs"] <= suspect["macs"]
+    assert {"suspect.onnx", "purified.onnx", "purified.safetensors", "manifest.json"} <= {p.name for p in tmp_path.iterdir()}
