@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,16 +147,9 @@ class BenchReport:
 def _environment() -> dict:
     import onnxruntime as ort
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}  # fmt: skip
+    from ccpurify.provenance import machine
+
+    return {**machine(), "onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _session(path: str, threads: int, config: BenchConfig):

@@ -207,3 +207,16 @@ def test_synthetic_images_match_a_trained_models_bn_statistics(ci_run):
     assert losses[1] < 0.2 * losses[0]
     with torch.no_grad():
         assert len(model(images).argmax(1).unique()) >= 5  # not collapsed onto one class
+
+
+def test_bn_recalibration_replaces_running_statistics_by_those_of_the_images():
+    from ccpurify.passes.recover import recalibrate_bn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4, 3).reshape(4, 3, 1, 1))
+    images = torch.randn(64, 3, 8, 8) * 2 + 5
+    recalibrate_bn(model, images, batch_size=16)
+    expected_mean = torch.cat([images.mean((0, 2, 3)), torch.zeros(1)])
+    assert torch.allclose(model[1].running_mean, expected_mean, atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training  # settings restored

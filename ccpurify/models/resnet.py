@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ccpurify.models import register_model
-from ccpurify.models._common import scaled
+from ccpurify.models._common import make_stage, scaled
 
 
 class BasicBlock(nn.Module):
@@ -36,22 +36,14 @@ class ResNet(nn.Module):
     def __init__(self, num_blocks: list[int], num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
         planes = [scaled(c, width) for c in (64, 128, 256, 512)]
-        self.in_planes = planes[0]
         self.conv1 = nn.Conv2d(3, planes[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
-        self.layer1 = self._make_layer(planes[0], num_blocks[0], 1)
-        self.layer2 = self._make_layer(planes[1], num_blocks[1], 2)
-        self.layer3 = self._make_layer(planes[2], num_blocks[2], 2)
-        self.layer4 = self._make_layer(planes[3], num_blocks[3], 2)
+        self.layer1 = make_stage(BasicBlock, planes[0], planes[0], num_blocks[0], 1)
+        self.layer2 = make_stage(BasicBlock, planes[0], planes[1], num_blocks[1], 2)
+        self.layer3 = make_stage(BasicBlock, planes[1], planes[2], num_blocks[2], 2)
+        self.layer4 = make_stage(BasicBlock, planes[2], planes[3], num_blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(planes[3], num_classes)
-
-    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -73,13 +73,14 @@ class CleanCompact(Pass):
 
     name = "cc"
     kind = "defense"
-    tau: float = 0.5
-    normalization: Normalization = Normalization.MAX
+    # Defaults frozen from the ablation (benchmarks/results/cc_ablation.md), chosen on validation DER.
+    tau: float = 2.0
+    normalization: Normalization = Normalization.ZSCORE
     purify: RankPurification = RankPurification.CLIP
     fold_bn: bool = True
     macs: float | None = 0.5
     energy: float | None = None
-    allocation: Allocation = Allocation.UNIFORM
+    allocation: Allocation = Allocation.ENERGY
     skip_stem: bool = True
     skip_output: bool = True
     recover: bool = False
