@@ -50,7 +50,7 @@ CELLS: dict[str, Cell] = {
     "clp-faithful": Cell("none", lambda: CLP(mode="faithful"), "CLP faithful (zero gamma, beta), graph pairing"),
     "clp": Cell("none", lambda: CLP(), "CLP compress: physical removal, group policy"),
     "cc": Cell("none", lambda: CleanCompact(), "C&C (reconstructed), frozen default"),
-    "otbr": Cell("none", lambda: OTBR(), "OTBR, ratio 0.05"),
+    "otbr": Cell("none", lambda: OTBR(), "OTBR, ratio 0.10"),
     "otbr-compact": Cell("none", lambda: OTBR(compact=True), "OTBR compact: top-NWC neurons removed"),
     "rnp": Cell("clean", lambda: RNP(), "RNP, 500 labelled images, threshold 0.2, physical removal"),
     "rnp-faithful": Cell("clean", lambda: RNP(mode="faithful"), "RNP faithful (gamma only)"),
