@@ -1,0 +1,33 @@
+"""One benchmark-grid cell end to end on a ci-preset model: train (the session's ci run), purify,
+score on test and validation images, export to ONNX, INT8, and time against the undefended model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.parametrize("defense", ["clp", "pipeline:clp+prune+recover"])
+def test_one_grid_cell_end_to_end(ci_run, data_dir, defense, tmp_path, monkeypatch):
+    import common
+    from grid import CELLS, run_cell
+
+    monkeypatch.setattr(common, "CACHE", tmp_path)
+    entry = common.load_entry(ci_run.run_dir.name, ci_run.run_dir.parent, str(data_dir))
+    if defense.startswith("pipeline"):  # the same recipe, at a size that keeps CI fast
+        from ccpurify.passes import CLP, Pipeline, Prune, Recover
+
+        monkeypatch.setitem(CELLS, defense, CELLS[defense].__class__(
+            "none", lambda: Pipeline([CLP(u=2.25), Prune(macs=0.5), Recover(data="synthetic", synthetic_images=64,
+                                                                            synthetic_steps=10, epochs=2)]), "small"))  # fmt: skip
+    result = run_cell(entry, defense, latency=True)
+    for split in ("test", "val"):
+        assert 0 <= result[split]["ca"] <= 1 and result[split]["der"] is not None
+    assert result["test"]["ca_before"] == pytest.approx(ci_run.metrics["ca"])
+    latency = result["latency"]
+    assert latency["parity_max_abs_diff"] <= 1e-4 and latency["latency_ratio_bs1_t1"] > 0
+    assert latency["int8_bytes"] < latency["onnx_bytes"]
+    if defense.startswith("pipeline"):
+        assert result["macs_ratio"] <= 0.5 and [p["name"] for p in result["passes"]] == ["clp", "prune", "recover"]
