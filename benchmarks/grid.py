@@ -72,6 +72,12 @@ def context_for(entry, data: str) -> PurifyContext:
     return context
 
 
+def recipe(defense: str) -> list[dict]:
+    """The cell's passes and their parameters: a stored cell whose recipe differs is stale and rerun."""
+    built = CELLS[defense].build()
+    return [{"name": p.name, "config": p.config()} for p in (built.passes if isinstance(built, Pipeline) else [built])]
+
+
 def run_cell(entry, defense: str, latency: bool) -> dict:
     cell = CELLS[defense]
     context = context_for(entry, cell.data)
@@ -81,7 +87,7 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
     wall = time.perf_counter() - started
     result = {
         "entry": entry.name, "dataset": entry.dataset, "attack": entry.attack, "defense": defense, "label": cell.label,
-        "data": cell.data, "wall_time_s": wall, **score_pair(entry, entry.model, out),
+        "data": cell.data, "recipe": recipe(defense), "wall_time_s": wall, **score_pair(entry, entry.model, out),
         "params_before": report.params_before, "params_after": report.params_after,
         "macs_before": report.macs_before, "macs_after": report.macs_after,
         "params_ratio": report.params_after / report.params_before, "macs_ratio": report.macs_after / report.macs_before,
@@ -94,6 +100,10 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
     return result
 
 
+def is_stale(stored: dict | None, defense: str) -> bool:
+    return stored is None or defense not in CELLS or stored.get("recipe") != recipe(defense)
+
+
 def run(args) -> None:
     grid_file = RESULTS / "grid.json"
     grid = read_json(grid_file, {"cells": {}, "baselines": {}})
@@ -103,7 +113,7 @@ def run(args) -> None:
     if args.cell:
         todo = [tuple(c.split(":", 1)) for c in args.cell]
     for name in dict.fromkeys(e for e, _ in todo):
-        cells = [d for e, d in todo if e == name and (args.redo or f"{e}|{d}" not in grid["cells"])]
+        cells = [d for e, d in todo if e == name and (args.redo or is_stale(grid["cells"].get(f"{e}|{d}"), d))]
         if not cells and name in grid["baselines"]:
             continue
         entry = load_entry(name, Path(args.zoo), args.data)
