@@ -38,19 +38,17 @@ VARIANTS: dict[str, dict] = {
     "A z remove 2.5": dict(normalization="zscore", purify="remove", tau=2.5, macs=None),
     "A z clip 2.5 no-fold": dict(normalization="zscore", purify="clip", tau=2.5, macs=None, fold_bn=False),
     # H-B: truncation only
-    "B trunc 0.5 uniform": dict(purify="none", macs=0.5),
+    "B trunc 0.5 uniform": dict(purify="none", macs=0.5, allocation="uniform"),
     "B trunc 0.5 energy": dict(purify="none", macs=0.5, allocation="energy"),
     # both
-    "AB z clip 2.5 + 0.5": dict(normalization="zscore", purify="clip", tau=2.5, macs=0.5),
-    "AB z clip 2 + 0.5": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5),
+    "AB z clip 2.5 + 0.5 uniform": dict(normalization="zscore", purify="clip", tau=2.5, macs=0.5, allocation="uniform"),
+    "AB z clip 2 + 0.5 uniform": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="uniform"),
     "AB z clip 2.5 + 0.5 energy": dict(normalization="zscore", purify="clip", tau=2.5, macs=0.5, allocation="energy"),
-    # both + data-free recovery (synthetic BN-statistics images, teacher = purified full rank)
     "AB z clip 2 + 0.5 energy": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="energy"),
-    "AB z clip 2 + 0.5 energy + recover": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="energy", recover=True),
-    "AB z clip 2 + 0.5 energy + recover 512x100": dict(
-        normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="energy", recover=True,
-        recover_options={"synthetic_images": 512, "synthetic_steps": 100},
-    ),
+    "AB z clip 1.75 + 0.5 energy": dict(normalization="zscore", purify="clip", tau=1.75, macs=0.5, allocation="energy"),
+    # ... + data-free recovery (synthetic BN-statistics images, teacher = purified full rank)
+    "AB z clip 1.75 + 0.5 energy + recover": dict(normalization="zscore", purify="clip", tau=1.75, macs=0.5,
+                                                  allocation="energy", recover=True),
     "B trunc 0.5 energy + recover": dict(purify="none", macs=0.5, allocation="energy", recover=True),
 }
 
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes)
         for variant, options in variants.items():
             key = f"{name}|{variant}"
-            if key in results:
+            if key in results and results[key]["options"] == options:
                 continue
             started = time.perf_counter()
             out, report = CleanCompact(**options)(entry.model, context)

@@ -29,6 +29,7 @@ noise-entropy statistic recorded there did not separate good from bad ratios, so
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,10 +146,12 @@ class OTBR(Pass):
         if not targets:
             return PassResult(model, {"skipped": "no conv layers OTBR can score", "unsupported": [u.name for u in graph.unsupported]})
         num_classes = context.num_classes or int(model(example).shape[1])
+        started = time.perf_counter()
         unlearned = random_unlearning(
             model, num_classes, tuple(example.shape[1:]), context, self.steps, self.batch_size, self.lr, self.momentum,
             self.reference_label_quirk,
         )  # fmt: skip
+        unlearn_s = time.perf_counter() - started
         nwc = {}
         for name in targets:
             change = (unlearned.get_submodule(name).weight - model.get_submodule(name).weight).detach().abs()
@@ -164,8 +167,10 @@ class OTBR(Pass):
             layer = int(np.searchsorted(offsets, flat_idx, side="right") - 1)
             selected.setdefault(targets[layer], []).append(flat_idx - int(offsets[layer]))
 
+        started = time.perf_counter()
         fused_layers = self._fuse(model, targets, nwc, selected)
         details = {
+            "unlearn_s": unlearn_s, "fusion_s": time.perf_counter() - started,
             "target_layers": len(targets), "neurons": len(flat), "pruned": top,
             "pruned_per_layer": {n: len(v) for n, v in selected.items()}, "fused_layers": fused_layers,
             "nwc_total": float(flat.sum()), "unsupported": [u.name for u in graph.unsupported],

@@ -1,0 +1,80 @@
+"""Wall time of the data-free passes on PreAct-ResNet18 at width 1 (the paper's size) and at the
+cpu-preset width: CLP (compress and faithful), C&C without recovery, and OTBR with the time of its
+20 noise-unlearning steps separated from everything around them.
+
+    python benchmarks/datafree_timing.py [--widths 1 0.25] [--threads 2]
+
+Timing does not depend on the weights' values, so the models are seeded random initialisations
+(BatchNorm statistics perturbed so that CLP and C&C see non-trivial spectra). Writes
+results/datafree_timing.json and .md. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
+from ccpurify import models  # noqa: E402
+from ccpurify.atomic import write_json, write_text  # noqa: E402
+from ccpurify.passes import CLP, OTBR, CleanCompact, Pass, PurifyContext  # noqa: E402
+from ccpurify.provenance import git_commit, machine, now, versions  # noqa: E402
+
+
+def make_model(width: float, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = models.create("preact_resnet18", num_classes=10, width=width)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def time_pass(p: Pass, width: float) -> dict:
+    model = make_model(width)
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 32, 32), num_classes=10, seed=0)
+    started = time.perf_counter()
+    _, report = p(model, context)
+    return {"wall_time_s": time.perf_counter() - started, "details": {k: v for k, v in report.details.items()
+                                                                      if k in ("unlearn_s", "fusion_s", "ranking_s")}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.25])
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    passes = {"CLP (compress)": CLP, "CLP (faithful)": lambda: CLP(mode="faithful"),
+              "C&C (no recovery)": lambda: CleanCompact(recover=False), "OTBR": OTBR}  # fmt: skip
+    rows = []
+    for width in args.widths:
+        for name, build in passes.items():
+            result = time_pass(build(), width)
+            rows.append({"pass": name, "width": width, **result})
+            print(f"width {width}: {name} {result['wall_time_s']:.2f} s {result['details']}", flush=True)
+    meta = {"generated": now(), "git_commit": git_commit(), "threads": args.threads, "machine": machine(),
+            "versions": versions()}  # fmt: skip
+    write_json(RESULTS / "datafree_timing.json", {"rows": rows, "meta": meta})
+    lines = ["# Data-free pass wall time (PreAct-ResNet18, CIFAR-10 input)", "",
+             f"torch threads: {args.threads}; machine: {meta['machine']}.", "",
+             "| pass | width | wall time (s) | of which |", "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in r["details"].items())
+        lines.append(f"| {r['pass']} | {r['width']:g} | {r['wall_time_s']:.2f} | {parts} |")
+    lines += ["", f"Generated {meta['generated']} at commit `{(git_commit() or 'unknown')[:10]}` by "
+              "`python benchmarks/datafree_timing.py`."]  # fmt: skip
+    write_text(RESULTS / "datafree_timing.md", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
