@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": versions()}  # fmt: skip
     write_json(RESULTS / "datafree_timing.json", {"rows": rows, "meta": meta})
     lines = ["# Data-free pass wall time (PreAct-ResNet18, CIFAR-10 input)", "",
-             f"torch threads: {args.threads}; machine: {meta['machine']}.", "",
+             f"torch threads: {args.threads}; machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores.", "",
              "| pass | width | wall time (s) | of which |", "|---|---|---|---|"]  # fmt: skip
     for r in rows:
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in r["details"].items())

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"generated": now(), "git_commit": git_commit(), "threads": args.threads, "steps": args.steps, "machine": machine()}
     write_json(RESULTS / "epoch_time.json", {"rows": rows, "meta": meta})
     lines = ["# Training cost per CIFAR-10 epoch (batch 128, channels-last)", "",
-             f"{args.threads} torch threads, {args.steps} timed steps extrapolated to {STEPS_PER_EPOCH} steps; {meta['machine']}.", "",
+             f"{args.threads} torch threads, {args.steps} timed steps extrapolated to {STEPS_PER_EPOCH} steps; {meta['machine']['cpu']}, {meta['machine']['cores']} cores.", "",
              "| model (width) | params | MACs | ms / step | s / epoch |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['arch']} ({r['width']:g}) | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
               f"{1000 * r['s_per_step']:.0f} | {r['s_per_epoch']:.0f} |" for r in rows]  # fmt: skip

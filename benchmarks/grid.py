@@ -32,7 +32,7 @@ from common import RESULTS, ZOO, load_entry, measure_latency, read_json, score_p
 
 from ccpurify.atomic import write_json, write_text  # noqa: E402
 from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, Pass, Pipeline, Prune, PurifyContext  # noqa: E402
-from ccpurify.passes.defaults import CANDIDATES, DEFAULTS  # noqa: E402
+from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL  # noqa: E402
 from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions  # noqa: E402
 
 ATTACK_ORDER = ["badnets", "blended", "wanet", "sig", "lf", "input_aware", "clean"]
@@ -176,8 +176,51 @@ def write_tables(grid: dict) -> None:
         sections.append(text)
     write_text(RESULTS / "compactness.md", compactness_table(cells, defenses) + footer + "\n")
     write_text(RESULTS / "defenses.md", "\n".join(f"- `{d}`: {CELLS[d].label} (data: {CELLS[d].data})" for d in defenses) + "\n")
-    write_json(RESULTS / "summary.json", summary(cells, baselines, defenses))
+    selection = select_defaults(cells, baselines)
+    write_json(RESULTS / "summary.json", {**summary(cells, baselines, defenses), "selection": selection})
+    write_text(RESULTS / "default_selection.md", selection_table(selection) + footer + "\n")
     plot(cells, defenses)
+
+
+def select_defaults(cells: dict, baselines: dict) -> dict:
+    """Apply the rule of ccpurify.passes.defaults to the grid: per kind of data, the candidate with
+    the best mean validation DER among those meeting the MACs and latency goals, over the CIFAR-10
+    models every candidate of that kind was run on."""
+    out = {}
+    for kind in ("none", "clean", "unlabeled"):
+        names = [n for n, (k, _) in CANDIDATES.items() if k == kind]
+        entries = sorted(n for n, b in baselines.items() if b["dataset"] == "cifar10" and b["attack"] != "clean"
+                         and all(f"{n}|pipeline:{c}" in cells for c in names))  # fmt: skip
+        if not entries:
+            continue
+        rows = {}
+        for c in names:
+            done = [cells[f"{e}|pipeline:{c}"] for e in entries]
+            latency = mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in done)
+            macs = mean(r["macs_ratio"] for r in done)
+            rows[c] = {"mean_der_val": mean(r["val"]["der"] for r in done), "mean_der_test": mean(r["test"]["der"] for r in done),
+                       "mean_macs_ratio": macs, "mean_latency_ratio_bs1_t1": latency,
+                       "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL}  # fmt: skip
+        eligible = [c for c in rows if rows[c]["eligible"]]
+        chosen = max(eligible, key=lambda c: rows[c]["mean_der_val"]) if eligible else None
+        out[kind] = {"entries": entries, "candidates": rows, "chosen": chosen, "current_default": DEFAULTS[kind]}
+    return out
+
+
+def selection_table(selection: dict) -> str:
+    lines = ["# Default pipelines chosen by the grid", "",
+             f"Rule (ccpurify/passes/defaults.py): MACs ratio <= {MACS_GOAL}, batch-1 / 1-thread latency ratio <= {LATENCY_GOAL}, "
+             "then the best mean validation DER. Test DER is shown, never used."]  # fmt: skip
+    for kind, sel in selection.items():
+        lines += ["", f"## data: {kind} (over {', '.join(sel['entries'])})", "",
+                  "| candidate | mean val DER | mean test DER | MACs | latency b1/t1 | eligible |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for c, r in sel["candidates"].items():
+            lat = "-" if r["mean_latency_ratio_bs1_t1"] is None else f"{r['mean_latency_ratio_bs1_t1']:.2f}"
+            mark = "**chosen**" if c == sel["chosen"] else ("yes" if r["eligible"] else "no")
+            lines.append(f"| {c} | {pct(r['mean_der_val'])} | {pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |")
+        if sel["chosen"] != sel["current_default"]:
+            lines += ["", f"Note: ccpurify's DEFAULTS still name `{sel['current_default']}` for this kind of data; update defaults.py."]
+    return "\n".join(lines)
 
 
 def compactness_table(cells: dict, defenses: list[str]) -> str:

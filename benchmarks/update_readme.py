@@ -32,11 +32,11 @@ def results_section() -> str:
                   "(PreAct-ResNet18, full width, 100 epochs; different triggers and scale, so a sanity band only).",
                   "", f"Defaults (`ccpurify purify` with no method): {summary['defaults']}."]  # fmt: skip
         parts.append("\n".join(lines))
-    for name in ("cifar10.md", "gtsrb.md", "compactness.md", "defenses.md", "cc_ablation.md"):
+    for name in ("default_selection.md", "cifar10.md", "gtsrb.md", "compactness.md", "defenses.md", "cc_ablation.md"):
         path = RESULTS / name
         if path.is_file():
             text = path.read_text().strip()
-            parts.append(text.replace("# C&C (reconstructed) ablation", "### C&C (reconstructed) ablation").replace("## ", "### "))
+            parts.append(re.sub(r"^#{1,2} ", "### ", text, flags=re.M))
     if (RESULTS / "asr_vs_macs.png").is_file():
         parts.append("![ASR against MACs](benchmarks/results/asr_vs_macs.png)")
     return "\n\n".join(parts) if parts else "No results yet: run `python benchmarks/grid.py`."

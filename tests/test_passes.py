@@ -118,6 +118,18 @@ def test_prune_is_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_prune_round_to_keeps_every_pruned_width_a_multiple():
+    model = build("preact_resnet18")
+    dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    out, report = Prune(macs=0.5, round_to=8)(model)
+    widths = {n: m.out_channels for n, m in out.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    changed = [n for n in widths if widths[n] != dense[n]]
+    assert changed and all(widths[n] % 8 == 0 for n in changed)
+    assert report.macs_ratio <= 0.5
+    with pytest.raises(ValueError, match="round_to"):
+        Prune(round_to=0)
+
+
 def test_taylor_importance_needs_data_and_uses_it():
     model = build("vgg16_bn")
     with pytest.raises(ValueError, match="Taylor importance needs images"):
