@@ -278,7 +278,9 @@ def train(
     if steps == 0:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(data)} training images")
 
+    resumed_seconds = sum(h.get("seconds", 0.0) for h in history)  # epochs trained before an interruption
     for epoch in range(start_epoch, config.epochs):
+        epoch_started = time.perf_counter()
         model.train()
         perm = torch.randperm(len(data), generator=generator)
         seen = correct = 0
@@ -308,7 +310,8 @@ def train(
                 report(progress, task, step + 1, steps, loss=loss_sum / seen, acc=correct / seen)
         if poisoner is not None:
             poisoner.end_epoch()
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "lr_end": optimizer.param_groups[0]["lr"]})
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "lr_end": optimizer.param_groups[0]["lr"],
+                        "seconds": time.perf_counter() - epoch_started})
         if checkpoint is not None:
             _save_checkpoint(checkpoint, config, model, optimizer, generator, attack, poisoner, epoch + 1, history)
 
@@ -320,7 +323,7 @@ def train(
     score = bench.score(model)
     report(progress, "evaluate", 1, 1, ca=score.metrics.ca, asr=score.metrics.asr if attack is not None else float("nan"))
     metrics = {**score.to_dict(), "history": history, "protocol": PROTOCOL_VERSION}
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - started + resumed_seconds  # a resumed run counts its earlier epochs too
     metrics["train_wall_time_s"] = wall
     if out is not None:
         _write_run(out, config, model, attack, poison_idx, resources, metrics, train_full, bench, train_set, wall)

@@ -76,6 +76,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeyp
     resumed = train(tiny(), tmp_path / "run", data_dir=data_dir)
     for x, y in zip(uninterrupted.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(x, y)
+    first_epoch = resumed.metrics["history"][0]["seconds"]  # trained before the interruption, still counted
+    assert first_epoch > 0 and resumed.metrics["train_wall_time_s"] > first_epoch
 
 
 def test_onecycle_rises_then_falls_to_zero():
