@@ -30,7 +30,7 @@ CLP_U = 2.25
 def prune(round_to: int | None = 8) -> Prune:
     """Half the MACs. Pruned widths stay multiples of 8: odd widths leave onnxruntime's CPU kernels
     under-used, and an unrounded 50%-MACs model was no faster than the dense one at batch 1
-    (benchmarks/results/prune_rounding.md)."""
+    (``clp+otbr+prune+recover-unrounded`` in benchmarks/results/default_selection.md)."""
     return Prune(macs=0.5, round_to=round_to)
 
 
