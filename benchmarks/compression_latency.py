@@ -1,6 +1,6 @@
 """MACs ratio against measured onnxruntime latency ratio for the compression core (issue: compression
 core and deployment): PreAct-ResNet18 at the cpu-preset width, pruned to 50% MACs (free widths, and
-widths rounded to multiples of 8) and factorized to 50% MACs, fp32 and INT8, at batch 1 / 1 thread and batch 32 / 2 threads; and how long building the
+widths rounded to multiples of 8) and factorized to 50% MACs (free and rounded ranks), fp32 and INT8, at batch 1 / 1 thread and batch 32 / 2 threads; and how long building the
 channel graph takes.
 
     python benchmarks/compression_latency.py [--model benchmarks/zoo/cifar10-badnets] [--runs 200]
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(path) if path.is_file() else models.create("preact_resnet18", width=0.25).eval()
     example = torch.zeros(1, 3, 32, 32)
     variants = {"dense": model, "pruned-50%": Prune(macs=0.5)(model)[0], "pruned-50% round_to=8": Prune(macs=0.5, round_to=8)(model)[0],
-                "factorized-50%": Factorize(macs=0.5)(model)[0]}  # fmt: skip
+                "factorized-50%": Factorize(macs=0.5)(model)[0], "factorized-50% round_to=8": Factorize(macs=0.5, round_to=8)(model)[0]}  # fmt: skip
     rng = np.random.default_rng(0)
     calibration = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

@@ -130,6 +130,13 @@ def test_prune_round_to_keeps_every_pruned_width_a_multiple():
         Prune(round_to=0)
 
 
+def test_factorize_round_to_gives_rank_multiples_within_the_budget():
+    model = build("preact_resnet18")
+    out, report = Factorize(macs=0.5, round_to=8)(model)
+    ranks = [r for layer in report.details["factorized"] for r in layer["ranks"]]
+    assert ranks and all(r % 8 == 0 for r in ranks) and report.macs_ratio <= 0.5
+
+
 def test_taylor_importance_needs_data_and_uses_it():
     model = build("vgg16_bn")
     with pytest.raises(ValueError, match="Taylor importance needs images"):

@@ -87,6 +87,7 @@ class CleanCompact(Pass):
     recover: bool = False
     recover_options: dict = field(default_factory=dict)
     only_if_cheaper: bool = True  # keep a layer dense (purified) when its factors would cost more MACs
+    round_to: int | None = None  # truncation ranks to multiples of this (8 suits onnxruntime's CPU kernels)
 
     def __post_init__(self) -> None:
         self.normalization = Normalization(self.normalization)
@@ -146,8 +147,9 @@ class CleanCompact(Pass):
         if self.macs is None and self.energy is None:
             return {}
         if self.energy is not None:
-            return plan_ranks(geometries, Method.SVD, energy=self.energy, spectra=spectra, only_if_cheaper=self.only_if_cheaper).ranks
-        return plan_for_macs(model, context, geometries, Method.SVD, self.macs, self.allocation, spectra).ranks
+            return plan_ranks(geometries, Method.SVD, energy=self.energy, spectra=spectra, only_if_cheaper=self.only_if_cheaper,
+                              round_to=self.round_to).ranks  # fmt: skip
+        return plan_for_macs(model, context, geometries, Method.SVD, self.macs, self.allocation, spectra, self.round_to).ranks
 
 
 def _set_dense(layer: nn.Module, factors: lowrank.LowRank) -> None:
