@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ZOO, load_entry, read_json, score_pair  # noqa: E402
+from common import RESULTS, ZOO, load_entry, read_json, score_pair, store_result  # noqa: E402
 
-from ccpurify.atomic import write_json, write_text  # noqa: E402
+from ccpurify.atomic import write_text  # noqa: E402
 from ccpurify.passes import CleanCompact, PurifyContext  # noqa: E402
 from ccpurify.provenance import git_commit, now  # noqa: E402
 
@@ -73,13 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             out, report = CleanCompact(**options)(entry.model, context)
             wall = time.perf_counter() - started
-            results[key] = {"entry": name, "variant": variant, "options": options, "wall_time_s": wall,
-                            "macs_ratio": report.macs_ratio, "params_ratio": report.params_ratio,
-                            **score_pair(entry, entry.model, out)}  # fmt: skip
-            t, v = results[key]["test"], results[key]["val"]
+            row = {"entry": name, "variant": variant, "options": options, "wall_time_s": wall,
+                   "macs_ratio": report.macs_ratio, "params_ratio": report.params_ratio, **score_pair(entry, entry.model, out)}  # fmt: skip
+            results = store_result(out_file, {}, None, key, row)
+            t, v = row["test"], row["val"]
             print(f"{name} | {variant}: val CA {v['ca']:.3f} ASR {v['asr']:.3f} DER {v['der']:.3f} | "
                   f"test CA {t['ca']:.3f} ASR {t['asr']:.3f} | MACs x{report.macs_ratio:.2f} ({wall:.1f} s)", flush=True)  # fmt: skip
-            write_json(out_file, results)
     write_table(results)
     return 0
 

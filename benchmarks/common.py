@@ -9,17 +9,20 @@ Two kinds of numbers are kept apart everywhere:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ccpurify import defender
+from ccpurify.atomic import write_json
 from ccpurify.data import Normalize, get_spec, load_dataset, locate
 from ccpurify.evaluation import TestBench
 from ccpurify.metrics import der
@@ -142,6 +145,20 @@ def measure_latency(entry: Entry, before: nn.Module, after: nn.Module, cache: Pa
 
 def read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+def store_result(path: Path, default: dict, section: str | None, key: str, value: Any, **top_level: Any) -> dict:
+    """Set ``data[section][key] = value`` (or ``data[key]`` without a section) and any top-level
+    items in the JSON file at ``path``, re-reading it under an exclusive lock and writing it back
+    atomically, so several benchmark processes can add results to one file without losing any."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_json(path, default)
+        (data[section] if section else data)[key] = value
+        data.update(top_level)
+        write_json(path, data)
+    return data
 
 
 def normalize_images(entry: Entry, images: np.ndarray) -> torch.Tensor:

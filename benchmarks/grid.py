@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ZOO, load_entry, measure_latency, read_json, score_pair, zoo_entries  # noqa: E402
+from common import RESULTS, ZOO, load_entry, measure_latency, read_json, score_pair, store_result, zoo_entries  # noqa: E402
 
 from ccpurify.atomic import write_json, write_text  # noqa: E402
 from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, Pass, Pipeline, Prune, PurifyContext  # noqa: E402
@@ -100,13 +100,16 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
     return result
 
 
+EMPTY_GRID = {"cells": {}, "baselines": {}}
+
+
 def is_stale(stored: dict | None, defense: str) -> bool:
     return stored is None or defense not in CELLS or stored.get("recipe") != recipe(defense)
 
 
 def run(args) -> None:
     grid_file = RESULTS / "grid.json"
-    grid = read_json(grid_file, {"cells": {}, "baselines": {}})
+    grid = read_json(grid_file, EMPTY_GRID)
     entries = args.entries or zoo_entries(Path(args.zoo))
     defenses = args.defenses or list(CELLS)
     todo = [(e, d) for e in entries for d in defenses]
@@ -119,17 +122,16 @@ def run(args) -> None:
         entry = load_entry(name, Path(args.zoo), args.data)
         if name not in grid["baselines"]:
             s = score_pair(entry, entry.model, entry.model)
-            grid["baselines"][name] = {"dataset": entry.dataset, "attack": entry.attack, "test": s["test"], "val": s["val"]}
-            write_json(grid_file, grid)
+            baseline = {"dataset": entry.dataset, "attack": entry.attack, "test": s["test"], "val": s["val"]}
+            grid = store_result(grid_file, EMPTY_GRID, "baselines", name, baseline)
         for defense in cells:
             if defense not in CELLS:
                 raise SystemExit(f"unknown defense {defense!r}; known: {', '.join(CELLS)}")
             print(f"{time.strftime('%H:%M:%S')} {name} x {defense} ...", flush=True)
             result = run_cell(entry, defense, latency=not args.no_latency)
-            grid["cells"][f"{name}|{defense}"] = result
-            grid["meta"] = {"protocol": PROTOCOL_VERSION, "updated": now(), "git_commit": git_commit(),
-                            "versions": versions(), "machine": machine(), "seed": 0}  # fmt: skip
-            write_json(grid_file, grid)
+            meta = {"protocol": PROTOCOL_VERSION, "updated": now(), "git_commit": git_commit(), "versions": versions(),
+                    "machine": machine(), "seed": 0}  # fmt: skip
+            grid = store_result(grid_file, EMPTY_GRID, "cells", f"{name}|{defense}", result, meta=meta)
             t = result["test"]
             asr = "-" if t["asr"] is None else f"{100 * t['asr']:.1f}"
             print(f"    CA {100 * t['ca']:.1f} ASR {asr} MACs x{result['macs_ratio']:.2f} ({result['wall_time_s']:.0f} s)", flush=True)
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tables_only:
-        write_tables(read_json(RESULTS / "grid.json", {"cells": {}, "baselines": {}}))
+        write_tables(read_json(RESULTS / "grid.json", EMPTY_GRID))
     else:
         run(args)
     return 0
