@@ -114,6 +114,7 @@ class Prune(Pass):
             else:
                 lo = mid
             if cost <= goal and (goal - cost) / start < 0.01:  # within one percent of the target
+                report(context.progress, "prune: search ratio", self.search_steps, self.search_steps, ratio=mid, cost_ratio=cost / start)
                 break
         history = best_pruner.pruning_history() if best_pruner is not None else []
         achieved = measure(best) / start
