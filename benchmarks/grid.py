@@ -177,6 +177,7 @@ def write_tables(grid: dict) -> None:
         write_text(RESULTS / f"{dataset}.md", text + "\n")
         sections.append(text)
     write_text(RESULTS / "compactness.md", compactness_table(cells, defenses) + footer + "\n")
+    write_text(RESULTS / "cells.md", cells_table(cells, baselines, defenses) + footer + "\n")
     write_text(RESULTS / "defenses.md", "\n".join(f"- `{d}`: {CELLS[d].label} (data: {CELLS[d].data})" for d in defenses) + "\n")
     selection = select_defaults(cells, baselines)
     write_json(RESULTS / "summary.json", {**summary(cells, baselines, defenses), "selection": selection})
@@ -222,6 +223,26 @@ def selection_table(selection: dict) -> str:
             lines.append(f"| {c} | {pct(r['mean_der_val'])} | {pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |")
         if sel["chosen"] != sel["current_default"]:
             lines += ["", f"Note: ccpurify's DEFAULTS still name `{sel['current_default']}` for this kind of data; update defaults.py."]
+    return "\n".join(lines)
+
+
+def cells_table(cells: dict, baselines: dict, defenses: list[str]) -> str:
+    """Every cell in full: test CA/ASR/RA/DER before -> after, params, MACs, batch-1 latency, wall time."""
+    lines = ["## Every cell (test split; before -> after)", "",
+             "| model | defense | CA % | ASR % | RA % | DER % | params | MACs | ms b1/t1 (ratio) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    order = sorted(baselines, key=lambda n: (baselines[n]["dataset"], ATTACK_ORDER.index(baselines[n]["attack"])))
+    for n in order:
+        for d in defenses:
+            c = cells.get(f"{n}|{d}")
+            if c is None:
+                continue
+            t, lat = c["test"], c.get("latency", {})
+            ms = (f"{lat['latency_ms_before_bs1_t1']:.3f} -> {lat['latency_ms_after_bs1_t1']:.3f} (x{lat['latency_ratio_bs1_t1']:.2f})"
+                  if lat else "-")  # fmt: skip
+            lines.append(f"| {n} | {d} | {pct(t['ca_before'])} -> {pct(t['ca'])} | {pct(t['asr_before'])} -> {pct(t['asr'])} | "
+                         f"{pct(t['ra_before'])} -> {pct(t['ra'])} | {pct(t['der'])} | {c['params_before']:,} -> {c['params_after']:,} | "
+                         f"{c['macs_before'] / 1e6:.1f}M -> {c['macs_after'] / 1e6:.1f}M | {ms} | {c['wall_time_s']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
