@@ -42,6 +42,7 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Pipeline]]] = {
     "clp+otbr+prune+recover": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(), Recover(data="synthetic")])),
     "clp+otbr+prune+recover-unrounded": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(None), Recover(data="synthetic")])),
     "cc+recover": ("none", lambda: Pipeline([CleanCompact(macs=0.5, recover=True, round_to=8)])),
+    "otbr+cc+recover": ("none", lambda: Pipeline([OTBR(), CleanCompact(macs=0.5, recover=True, round_to=8)])),
     # A few hundred labelled images.
     "rnp+prune+recover": ("clean", lambda: Pipeline([RNP(), prune(), Recover(data="clean", hard_label_weight=1.0)])),
     "clp+otbr+prune+recover-clean": ("clean", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(),
