@@ -191,10 +191,10 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
     models every candidate of that kind was run on."""
     out = {}
     for kind in ("none", "clean", "unlabeled"):
-        names = [n for n, (k, _) in CANDIDATES.items() if k == kind]
+        names = [c for c, (k, _) in CANDIDATES.items() if k == kind and any(key.endswith(f"|pipeline:{c}") for key in cells)]
         entries = sorted(n for n, b in baselines.items() if b["dataset"] == "cifar10" and b["attack"] != "clean"
                          and all(f"{n}|pipeline:{c}" in cells for c in names))  # fmt: skip
-        if not entries:
+        if not names or not entries:
             continue
         rows = {}
         for c in names:
@@ -206,7 +206,8 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
                        "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL}  # fmt: skip
         eligible = [c for c in rows if rows[c]["eligible"]]
         chosen = max(eligible, key=lambda c: rows[c]["mean_der_val"]) if eligible else None
-        out[kind] = {"entries": entries, "candidates": rows, "chosen": chosen, "current_default": DEFAULTS[kind]}
+        not_run = [c for c, (k, _) in CANDIDATES.items() if k == kind and c not in names]
+        out[kind] = {"entries": entries, "candidates": rows, "not_run": not_run, "chosen": chosen, "current_default": DEFAULTS[kind]}
     return out
 
 
@@ -221,6 +222,8 @@ def selection_table(selection: dict) -> str:
             lat = "-" if r["mean_latency_ratio_bs1_t1"] is None else f"{r['mean_latency_ratio_bs1_t1']:.2f}"
             mark = "**chosen**" if c == sel["chosen"] else ("yes" if r["eligible"] else "no")
             lines.append(f"| {c} | {pct(r['mean_der_val'])} | {pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |")
+        if sel.get("not_run"):
+            lines += ["", f"Not run yet (not part of this choice): {', '.join(sel['not_run'])}."]
         if sel["chosen"] != sel["current_default"]:
             lines += ["", f"Note: ccpurify's DEFAULTS still name `{sel['current_default']}` for this kind of data; update defaults.py."]
     return "\n".join(lines)
