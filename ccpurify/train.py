@@ -83,7 +83,7 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _preset_ci(dataset: str, attack: str | None) -> dict:
+def _preset_ci(dataset: str) -> dict:
     # ~30 s on 2 cores. Without augmentation a 3x3 patch is learned in 8 epochs on 5,000 images
     # (ASR 90-94% over seeds 0-2, CA ~50%); with crop/flip it is not, at this budget.
     return dict(
@@ -92,7 +92,7 @@ def _preset_ci(dataset: str, attack: str | None) -> dict:
     )  # fmt: skip
 
 
-def _preset_cpu(dataset: str, attack: str | None) -> dict:
+def _preset_cpu(dataset: str) -> dict:
     # Chosen by measurement on 2 cores (README "Presets"): ~80 s per CIFAR-10 epoch. WaNet is the
     # exception that does not reach 90% ASR: 69.7% after 15 epochs, and fewer (54.7%) after 30, as
     # the noise-mode samples teach the model to ignore warps; the zoo keeps the 15-epoch model.
@@ -102,7 +102,7 @@ def _preset_cpu(dataset: str, attack: str | None) -> dict:
     )  # fmt: skip
 
 
-def _preset_paper(dataset: str, attack: str | None) -> dict:
+def _preset_paper(dataset: str) -> dict:
     return dict(
         width=1.0, epochs=100 if dataset == "cifar10" else 50, batch_size=128, lr=0.01, schedule="cosine",
         cosine_t_max=100, nesterov=False, channels_last=False,
@@ -123,7 +123,7 @@ def preset_config(preset: str, dataset: str = "cifar10", attack: str | None = "b
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     get_spec(dataset)
-    values = dict(PRESETS[preset](dataset, attack), dataset=dataset, attack=attack, preset=preset)
+    values = dict(PRESETS[preset](dataset), dataset=dataset, attack=attack, preset=preset)
     attack_options = dict(_ATTACK_PRESETS.get((preset, attack), {}))
     attack_options.update(overrides.pop("attack_options", None) or {})
     values["attack_options"] = attack_options
