@@ -72,22 +72,25 @@ def context_for(entry, data: str) -> PurifyContext:
     return context
 
 
-def recipe(defense: str) -> list[dict]:
-    """The cell's passes and their parameters: a stored cell whose recipe differs is stale and rerun."""
-    built = CELLS[defense].build()
-    return [{"name": p.name, "config": p.config()} for p in (built.passes if isinstance(built, Pipeline) else [built])]
+def as_pipeline(built: Pass | Pipeline) -> Pipeline:
+    return built if isinstance(built, Pipeline) else Pipeline([built])
+
+
+def recipe(pipeline: Pipeline) -> list[dict]:
+    """A cell's passes and their parameters: a stored cell whose recipe differs is stale and rerun."""
+    return [{"name": p.name, "config": p.config()} for p in pipeline.passes]
 
 
 def run_cell(entry, defense: str, latency: bool) -> dict:
     cell = CELLS[defense]
     context = context_for(entry, cell.data)
-    pipeline = cell.build()
+    pipeline = as_pipeline(cell.build())
     started = time.perf_counter()
-    out, report = (pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline]))(entry.model, context)
+    out, report = pipeline(entry.model, context)
     wall = time.perf_counter() - started
     result = {
         "entry": entry.name, "dataset": entry.dataset, "attack": entry.attack, "defense": defense, "label": cell.label,
-        "data": cell.data, "recipe": recipe(defense), "wall_time_s": wall, **score_pair(entry, entry.model, out),
+        "data": cell.data, "recipe": recipe(pipeline), "wall_time_s": wall, **score_pair(entry, entry.model, out),
         "params_before": report.params_before, "params_after": report.params_after,
         "macs_before": report.macs_before, "macs_after": report.macs_after,
         "params_ratio": report.params_after / report.params_before, "macs_ratio": report.macs_after / report.macs_before,
@@ -104,7 +107,7 @@ EMPTY_GRID = {"cells": {}, "baselines": {}}
 
 
 def is_stale(stored: dict | None, defense: str) -> bool:
-    return stored is None or defense not in CELLS or stored.get("recipe") != recipe(defense)
+    return stored is None or defense not in CELLS or stored.get("recipe") != recipe(as_pipeline(CELLS[defense].build()))
 
 
 def run(args) -> None:
