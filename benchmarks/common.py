@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from ccpurify import defender
-from ccpurify.atomic import write_json
+from ccpurify.atomic import write_json, write_text
 from ccpurify.data import Normalize, get_spec, load_dataset, locate
 from ccpurify.evaluation import TestBench
 from ccpurify.metrics import der
+from ccpurify.provenance import git_commit, machine, now
 from ccpurify.train import RunDir, open_run
 from exporters.latency import BenchConfig, benchmark
 from exporters.onnx import export
@@ -145,6 +146,16 @@ def measure_latency(entry: Entry, before: nn.Module, after: nn.Module, cache: Pa
 
 def read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+def write_report(name: str, rows: list[dict], lines: list[str], **meta: Any) -> None:
+    """results/<name>.json (rows + provenance) and results/<name>.md (``lines`` + a provenance footer)
+    for a measurement script ``benchmarks/<name>.py``."""
+    meta = {"generated": now(), "git_commit": git_commit(), "machine": machine(), **meta}
+    write_json(RESULTS / f"{name}.json", {"rows": rows, "meta": meta})
+    footer = (f"Generated {meta['generated']} at commit `{(meta['git_commit'] or 'unknown')[:10]}` on "
+              f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, by `python benchmarks/{name}.py`.")  # fmt: skip
+    write_text(RESULTS / f"{name}.md", "\n".join([*lines, "", footer]) + "\n")
 
 
 def store_result(path: Path, default: dict, section: str | None, key: str, value: Any, **top_level: Any) -> dict:

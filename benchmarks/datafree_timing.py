@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import write_report  # noqa: E402
 
 from ccpurify import models  # noqa: E402
-from ccpurify.atomic import write_json, write_text  # noqa: E402
 from ccpurify.passes import CLP, OTBR, CleanCompact, Pass, PurifyContext  # noqa: E402
-from ccpurify.provenance import git_commit, machine, now, versions  # noqa: E402
+from ccpurify.provenance import versions  # noqa: E402
 
 
 def make_model(width: float, seed: int = 0) -> torch.nn.Module:
@@ -61,18 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             result = time_pass(build(), width)
             rows.append({"pass": name, "width": width, **result})
             print(f"width {width}: {name} {result['wall_time_s']:.2f} s {result['details']}", flush=True)
-    meta = {"generated": now(), "git_commit": git_commit(), "threads": args.threads, "machine": machine(),
-            "versions": versions()}  # fmt: skip
-    write_json(RESULTS / "datafree_timing.json", {"rows": rows, "meta": meta})
-    lines = ["# Data-free pass wall time (PreAct-ResNet18, CIFAR-10 input)", "",
-             f"torch threads: {args.threads}; machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores.", "",
+    lines = ["# Data-free pass wall time (PreAct-ResNet18, CIFAR-10 input)", "", f"torch threads: {args.threads}.", "",
              "| pass | width | wall time (s) | of which |", "|---|---|---|---|"]  # fmt: skip
     for r in rows:
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in r["details"].items())
         lines.append(f"| {r['pass']} | {r['width']:g} | {r['wall_time_s']:.2f} | {parts} |")
-    lines += ["", f"Generated {meta['generated']} at commit `{(git_commit() or 'unknown')[:10]}` by "
-              "`python benchmarks/datafree_timing.py`."]  # fmt: skip
-    write_text(RESULTS / "datafree_timing.md", "\n".join(lines) + "\n")
+    write_report("datafree_timing", rows, lines, threads=args.threads, versions=versions())
     return 0
 
 

@@ -21,12 +21,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import write_report  # noqa: E402
 
 from ccpurify import models  # noqa: E402
-from ccpurify.atomic import write_json, write_text  # noqa: E402
 from ccpurify.metrics import model_cost  # noqa: E402
-from ccpurify.provenance import git_commit, machine, now  # noqa: E402
 
 STEPS_PER_EPOCH = math.ceil(50_000 / 128)
 
@@ -64,15 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"arch": arch, "width": width, "params": cost.params, "macs": cost.macs,
                          "s_per_step": step, "s_per_epoch": step * STEPS_PER_EPOCH})  # fmt: skip
             print(f"{arch} x{width:g}: {step * 1000:.0f} ms/step, ~{step * STEPS_PER_EPOCH:.0f} s/epoch", flush=True)
-    meta = {"generated": now(), "git_commit": git_commit(), "threads": args.threads, "steps": args.steps, "machine": machine()}
-    write_json(RESULTS / "epoch_time.json", {"rows": rows, "meta": meta})
     lines = ["# Training cost per CIFAR-10 epoch (batch 128, channels-last)", "",
-             f"{args.threads} torch threads, {args.steps} timed steps extrapolated to {STEPS_PER_EPOCH} steps; {meta['machine']['cpu']}, {meta['machine']['cores']} cores.", "",
+             f"{args.threads} torch threads, {args.steps} timed steps extrapolated to {STEPS_PER_EPOCH} steps.", "",
              "| model (width) | params | MACs | ms / step | s / epoch |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['arch']} ({r['width']:g}) | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
               f"{1000 * r['s_per_step']:.0f} | {r['s_per_epoch']:.0f} |" for r in rows]  # fmt: skip
-    lines += ["", f"Generated {meta['generated']} at commit `{(git_commit() or 'unknown')[:10]}` by `python benchmarks/epoch_time.py`."]
-    write_text(RESULTS / "epoch_time.md", "\n".join(lines) + "\n")
+    write_report("epoch_time", rows, lines, threads=args.threads, steps=args.steps)
     return 0
 
 

@@ -17,12 +17,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, RESULTS, ZOO, load_entry, score_pair  # noqa: E402
+from common import CACHE, ZOO, load_entry, score_pair, write_report  # noqa: E402
 
-from ccpurify.atomic import write_json, write_text  # noqa: E402
 from ccpurify.passes import CLP, OTBR, Pipeline, Prune, PurifyContext, Recover  # noqa: E402
 from ccpurify.passes.defaults import CLP_U  # noqa: E402
-from ccpurify.provenance import git_commit, machine, now  # noqa: E402
 from exporters.latency import BenchConfig, benchmark  # noqa: E402
 from exporters.onnx import export  # noqa: E402
 
@@ -59,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             for key, row in found.items():
                 row["latency_ratio"] = {f"b{b}_t{t}": timing.ratio(key, "dense", batch=b, threads=t) for b, t in SHAPES}
                 rows.append(row)
-    meta = {"generated": now(), "git_commit": git_commit(), "machine": machine()}
-    write_json(RESULTS / "prune_rounding.json", {"rows": rows, "meta": meta})
     lines = ["# Channel rounding in the data-free pipeline (same 50% MACs target)", "",
              "CLP(u=2.25) -> OTBR -> Prune(macs=0.5, round_to) -> Recover(synthetic). Latency: onnxruntime, ratio to the "
              "dense model, measured interleaved in one run.", "",
@@ -70,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         lat = " | ".join(f"{r['latency_ratio'][f'b{b}_t{t}']:.2f}" for b, t in SHAPES)
         lines.append(f"| {r['entry']} | {r['round_to'] or '-'} | {r['macs_ratio']:.2f} | {100 * r['val']['der']:.1f} | "
                      f"{100 * r['test']['ca']:.1f} | {100 * r['test']['asr']:.1f} | {lat} |")  # fmt: skip
-    lines += ["", f"Generated {meta['generated']} at commit `{(git_commit() or 'unknown')[:10]}` on {meta['machine']['cpu']} by "
-              "`python benchmarks/prune_rounding.py`."]  # fmt: skip
-    write_text(RESULTS / "prune_rounding.md", "\n".join(lines) + "\n")
+    write_report("prune_rounding", rows, lines)
     return 0
 
 
