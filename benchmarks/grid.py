@@ -1,6 +1,6 @@
 """Run every defense on every zoo model and write benchmarks/results/.
 
-    python benchmarks/grid.py                                  # every missing cell, then the tables
+    python benchmarks/grid.py                                  # every planned cell not yet run, then the tables
     python benchmarks/grid.py --cell cifar10-badnets:clp       # one cell
     python benchmarks/grid.py --entries cifar10-badnets --defenses clp cc otbr
     python benchmarks/grid.py --tables-only                    # rebuild tables and plot from grid.json
@@ -12,6 +12,10 @@ the validation images (training split, unseen by every pass); params and MACs; O
 at batch 1 / 1 thread and batch 32 / 2 threads and of the INT8 model, measured interleaved with the
 undefended model in the same run; and the pass's wall time. Results accumulate in
 ``results/grid.json``; an interrupted run resumes where it stopped.
+
+The plan (``planned_cells``): every single defense and the three default pipelines on every zoo
+model; the other candidate pipelines only on the models the defaults are chosen on
+(``SELECTION_ENTRIES``), since a candidate matters only for that choice.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GO
 from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions  # noqa: E402
 
 ATTACK_ORDER = ["badnets", "blended", "wanet", "sig", "lf", "input_aware", "clean"]
+# The zoo models on which the candidate pipelines are compared (ccpurify.passes.defaults).
+SELECTION_ENTRIES = ("cifar10-badnets", "cifar10-blended", "cifar10-wanet")
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,20 @@ CELLS: dict[str, Cell] = {
     "otbr-compact": Cell("none", lambda: OTBR(compact=True), "OTBR compact: top-NWC neurons removed"),
     "rnp": Cell("clean", lambda: RNP(), "RNP, 500 labelled images, threshold 0.2, physical removal"),
     "rnp-faithful": Cell("clean", lambda: RNP(mode="faithful"), "RNP faithful (gamma only)"),
+    "rnp-auto": Cell("clean", lambda: RNP(threshold="auto"), "RNP, threshold chosen on a held-out part of the 500 images"),
     "bcu": Cell("unlabeled", lambda: BCU(), "BCU, 5,000 unlabelled images, 20 epochs"),
     "bcu-ood": Cell("unlabeled_ood", lambda: BCU(), "BCU on 5,000 images of the other dataset"),
     "bcu-compact": Cell("unlabeled", lambda: BCU(compact=Prune(macs=0.5)), "BCU with a 50%-MACs pruned student"),
     **{f"pipeline:{name}": Cell(kind, builder, f"pipeline {name}") for name, (kind, builder) in CANDIDATES.items()},
 }
+
+
+def planned_cells(entries: list[str]) -> list[tuple[str, str]]:
+    """(entry, defense) pairs a plain ``python benchmarks/grid.py`` runs: single defenses and the
+    default pipelines everywhere, every candidate pipeline on the selection entries."""
+    defaults = {f"pipeline:{name}" for name in DEFAULTS.values()}
+    return [(e, d) for e in entries for d in CELLS
+            if not d.startswith("pipeline:") or d in defaults or e in SELECTION_ENTRIES]  # fmt: skip
 
 
 def context_for(entry, data: str) -> PurifyContext:
@@ -114,8 +129,7 @@ def run(args) -> None:
     grid_file = RESULTS / "grid.json"
     grid = read_json(grid_file, EMPTY_GRID)
     entries = args.entries or zoo_entries(Path(args.zoo))
-    defenses = args.defenses or list(CELLS)
-    todo = [(e, d) for e in entries for d in defenses]
+    todo = [(e, d) for e in entries for d in args.defenses] if args.defenses else planned_cells(entries)
     if args.cell:
         todo = [tuple(c.split(":", 1)) for c in args.cell]
     for name in dict.fromkeys(e for e, _ in todo):
@@ -316,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default=str(ZOO), help="zoo folder (default: benchmarks/zoo)")
     parser.add_argument("--entries", nargs="*", default=None, help="zoo entries (default: all)")
-    parser.add_argument("--defenses", nargs="*", default=None, help=f"defenses (default: all): {', '.join(CELLS)}")
+    parser.add_argument("--defenses", nargs="*", default=None, help=f"defenses (default: the plan, see above): {', '.join(CELLS)}")
     parser.add_argument("--cell", nargs="*", default=None, help="ENTRY:DEFENSE cells to run")
     parser.add_argument("--redo", action="store_true", help="run cells again even if grid.json has them")
     parser.add_argument("--no-latency", action="store_true", help="skip ONNX export and latency")

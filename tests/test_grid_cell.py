@@ -31,3 +31,17 @@ def test_one_grid_cell_end_to_end(ci_run, data_dir, defense, tmp_path, monkeypat
     assert latency["int8_bytes"] < latency["onnx_bytes"]
     if defense.startswith("pipeline"):
         assert result["macs_ratio"] <= 0.5 and [p["name"] for p in result["passes"]] == ["clp", "prune", "recover"]
+
+
+def test_the_plan_runs_candidates_only_where_the_defaults_are_chosen():
+    from grid import CELLS, SELECTION_ENTRIES, planned_cells
+
+    from ccpurify.passes.defaults import CANDIDATES, DEFAULTS
+
+    plan = planned_cells([SELECTION_ENTRIES[0], "gtsrb-badnets"])
+    on_gtsrb = {d for e, d in plan if e == "gtsrb-badnets"}
+    on_selection = {d for e, d in plan if e == SELECTION_ENTRIES[0]}
+    assert on_selection == set(CELLS) and {f"pipeline:{c}" for c in CANDIDATES} <= on_selection
+    assert {f"pipeline:{name}" for name in DEFAULTS.values()} <= on_gtsrb
+    assert {"clp", "cc", "otbr", "rnp", "bcu", "bcu-ood", "bcu-compact"} <= on_gtsrb
+    assert len({d for d in on_gtsrb if d.startswith("pipeline:")}) == len(set(DEFAULTS.values()))
