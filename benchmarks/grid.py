@@ -36,7 +36,7 @@ from common import RESULTS, ZOO, load_entry, measure_latency, read_json, score_p
 
 from ccpurify.atomic import write_json, write_text  # noqa: E402
 from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, Pass, Pipeline, Prune, PurifyContext  # noqa: E402
-from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL  # noqa: E402
+from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, ranked_rnp  # noqa: E402
 from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions  # noqa: E402
 
 ATTACK_ORDER = ["badnets", "blended", "wanet", "sig", "lf", "input_aware", "clean"]
@@ -60,6 +60,7 @@ CELLS: dict[str, Cell] = {
     "otbr-compact": Cell("none", lambda: OTBR(compact=True), "OTBR compact: top-NWC neurons removed"),
     "rnp": Cell("clean", lambda: RNP(), "RNP, 500 labelled images, threshold 0.2, physical removal"),
     "rnp-faithful": Cell("clean", lambda: RNP(mode="faithful"), "RNP faithful (gamma only)"),
+    "rnp-ranked": Cell("clean", ranked_rnp, "RNP, 5% of channels with the lowest mean mask over the recovery steps"),
     "rnp-auto": Cell("clean", lambda: RNP(threshold="auto"), "RNP, threshold chosen on a held-out part of the 500 images"),
     "bcu": Cell("unlabeled", lambda: BCU(), "BCU, 5,000 unlabelled images, 20 epochs"),
     "bcu-ood": Cell("unlabeled_ood", lambda: BCU(), "BCU on 5,000 images of the other dataset"),

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ccpurify import defender
 from ccpurify.passes import BCU, RNP, LabeledData, Prune, PurifyContext, UnlabeledData, as_labeled, as_unlabeled
 from ccpurify.passes.bcu import level_ratios, reinitialize, resolution_levels
-from ccpurify.passes.rnp import below, zero_bn_channels
+from ccpurify.passes.rnp import below, lowest, zero_bn_channels
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,33 @@ def test_rnp_auto_threshold_uses_held_out_clean_images_only(ci_run, rnp_data):
     d = report.details
     assert d["threshold_rule"] == "auto" and d["heldout_images"] == int(0.2 * len(rnp_data))
     assert [s["threshold"] for s in d["sweep"]][:3] == [0.05, 0.1, 0.15]
+
+
+def test_rnp_prunes_the_lowest_trajectory_scores_when_given_a_fraction(ci_run, rnp_data):
+    rnp = RNP(prune_fraction=0.05, mask_score="trajectory", recover_epochs=3)
+    unlearned, _ = rnp.unlearn(ci_run.model, rnp_data, PurifyContext())
+    final = RNP(recover_epochs=3).recover_masks(unlearned, rnp_data, PurifyContext())
+    scores = rnp.recover_masks(unlearned, rnp_data, PurifyContext())
+    values = torch.cat(list(scores.values()))
+    assert values.min() >= 0.0 and values.max() <= 1.0
+    assert not torch.equal(values, torch.cat(list(final.values())))  # a mean over steps, not the last mask
+    _, report = rnp(ci_run.model, PurifyContext(clean_data=rnp_data))
+    d = report.details
+    assert d["threshold_rule"] == "fraction" and d["mask_score"] == "trajectory"
+    assert d["pruned_channels"] == round(0.05 * d["total_channels"])
+
+
+def test_lowest_ranks_all_layers_together_and_breaks_ties_in_layer_order():
+    scores = {"a": torch.tensor([0.0, 0.5, 0.2]), "b": torch.tensor([0.0, 0.1])}
+    assert lowest(scores, 3) == {"a": [0], "b": [0, 1]}
+    assert lowest(scores, 0) == {}
+
+
+def test_rnp_rejects_a_fraction_together_with_the_auto_threshold():
+    with pytest.raises(ValueError, match="either prune_fraction or threshold='auto'"):
+        RNP(prune_fraction=0.05, threshold="auto")
+    with pytest.raises(ValueError, match="prune_fraction must be in"):
+        RNP(prune_fraction=1.5)
 
 
 def test_rnp_needs_labelled_data():

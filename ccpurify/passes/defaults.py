@@ -27,6 +27,16 @@ from ccpurify.passes.rnp import RNP
 CLP_U = 2.25
 
 
+# RNP on narrow models: prune this fraction of BN channels, ranked by the mean mask over the
+# recovery steps (ccpurify.passes.rnp; chosen by mean validation DER in
+# benchmarks/results/sweep-rnp-prune_fraction.md).
+RNP_FRACTION = 0.05
+
+
+def ranked_rnp() -> RNP:
+    return RNP(mask_score="trajectory", prune_fraction=RNP_FRACTION)
+
+
 def prune(round_to: int | None = 8) -> Prune:
     """Half the MACs. Pruned widths stay multiples of 8: odd widths leave onnxruntime's CPU kernels
     under-used, and an unrounded 50%-MACs model was no faster than the dense one at batch 1
@@ -45,6 +55,7 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Pipeline]]] = {
     "otbr+cc+recover": ("none", lambda: Pipeline([OTBR(), CleanCompact(macs=0.5, recover=True, round_to=8)])),
     # A few hundred labelled images.
     "rnp+prune+recover": ("clean", lambda: Pipeline([RNP(), prune(), Recover(data="clean", hard_label_weight=1.0)])),
+    "rnp-ranked+prune+recover": ("clean", lambda: Pipeline([ranked_rnp(), prune(), Recover(data="clean", hard_label_weight=1.0)])),
     "clp+otbr+prune+recover-clean": ("clean", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(),
                                                                 Recover(data="clean", hard_label_weight=1.0)])),  # fmt: skip
     # Unlabelled images.
