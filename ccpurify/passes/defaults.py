@@ -29,7 +29,7 @@ CLP_U = 2.25
 
 # RNP on narrow models: prune this fraction of BN channels, ranked by the mean mask over the
 # recovery steps (ccpurify.passes.rnp; chosen by mean validation DER in
-# benchmarks/results/sweep-rnp-prune_fraction.md).
+# benchmarks/results/sweep-rnp-prune_fraction-mask_scoretrajectory.md).
 RNP_FRACTION = 0.05
 
 
