@@ -179,3 +179,13 @@ def test_image_pools_never_read_test_folders(tmp_path):
         Image.new("RGB", (32, 32), (0, 0, 0) if split == "train" else (255, 255, 255)).save(tmp_path / split / "a" / "x.png")
     pool = defender.image_pool(tmp_path, 10, 32)
     assert len(pool) == 1 and pool.max() == 0
+
+
+def test_the_default_pipeline_with_labelled_data_is_ranked_rnp_then_prune_then_recover():
+    from ccpurify.passes.defaults import default_pipeline
+
+    pipeline = default_pipeline(has_clean=True)
+    rnp, prune, recover = pipeline.passes
+    assert (rnp.name, prune.name, recover.name) == ("rnp", "prune", "recover")
+    assert rnp.mask_score.value == "trajectory" and rnp.prune_fraction == 0.05
+    assert prune.macs == 0.5 and recover.data.value == "clean"
