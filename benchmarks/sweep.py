@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ZOO, load_entry, read_json, score_pair  # noqa: E402
+from common import RESULTS, ZOO, load_entry, read_json, score_pair, store_result  # noqa: E402
 
 from ccpurify import passes  # noqa: E402
-from ccpurify.atomic import write_json, write_text  # noqa: E402
+from ccpurify.atomic import write_text  # noqa: E402
 from ccpurify.passes import PurifyContext  # noqa: E402
 from ccpurify.provenance import git_commit, now  # noqa: E402
 
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                             "noise_entropy": noise_entropy(out, tuple(entry.example_inputs.shape[1:])),
                             "noise_entropy_before": noise_entropy(entry.model, tuple(entry.example_inputs.shape[1:])),
                             **score_pair(entry, entry.model, out)}  # fmt: skip
+            results = store_result(out_file, {}, None, key, results[key])  # locked: sweeps may run side by side
             r = results[key]
             print(f"{name} {args.param}={value}: val DER {r['val']['der']:.3f} (CA {r['val']['ca']:.3f} ASR {r['val']['asr']:.3f}) "
                   f"test CA {r['test']['ca']:.3f} ASR {r['test']['asr']:.3f} entropy {r['noise_entropy']:.2f} ({wall:.0f} s)", flush=True)  # fmt: skip
-            write_json(out_file, results)
     rows = [r for r in results.values() if r["fixed"] == fixed]
     entries = sorted({r["entry"] for r in rows})
     lines = [f"# Sweep: `{args.pass_name}` {args.param} (fixed: {fixed or 'defaults'})", "",
