@@ -27,6 +27,7 @@ from common import RESULTS, ZOO, load_entry, read_json, score_pair, store_result
 
 from ccpurify import passes  # noqa: E402
 from ccpurify.atomic import write_text  # noqa: E402
+from ccpurify.data import get_spec  # noqa: E402
 from ccpurify.passes import PurifyContext  # noqa: E402
 from ccpurify.provenance import git_commit, now  # noqa: E402
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--values", nargs="+", required=True, help="values (parsed as JSON when possible)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed options of the pass")
     parser.add_argument("--entries", nargs="*", default=["cifar10-badnets", "cifar10-blended", "cifar10-wanet"])
+    parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the stored results, run nothing")
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
     args = parser.parse_args(argv)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     values = [parse(v) for v in args.values]
     out_file = RESULTS / f"sweep-{args.pass_name}-{args.param}.json"
     results = read_json(out_file, {})
-    for name in args.entries:
+    for name in [] if args.report_only else args.entries:
         entry = load_entry(name, Path(args.zoo), args.data)
         context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes)
         if args.pass_name in ("rnp",):
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = sorted({r["entry"] for r in rows})
     lines = [f"# Sweep: `{args.pass_name}` {args.param} (fixed: {fixed or 'defaults'})", "",
              "Cells: validation DER / test CA / test ASR (%); H = mean prediction entropy on uniform noise "
-             f"(nats, max {math.log(entry.test.spec.num_classes):.2f}).", "",
+             f"(nats, max {math.log(get_spec(entries[0].split('-')[0]).num_classes):.2f}).", "",
              f"| {args.param} | " + " | ".join(entries) + " | mean val DER | mean test DER | mean H | MACs |",
              "|---|" + "---|" * (len(entries) + 4)]  # fmt: skip
     best, best_val = None, -1.0
