@@ -4,6 +4,10 @@ plain and with a 50%-MACs pruned student).
 
     python benchmarks/data_timing.py [--entry cifar10-badnets] [--threads 2] [--passes rnp bcu]
 
+Each timed pass is a cell of the benchmark grid (``benchmarks/grid.py``), run with the same
+defender data; the compact BCU is ``pipeline:bcu-compact`` (its student pruned to 50% MACs with
+channel counts rounded to 8).
+
 Unlike the data-free passes, RNP's unlearning stops on the data's accuracy, so a real backdoored
 model and its defender data are used. Epoch scaling: RNP runs the reference schedule (at most 20
 unlearning and 20 recovery epochs on 500 images: seconds); BCU runs 20 epochs at batch 128 instead
@@ -22,42 +26,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ZOO, load_entry, write_report  # noqa: E402
+from grid import CELLS, as_pipeline, context_for  # noqa: E402
 
-from ccpurify.passes import BCU, RNP, PurifyContext  # noqa: E402
-from ccpurify.passes.defaults import prune, ranked_rnp  # noqa: E402
 from ccpurify.provenance import versions  # noqa: E402
 
-PASSES = {
-    "rnp": ("clean", RNP),
-    "rnp-ranked": ("clean", ranked_rnp),
-    "bcu": ("unlabeled", BCU),
-    "bcu-compact": ("unlabeled", lambda: BCU(compact=prune())),
-}
+DATA_CELLS = [name for name, cell in CELLS.items() if cell.data != "none"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entry", default="cifar10-badnets")
-    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
+    parser.add_argument("--passes", nargs="+", default=["rnp", "rnp-ranked", "bcu", "pipeline:bcu-compact"], choices=DATA_CELLS,
+                        help="grid cells (benchmarks/grid.py) to time")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     entry = load_entry(args.entry, Path(args.zoo), args.data)
-    data = {"clean": entry.clean_data(), "unlabeled": entry.unlabeled_data()}
     rows = []
     for name in args.passes:
-        kind, build = PASSES[name]
-        context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
-        setattr(context, f"{kind}_data", data[kind])
-        p = build()
+        kind = CELLS[name].data
+        context = context_for(entry, kind)
+        images = len(context.clean_data if kind == "clean" else context.unlabeled_data)
+        pipeline = as_pipeline(CELLS[name].build())
         started = time.perf_counter()
-        p(entry.model, context)
+        pipeline(entry.model, context)
         wall = time.perf_counter() - started
-        rows.append({"pass": name, "data": kind, "images": len(data[kind]), "wall_time_s": wall,
-                     "epochs": getattr(p, "epochs", None)})  # fmt: skip
-        print(f"{name}: {wall:.1f} s on {len(data[kind])} {kind} images", flush=True)
+        rows.append({"pass": name, "data": kind, "images": images, "wall_time_s": wall})
+        print(f"{name}: {wall:.1f} s on {images} {kind} images", flush=True)
     lines = [f"# Wall time of the data-using passes ({args.entry}, PreAct-ResNet18 x0.25)", "",
              f"torch threads: {args.threads}.", "", "| pass | data | images | wall time (s) |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['pass']} | {r['data']} | {r['images']:,} | {r['wall_time_s']:.1f} |" for r in rows]

@@ -30,6 +30,7 @@ from ccpurify.atomic import write_text  # noqa: E402
 from ccpurify.data import get_spec  # noqa: E402
 from ccpurify.passes import PurifyContext  # noqa: E402
 from ccpurify.provenance import git_commit, now  # noqa: E402
+from ccpurify.train import open_run  # noqa: E402
 
 
 @torch.no_grad()
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = sorted({r["entry"] for r in rows})
     lines = [f"# Sweep: `{args.pass_name}` {args.param} (fixed: {fixed or 'defaults'})", "",
              "Cells: validation DER / test CA / test ASR (%); H = mean prediction entropy on uniform noise "
-             f"(nats, max {math.log(get_spec(entries[0].split('-')[0]).num_classes):.2f}).", "",
+             f"(nats, max {math.log(get_spec(open_run(Path(args.zoo) / entries[0]).config.dataset).num_classes):.2f}).", "",
              f"| {args.param} | " + " | ".join(entries) + " | mean val DER | mean test DER | mean H | MACs |",
              "|---|" + "---|" * (len(entries) + 4)]  # fmt: skip
     best, best_val = None, -1.0

@@ -20,10 +20,10 @@ loses at most ``max_accuracy_drop`` accuracy on the held-out images.
 
 Narrow networks (an improvement, off by default): on the ×0.25 zoo models the recovered masks of
 10-22% of all channels end at <= 0.05, most at exactly 0, so a threshold cannot rank them and
-τ = 0.2 prunes up to 23% of the channels. ``mask_score="trajectory"`` scores each channel by its mask averaged over every
-recovery step (a channel driven to 0 early scores lower than one that got there late), and
-``prune_fraction`` prunes that fraction of all BN channels with the lowest scores instead of
-thresholding (the reference's ``pruning_by=number``). 5% is the best mean validation DER in
+τ = 0.2 prunes up to 23% of the channels. ``mask_score="trajectory"`` scores each channel by its
+mask averaged over every recovery step (a channel driven to 0 early scores lower than one that got
+there late), and ``prune_fraction`` prunes that fraction of all BN channels with the lowest scores
+instead of thresholding (the reference's ``pruning_by=number``). 5% is the best mean validation DER in
 ``benchmarks/results/sweep-rnp-prune_fraction-mask_scoretrajectory.md``; grid cell ``rnp-ranked``.
 """
 
