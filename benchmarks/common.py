@@ -26,6 +26,7 @@ from ccpurify.atomic import write_json, write_text
 from ccpurify.data import Normalize, get_spec, load_dataset, locate
 from ccpurify.evaluation import TestBench
 from ccpurify.metrics import der
+from ccpurify.passes import PurifyContext
 from ccpurify.provenance import git_commit, machine, now
 from ccpurify.train import RunDir, open_run
 from exporters.latency import BenchConfig, benchmark
@@ -175,3 +176,15 @@ def store_result(path: Path, default: dict, section: str | None, key: str, value
 def normalize_images(entry: Entry, images: np.ndarray) -> torch.Tensor:
     spec = get_spec(entry.dataset)
     return Normalize(spec.mean, spec.std)(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+
+
+def context_for(entry: Entry, data: str) -> PurifyContext:
+    """The defender's context for ``entry`` with the data kind a cell or sweep names (none, clean, unlabeled, unlabeled_ood)."""
+    context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
+    if data == "clean":
+        context.clean_data = entry.clean_data()
+    elif data == "unlabeled":
+        context.unlabeled_data = entry.unlabeled_data()
+    elif data == "unlabeled_ood":
+        context.unlabeled_data = entry.ood_unlabeled_data()
+    return context

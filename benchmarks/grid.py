@@ -32,10 +32,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ZOO, load_entry, measure_latency, read_json, score_pair, store_result, zoo_entries  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    ZOO,
+    context_for,
+    load_entry,
+    measure_latency,
+    read_json,
+    score_pair,
+    store_result,
+    zoo_entries,
+)
 
 from ccpurify.atomic import write_json, write_text  # noqa: E402
-from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, Pass, Pipeline, Prune, PurifyContext  # noqa: E402
+from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, Pass, Pipeline, Prune  # noqa: E402
 from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, ranked_rnp  # noqa: E402
 from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions  # noqa: E402
 
@@ -75,17 +85,6 @@ def planned_cells(entries: list[str]) -> list[tuple[str, str]]:
     defaults = {f"pipeline:{name}" for name in DEFAULTS.values()}
     return [(e, d) for e in entries for d in CELLS
             if not d.startswith("pipeline:") or d in defaults or e in SELECTION_ENTRIES]  # fmt: skip
-
-
-def context_for(entry, data: str) -> PurifyContext:
-    context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
-    if data == "clean":
-        context.clean_data = entry.clean_data()
-    elif data == "unlabeled":
-        context.unlabeled_data = entry.unlabeled_data()
-    elif data == "unlabeled_ood":
-        context.unlabeled_data = entry.ood_unlabeled_data()
-    return context
 
 
 def as_pipeline(built: Pass | Pipeline) -> Pipeline:

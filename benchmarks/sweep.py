@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ZOO, load_entry, read_json, score_pair, store_result  # noqa: E402
+from common import RESULTS, ZOO, context_for, load_entry, read_json, score_pair, store_result  # noqa: E402
 
 from ccpurify import passes  # noqa: E402
 from ccpurify.atomic import write_text  # noqa: E402
 from ccpurify.data import get_spec  # noqa: E402
-from ccpurify.passes import PurifyContext  # noqa: E402
 from ccpurify.provenance import git_commit, now  # noqa: E402
 from ccpurify.train import open_run  # noqa: E402
 
@@ -41,6 +40,9 @@ def noise_entropy(model: torch.nn.Module, shape: tuple[int, ...], count: int = 5
     return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
 
 
+DEFENDER_DATA = {"rnp": "clean", "bcu": "unlabeled"}  # what each pass needs when --defender-data is not given
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pass", dest="pass_name", required=True)
@@ -49,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed options of the pass")
     parser.add_argument("--entries", nargs="*", default=["cifar10-badnets", "cifar10-blended", "cifar10-wanet"])
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the stored results, run nothing")
+    parser.add_argument(
+        "--defender-data",
+        choices=["none", "clean", "unlabeled", "unlabeled_ood"],
+        default=None,
+        help="what the defender holds (default: what the pass needs: clean for rnp, unlabeled for bcu)",
+    )
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
     args = parser.parse_args(argv)
@@ -65,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     results = read_json(out_file, {})
     for name in [] if args.report_only else args.entries:
         entry = load_entry(name, Path(args.zoo), args.data)
-        context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes)
-        if args.pass_name in ("rnp",):
-            context.clean_data = entry.clean_data()
-        if args.pass_name in ("bcu",):
-            context.unlabeled_data = entry.unlabeled_data()
+        context = context_for(entry, args.defender_data or DEFENDER_DATA.get(args.pass_name, "none"))
         for value in values:
             key = f"{name}|{json.dumps(fixed, sort_keys=True)}|{value}"
             if key in results:
