@@ -189,3 +189,13 @@ def test_the_default_pipeline_with_labelled_data_is_ranked_rnp_then_prune_then_r
     assert (rnp.name, prune.name, recover.name) == ("rnp", "prune", "recover")
     assert rnp.mask_score.value == "trajectory" and rnp.prune_fraction == 0.05
     assert prune.macs == 0.5 and recover.data.value == "clean"
+
+
+def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_half_macs_student():
+    from ccpurify.passes.defaults import default_pipeline
+
+    (bcu,) = default_pipeline(has_unlabeled=True).passes
+    assert bcu.name == "bcu" and bcu.compact is not None
+    assert bcu.compact.macs == 0.5 and bcu.compact.round_to == 8
+    # labelled data wins when both are given
+    assert default_pipeline(has_clean=True, has_unlabeled=True).passes[0].name == "rnp"
