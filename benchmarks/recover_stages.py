@@ -6,9 +6,11 @@ For each zoo model, validation CA and ASR (training-split images no pass sees) a
 model; OTBR; OTBR + Prune(50% MACs, round_to=8); Prune alone; the pruned model with its BatchNorm
 statistics re-estimated on the synthetic images Recover would use, or on RNP's 500 clean images;
 the *unpruned* OTBR output re-estimated on the synthetic images; and the full Recover (with and
-without the BN re-estimation). A model whose own BN-statistics images do not resemble its training
-data loses its accuracy as soon as its BatchNorm layers adopt their statistics, and distillation in
-train mode adopts them whatever ``recalibrate`` says. Writes results/recover_stages.json and .md.
+without the BN re-estimation, and with feature hints at weights 1 and 10). A model whose own
+BN-statistics images do not resemble its training data loses its accuracy as soon as its BatchNorm
+layers adopt their statistics, and distillation in train mode adopts them whatever ``recalibrate``
+says; matching the teacher's BN inputs (feature hints) makes the copied statistics right again.
+Writes results/recover_stages.json and .md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def stages(entry) -> list[tuple[str, object]]:
         ("OTBR + prune + Recover (default)", recover.run(copy.deepcopy(pruned), context).model),
         ("OTBR + prune + Recover(recalibrate=False)",
          Recover(data="synthetic", teacher=defended, recalibrate=False).run(copy.deepcopy(pruned), context).model),
+        *[(f"OTBR + prune + Recover(feature_weight={w:g})",
+           Recover(data="synthetic", teacher=defended, feature_weight=w).run(copy.deepcopy(pruned), context).model) for w in (1.0, 10.0)],
     ]  # fmt: skip
 
 

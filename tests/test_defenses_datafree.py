@@ -12,7 +12,7 @@ from ccpurify.passes import CLP, OTBR, CleanCompact, LabeledData, Prune, PurifyC
 from ccpurify.passes.cc import Normalization, RankPurification, purify_spectrum
 from ccpurify.passes.clp import module_order_pairs, outliers, uclc
 from ccpurify.passes.otbr import fuse_layer, target_convs
-from ccpurify.passes.recover import agreement, synthesize_bn_images
+from ccpurify.passes.recover import agreement, channel_correspondence, synthesize_bn_images
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
@@ -186,6 +186,48 @@ def test_recover_raises_a_pruned_models_agreement_with_its_teacher(ci_run, data_
     recovered, report = Recover(teacher=teacher, epochs=3, augment=False)(pruned, PurifyContext(unlabeled_data=UnlabeledData(pool)))
     assert report.details["data"] == "unlabeled"
     assert agreement(recovered, teacher, held_out) > before + 0.05
+
+
+def test_channel_correspondence_names_the_teacher_channel_each_pruned_channel_kept():
+    teacher = build("preact_resnet18").eval()
+    student, _ = Prune(macs=0.5)(teacher)
+    correspondence = channel_correspondence(teacher, student, torch.zeros(1, 3, 32, 32))
+    teacher_bns = dict(teacher.named_modules())
+    assert len(correspondence) == sum(isinstance(m, nn.BatchNorm2d) for m in student.modules())
+    pruned_somewhere = False
+    for name, idx in correspondence.items():
+        kept, original = dict(student.named_modules())[name], teacher_bns[name]
+        assert torch.equal(kept.weight, original.weight[idx]) and torch.equal(kept.running_var, original.running_var[idx])
+        pruned_somewhere |= len(idx) < original.num_features
+    assert pruned_somewhere
+    # no edits between them: equal widths correspond one to one
+    same = channel_correspondence(teacher, copy.deepcopy(teacher), torch.zeros(1, 3, 32, 32))
+    assert all(torch.equal(idx, torch.arange(len(idx))) for idx in same.values())
+
+
+def test_recover_with_feature_hints_brings_the_students_bn_inputs_closer_to_the_teachers():
+    from ccpurify.passes.recover import FeatureHints
+
+    teacher = build("preact_resnet18").eval()
+    pruned, _ = Prune(macs=0.5)(teacher)
+    images = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    context = PurifyContext(unlabeled_data=UnlabeledData(images[:64]))
+
+    def mismatch(student: nn.Module) -> float:
+        hints = FeatureHints(teacher, student, channel_correspondence(teacher, student, torch.zeros(1, 3, 32, 32)))
+        with torch.no_grad():
+            teacher(images[64:]), student.eval()(images[64:])
+        loss = float(hints.loss())
+        hints.remove()
+        return loss
+
+    plain, _ = Recover(teacher=teacher, epochs=5, batch_size=16, augment=False)(pruned, context)
+    hinted, report = Recover(teacher=teacher, epochs=5, batch_size=16, augment=False, feature_weight=10.0)(pruned, context)
+    assert report.details["feature_layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in pruned.modules())
+    assert mismatch(hinted) < 0.8 * mismatch(plain)
+    assert not any(m._forward_hooks for m in teacher.modules())  # hooks removed after recovery
+    with pytest.raises(ValueError, match="feature_weight"):
+        Recover(feature_weight=-1.0)
 
 
 def test_recover_prefers_labelled_data_and_needs_a_teacher():

@@ -44,6 +44,12 @@ def prune(round_to: int | None = 8) -> Prune:
     return Prune(macs=0.5, round_to=round_to)
 
 
+# Recover's feature hints (BN inputs matched to the teacher's on the kept channels) at this weight:
+# 10 beat 1 and 0 on validation CA after OTBR -> Prune -> Recover on CIFAR-10 WaNet and BadNets
+# (benchmarks/results/recover_stages.md).
+HINT_WEIGHT = 10.0
+
+
 # Data-free: a defense, then compression to half the MACs, then distillation from the defense's
 # output on images synthesized from the BatchNorm statistics.
 CANDIDATES: dict[str, tuple[str, Callable[[], Pipeline]]] = {
@@ -51,6 +57,9 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Pipeline]]] = {
     "otbr+prune+recover": ("none", lambda: Pipeline([OTBR(), prune(), Recover(data="synthetic")])),
     "clp+otbr+prune+recover": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(), Recover(data="synthetic")])),
     "clp+otbr+prune+recover-unrounded": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(None), Recover(data="synthetic")])),
+    "otbr+prune+recover-hints": ("none", lambda: Pipeline([OTBR(), prune(), Recover(data="synthetic", feature_weight=HINT_WEIGHT)])),
+    "clp+otbr+prune+recover-hints": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(),
+                                                                Recover(data="synthetic", feature_weight=HINT_WEIGHT)])),  # fmt: skip
     "cc+recover": ("none", lambda: Pipeline([CleanCompact(macs=0.5, recover=True, round_to=8)])),
     "otbr+cc+recover": ("none", lambda: Pipeline([OTBR(), CleanCompact(macs=0.5, recover=True, round_to=8)])),
     # A few hundred labelled images.
