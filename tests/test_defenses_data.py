@@ -199,3 +199,12 @@ def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_half_macs_stude
     assert bcu.compact.macs == 0.5 and bcu.compact.round_to == 8
     # labelled data wins when both are given
     assert default_pipeline(has_clean=True, has_unlabeled=True).passes[0].name == "rnp"
+
+
+def test_the_data_free_default_is_otbr_then_prune_then_recover_with_feature_hints():
+    from ccpurify.passes.defaults import HINT_WEIGHT, default_pipeline
+
+    otbr, prune, recover = default_pipeline().passes
+    assert (otbr.name, prune.name, recover.name) == ("otbr", "prune", "recover")
+    assert prune.macs == 0.5 and prune.round_to == 8
+    assert recover.data.value == "synthetic" and recover.feature_weight == HINT_WEIGHT == 10.0

@@ -80,7 +80,7 @@ MACS_GOAL = 0.5
 LATENCY_GOAL = 0.8
 
 # Chosen from the grid (see the module docstring); data-free is also what the demo runs.
-DEFAULTS = {"none": "otbr+prune+recover", "clean": "rnp-ranked+prune+recover", "unlabeled": "bcu-compact"}
+DEFAULTS = {"none": "otbr+prune+recover-hints", "clean": "rnp-ranked+prune+recover", "unlabeled": "bcu-compact"}
 
 
 def candidate(name: str) -> Pipeline:
