@@ -203,6 +203,10 @@ def test_channel_correspondence_names_the_teacher_channel_each_pruned_channel_ke
     # no edits between them: equal widths correspond one to one
     same = channel_correspondence(teacher, copy.deepcopy(teacher), torch.zeros(1, 3, 32, 32))
     assert all(torch.equal(idx, torch.arange(len(idx))) for idx in same.values())
+    # pruned without recording the edit (Pass.run, not the call): matched on BN parameters instead
+    unrecorded = Prune(macs=0.5).run(copy.deepcopy(teacher), PurifyContext()).model
+    matched = channel_correspondence(teacher, unrecorded, torch.zeros(1, 3, 32, 32))
+    assert {n: i.tolist() for n, i in matched.items()} == {n: i.tolist() for n, i in correspondence.items()}
 
 
 def test_recover_with_feature_hints_brings_the_students_bn_inputs_closer_to_the_teachers():

@@ -124,7 +124,9 @@ def channel_correspondence(teacher: nn.Module, student: nn.Module, example_input
     When the student's structural edits extend the teacher's (a Pipeline's Prune or C&C after a
     defense), the extra edits are replayed on a copy of the teacher whose BN running means hold
     their own channel numbers: every surviving channel then carries the number it had. Otherwise
-    BN layers of equal width correspond one to one. Layers with no correspondence are left out."""
+    (a model edited without its edits recorded) a student channel is the teacher channel with the
+    same BN weight, bias and running statistics, when exactly one has them; call this before the
+    student's statistics are re-estimated. Layers with no correspondence are left out."""
     from ccpurify.io import edits_of, replay_edits
 
     teacher_edits, student_edits = edits_of(teacher), edits_of(student)
@@ -137,10 +139,21 @@ def channel_correspondence(teacher: nn.Module, student: nn.Module, example_input
         tagged = replay_edits(tagged, student_edits[len(teacher_edits) :], example_inputs.cpu())
         numbers = {name: bn.running_mean.round().long() for name, bn in _named_bns(tagged)}
     else:
-        numbers = {name: torch.arange(bn.num_features) for name, bn in student_bns.items()
-                   if name in teacher_bns and teacher_bns[name].num_features == bn.num_features}  # fmt: skip
-    return {name: idx for name, idx in numbers.items() if name in student_bns and name in teacher_bns
+        numbers = {name: _same_parameters(teacher_bns[name], bn) for name, bn in student_bns.items() if name in teacher_bns}
+    return {name: idx for name, idx in numbers.items() if idx is not None and name in student_bns and name in teacher_bns
             and len(idx) == student_bns[name].num_features}  # fmt: skip
+
+
+def _same_parameters(teacher_bn: nn.Module, student_bn: nn.Module) -> torch.Tensor | None:
+    """Indices of the teacher channels whose BN parameters and statistics the student's equal, or None."""
+
+    def table(bn: nn.Module) -> torch.Tensor:
+        return torch.stack([bn.weight, bn.bias, bn.running_mean, bn.running_var], 1).detach().cpu()
+
+    same = (table(student_bn)[:, None, :] == table(teacher_bn)[None, :, :]).all(-1)
+    if not bool((same.sum(1) == 1).all()):
+        return None
+    return same.float().argmax(1)
 
 
 def _named_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -316,11 +329,11 @@ class Recover(Pass):
         teacher = teacher.to(context.device).eval()
         source, images, labels = self._data(teacher, context)
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
+        hints = None
+        if self.feature_weight > 0:  # before re-estimation, which changes the statistics the fallback matches on
+            hints = FeatureHints(teacher, student, channel_correspondence(teacher, student, context.example_inputs))
         if self.recalibrate:
             recalibrate_bn(student, images, self.batch_size, context.device)
-        hints = None
-        if self.feature_weight > 0:
-            hints = FeatureHints(teacher, student, channel_correspondence(teacher, student, context.example_inputs))
         try:
             log = distill(
                 student, teacher, images, labels=labels, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -333,6 +346,7 @@ class Recover(Pass):
                 hints.remove()
         if hints is not None:
             log["feature_layers"] = len(hints.layers)
+            log["bn_layers"] = len(_named_bns(student))
         return {"data": source.value, "bn_recalibrated": self.recalibrate, **log}
 
     def _data(self, teacher: nn.Module, context: PurifyContext):
