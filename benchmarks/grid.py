@@ -177,17 +177,18 @@ def write_tables(grid: dict) -> None:
         names = sorted((n for n, b in baselines.items() if b["dataset"] == dataset), key=lambda n: ATTACK_ORDER.index(baselines[n]["attack"]))
         if not names:
             continue
-        header = "| attack | none | " + " | ".join(defenses) + " |"
-        lines = [f"## {dataset}: CA / ASR / DER (%, test split)", "", header, "|" + "---|" * (len(defenses) + 2)]
+        ran = [d for d in defenses if any(f"{n}|{d}" in cells for n in names)]  # columns with a cell on this dataset
+        header = "| attack | none | " + " | ".join(ran) + " |"
+        lines = [f"## {dataset}: CA / ASR / DER (%, test split)", "", header, "|" + "---|" * (len(ran) + 2)]
         for n in names:
             b = baselines[n]["test"]
             row = [baselines[n]["attack"], f"{pct(b['ca_before'])} / {pct(b['asr_before'])}"]
-            for d in defenses:
+            for d in ran:
                 c = cells.get(f"{n}|{d}")
                 row.append("" if c is None else f"{pct(c['test']['ca'])} / {pct(c['test']['asr'])} / {pct(c['test']['der'])}")
             lines.append("| " + " | ".join(row) + " |")
         mean_row = ["**mean DER** (attacks)", ""]
-        for d in defenses:
+        for d in ran:
             mean_row.append(pct(mean(cells[f"{n}|{d}"]["test"]["der"] for n in names if f"{n}|{d}" in cells)))
         lines.append("| " + " | ".join(mean_row) + " |")
         text = "\n".join(lines) + footer
