@@ -49,7 +49,7 @@ def stages(entry) -> list[tuple[str, object]]:
         ("OTBR + prune, BN re-estimated on synthetic images", recalibrated(pruned, synthetic)),
         ("OTBR + prune, BN re-estimated on 500 clean images", recalibrated(pruned, entry.clean_data().x)),
         ("OTBR (unpruned), BN re-estimated on synthetic images", recalibrated(defended, synthetic)),
-        ("OTBR + prune + Recover (default)", recover.run(copy.deepcopy(pruned), context).model),
+        ("OTBR + prune + Recover (pass defaults, no hints)", recover.run(copy.deepcopy(pruned), context).model),
         ("OTBR + prune + Recover(recalibrate=False)",
          Recover(data="synthetic", teacher=defended, recalibrate=False).run(copy.deepcopy(pruned), context).model),
         *[(f"OTBR + prune + Recover(feature_weight={w:g})",
