@@ -16,7 +16,8 @@
   ICLR 2015), scaled by the teacher's running variance. The student's BN statistics are copies of
   the teacher's, so a student that reproduces the teacher's features makes them right again,
   whatever the images look like. Measured inside OTBR -> Prune -> Recover on 512 synthetic images,
-  20 epochs (validation CA): CIFAR-10 WaNet 18.8 -> 57.0%, BadNets 52.3 -> 58.6% with weight 10.
+  20 epochs (validation CA): CIFAR-10 WaNet 19.4 -> 57.1%, BadNets 52.3 -> 58.6% with weight 10
+  (benchmarks/results/recover_stages.md).
 - ``Recover``: distill the current model from a teacher on, in order of preference, the labelled
   clean data, the unlabelled data, or synthetic images. Inside a ``Pipeline`` the default teacher
   is the output of the latest defense pass (never the suspect model once a defense has run).
@@ -168,9 +169,9 @@ class FeatureHints:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, correspondence: dict[str, torch.Tensor]) -> None:
         teacher_bns, student_bns = dict(_named_bns(teacher)), dict(_named_bns(student))
-        self.layers = []
+        self.layers: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, teacher channels, 1 / teacher std)
         self._seen: dict[tuple[str, str], torch.Tensor] = {}
-        self._handles = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for name, idx in correspondence.items():
             t_bn = teacher_bns[name]
             idx = idx.to(t_bn.running_var.device)
@@ -194,6 +195,7 @@ class FeatureHints:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._seen.clear()
 
 
 def distill(
