@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ZOO, load_entry, write_report  # noqa: E402
-from grid import CELLS, as_pipeline, context_for  # noqa: E402
+from common import ZOO, context_for, load_entry, write_report  # noqa: E402
+from grid import CELLS, as_pipeline  # noqa: E402
 
 from ccpurify.provenance import versions  # noqa: E402
 

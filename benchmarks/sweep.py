@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ZOO, context_for, load_entry, read_json, score_pair, store_result  # noqa: E402
+from grid import CELLS  # noqa: E402
 
 from ccpurify import passes  # noqa: E402
 from ccpurify.atomic import write_text  # noqa: E402
@@ -40,9 +41,6 @@ def noise_entropy(model: torch.nn.Module, shape: tuple[int, ...], count: int = 5
     return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
 
 
-DEFENDER_DATA = {"rnp": "clean", "bcu": "unlabeled"}  # what each pass needs when --defender-data is not given
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pass", dest="pass_name", required=True)
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "--defender-data",
         choices=["none", "clean", "unlabeled", "unlabeled_ood"],
         default=None,
-        help="what the defender holds (default: what the pass needs: clean for rnp, unlabeled for bcu)",
+        help="what the defender holds (default: the data of the grid cell named after the pass: clean for rnp, unlabeled for bcu)",
     )
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     results = read_json(out_file, {})
     for name in [] if args.report_only else args.entries:
         entry = load_entry(name, Path(args.zoo), args.data)
-        context = context_for(entry, args.defender_data or DEFENDER_DATA.get(args.pass_name, "none"))
+        context = context_for(entry, args.defender_data or (CELLS[args.pass_name].data if args.pass_name in CELLS else "none"))
         for value in values:
             key = f"{name}|{json.dumps(fixed, sort_keys=True)}|{value}"
             if key in results:

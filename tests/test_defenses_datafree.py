@@ -192,11 +192,11 @@ def test_channel_correspondence_names_the_teacher_channel_each_pruned_channel_ke
     teacher = build("preact_resnet18").eval()
     student, _ = Prune(macs=0.5)(teacher)
     correspondence = channel_correspondence(teacher, student, torch.zeros(1, 3, 32, 32))
-    teacher_bns = dict(teacher.named_modules())
+    teacher_modules, student_modules = dict(teacher.named_modules()), dict(student.named_modules())
     assert len(correspondence) == sum(isinstance(m, nn.BatchNorm2d) for m in student.modules())
     pruned_somewhere = False
     for name, idx in correspondence.items():
-        kept, original = dict(student.named_modules())[name], teacher_bns[name]
+        kept, original = student_modules[name], teacher_modules[name]
         assert torch.equal(kept.weight, original.weight[idx]) and torch.equal(kept.running_var, original.running_var[idx])
         pruned_somewhere |= len(idx) < original.num_features
     assert pruned_somewhere

@@ -50,6 +50,11 @@ def prune(round_to: int | None = 8) -> Prune:
 HINT_WEIGHT = 10.0
 
 
+def hinted_recover() -> Recover:
+    """Distillation on synthetic images with feature hints at ``HINT_WEIGHT``."""
+    return Recover(data="synthetic", feature_weight=HINT_WEIGHT)
+
+
 # Data-free: a defense, then compression to half the MACs, then distillation from the defense's
 # output on images synthesized from the BatchNorm statistics.
 CANDIDATES: dict[str, tuple[str, Callable[[], Pipeline]]] = {
@@ -57,9 +62,8 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Pipeline]]] = {
     "otbr+prune+recover": ("none", lambda: Pipeline([OTBR(), prune(), Recover(data="synthetic")])),
     "clp+otbr+prune+recover": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(), Recover(data="synthetic")])),
     "clp+otbr+prune+recover-unrounded": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(None), Recover(data="synthetic")])),
-    "otbr+prune+recover-hints": ("none", lambda: Pipeline([OTBR(), prune(), Recover(data="synthetic", feature_weight=HINT_WEIGHT)])),
-    "clp+otbr+prune+recover-hints": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(),
-                                                                Recover(data="synthetic", feature_weight=HINT_WEIGHT)])),  # fmt: skip
+    "otbr+prune+recover-hints": ("none", lambda: Pipeline([OTBR(), prune(), hinted_recover()])),
+    "clp+otbr+prune+recover-hints": ("none", lambda: Pipeline([CLP(u=CLP_U), OTBR(), prune(), hinted_recover()])),
     "cc+recover": ("none", lambda: Pipeline([CleanCompact(macs=0.5, recover=True, round_to=8)])),
     "otbr+cc+recover": ("none", lambda: Pipeline([OTBR(), CleanCompact(macs=0.5, recover=True, round_to=8)])),
     # A few hundred labelled images.

@@ -41,8 +41,14 @@ from ccpurify.passes.base import Pass, PassResult, PurifyContext
 from ccpurify.progress import ProgressCallback, report
 
 
+def _named_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """The BatchNorm2d layers that keep running statistics, with their module names."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None]  # fmt: skip
+
+
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None]
+    return [m for _, m in _named_bns(model)]
 
 
 def synthesize_bn_images(
@@ -155,10 +161,6 @@ def _same_parameters(teacher_bn: nn.Module, student_bn: nn.Module) -> torch.Tens
     if not bool((same.sum(1) == 1).all()):
         return None
     return same.float().argmax(1)
-
-
-def _named_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
 
 
 class FeatureHints:
