@@ -298,6 +298,12 @@ def train(
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             total = loss if extra is None else loss + extra
+            if not torch.isfinite(total):
+                kept = f"{checkpoint} keeps epoch {epoch}" if checkpoint is not None and checkpoint.is_file() else "nothing was written"
+                raise FloatingPointError(
+                    f"training diverged at epoch {epoch + 1} step {step + 1}: loss is {float(total.detach())}; {kept}; "
+                    "lower --lr or check the data and the attack's parameters"
+                )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

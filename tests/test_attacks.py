@@ -149,6 +149,15 @@ def test_input_aware_batch_poisoner_trains_its_generator(sample):
     assert any(not torch.equal(a, b) for a, b in zip(before, attack.pattern_net.parameters()))
 
 
+def test_input_aware_diversity_gradient_is_finite_when_two_triggers_are_identical():
+    from ccpurify.attacks.input_aware import diversity_loss
+
+    x1, x2 = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    pattern = torch.full((4, 3, 8, 8), 0.9, requires_grad=True)  # a saturated generator: the same output twice
+    diversity_loss(x1, x2, pattern, pattern.detach().clone()).backward()
+    assert torch.isfinite(pattern.grad).all()
+
+
 def test_attacks_refuse_float_images():
     with pytest.raises(ValueError, match="uint8 images"):
         attacks.create("badnets").apply(np.zeros((2, 32, 32, 3), np.float32))

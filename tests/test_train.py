@@ -80,6 +80,12 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeyp
     assert first_epoch > 0 and resumed.metrics["train_wall_time_s"] > first_epoch
 
 
+def test_a_diverging_run_stops_with_an_error_and_writes_no_run(tmp_path, data_dir):
+    with pytest.raises(FloatingPointError, match="training diverged at epoch 1 .* lower --lr"):
+        train(tiny(lr=1e30), tmp_path / "run", data_dir=data_dir)
+    assert not (tmp_path / "run" / "manifest.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_onecycle_rises_then_falls_to_zero():
     config = preset_config("cpu", epochs=10, lr=0.1, warmup=0.2)
     lrs = [lr_at(config, e, s, 10) for e in range(10) for s in range(10)]

@@ -59,7 +59,10 @@ def binarize_mask(m: torch.Tensor) -> torch.Tensor:
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt(torch.mean((a - b) ** 2, dim=(1, 2, 3)))
+    """Per-sample RMS difference. ``EPS**2`` under the root keeps the gradient finite where the two
+    are identical (saturated generator outputs): a plain ``sqrt`` there gives ``0 * inf = nan``, which
+    silently turned a whole CIFAR-10 training run into NaN weights."""
+    return torch.sqrt(torch.mean((a - b) ** 2, dim=(1, 2, 3)) + EPS**2)
 
 
 def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
