@@ -121,8 +121,25 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
 EMPTY_GRID = {"cells": {}, "baselines": {}}
 
 
+def same_recipe(stored: list[dict], pipeline: Pipeline) -> bool:
+    """Whether a stored cell ran the recipe ``pipeline`` runs now. A parameter the stored recipe
+    lacks is a pass option added since; at its default it keeps the behaviour the cell ran with
+    (design.md: an improvement is a named option, off by default), so it does not make the cell stale."""
+    current = recipe(pipeline)
+    if [s["name"] for s in stored] != [c["name"] for c in current]:
+        return False
+    for old, new, step in zip(stored, current, pipeline.passes):
+        defaults = type(step)().config()
+        added = set(new["config"]) - set(old["config"])
+        if any(new["config"][k] != defaults.get(k) for k in added):
+            return False
+        if old["config"] != {k: v for k, v in new["config"].items() if k not in added}:
+            return False
+    return True
+
+
 def is_stale(stored: dict | None, defense: str) -> bool:
-    return stored is None or defense not in CELLS or stored.get("recipe") != recipe(as_pipeline(CELLS[defense].build()))
+    return stored is None or defense not in CELLS or not same_recipe(stored.get("recipe", []), as_pipeline(CELLS[defense].build()))
 
 
 def run(args) -> None:

@@ -45,3 +45,20 @@ def test_the_plan_runs_candidates_only_where_the_defaults_are_chosen():
     assert {f"pipeline:{name}" for name in DEFAULTS.values()} <= on_gtsrb
     assert {"clp", "cc", "otbr", "rnp", "bcu", "bcu-ood", "bcu-compact"} <= on_gtsrb
     assert len({d for d in on_gtsrb if d.startswith("pipeline:")}) == len(set(DEFAULTS.values()))
+
+
+def test_a_stored_cell_is_rerun_only_when_its_recipe_changed():
+    from grid import CELLS, as_pipeline, is_stale, recipe
+
+    def stored(defense, drop=None, **changes):
+        steps = recipe(as_pipeline(CELLS[defense].build()))
+        for step in steps:
+            config = {k: v for k, v in step["config"].items() if k != drop}
+            step["config"] = {**config, **changes} if step["name"] == "recover" else config
+        return {"recipe": steps}
+
+    plain, hints = "pipeline:otbr+prune+recover", "pipeline:otbr+prune+recover-hints"
+    assert not is_stale(stored(plain), plain) and is_stale(None, plain)
+    assert not is_stale(stored(plain, drop="feature_weight"), plain)  # stored before the option existed; default = old behaviour
+    assert is_stale(stored(hints, drop="feature_weight"), hints)  # the option is on now: rerun
+    assert is_stale(stored(plain, epochs=3), plain)
