@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"ccpurify: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, FloatingPointError) as exc:
         # Library errors carry one-line, actionable messages: show them without a traceback.
         print(f"ccpurify: error: {exc}", file=sys.stderr)
         return 1

@@ -85,6 +85,15 @@ def test_bad_inputs_end_with_one_clear_line(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_diverging_training_run_ends_with_one_line_and_no_run_directory(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    args = ["--epochs", "1", "--lr", "1e30", "--train-subset", "256", "--test-subset", "100", "--data", str(data_dir), "--out", str(out)]
+    assert main(["train", *args]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ccpurify: error: training diverged at epoch 1") and "lower --lr" in last
+    assert not (out / "manifest.json").exists()
+
+
 def test_unknown_arch_is_an_argument_error():
     result = run_cli("train", "--arch", "alexnet")
     assert result.returncode == 2 and "invalid choice: 'alexnet'" in result.stderr

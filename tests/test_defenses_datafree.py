@@ -266,3 +266,12 @@ def test_bn_recalibration_replaces_running_statistics_by_those_of_the_images():
     expected_mean = torch.cat([images.mean((0, 2, 3)), torch.zeros(1)])
     assert torch.allclose(model[1].running_mean, expected_mean, atol=1e-5)
     assert model[1].momentum == 0.1 and not model.training  # settings restored
+
+
+def test_a_pass_whose_training_diverges_raises_and_leaves_its_input_unchanged():
+    model = build("vgg16_bn")
+    original = copy.deepcopy(model.state_dict())
+    data = LabeledData(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    with pytest.raises(FloatingPointError, match="pass 'recover' produced NaN or Inf.*lower the pass's learning rate"):
+        Recover(teacher=copy.deepcopy(model), epochs=2, lr=1e30)(model, PurifyContext(clean_data=data))
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())

@@ -110,6 +110,7 @@ class Pass(ABC):
         result = self.run(work, context)
         wall = time.perf_counter() - started
         out = result.model.eval()
+        _check_finite(out, self.name)
         set_edits(out, inherited + result.edits)  # also right when run() called other passes
         after = model_cost(out, example)
         report = PassReport(
@@ -125,6 +126,17 @@ class Pass(ABC):
     def config(self) -> dict[str, Any]:
         """The pass's parameters as JSON (dataclass passes get this for free)."""
         return _jsonable(asdict(self)) if hasattr(self, "__dataclass_fields__") else {}
+
+
+def _check_finite(model: nn.Module, pass_name: str) -> None:
+    """A pass whose own training diverged (Recover, BCU, RNP) would otherwise hand back NaN
+    weights that score 1/K accuracy; the input model is untouched (the pass ran on a copy)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FloatingPointError(
+                f"pass {pass_name!r} produced NaN or Inf in {name!r} (its optimisation diverged); the input model is "
+                "unchanged: lower the pass's learning rate or check the data it was given"
+            )
 
 
 def _jsonable(value: Any) -> Any:
