@@ -303,13 +303,15 @@ def compactness_table(cells: dict, defenses: list[str]) -> str:
 
 
 def summary(cells: dict, baselines: dict, defenses: list[str]) -> dict:
-    """Headline numbers: per dataset and defense, mean test and validation DER over attacks, and
-    mean MACs and latency ratios."""
+    """Headline numbers: per dataset and defense, mean test and validation DER over attacks, mean
+    MACs and latency ratios, and the CA a defense costs a model that has no backdoor."""
     out = defaultdict(dict)
     for dataset in ("cifar10", "gtsrb"):
         names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean"]
+        clean_models = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] == "clean"]
         for d in defenses:
             rows = [cells[f"{n}|{d}"] for n in names if f"{n}|{d}" in cells]
+            on_clean = [cells[f"{n}|{d}"]["test"] for n in clean_models if f"{n}|{d}" in cells]
             if rows:
                 out[dataset][d] = {
                     "attacks": len(rows), "mean_der_test": mean(r["test"]["der"] for r in rows),
@@ -317,6 +319,7 @@ def summary(cells: dict, baselines: dict, defenses: list[str]) -> dict:
                     "mean_latency_ratio_bs1_t1": mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in rows),
                     "mean_ca_drop_test": mean(r["test"]["ca_before"] - r["test"]["ca"] for r in rows),
                     "max_asr_test": max(r["test"]["asr"] for r in rows),
+                    "clean_model_ca_drop_test": mean(t["ca_before"] - t["ca"] for t in on_clean),
                 }  # fmt: skip
     return {"defaults": DEFAULTS, "per_dataset": out}
 

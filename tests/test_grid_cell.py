@@ -62,3 +62,19 @@ def test_a_stored_cell_is_rerun_only_when_its_recipe_changed():
     assert not is_stale(stored(plain, drop="feature_weight"), plain)  # stored before the option existed; default = old behaviour
     assert is_stale(stored(hints, drop="feature_weight"), hints)  # the option is on now: rerun
     assert is_stale(stored(plain, epochs=3), plain)
+
+
+def test_the_headline_averages_over_backdoored_models_and_reports_the_clean_models_ca_cost_apart():
+    from grid import summary
+
+    def cell(ca_before, ca, asr_before, asr, der):
+        test = {"ca_before": ca_before, "ca": ca, "asr_before": asr_before, "asr": asr, "der": der}
+        return {"test": test, "val": test, "macs_ratio": 0.5, "latency": {"latency_ratio_bs1_t1": 0.8}}
+
+    baselines = {"c-badnets": {"dataset": "cifar10", "attack": "badnets"}, "c-blended": {"dataset": "cifar10", "attack": "blended"},
+                 "c-clean": {"dataset": "cifar10", "attack": "clean"}}  # fmt: skip
+    cells = {"c-badnets|otbr": cell(0.85, 0.80, 0.95, 0.05, 0.9), "c-blended|otbr": cell(0.85, 0.84, 0.99, 0.99, 0.5),
+             "c-clean|otbr": cell(0.86, 0.83, None, None, None)}  # fmt: skip
+    row = summary(cells, baselines, ["otbr"])["per_dataset"]["cifar10"]["otbr"]
+    assert row["attacks"] == 2 and row["mean_der_test"] == pytest.approx(0.7) and row["max_asr_test"] == pytest.approx(0.99)
+    assert row["mean_ca_drop_test"] == pytest.approx(0.03) and row["clean_model_ca_drop_test"] == pytest.approx(0.03)
