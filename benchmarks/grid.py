@@ -161,6 +161,9 @@ def run(args) -> None:
         for defense in cells:
             if defense not in CELLS:
                 raise SystemExit(f"unknown defense {defense!r}; known: {', '.join(CELLS)}")
+            if not args.redo and not is_stale(read_json(grid_file, EMPTY_GRID)["cells"].get(f"{name}|{defense}"), defense):
+                print(f"{time.strftime('%H:%M:%S')} {name} x {defense}: stored meanwhile by another process, skipped", flush=True)
+                continue
             print(f"{time.strftime('%H:%M:%S')} {name} x {defense} ...", flush=True)
             result = run_cell(entry, defense, latency=not args.no_latency)
             meta = {"protocol": PROTOCOL_VERSION, "updated": now(), "git_commit": git_commit(), "versions": versions(),
