@@ -350,17 +350,21 @@ def plot(cells: dict, defenses: list[str]) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default=str(ZOO), help="zoo folder (default: benchmarks/zoo)")
-    parser.add_argument("--entries", nargs="*", default=None, help="zoo entries (default: all)")
-    parser.add_argument("--defenses", nargs="*", default=None, help=f"defenses (default: the plan, see above): {', '.join(CELLS)}")
-    parser.add_argument("--cell", nargs="*", default=None, help="ENTRY:DEFENSE cells to run")
+    parser.add_argument("--entries", nargs="+", action="extend", default=None, help="zoo entries (default: all; repeatable)")
+    parser.add_argument("--defenses", nargs="+", action="extend", default=None, help=f"defenses (default: the plan, see above): {', '.join(CELLS)}")
+    parser.add_argument("--cell", nargs="+", action="extend", default=None, help="ENTRY:DEFENSE cells to run (repeatable)")
     parser.add_argument("--redo", action="store_true", help="run cells again even if grid.json has them")
     parser.add_argument("--no-latency", action="store_true", help="skip ONNX export and latency")
     parser.add_argument("--tables-only", action="store_true", help="only rebuild the tables and plot")
     parser.add_argument("--data", default=None, help="dataset location (default: $CCPURIFY_DATA, then ../shared/data)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tables_only:
         write_tables(read_json(RESULTS / "grid.json", EMPTY_GRID))

@@ -78,3 +78,10 @@ def test_the_headline_averages_over_backdoored_models_and_reports_the_clean_mode
     row = summary(cells, baselines, ["otbr"])["per_dataset"]["cifar10"]["otbr"]
     assert row["attacks"] == 2 and row["mean_der_test"] == pytest.approx(0.7) and row["max_asr_test"] == pytest.approx(0.99)
     assert row["mean_ca_drop_test"] == pytest.approx(0.03) and row["clean_model_ca_drop_test"] == pytest.approx(0.03)
+
+
+def test_cells_entries_and_defenses_accumulate_over_repeated_flags():
+    from grid import build_parser
+
+    args = build_parser().parse_args(["--cell", "a:clp", "b:otbr", "--cell", "c:pipeline:bcu-compact", "--entries", "x", "--entries", "y"])
+    assert args.cell == ["a:clp", "b:otbr", "c:pipeline:bcu-compact"] and args.entries == ["x", "y"] and args.defenses is None
