@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -236,10 +236,14 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def non_finite_tensor(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor that holds NaN or Inf, or None."""
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
-    for name, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ModelLoadError(f"{path}: tensor {name!r} holds NaN or Inf; the weights are corrupt")
+    if (name := non_finite_tensor(state)) is not None:
+        raise ModelLoadError(f"{path}: tensor {name!r} holds NaN or Inf; the weights are corrupt")
 
 
 def load_model(

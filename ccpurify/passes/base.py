@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ccpurify.io import edits_of, set_edits
+from ccpurify.io import edits_of, non_finite_tensor, set_edits
 from ccpurify.metrics import model_cost
 from ccpurify.passes.data import LabeledData, UnlabeledData
 from ccpurify.progress import ProgressCallback
@@ -131,12 +131,11 @@ class Pass(ABC):
 def _check_finite(model: nn.Module, pass_name: str) -> None:
     """A pass whose own training diverged (Recover, BCU, RNP) would otherwise hand back NaN
     weights that score 1/K accuracy; the input model is untouched (the pass ran on a copy)."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FloatingPointError(
-                f"pass {pass_name!r} produced NaN or Inf in {name!r} (its optimisation diverged); the input model is "
-                "unchanged: lower the pass's learning rate or check the data it was given"
-            )
+    if (name := non_finite_tensor(model.state_dict())) is not None:
+        raise FloatingPointError(
+            f"pass {pass_name!r} produced NaN or Inf in {name!r} (its optimisation diverged); the input model is "
+            "unchanged: lower the pass's learning rate or check the data it was given"
+        )
 
 
 def _jsonable(value: Any) -> Any:
