@@ -180,7 +180,9 @@ def normalize_images(entry: Entry, images: np.ndarray) -> torch.Tensor:
 
 def context_for(entry: Entry, data: str) -> PurifyContext:
     """The defender's context for ``entry`` with the data kind a cell or sweep names (none, clean, unlabeled, unlabeled_ood)."""
-    context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
+    spec = entry.test.spec
+    context = PurifyContext(example_inputs=entry.example_inputs, num_classes=spec.num_classes, seed=0,
+                            normalize=Normalize(spec.mean, spec.std))  # fmt: skip
     if data == "clean":
         context.clean_data = entry.clean_data()
     elif data == "unlabeled":

@@ -23,9 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ZOO, load_entry, write_report  # noqa: E402
 
+from ccpurify.distill import recalibrate_bn  # noqa: E402
 from ccpurify.passes import OTBR, PurifyContext, Recover  # noqa: E402
 from ccpurify.passes.defaults import prune  # noqa: E402
-from ccpurify.passes.recover import recalibrate_bn, synthesize_bn_images  # noqa: E402
+from ccpurify.synthesis import synthesize_bn_images  # noqa: E402
 
 
 def recalibrated(model, images):

@@ -95,6 +95,14 @@ class ModelSource:
                                 allow_import=getattr(args, "allow_import", False))  # fmt: skip
 
     @property
+    def normalize(self):
+        """The model's input normalisation: its dataset's mean and std."""
+        from ccpurify.data import Normalize, get_spec
+
+        spec = get_spec(self.dataset)
+        return Normalize(spec.mean, spec.std)
+
+    @property
     def example_inputs(self):
         import torch
 
@@ -192,7 +200,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     try:
         result = ccpurify.purify(
             source.model, args.method, example_inputs=source.example_inputs, clean_data=clean, unlabeled_data=unlabeled,
-            seed=args.seed, device=args.device, progress=progress, **options,
+            seed=args.seed, device=args.device, progress=progress, normalize=source.normalize, **options,
         )  # fmt: skip
     finally:
         progress.close()

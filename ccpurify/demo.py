@@ -81,7 +81,7 @@ def run_demo(
     report(progress, "demo: score the suspect model", 1, 1)
 
     started = time.perf_counter()
-    result = purify(model, method, progress=progress, **(options or {}))
+    result = purify(model, method, progress=progress, normalize=(CIFAR10.mean, CIFAR10.std), **(options or {}))
     purify_seconds = time.perf_counter() - started
     after = bench.score(result.model)
 

@@ -19,6 +19,7 @@ from torch import nn
 from ccpurify.io import save_model
 from ccpurify.passes import PASSES, Pass, Pipeline, PipelineReport, PurifyContext, as_labeled, as_unlabeled
 from ccpurify.progress import ProgressCallback
+from ccpurify.transforms import Normalize
 
 
 @dataclass
@@ -60,21 +61,27 @@ def purify(
     clean_data=None,
     unlabeled_data=None,
     num_classes: int | None = None,
+    normalize: Normalize | tuple[Sequence[float], Sequence[float]] | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     **options,
 ) -> PurifyResult:
     """Purify ``model`` with ``method`` (a registered pass name and its ``options``, a ``Pass``, a
-    ``Pipeline``, or None for the default pipeline for the data given). The input model is not
-    modified."""
+    ``Pipeline``, or None for the default pipeline for the data given). ``normalize`` is the model's
+    input normalisation (a ``Normalize`` or ``(mean, std)``), when known: data-free passes that make
+    images use it. The input model is not modified."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = example_inputs if example_inputs is not None else torch.zeros(1, 3, 32, 32)
+    if normalize is not None and not isinstance(normalize, Normalize):
+        mean, std = normalize
+        normalize = Normalize(tuple(float(v) for v in mean), tuple(float(v) for v in std))
     context = PurifyContext(
         example_inputs=example, num_classes=num_classes, device=device, seed=seed,
         clean_data=as_labeled(clean_data) if clean_data is not None else None,
         unlabeled_data=as_unlabeled(unlabeled_data) if unlabeled_data is not None else None, progress=progress,
+        normalize=normalize,
     )  # fmt: skip
     if context.num_classes is None:
         with torch.no_grad():

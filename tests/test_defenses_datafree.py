@@ -8,11 +8,12 @@ from archs import CUSTOM, NetWithUnknownLayer, randomize_norms
 from torch import nn
 
 from ccpurify import models
+from ccpurify.distill import agreement, channel_correspondence
 from ccpurify.passes import CLP, OTBR, CleanCompact, LabeledData, Prune, PurifyContext, Recover, UnlabeledData
 from ccpurify.passes.cc import Normalization, RankPurification, purify_spectrum
 from ccpurify.passes.clp import module_order_pairs, outliers, uclc
 from ccpurify.passes.otbr import fuse_layer, target_convs
-from ccpurify.passes.recover import agreement, channel_correspondence, synthesize_bn_images
+from ccpurify.synthesis import synthesize_bn_images
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
@@ -210,7 +211,7 @@ def test_channel_correspondence_names_the_teacher_channel_each_pruned_channel_ke
 
 
 def test_recover_with_feature_hints_brings_the_students_bn_inputs_closer_to_the_teachers():
-    from ccpurify.passes.recover import FeatureHints
+    from ccpurify.distill import FeatureHints
 
     teacher = build("preact_resnet18").eval()
     pruned, _ = Prune(macs=0.5)(teacher)
@@ -256,7 +257,7 @@ def test_synthetic_images_match_a_trained_models_bn_statistics(ci_run):
 
 
 def test_bn_recalibration_replaces_running_statistics_by_those_of_the_images():
-    from ccpurify.passes.recover import recalibrate_bn
+    from ccpurify.distill import recalibrate_bn
 
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).eval()
     with torch.no_grad():

@@ -1,71 +1,26 @@
-"""Batched tensor transforms (no torchvision): uint8 NHWC -> float NCHW, normalize, crop, flip.
+"""uint8 <-> float conversions of the harness's NHWC image arrays; the tensor transforms (normalise, crop,
+flip) live in ``ccpurify.transforms`` and are re-exported here.
 
-Triggers are applied to uint8 images before any of these (specs/protocol.md, "Data"). Random
-transforms take an explicit ``torch.Generator`` so training is reproducible from a seed.
+Triggers are applied to uint8 images before any of these (specs/protocol.md, "Data").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
-from torch.nn import functional as F
+
+from ccpurify.transforms import Augment, Normalize, random_crop, random_hflip
+
+__all__ = ["Augment", "Normalize", "random_crop", "random_hflip", "to_float", "to_uint8"]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] (what ToTensor does)."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 NHWC images, got {images.dtype} {tuple(images.shape)}")
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
+    # contiguous NCHW: channels-last tensors hang oneDNN's strided 1x1 conv backward (ccpurify.passes.data)
+    return images.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C), rounding and clipping."""
     return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-@dataclass(frozen=True)
-class Normalize:
-    """Per-channel ``(x - mean) / std`` on NCHW tensors; also exposed as a module for export."""
-
-    mean: Sequence[float]
-    std: Sequence[float]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
-
-
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad each image by ``padding`` and crop back to its size at a random offset per image."""
-    if padding <= 0:
-        return x
-    n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
-
-
-def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
-    """Mirror each image left-right with probability ``p``."""
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-@dataclass(frozen=True)
-class Augment:
-    """The protocol's train augmentation: random crop with padding, optional horizontal flip."""
-
-    crop_padding: int = 4
-    hflip: bool = True
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = random_crop(x, self.crop_padding, generator)
-        return random_hflip(x, generator) if self.hflip else x

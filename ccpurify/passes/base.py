@@ -22,6 +22,7 @@ from ccpurify.io import edits_of, non_finite_tensor, set_edits
 from ccpurify.metrics import model_cost
 from ccpurify.passes.data import LabeledData, UnlabeledData
 from ccpurify.progress import ProgressCallback
+from ccpurify.transforms import Normalize
 
 
 @dataclass
@@ -30,7 +31,8 @@ class PurifyContext:
 
     ``example_inputs`` fixes the input size (MACs, graph tracing, noise shape); ``clean_data`` is a
     small labelled clean set (RNP); ``unlabeled_data`` a pool of unlabelled images (BCU). Data-free
-    passes use neither. Nothing here is the test set.
+    passes use neither. Nothing here is the test set. ``normalize`` maps [0, 1] pixel images to the
+    model's input (its mean/std normalisation) when known; data-free synthesis uses it.
     """
 
     example_inputs: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 3, 32, 32))
@@ -40,7 +42,9 @@ class PurifyContext:
     clean_data: LabeledData | None = None
     unlabeled_data: UnlabeledData | None = None
     progress: ProgressCallback | None = None
+    normalize: Normalize | None = None
     teacher: nn.Module | None = None  # set by Pipeline: the latest defense's output (for Recover)
+    pipeline_input: nn.Module | None = None  # set by Pipeline: the model it was given (Recover(teacher_from="input"))
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A fresh generator seeded from the context (passes stay deterministic and independent)."""
@@ -195,10 +199,12 @@ class Pipeline:
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PipelineReport]:
         """Run the passes in order. ``context.teacher`` starts as the input model and becomes each
-        defense's output, so a later ``Recover`` distills from the purified, not the suspect, model."""
+        defense's output, so a later ``Recover`` distills from the purified, not the suspect, model
+        (unless it asks for ``context.pipeline_input``, the model given here)."""
         context = context or PurifyContext()
-        outer_teacher = context.teacher
+        outer_teacher, outer_input = context.teacher, context.pipeline_input
         context.teacher = model
+        context.pipeline_input = model if outer_input is None else outer_input
         reports = []
         try:
             for p in self.passes:
@@ -207,7 +213,7 @@ class Pipeline:
                 if p.kind == "defense":
                     context.teacher = model
         finally:
-            context.teacher = outer_teacher
+            context.teacher, context.pipeline_input = outer_teacher, outer_input
         return model, PipelineReport(reports)
 
     def __repr__(self) -> str:

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ccpurify.data.transforms import Augment
+from ccpurify.distill import distill
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
-from ccpurify.passes.recover import distill
+from ccpurify.transforms import Augment
 
 
 def resolution_levels(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ccpurify.data.transforms import Augment, Normalize
+from ccpurify.transforms import Augment, Normalize
 
 
 @dataclass
@@ -27,6 +27,9 @@ class UnlabeledData:
                              f"{tuple(getattr(self.x, 'shape', ()))}")  # fmt: skip
         if not torch.isfinite(self.x).all():
             raise ValueError("images contain NaN or Inf")
+        # NCHW memory order: a channels-last tensor (what permuting NHWC image arrays gives) makes
+        # oneDNN's 1x1 strided convolution backward hang in torch 2.13 for some channel counts (5).
+        self.x = self.x.contiguous()
 
     def __len__(self) -> int:
         return len(self.x)

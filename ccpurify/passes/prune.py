@@ -15,6 +15,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
+from ccpurify.compensate import gaussian_compensation
+from ccpurify.distill import correspondence_after_edits
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.metrics import model_cost
 from ccpurify.passes import register_pass
@@ -50,6 +52,10 @@ class Prune(Pass):
     # Keep each pruned layer's channel count a multiple of this: CPU kernels (onnxruntime's MLAS)
     # run fastest on multiples of 8, and odd widths can make a pruned model slower than the dense one.
     round_to: int | None = None
+    # Repair what the removed channels changed from the BatchNorm statistics alone
+    # (ccpurify.compensate.gaussian_compensation): the next BatchNorms' means and variances and the
+    # classifier's bias. No data needed; one forward of each model on Gaussian replacement inputs.
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         self.importance = Importance(self.importance)
@@ -121,4 +127,7 @@ class Prune(Pass):
         details = {"ratio": best_ratio, "target": goal / start, "achieved": achieved, "groups_pruned": len(history),
                    "reached": achieved <= goal / start + 1e-9}  # fmt: skip
         edits = [{"op": "remove_channels", "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in history]}] if history else []
+        if self.compensate and edits:
+            correspondence = correspondence_after_edits(model, edits, example)
+            details["compensation"] = gaussian_compensation(best, model, correspondence, example, seed=context.seed)
         return PassResult(best, details, edits)

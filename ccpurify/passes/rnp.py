@@ -37,12 +37,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccpurify.data.transforms import Augment
 from ccpurify.graph import ChannelGraph, RemovalPolicy
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
 from ccpurify.passes.data import LabeledData
 from ccpurify.progress import report
+from ccpurify.transforms import Augment
 
 
 class Mode(str, Enum):
@@ -278,6 +278,7 @@ class RNP(Pass):
             selected = below(masks, tau)
             details["threshold"] = tau
         details.update(mask_score=self.mask_score.value, pruned_channels=sum(len(v) for v in selected.values()),
+                       channels={n: [int(i) for i in idx] for n, idx in selected.items()},
                        total_channels=sum(len(m) for m in masks.values()),
                        masks={n: [round(float(v), 4) for v in m] for n, m in masks.items()})  # fmt: skip
         if self.mode is Mode.FAITHFUL:

@@ -1,0 +1,94 @@
+"""Validation accuracy right after compression, before any recovery (issue 14, item 1).
+
+    python benchmarks/compression_only.py                      # every zoo model, 0.75 and 0.5 MACs
+    python benchmarks/compression_only.py --entries cifar10-clean --macs 0.75
+
+For each zoo model and MACs target: ``Prune`` with uniform or global magnitude ranking (widths
+rounded to multiples of 8), each without and with ``compensate=True`` (the BatchNorm-statistics
+compensation of ``ccpurify.compensate``, no data), and, as a reference that *uses* data, the global
+pruning with its BatchNorm statistics re-estimated on RNP's 500 clean images. Validation CA/ASR are
+measured on training-split images no pass sees. Writes results/compression_only.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ZOO, context_for, load_entry, write_report, zoo_entries  # noqa: E402
+
+from ccpurify.distill import recalibrate_bn  # noqa: E402
+from ccpurify.metrics import model_cost  # noqa: E402
+from ccpurify.passes import Prune  # noqa: E402
+
+CONFIGS = {
+    "uniform": dict(global_pruning=False, compensate=False),
+    "uniform + compensate": dict(global_pruning=False, compensate=True),
+    "global": dict(global_pruning=True, compensate=False),
+    "global + compensate": dict(global_pruning=True, compensate=True),
+}
+REFERENCE = "global, BN re-estimated on 500 clean images (uses data)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", nargs="+", default=None, help="zoo entries (default: all)")
+    parser.add_argument("--macs", nargs="+", type=float, default=[0.75, 0.5])
+    parser.add_argument("--zoo", default=str(ZOO))
+    parser.add_argument("--data", default=None)
+    args = parser.parse_args(argv)
+    entries = args.entries or zoo_entries(Path(args.zoo))
+    rows = []
+    for name in entries:
+        entry = load_entry(name, Path(args.zoo), args.data)
+        context = context_for(entry, "none")
+        dense = entry.val.score(entry.model).metrics
+        rows.append({"entry": name, "macs_target": 1.0, "config": "dense", "val_ca": dense.ca, "val_asr": dense.asr,
+                     "macs_ratio": 1.0, "seconds": 0.0})  # fmt: skip
+        dense_macs = model_cost(entry.model, entry.example_inputs).macs
+        for target in args.macs:
+            pruned = {}
+            for label, options in CONFIGS.items():
+                started = time.perf_counter()
+                model, _ = Prune(macs=target, round_to=8, **options)(entry.model, context)
+                seconds = time.perf_counter() - started
+                pruned[label] = model
+                m = entry.val.score(model).metrics
+                ratio = model_cost(model, entry.example_inputs).macs / dense_macs
+                rows.append({"entry": name, "macs_target": target, "config": label, "val_ca": m.ca, "val_asr": m.asr,
+                             "macs_ratio": ratio, "seconds": seconds})  # fmt: skip
+                print(f"{name} macs {target} {label}: val CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} "
+                      f"(x{ratio:.2f} MACs, {seconds:.1f} s)", flush=True)  # fmt: skip
+            reference = copy.deepcopy(pruned["global"])
+            recalibrate_bn(reference, entry.clean_data().x)
+            m = entry.val.score(reference).metrics
+            rows.append({"entry": name, "macs_target": target, "config": REFERENCE, "val_ca": m.ca, "val_asr": m.asr,
+                         "macs_ratio": rows[-2]["macs_ratio"], "seconds": None})  # fmt: skip
+            print(f"{name} macs {target} reference: val CA {100 * m.ca:.1f}", flush=True)
+    lines = ["# Accuracy right after compression, before any recovery (validation CA / ASR %)", "",
+             "`Prune(macs=target, round_to=8)`; *compensate* is `compensate=True` (BatchNorm-statistics compensation, no data).",
+             "The last column re-estimates the global model's BatchNorm statistics on 500 clean images: a with-data reference.",
+             ""]  # fmt: skip
+    configs = [*CONFIGS, REFERENCE]
+    for target in args.macs:
+        lines += [f"## {target:g} of the MACs", "", "| model | dense | " + " | ".join(configs) + " |", "|---|---|" + "---|" * len(configs)]
+        for name in entries:
+            cells = {r["config"]: r for r in rows if r["entry"] == name and r["macs_target"] in (target, 1.0)}
+
+            def cell(r: dict) -> str:
+                asr = "-" if r["val_asr"] is None else f"{100 * r['val_asr']:.1f}"
+                return f"{100 * r['val_ca']:.1f} / {asr}"
+
+            lines.append(f"| {name} | {cell(cells['dense'])} | " + " | ".join(cell(cells[c]) for c in configs) + " |")
+        achieved = [r["macs_ratio"] for r in rows if r["macs_target"] == target and r["config"] in CONFIGS]
+        lines += ["", f"Achieved MACs ratios: {min(achieved):.2f}-{max(achieved):.2f}.", ""]
+    write_report("compression_only", rows, lines, entries=entries, macs=args.macs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

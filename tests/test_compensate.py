@@ -1,0 +1,180 @@
+"""Data-free repair of compressed models: BN-statistics compensation, procedural and synthetic
+transfer sets, anchored BN updates, and distillation from the suspect model that keeps silenced
+channels silent."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ccpurify.compensate import gaussian_compensation
+from ccpurify.distill import agreement, anchored_bn_update
+from ccpurify.passes import CLP, Pipeline, Prune, PurifyContext, Recover
+from ccpurify.passes.recover import freeze_silenced_channels
+from ccpurify.synthesis import class_histogram, dead_leaves, synthesize_bn_images
+from ccpurify.transforms import Normalize
+
+
+def two_bn_net(width: int = 8) -> nn.Sequential:
+    """conv -> BN -> ReLU -> 1x1 conv -> BN -> ReLU -> pool -> linear, with BN statistics far from N(0, 1)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                        nn.Conv2d(width, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3))  # fmt: skip
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
+        net[1].weight.uniform_(0.5, 1.5), net[1].bias.uniform_(0.5, 1.5)  # large expected activations
+        net[3].weight.abs_()  # the removed channels push every output the same way
+        # the second BN's statistics are those of its input when the first BN's input follows its own
+        # statistics, as training leaves them
+        bn = net[1]
+        x = torch.randn(256, width, 8, 8) * bn.running_var.sqrt().view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+        z = net[3](net[2](bn.eval()(x)))
+        net[4].running_mean.copy_(z.mean((0, 2, 3))), net[4].running_var.copy_(z.var((0, 2, 3)))
+    return net.eval()
+
+
+def keep_channels(net: nn.Sequential, keep: torch.Tensor) -> nn.Sequential:
+    """``net`` with only the ``keep`` channels of its first BN (its producer and the conv inputs they feed)."""
+    student = copy.deepcopy(net)
+    producer, bn, consumer = student[0], student[1], student[3]
+    with torch.no_grad():
+        new_producer = nn.Conv2d(3, len(keep), 3, padding=1, bias=False)
+        new_producer.weight.copy_(producer.weight[keep])
+        new_bn = nn.BatchNorm2d(len(keep))
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            getattr(new_bn, attr).copy_(getattr(bn, attr)[keep])
+        new_consumer = nn.Conv2d(len(keep), consumer.out_channels, 1, bias=False)
+        new_consumer.weight.copy_(consumer.weight[:, keep])
+    student[0], student[1], student[3] = new_producer, new_bn, new_consumer
+    return student.eval()
+
+
+def second_bn_output_moments(net: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = net[1:5](x)  # from the first BN's input to the second BN's output
+    return out.mean((0, 2, 3)), out.var((0, 2, 3))
+
+
+# ------------------------------------------------------------------------------- compensation
+def test_compensation_keeps_the_next_layers_output_distribution_on_gaussian_inputs():
+    teacher = two_bn_net()
+    keep = torch.tensor([0, 2, 3, 5, 7])
+    student = keep_channels(teacher, keep)
+    bn = teacher[1]
+    gaussian = torch.randn(512, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    x = gaussian * bn.running_var.sqrt().view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+    want_mean, want_var = second_bn_output_moments(teacher, x)
+    before_mean, _ = second_bn_output_moments(student, x[:, keep])
+    assert (before_mean - want_mean).abs().max() > 0.5  # dropping channels shifted the next layer
+
+    correspondence = {"1": keep, "4": torch.arange(4)}
+    report = gaussian_compensation(student, teacher, correspondence, torch.zeros(1, 3, 8, 8), samples=256)
+    mean, var = second_bn_output_moments(student, x[:, keep])
+    assert report["layers"] == 2
+    assert (mean - want_mean).abs().max() < 0.05
+    assert torch.allclose(var, want_var, rtol=0.1)
+    assert not student.training and not any(m._forward_pre_hooks for m in student.modules())
+
+
+def test_compensation_is_idempotent_and_leaves_an_unpruned_model_unchanged():
+    teacher = two_bn_net()
+    student = keep_channels(teacher, torch.tensor([1, 2, 4, 6]))
+    correspondence = {"1": torch.tensor([1, 2, 4, 6]), "4": torch.arange(4)}
+    gaussian_compensation(student, teacher, correspondence, torch.zeros(1, 3, 8, 8))
+    once = copy.deepcopy(student.state_dict())
+    gaussian_compensation(student, teacher, correspondence, torch.zeros(1, 3, 8, 8))
+    assert all(torch.allclose(v.float(), once[k].float(), atol=1e-4) for k, v in student.state_dict().items())
+
+    twin = copy.deepcopy(teacher)
+    gaussian_compensation(twin, teacher, {"1": torch.arange(8), "4": torch.arange(4)}, torch.zeros(1, 3, 8, 8))
+    assert all(torch.allclose(v.float(), teacher.state_dict()[k].float(), atol=1e-6) for k, v in twin.state_dict().items())
+
+
+def test_prune_with_compensation_agrees_more_with_the_dense_model(ci_run, cifar_test):
+    from ccpurify.data import CIFAR10, Normalize
+
+    teacher = ci_run.model.eval()
+    images = Normalize(CIFAR10.mean, CIFAR10.std)(torch.from_numpy(cifar_test.images[:500]).permute(0, 3, 1, 2).float() / 255)
+    plain, _ = Prune(macs=0.6, global_pruning=True)(teacher)
+    compensated, report = Prune(macs=0.6, global_pruning=True, compensate=True)(teacher)
+    assert report.details["compensation"]["layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in compensated.modules())
+    assert agreement(compensated, teacher, images) > agreement(plain, teacher, images) + 0.05
+    assert torch.equal(plain.conv1.weight, compensated.conv1.weight)  # same channels, only statistics moved
+
+
+# ------------------------------------------------------------------------------ transfer sets
+def test_dead_leaves_are_seeded_images_in_unit_range_with_a_natural_spectrum():
+    images = dead_leaves(16, 32, seed=3)
+    assert images.shape == (16, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, dead_leaves(16, 32, seed=3)) and not torch.equal(images, dead_leaves(16, 32, seed=4))
+    power = torch.fft.fft2(images - images.mean((2, 3), keepdim=True)).abs().pow(2).mean((0, 1))
+    assert power[1, 1] > 10 * power[8, 8] > 10 * power[16, 16]  # energy falls with frequency, as in photographs
+    with pytest.raises(ValueError):
+        dead_leaves(4, shapes=0)
+
+
+def test_dead_leaves_start_refined_towards_the_bn_statistics(ci_run):
+    from ccpurify.data import CIFAR10, Normalize
+
+    losses = []
+    synthesize_bn_images(ci_run.model, 32, (3, 32, 32), init="dead_leaves", steps=1, normalize=Normalize(CIFAR10.mean, CIFAR10.std),
+                         progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
+    synthesize_bn_images(ci_run.model, 32, (3, 32, 32), init="dead_leaves", steps=20, normalize=Normalize(CIFAR10.mean, CIFAR10.std),
+                         progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
+    assert losses[1] < 0.5 * losses[0]
+    counts = class_histogram(ci_run.model, dead_leaves(40, 32, seed=0), 10)
+    assert counts.sum() == 40 and counts.shape == (10,)
+    with pytest.raises(ValueError, match="init"):
+        synthesize_bn_images(ci_run.model, 4, (3, 32, 32), init="fractal")
+
+
+def test_anchored_bn_update_of_an_unchanged_copy_keeps_the_teachers_statistics():
+    teacher = two_bn_net()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[4].running_mean.zero_()  # stale statistics the update must overwrite
+    images = torch.rand(64, 3, 8, 8)  # not the training data: the change, not the level, is measured
+    anchored = anchored_bn_update(student, teacher, images, {"1": torch.arange(8), "4": torch.arange(4)})
+    assert anchored == 2
+    for i in (1, 4):
+        assert torch.allclose(student[i].running_mean, teacher[i].running_mean, atol=1e-5)
+        assert torch.allclose(student[i].running_var, teacher[i].running_var, rtol=1e-4)
+
+
+# -------------------------------------------------------------------- distilling from the input
+def test_silenced_channels_get_no_gradient():
+    net = two_bn_net()
+    with torch.no_grad():
+        net[1].weight[2] = 0
+        net[1].bias[2] = 0
+        net[3].weight[1] = 0
+    handles, channels = freeze_silenced_channels(net)
+    assert channels == 2
+    net.train()
+    net(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert net[1].weight.grad[2] == 0 and net[1].bias.grad[2] == 0 and net[3].weight.grad[1].abs().sum() == 0
+    assert net[1].weight.grad.abs().sum() > 0
+    for h in handles:
+        h.remove()
+
+
+def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
+    from ccpurify.data import CIFAR10
+
+    suspect = ci_run.model.eval()
+    clp = CLP(u=1.0, mode="faithful")
+    defended, _ = clp(suspect)
+    silenced = {n: (m.weight == 0) & (m.bias == 0) for n, m in defended.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert sum(int(s.sum()) for s in silenced.values()) > 0
+    pipeline = Pipeline([clp, Recover(teacher_from="input", data="synthetic", synthetic_images=32, synthetic_steps=2,
+                                      synthetic_init="dead_leaves", epochs=2, batch_size=16)])  # fmt: skip
+    context = PurifyContext(normalize=Normalize(CIFAR10.mean, CIFAR10.std))
+    out, report = pipeline(suspect, context)
+    details = report.passes[1].details
+    assert details["teacher"] == "input" and details["frozen_silenced_channels"] > 0
+    for name, module in out.named_modules():
+        if name in silenced and silenced[name].any():
+            assert (module.weight[silenced[name]] == 0).all() and (module.bias[silenced[name]] == 0).all()
+    assert context.pipeline_input is None  # restored after the pipeline
