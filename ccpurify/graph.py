@@ -268,6 +268,14 @@ class ChannelGraph:
         """Name of the BatchNorm that normalises exactly ``layer``'s output, or None."""
         return self.layers[self._name(layer)].bn
 
+    def consumers(self, layer: str | nn.Module) -> list[str]:
+        """Names of the conv/linear layers that read ``layer``'s output channels as their input channels."""
+        module = self.module(self._name(layer))
+        group = self.dg.get_pruning_group(module, self._out_fn(module), [0])
+        names = [self._names[item.dep.target.module] for item in group
+                 if self.dg.is_in_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, WRITER_TYPES)]  # fmt: skip
+        return list(dict.fromkeys(names))
+
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         """(conv, BN) pairs derived from the graph, in module order."""
         return [(n, info.bn) for n, info in self.layers.items() if info.bn is not None and info.type.startswith("Conv")]

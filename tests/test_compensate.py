@@ -178,3 +178,59 @@ def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
         if name in silenced and silenced[name].any():
             assert (module.weight[silenced[name]] == 0).all() and (module.bias[silenced[name]] == 0).all()
     assert context.pipeline_input is None  # restored after the pipeline
+
+
+# ------------------------------------------------------------------------------------ merging
+class TwinNet(nn.Module):
+    """conv1 -> BN -> ReLU -> conv2 -> BN -> ReLU -> pool -> fc, where conv1's channels 8-15 are exact
+    copies of channels 0-7 (filters and BN) whose conv2 input weights are small, so magnitude pruning
+    removes the twins first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.bn1.running_mean.uniform_(-0.5, 0.5), self.bn1.running_var.uniform_(0.5, 2), self.bn1.bias.uniform_(-0.5, 0.5)
+            self.conv1.weight[8:] = self.conv1.weight[:8]
+            for t in (self.bn1.weight, self.bn1.bias, self.bn1.running_mean, self.bn1.running_var):
+                t[8:] = t[:8]
+            self.conv2.weight[:, 8:] *= 0.1
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_merging_a_duplicated_channel_into_its_twin_reproduces_the_logits():
+    net = TwinNet()
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 16, 16))
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    merged, report = Prune(macs=0.53, ignored=("conv2",), merge=True)(net, context)
+    dropped, _ = Prune(macs=0.53, ignored=("conv2",))(net, context)
+    assert merged.conv1.out_channels == 8 and report.details["merge"]["merged"] == 8
+    assert report.details["merge"]["mean_similarity"] == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        assert (merged(x) - net(x)).abs().max() < 1e-4
+        assert (dropped(x) - net(x)).abs().max() > 1e-2
+
+
+def test_silenced_channels_are_never_merge_sources_or_targets():
+    from ccpurify.graph import ChannelGraph
+    from ccpurify.merge import merge_removed_channels
+
+    net = TwinNet()
+    with torch.no_grad():
+        net.bn1.weight[9] = 0  # channel 9 silenced (as CLP/RNP leave it) ...
+        net.bn1.bias[9] = 0
+        net.bn1.weight[1] = 0  # ... and its twin too
+        net.bn1.bias[1] = 0
+    before = net.conv2.weight.clone()
+    result = merge_removed_channels(net, ChannelGraph(net, torch.zeros(1, 3, 16, 16)), {"conv1": [9, 10]})
+    assert result["merged"] == 1 and result["skipped"] == 1
+    assert torch.equal(net.conv2.weight[:, 1], before[:, 1])  # nothing copied into the silenced twin
+    assert torch.allclose(net.conv2.weight[:, 2], before[:, 2] + before[:, 10])  # channel 10 folded into its twin 2

@@ -17,7 +17,8 @@ from torch.nn import functional as F
 
 from ccpurify.compensate import gaussian_compensation
 from ccpurify.distill import correspondence_after_edits
-from ccpurify.graph import ChannelGraph, Coupling
+from ccpurify.graph import ChannelGraph, Coupling, apply_history
+from ccpurify.merge import merge_removed_channels
 from ccpurify.metrics import model_cost
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
@@ -56,6 +57,10 @@ class Prune(Pass):
     # (ccpurify.compensate.gaussian_compensation): the next BatchNorms' means and variances and the
     # classifier's bias. No data needed; one forward of each model on Gaussian replacement inputs.
     compensate: bool = False
+    # Fold each removed channel of an internal group into the most similar kept channel's consumer
+    # weights instead of dropping it (ccpurify.merge, Neuron Merging); silenced channels never merge.
+    merge: bool = False
+    merge_similarity: float = 0.0  # merge only pairs whose folded filters have at least this cosine similarity
 
     def __post_init__(self) -> None:
         self.importance = Importance(self.importance)
@@ -66,6 +71,8 @@ class Prune(Pass):
         target = self.macs if self.macs is not None else self.params
         if not 0.0 < target <= 1.0:
             raise ValueError(f"the target must be a fraction in (0, 1], got {target}")
+        if not -1.0 <= self.merge_similarity <= 1.0:
+            raise ValueError(f"merge_similarity is a cosine similarity in [-1, 1], got {self.merge_similarity}")
         if self.round_to is not None and self.round_to < 1:
             raise ValueError(f"round_to must be a positive channel count, got {self.round_to}")
 
@@ -127,6 +134,12 @@ class Prune(Pass):
         details = {"ratio": best_ratio, "target": goal / start, "achieved": achieved, "groups_pruned": len(history),
                    "reached": achieved <= goal / start + 1e-9}  # fmt: skip
         edits = [{"op": "remove_channels", "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in history]}] if history else []
+        if self.merge and history:
+            merged = copy.deepcopy(model)
+            graph = ChannelGraph(merged, example)
+            removed = {n: list(idx) for n, is_out, idx in history if is_out and n in graph.layers}
+            details["merge"] = merge_removed_channels(merged, graph, removed, self.merge_similarity)
+            best = apply_history(merged, [[n, bool(o), list(idx)] for n, o, idx in history], example).eval()
         if self.compensate and edits:
             correspondence = correspondence_after_edits(model, edits, example)
             details["compensation"] = gaussian_compensation(best, model, correspondence, example, seed=context.seed)
