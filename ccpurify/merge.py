@@ -37,6 +37,12 @@ def folded_filters(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None) 
     return torch.cat([weight, bias[:, None]], dim=1)
 
 
+def _reads_exactly(consumer: nn.Module, channels: int) -> bool:
+    """Whether ``consumer``'s input channels are exactly ``channels`` producer channels, ungrouped."""
+    width = consumer.in_channels if isinstance(consumer, nn.Conv2d) else consumer.in_features
+    return width == channels and getattr(consumer, "groups", 1) == 1
+
+
 @torch.no_grad()
 def merge_removed_channels(model: nn.Module, graph: ChannelGraph, removed: dict[str, list[int]], min_similarity: float = 0.0) -> dict:
     """Before ``removed`` output channels of internal layers are pruned from ``model``, add each one's
@@ -47,16 +53,15 @@ def merge_removed_channels(model: nn.Module, graph: ChannelGraph, removed: dict[
     merged, skipped, similarities = 0, 0, []
     for name, channels in removed.items():
         info = graph.layers.get(name)
-        consumers = [graph.module(c) for c in graph.consumers(name)] if info is not None else []
-        fits = [c for c in consumers if (c.in_channels if isinstance(c, nn.Conv2d) else c.in_features) == info.out_channels
-                and getattr(c, "groups", 1) == 1] if info is not None else []  # fmt: skip
-        if info is None or info.coupling is not Coupling.INTERNAL or not consumers or len(fits) != len(consumers):
+        consumers = [graph.module(c) for c in graph.consumers(name)] if info is not None and info.coupling is Coupling.INTERNAL else []
+        if not consumers or not all(_reads_exactly(c, info.out_channels) for c in consumers):
             skipped += len(channels)
             continue
         bn = graph.module(info.bn) if info.bn is not None else None
         filters = folded_filters(graph.module(name), bn)
         norms = filters.norm(dim=1)
-        kept = torch.tensor([c for c in range(info.out_channels) if c not in set(channels) and norms[c] > 0], dtype=torch.long)
+        removed_set = set(channels)
+        kept = torch.tensor([c for c in range(info.out_channels) if c not in removed_set and norms[c] > 0], dtype=torch.long)
         if len(kept) == 0:
             skipped += len(channels)
             continue

@@ -13,7 +13,7 @@
   optimised with Adam (ZeroQ, Cai et al., CVPR 2020), plus a small total-variation prior. Starting
   from dead leaves instead of Gaussian noise, 5 steps are enough: on the same pruned model, 256
   images x 5 steps then distillation reached validation CA 81.3%, 256 noise images x 15 steps 78.4%
-  (benchmarks/experiments, "transfer sets").
+  (exploratory runs, not yet a benchmark script).
 - ``class_histogram``: how the suspect model labels a transfer set; a class far above its share is
   the sign of a trigger leaking into synthetic images (the trigger is the cheapest way to make an
   image of the target class).

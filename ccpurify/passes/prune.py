@@ -139,7 +139,7 @@ class Prune(Pass):
             graph = ChannelGraph(merged, example)
             removed = {n: list(idx) for n, is_out, idx in history if is_out and n in graph.layers}
             details["merge"] = merge_removed_channels(merged, graph, removed, self.merge_similarity)
-            best = apply_history(merged, [[n, bool(o), list(idx)] for n, o, idx in history], example).eval()
+            best = apply_history(merged, edits[0]["history"], example).eval()
         if self.compensate and edits:
             correspondence = correspondence_after_edits(model, edits, example)
             details["compensation"] = gaussian_compensation(best, model, correspondence, example, seed=context.seed)

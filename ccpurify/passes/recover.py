@@ -11,7 +11,8 @@ all of its clean accuracy, which a defense's output has lost (OTBR: CIFAR-10 Bad
 made from BatchNorm statistics, not the attacker's data), and every channel a defense silenced stays
 silenced (its BN scale and shift, or its filter, are frozen at zero), so distillation cannot revive
 what the defense cut. Measured on CIFAR-10 BadNets: OTBR(compact) -> Prune(0.75 MACs) -> Recover from
-the input model: validation CA 81.1%, ASR 7.0% (benchmarks/experiments, "teacher").
+the input model: validation CA 81.1%, ASR 7.0% (an exploratory run, not yet a benchmark script; the
+same pipeline does not hold the backdoor off on WaNet: issue 14's notes).
 """
 
 from __future__ import annotations
