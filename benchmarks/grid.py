@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,8 @@ from common import (  # noqa: E402
 )
 
 from ccpurify.atomic import write_json, write_text  # noqa: E402
-from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, Pass, Pipeline, Prune  # noqa: E402
-from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, ranked_rnp  # noqa: E402
+from ccpurify.passes import BCU, CLP, OTBR, PASSES, RNP, CleanCompact, Pass, Pipeline, Prune  # noqa: E402
+from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, MACS_TARGETS, key, ranked_rnp  # noqa: E402
 from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions  # noqa: E402
 
 ATTACK_ORDER = ["badnets", "blended", "wanet", "sig", "lf", "input_aware", "clean"]
@@ -75,14 +76,20 @@ CELLS: dict[str, Cell] = {
     "bcu": Cell("unlabeled", lambda: BCU(), "BCU, 5,000 unlabelled images, 20 epochs"),
     "bcu-ood": Cell("unlabeled_ood", lambda: BCU(), "BCU on 5,000 images of the other dataset"),
     "bcu-compact": Cell("unlabeled", lambda: BCU(compact=Prune(macs=0.5)), "BCU with a 50%-MACs pruned student"),
-    **{f"pipeline:{name}": Cell(kind, builder, f"pipeline {name}") for name, (kind, builder) in CANDIDATES.items()},
+    **{f"pipeline:{key(name, macs)}": Cell(kind, partial(builder, macs), f"pipeline {name} at {macs:g} of the MACs")
+       for name, (kind, builder) in CANDIDATES.items() for macs in MACS_TARGETS},
 }
+
+
+def default_cells() -> set[str]:
+    """The grid's names of the default pipelines (ccpurify.passes.defaults.DEFAULTS)."""
+    return {f"pipeline:{key(d.name, d.macs)}" for d in DEFAULTS.values()}
 
 
 def planned_cells(entries: list[str]) -> list[tuple[str, str]]:
     """(entry, defense) pairs a plain ``python benchmarks/grid.py`` runs: single defenses and the
     default pipelines everywhere, every candidate pipeline on the selection entries."""
-    defaults = {f"pipeline:{name}" for name in DEFAULTS.values()}
+    defaults = default_cells()
     return [(e, d) for e in entries for d in CELLS
             if not d.startswith("pipeline:") or d in defaults or e in SELECTION_ENTRIES]  # fmt: skip
 
@@ -121,21 +128,31 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
 EMPTY_GRID = {"cells": {}, "baselines": {}}
 
 
+def same_config(old: dict, new: dict, defaults: dict) -> bool:
+    """Whether a stored pass configuration ``old`` runs as ``new`` does. A parameter ``old`` lacks is
+    an option added since; at its default it keeps the behaviour the cell ran with (design.md: an
+    improvement is a named option, off by default), so it does not make the cell stale. A nested
+    pass (e.g. BCU's ``compact`` Prune) is compared the same way against its own defaults."""
+    for k, value in new.items():
+        if k not in old:
+            if value != defaults.get(k):
+                return False
+        elif isinstance(value, dict) and isinstance(old[k], dict) and "name" in value:
+            nested = PASSES.create(value["name"]).config() if value["name"] in PASSES.list() else {}
+            if not same_config(old[k], value, nested):
+                return False
+        elif old[k] != value:
+            return False
+    return set(old) <= set(new)
+
+
 def same_recipe(stored: list[dict], pipeline: Pipeline) -> bool:
-    """Whether a stored cell ran the recipe ``pipeline`` runs now. A parameter the stored recipe
-    lacks is a pass option added since; at its default it keeps the behaviour the cell ran with
-    (design.md: an improvement is a named option, off by default), so it does not make the cell stale."""
+    """Whether a stored cell ran the recipe ``pipeline`` runs now (``same_config`` pass by pass)."""
     current = recipe(pipeline)
     if [s["name"] for s in stored] != [c["name"] for c in current]:
         return False
-    for old, new, step in zip(stored, current, pipeline.passes):
-        defaults = type(step)().config()
-        added = set(new["config"]) - set(old["config"])
-        if any(new["config"][k] != defaults.get(k) for k in added):
-            return False
-        if old["config"] != {k: v for k, v in new["config"].items() if k not in added}:
-            return False
-    return True
+    return all(same_config(old["config"], new["config"], type(step)().config())
+               for old, new, step in zip(stored, current, pipeline.passes))  # fmt: skip
 
 
 def is_stale(stored: dict | None, defense: str) -> bool:
@@ -224,12 +241,13 @@ def write_tables(grid: dict) -> None:
 
 
 def select_defaults(cells: dict, baselines: dict) -> dict:
-    """Apply the rule of ccpurify.passes.defaults to the grid: per kind of data, the candidate with
-    the best mean validation DER among those meeting the MACs and latency goals, over the CIFAR-10
-    models every candidate of that kind was run on."""
+    """Apply the rule of ccpurify.passes.defaults to the grid: per kind of data, the (candidate, MACs
+    target) with the best mean validation DER among those meeting the MACs and latency goals, over
+    the CIFAR-10 models every such pair of that kind was run on."""
     out = {}
     for kind in ("none", "clean", "unlabeled"):
-        names = [c for c, (k, _) in CANDIDATES.items() if k == kind and any(key.endswith(f"|pipeline:{c}") for key in cells)]
+        planned = [key(c, m) for c, (k, _) in CANDIDATES.items() if k == kind for m in MACS_TARGETS]
+        names = [c for c in planned if any(cell.endswith(f"|pipeline:{c}") for cell in cells)]
         entries = sorted(n for n, b in baselines.items() if b["dataset"] == "cifar10" and b["attack"] != "clean"
                          and all(f"{n}|pipeline:{c}" in cells for c in names))  # fmt: skip
         if not names or not entries:
@@ -240,12 +258,15 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
             latency = mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in done)
             macs = mean(r["macs_ratio"] for r in done)
             rows[c] = {"mean_der_val": mean(r["val"]["der"] for r in done), "mean_der_test": mean(r["test"]["der"] for r in done),
+                       "mean_ca_drop_val": mean(r["val"]["ca_before"] - r["val"]["ca"] for r in done),
+                       "max_asr_val": max(r["val"]["asr"] for r in done),
                        "mean_macs_ratio": macs, "mean_latency_ratio_bs1_t1": latency,
                        "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL}  # fmt: skip
         eligible = [c for c in rows if rows[c]["eligible"]]
         chosen = max(eligible, key=lambda c: rows[c]["mean_der_val"]) if eligible else None
-        not_run = [c for c, (k, _) in CANDIDATES.items() if k == kind and c not in names]
-        out[kind] = {"entries": entries, "candidates": rows, "not_run": not_run, "chosen": chosen, "current_default": DEFAULTS[kind]}
+        not_run = [c for c in planned if c not in names]
+        current = key(DEFAULTS[kind].name, DEFAULTS[kind].macs)
+        out[kind] = {"entries": entries, "candidates": rows, "not_run": not_run, "chosen": chosen, "current_default": current}
     return out
 
 
@@ -255,11 +276,13 @@ def selection_table(selection: dict) -> str:
              "then the best mean validation DER. Test DER is shown, never used."]  # fmt: skip
     for kind, sel in selection.items():
         lines += ["", f"## data: {kind} (over {', '.join(sel['entries'])})", "",
-                  "| candidate | mean val DER | mean test DER | MACs | latency b1/t1 | eligible |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| candidate @ MACs target | mean val DER | val CA drop | max val ASR | mean test DER | MACs | latency b1/t1 | eligible |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c, r in sel["candidates"].items():
             lat = "-" if r["mean_latency_ratio_bs1_t1"] is None else f"{r['mean_latency_ratio_bs1_t1']:.2f}"
             mark = "**chosen**" if c == sel["chosen"] else ("yes" if r["eligible"] else "no")
-            lines.append(f"| {c} | {pct(r['mean_der_val'])} | {pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |")
+            lines.append(f"| {c} | {pct(r['mean_der_val'])} | {pct(r.get('mean_ca_drop_val'))} | {pct(r.get('max_asr_val'))} | "
+                         f"{pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |")
         if sel.get("not_run"):
             lines += ["", f"Not run yet (not part of this choice): {', '.join(sel['not_run'])}."]
         if sel["chosen"] != sel["current_default"]:
@@ -324,7 +347,7 @@ def summary(cells: dict, baselines: dict, defenses: list[str]) -> dict:
                     "max_asr_test": max(r["test"]["asr"] for r in rows),
                     "clean_model_ca_drop_test": mean(t["ca_before"] - t["ca"] for t in on_clean),
                 }  # fmt: skip
-    return {"defaults": DEFAULTS, "per_dataset": out}
+    return {"defaults": {kind: key(d.name, d.macs) for kind, d in DEFAULTS.items()}, "per_dataset": out}
 
 
 def plot(cells: dict, defenses: list[str]) -> None:

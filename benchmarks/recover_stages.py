@@ -38,7 +38,7 @@ def recalibrated(model, images):
 def stages(entry) -> list[tuple[str, object]]:
     context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
     defended = OTBR().run(copy.deepcopy(entry.model), context).model
-    pruned = prune().run(copy.deepcopy(defended), context).model
+    pruned = prune(0.5).run(copy.deepcopy(defended), context).model
     recover = Recover(data="synthetic", teacher=defended)
     synthetic = synthesize_bn_images(defended, recover.synthetic_images, tuple(entry.example_inputs.shape[1:]),
                                      steps=recover.synthetic_steps, generator=context.generator(11))  # fmt: skip
@@ -46,7 +46,7 @@ def stages(entry) -> list[tuple[str, object]]:
         ("suspect", entry.model),
         ("OTBR", defended),
         ("OTBR + prune", pruned),
-        ("prune alone", prune().run(copy.deepcopy(entry.model), context).model),
+        ("prune alone", prune(0.5).run(copy.deepcopy(entry.model), context).model),
         ("OTBR + prune, BN re-estimated on synthetic images", recalibrated(pruned, synthetic)),
         ("OTBR + prune, BN re-estimated on 500 clean images", recalibrated(pruned, entry.clean_data().x)),
         ("OTBR (unpruned), BN re-estimated on synthetic images", recalibrated(defended, synthetic)),

@@ -159,6 +159,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ purify
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.75, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text}")
+    return value
+
+
 def parse_option(text: str) -> tuple[str, object]:
     """``key=value`` with JSON values where they parse (numbers, true/false, null, lists), else a string."""
     import json
@@ -186,7 +197,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     options = dict(parse_option(o) for o in args.set)
     clean = unlabeled = None
     if args.clean_data:
-        clean = defender.clean_data(args.clean_data, source.dataset, rnp=args.method == "rnp", data_dir=args.data)
+        # A run directory gives its 500-image defender subset whatever the method, as the grid does.
+        clean = defender.clean_data(args.clean_data, source.dataset, rnp=True, data_dir=args.data)
     elif source.run is not None and args.method in ("rnp",):
         clean = defender.clean_data(source.path, source.dataset, rnp=True, data_dir=args.data)
     if args.unlabeled_data:
@@ -200,11 +212,13 @@ def cmd_purify(args: argparse.Namespace) -> int:
     try:
         result = ccpurify.purify(
             source.model, args.method, example_inputs=source.example_inputs, clean_data=clean, unlabeled_data=unlabeled,
-            seed=args.seed, device=args.device, progress=progress, normalize=source.normalize, **options,
+            seed=args.seed, device=args.device, progress=progress, normalize=source.normalize, macs=args.macs, **options,
         )  # fmt: skip
     finally:
         progress.close()
     wall = time.perf_counter() - started
+    used = [f"{len(d.x)} {what} images" for d, what in ((clean, "labelled clean"), (unlabeled, "unlabelled")) if d is not None]
+    print(f"data: {', '.join(used) if used else 'none (data-free)'}")
     model_path = result.save(out / "model.safetensors", extra={"dataset": source.dataset})
     report = {"input": str(source.path), "method": args.method or "default", "options": options, "seed": args.seed,
               "pipeline": result.report.to_dict()}  # fmt: skip
@@ -247,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "data, exported to ONNX and benchmarked; 1,000 embedded test images score it.", file=sys.stderr)  # fmt: skip
     progress = TqdmProgress(leave=False)
     try:
-        result = run_demo(args.out, args.method, options, progress=progress, runs=args.runs)
+        result = run_demo(args.out, args.method, options, progress=progress, runs=args.runs, macs=args.macs)
     finally:
         progress.close()
     rows = [[r["model"], pct(r["ca"]), pct(r["asr"]), count(r["params"]), count(r["macs"]), f"{r['latency_ms_bs1_t1']:.3f}",
@@ -401,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pass to run (default: the default pipeline for the data given; see README)")  # fmt: skip
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a pass option, e.g. --set u=2.5 --set mode=faithful (repeatable)")  # fmt: skip
+    u.add_argument("--macs", type=_fraction, default=None, metavar="FRACTION",
+                   help="fraction of the dense MACs to keep: the default pipeline's target (default: the one it was chosen at), "
+                   "or the macs option of --method")  # fmt: skip
     u.add_argument("--clean-data", default=None, metavar="PATH",
                    help="labelled clean images: a run directory (its defender subset) or an image folder/zip in the dataset's class layout")  # fmt: skip
     u.add_argument("--unlabeled-data", default=None, metavar="PATH",
@@ -419,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="where the ONNX files, purified model and report go (default: runs/demo)")
     d.add_argument("--method", choices=passes.list_passes(), default=None, help="run this pass instead of the default pipeline")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an option of --method (repeatable)")
+    d.add_argument("--macs", type=_fraction, default=None, metavar="FRACTION",
+                   help="fraction of the dense MACs to keep (default: the default pipeline's chosen target)")
     d.add_argument("--runs", type=int, default=100, help="timed onnxruntime runs per model (default: 100, at least 50)")
     d.set_defaults(func=cmd_demo)
 

@@ -63,7 +63,7 @@ def _row(label: str, score: Score, latency_ms: float, onnx_bytes: int) -> dict:
 
 def run_demo(
     out_dir: str | os.PathLike, method: str | None = None, options: dict | None = None,
-    progress: ProgressCallback | None = None, runs: int = 100,
+    progress: ProgressCallback | None = None, runs: int = 100, macs: float | None = None,
 ) -> DemoResult:  # fmt: skip
     from exporters.latency import BenchConfig, benchmark
     from exporters.onnx import export
@@ -81,7 +81,7 @@ def run_demo(
     report(progress, "demo: score the suspect model", 1, 1)
 
     started = time.perf_counter()
-    result = purify(model, method, progress=progress, normalize=(CIFAR10.mean, CIFAR10.std), **(options or {}))
+    result = purify(model, method, progress=progress, normalize=(CIFAR10.mean, CIFAR10.std), macs=macs, **(options or {}))
     purify_seconds = time.perf_counter() - started
     after = bench.score(result.model)
 

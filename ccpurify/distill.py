@@ -186,10 +186,14 @@ class FeatureHints:
 
         return hook
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights`` (one per image, 0 or 1): images with weight 0 do not count."""
         if not self.layers:
             return torch.zeros(())
-        terms = [((self._seen[("s", n)] - self._seen[("t", n)][:, idx].detach()) * scale).pow(2).mean() for n, idx, scale in self.layers]
+        terms = []
+        for n, idx, scale in self.layers:
+            per_image = ((self._seen[("s", n)] - self._seen[("t", n)][:, idx].detach()) * scale).pow(2).flatten(1).mean(1)
+            terms.append(per_image.mean() if weights is None else (per_image * weights).sum() / weights.sum().clamp_min(1))
         return torch.stack(terms).mean()
 
     def remove(self) -> None:
@@ -215,6 +219,7 @@ def distill(
     hints: FeatureHints | None = None,
     feature_weight: float = 0.0,
     augment: Augment | None = None,
+    guard: nn.Module | None = None,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     progress: ProgressCallback | None = None,
@@ -224,8 +229,16 @@ def distill(
 
     ``temperature`` may be a function of the epoch (BCU's rising schedule); ``scale_by_t_squared``
     multiplies the KL term by T^2 (Hinton's gradient correction; BCU's reference does not).
-    ``hints`` (recording both models' BN inputs) adds ``feature_weight`` times their mismatch."""
+    ``hints`` (recording both models' BN inputs) adds ``feature_weight`` times their mismatch.
+
+    ``guard`` (a model trusted not to carry the backdoor, e.g. a defense's output) vetoes the teacher
+    image by image: where the two predict different classes the target is the guard's output and the
+    image's feature hints do not count. A backdoored teacher can then only pass on behaviour that the
+    guard shares (the agreement mask of ``ccpurify.passes.recover``'s trigger-leak guard)."""
     teacher.eval()
+    if guard is not None:
+        guard.eval()
+    vetoed = seen = 0
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
     total = epochs * steps_per_epoch
@@ -246,6 +259,14 @@ def distill(
             x = x.to(device)
             with torch.no_grad():
                 t = teacher(x)
+                weights = None
+                if guard is not None:
+                    g = guard(x)
+                    agree = t.argmax(1) == g.argmax(1)
+                    t = torch.where(agree[:, None], t, g)
+                    weights = agree.to(t.dtype)
+                    vetoed += int((~agree).sum())
+                    seen += len(x)
             s = student(x)
             loss = F.kl_div(F.log_softmax(s / t_epoch, 1), F.softmax(t / t_epoch, 1), reduction="batchmean")
             if scale_by_t_squared:
@@ -253,7 +274,7 @@ def distill(
             if labels is not None and hard_label_weight > 0:
                 loss = loss + hard_label_weight * F.cross_entropy(s, labels[idx].to(device))
             if hints is not None and feature_weight > 0:
-                loss = loss + feature_weight * hints.loss()
+                loss = loss + feature_weight * hints.loss(weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -262,7 +283,10 @@ def distill(
         losses.append(running / steps_per_epoch)
         report(progress, task, epoch + 1, epochs, loss=losses[-1])
     student.eval()
-    return {"epochs": epochs, "loss_per_epoch": losses, "images": len(images)}
+    out = {"epochs": epochs, "loss_per_epoch": losses, "images": len(images)}
+    if guard is not None:
+        out["guard_vetoed_fraction"] = vetoed / max(1, seen)
+    return out
 
 
 @torch.no_grad()

@@ -32,14 +32,21 @@ class PurifyResult:
         return save_model(self.model, path, extra={"purify": self.report.to_dict(), **(extra or {})})
 
 
-def resolve(method: str | Pass | Pipeline | Sequence, options: dict, has_clean: bool, has_unlabeled: bool) -> Pipeline:
-    """A pipeline from a pass name, a pass, a pipeline, a list of those, or None (the defaults)."""
+def resolve(
+    method: str | Pass | Pipeline | Sequence | None, options: dict, has_clean: bool, has_unlabeled: bool, macs: float | None = None,
+) -> Pipeline:  # fmt: skip
+    """A pipeline from a pass name, a pass, a pipeline, a list of those, or None (the defaults).
+    ``macs`` is the default pipeline's MACs target, or the ``macs`` option of a named pass."""
     if method is None:
         from ccpurify.passes.defaults import default_pipeline
 
         if options:
-            raise ValueError("options need a named method; the default pipeline takes none")
-        return default_pipeline(has_clean=has_clean, has_unlabeled=has_unlabeled)
+            raise ValueError("options need a named method; the default pipeline takes only macs=")
+        return default_pipeline(has_clean=has_clean, has_unlabeled=has_unlabeled, macs=macs)
+    if macs is not None:
+        if not isinstance(method, str):
+            raise ValueError("macs= applies to the default pipeline or a named pass; set it on your Pass or Pipeline instead")
+        options = {**options, "macs": macs}
     if isinstance(method, Pipeline):
         return method
     if isinstance(method, Pass):
@@ -62,6 +69,7 @@ def purify(
     unlabeled_data=None,
     num_classes: int | None = None,
     normalize: Normalize | tuple[Sequence[float], Sequence[float]] | None = None,
+    macs: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
@@ -70,7 +78,9 @@ def purify(
     """Purify ``model`` with ``method`` (a registered pass name and its ``options``, a ``Pass``, a
     ``Pipeline``, or None for the default pipeline for the data given). ``normalize`` is the model's
     input normalisation (a ``Normalize`` or ``(mean, std)``), when known: data-free passes that make
-    images use it. The input model is not modified."""
+    images use it. ``macs`` is the fraction of the dense MACs the default pipeline keeps (its chosen
+    target when None; ``ccpurify.passes.defaults``), or a named pass's ``macs`` option. The input
+    model is not modified."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = example_inputs if example_inputs is not None else torch.zeros(1, 3, 32, 32)
@@ -91,6 +101,6 @@ def purify(
             data.check(example, who)
     if context.clean_data is not None:
         context.clean_data.check_classes(context.num_classes, "clean_data")
-    pipeline = resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None)
+    pipeline = resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None, macs)
     purified, report = pipeline(model, context)
     return PurifyResult(purified, report)

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ccpurify.progress import ProgressCallback, report
 
@@ -155,6 +156,7 @@ def synthesize_bn_images(
     steps: int = 200,
     lr: float = 0.1,
     tv_weight: float = 1e-4,
+    class_weight: float = 0.0,
     generator: torch.Generator | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -165,7 +167,13 @@ def synthesize_bn_images(
     ``init="noise"`` starts from N(0, 1) pixels (ZeroQ); ``init="dead_leaves"`` from dead-leaves
     images (seeded by ``seed``) mapped into the model's input space by ``normalize`` (the model's
     input normalisation, when the caller knows it) or else by ``fit_input_affine``; they need far
-    fewer steps (``steps=0`` returns them unrefined)."""
+    fewer steps (``steps=0`` returns them unrefined).
+
+    ``class_weight > 0`` adds DeepInversion's class term (Yin et al., CVPR 2020): image ``i`` is also
+    pushed towards class ``i mod num_classes`` by cross-entropy on ``model``'s logits, so the set is
+    class-balanced and lies inside the decision regions rather than between them. Use a model
+    trusted not to carry a backdoor (a defense's output): aiming images at the attacker's class of
+    a backdoored model is how trigger reconstruction works."""
     if init not in ("noise", "dead_leaves"):
         raise ValueError(f"init must be 'noise' or 'dead_leaves', got {init!r}")
     if init == "noise":
@@ -185,11 +193,17 @@ def synthesize_bn_images(
             x = start[b * batch_size : (b + 1) * batch_size].to(device).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)
             loss = torch.zeros(())
+            targets = None
             for _ in range(steps):
                 terms.clear()
-                model(x)
+                logits = model(x)
                 tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
                 loss = torch.stack(terms).sum() + tv_weight * tv
+                if class_weight > 0:
+                    if targets is None:
+                        first = b * batch_size
+                        targets = torch.arange(first, first + len(x), device=logits.device) % logits.shape[1]
+                    loss = loss + class_weight * F.cross_entropy(logits, targets)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -53,6 +53,21 @@ def test_purify_a_run_directory_writes_model_onnx_report_and_table(ci_run, tmp_p
     assert main(["evaluate", str(out / "model.safetensors"), "--attack-from", str(ci_run.run_dir), "--test-subset", "200"]) == 0
 
 
+def test_purify_macs_and_the_run_directory_shorthand_take_the_grids_subset_whatever_the_method(ci_run, tmp_path, capsys, data_dir):
+    from ccpurify import defender
+
+    out = tmp_path / "prune"
+    args = ["purify", str(ci_run.run_dir), "--method", "prune", "--macs", "0.75", "--clean-data", str(ci_run.run_dir),
+            "--out", str(out), "--no-export", "--data", str(data_dir)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"]["passes"][0]["config"]["macs"] == 0.75
+    grid_subset = defender.clean_data(ci_run.run_dir, "cifar10", rnp=True, data_dir=data_dir)
+    assert f"data: {len(grid_subset)} labelled clean images" in capsys.readouterr().out
+    result = run_cli("purify", str(ci_run.run_dir), "--macs", "1.5")
+    assert result.returncode == 2 and "strictly between 0 and 1" in result.stderr
+
+
 def test_export_and_bench_from_the_command_line(ci_run, tmp_path, capsys):
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(ci_run.run_dir), "--out", str(onnx_path), "--int8", "--calibration-images", "32", "--eval-images", "64"]) == 0

@@ -180,6 +180,53 @@ def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
     assert context.pipeline_input is None  # restored after the pipeline
 
 
+def test_a_guard_vetoes_the_teacher_on_every_image_where_they_disagree():
+    from ccpurify.distill import distill
+
+    teacher, student = two_bn_net(), two_bn_net()
+    guard = copy.deepcopy(teacher)
+    with torch.no_grad():  # the guard always prefers class 2, the teacher (before training) rarely does
+        guard[8].bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
+    images = torch.randn(64, 3, 8, 8)
+    assert agreement(teacher, guard, images) < 0.9
+    log = distill(student, teacher, images, epochs=30, batch_size=32, lr=0.05, guard=guard, generator=torch.Generator().manual_seed(0))
+    assert log["guard_vetoed_fraction"] > 0.1
+    assert agreement(student, guard, images) > agreement(student, teacher, images)
+
+
+def test_feature_hints_ignore_images_of_weight_zero():
+    from ccpurify.distill import FeatureHints
+
+    teacher, student = two_bn_net(), two_bn_net()
+    with torch.no_grad():
+        student[0].weight.add_(0.5)  # the student's first BN input differs from the teacher's
+    hints = FeatureHints(teacher, student, {"1": torch.arange(8)})
+    x = torch.randn(4, 3, 8, 8)
+    teacher(x), student(x)
+    assert hints.loss() > 0 and hints.loss(torch.zeros(4)) == 0
+    assert torch.allclose(hints.loss(torch.ones(4)), hints.loss())
+    hints.remove()
+
+
+def test_the_class_term_aims_synthetic_images_at_round_robin_classes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 3)).eval()  # fmt: skip
+    plain = synthesize_bn_images(net, 30, (3, 8, 8), steps=40, generator=torch.Generator().manual_seed(0))
+    aimed = synthesize_bn_images(net, 30, (3, 8, 8), steps=40, class_weight=5.0, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(30) % 3
+    with torch.no_grad():
+        hit_plain = (net(plain).argmax(1) == targets).float().mean()
+        hit_aimed = (net(aimed).argmax(1) == targets).float().mean()
+    assert hit_aimed > 0.9 and hit_aimed > hit_plain
+
+
+def test_a_guarded_recover_needs_a_defense_before_it():
+    with pytest.raises(ValueError, match="guard"):
+        Pipeline([Recover(teacher_from="input", guard=True, synthetic_images=8, synthetic_steps=0, epochs=1)])(two_bn_net(), PurifyContext(
+            example_inputs=torch.zeros(1, 3, 8, 8)))
+
+
 # ------------------------------------------------------------------------------------ merging
 class TwinNet(nn.Module):
     """conv1 -> BN -> ReLU -> conv2 -> BN -> ReLU -> pool -> fc, where conv1's channels 8-15 are exact

@@ -63,6 +63,16 @@ def test_rnp_auto_threshold_uses_held_out_clean_images_only(ci_run, rnp_data):
     assert [s["threshold"] for s in d["sweep"]][:3] == [0.05, 0.1, 0.15]
 
 
+def test_rnp_with_max_images_unlearns_on_a_seeded_subset_of_that_size(ci_run, rnp_data):
+    rnp = RNP(threshold=0.9, recover_epochs=1, unlearn_epochs=1, max_images=32)
+    _, report = rnp(ci_run.model, PurifyContext(clean_data=rnp_data))
+    _, again = rnp(ci_run.model, PurifyContext(clean_data=rnp_data))
+    assert report.details["clean_images"] == 32 and report.details["clean_images_given"] == len(rnp_data) > 32
+    assert report.details["channels"] == again.details["channels"]  # the same draw given the seed
+    with pytest.raises(ValueError, match="max_images"):
+        RNP(max_images=0)
+
+
 def test_rnp_prunes_the_lowest_trajectory_scores_when_given_a_fraction(ci_run, rnp_data):
     rnp = RNP(prune_fraction=0.05, mask_score="trajectory", recover_epochs=3)
     unlearned, _ = rnp.unlearn(ci_run.model, rnp_data, PurifyContext())
@@ -202,6 +212,26 @@ def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_half_macs_stude
     assert bcu.compact.macs == 0.5 and bcu.compact.round_to == 8
     # labelled data wins when both are given
     assert default_pipeline(has_clean=True, has_unlabeled=True).passes[0].name == "rnp"
+
+
+def test_the_default_pipeline_takes_a_macs_target_and_refuses_one_outside_0_1():
+    from ccpurify.passes.defaults import DEFAULTS, default_pipeline
+
+    prune = next(p for p in default_pipeline(macs=0.75).passes if p.name == "prune")
+    assert prune.macs == 0.75
+    assert next(p for p in default_pipeline().passes if p.name == "prune").macs == DEFAULTS["none"].macs
+    with pytest.raises(ValueError, match="macs"):
+        default_pipeline(macs=1.5)
+
+
+def test_purify_macs_sets_the_default_target_or_a_named_pass_option_and_is_refused_for_a_pipeline():
+    from ccpurify import models, purify
+    from ccpurify.passes import CLP, Pipeline
+
+    model = models.create("preact_resnet18", width=0.25)
+    assert purify(model, "prune", macs=0.75).report.passes[0].config["macs"] == 0.75
+    with pytest.raises(ValueError, match="macs= applies"):
+        purify(model, Pipeline([CLP()]), macs=0.75)
 
 
 def test_the_data_free_default_is_otbr_then_prune_then_recover_with_feature_hints():

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-@pytest.mark.parametrize("defense", ["clp", "pipeline:clp+prune+recover"])
+@pytest.mark.parametrize("defense", ["clp", "pipeline:clp+prune+recover@0.5"])
 def test_one_grid_cell_end_to_end(ci_run, data_dir, defense, tmp_path, monkeypatch):
     import common
     from grid import CELLS, run_cell
@@ -36,13 +36,14 @@ def test_one_grid_cell_end_to_end(ci_run, data_dir, defense, tmp_path, monkeypat
 def test_the_plan_runs_candidates_only_where_the_defaults_are_chosen():
     from grid import CELLS, SELECTION_ENTRIES, planned_cells
 
-    from ccpurify.passes.defaults import CANDIDATES, DEFAULTS
+    from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, MACS_TARGETS
 
     plan = planned_cells([SELECTION_ENTRIES[0], "gtsrb-badnets"])
     on_gtsrb = {d for e, d in plan if e == "gtsrb-badnets"}
     on_selection = {d for e, d in plan if e == SELECTION_ENTRIES[0]}
-    assert on_selection == set(CELLS) and {f"pipeline:{c}" for c in CANDIDATES} <= on_selection
-    assert {f"pipeline:{name}" for name in DEFAULTS.values()} <= on_gtsrb
+    every_candidate_at_every_target = {f"pipeline:{c}@{m:g}" for c in CANDIDATES for m in MACS_TARGETS}
+    assert on_selection == set(CELLS) and every_candidate_at_every_target <= on_selection
+    assert {f"pipeline:{d.name}@{d.macs:g}" for d in DEFAULTS.values()} <= on_gtsrb
     assert {"clp", "cc", "otbr", "rnp", "bcu", "bcu-ood", "bcu-compact"} <= on_gtsrb
     assert len({d for d in on_gtsrb if d.startswith("pipeline:")}) == len(set(DEFAULTS.values()))
 
@@ -57,11 +58,22 @@ def test_a_stored_cell_is_rerun_only_when_its_recipe_changed():
             step["config"] = {**config, **changes} if step["name"] == "recover" else config
         return {"recipe": steps}
 
-    plain, hints = "pipeline:otbr+prune+recover", "pipeline:otbr+prune+recover-hints"
+    plain, hints = "pipeline:otbr+prune+recover@0.5", "pipeline:otbr+prune+recover-hints@0.5"
     assert not is_stale(stored(plain), plain) and is_stale(None, plain)
     assert not is_stale(stored(plain, drop="feature_weight"), plain)  # stored before the option existed; default = old behaviour
     assert is_stale(stored(hints, drop="feature_weight"), hints)  # the option is on now: rerun
     assert is_stale(stored(plain, epochs=3), plain)
+
+
+def test_a_nested_pass_option_added_since_a_cell_ran_keeps_it_fresh_at_its_default():
+    from grid import CELLS, as_pipeline, is_stale, recipe
+
+    bcu = "pipeline:bcu-compact@0.5"
+    steps = recipe(as_pipeline(CELLS[bcu].build()))
+    compact = steps[0]["config"]["compact"]
+    stored_before_compensate = {k: v for k, v in compact.items() if k != "compensate"}
+    assert not is_stale({"recipe": [{"name": "bcu", "config": {**steps[0]["config"], "compact": stored_before_compensate}}]}, bcu)
+    assert is_stale({"recipe": [{"name": "bcu", "config": {**steps[0]["config"], "compact": {**compact, "macs": 0.75}}}]}, bcu)
 
 
 def test_the_headline_averages_over_backdoored_models_and_reports_the_clean_models_ca_cost_apart():

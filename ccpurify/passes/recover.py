@@ -83,6 +83,12 @@ class Recover(Pass):
     # 88.7 vs 88.8 on CIFAR-10 BadNets/Blended) in 40% of the time: benchmarks/results/recover_budget.md.
     synthetic_steps: int = 30
     synthetic_init: SyntheticInit = SyntheticInit.NOISE
+    # With teacher_from="input": the latest defense's output vetoes the suspect teacher image by image
+    # (distill's ``guard``), so a trigger feature present in the synthetic images cannot be passed on.
+    guard: bool = False
+    # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
+    # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
+    synthetic_class_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.data = RecoverData(self.data)
@@ -94,8 +100,8 @@ class Recover(Pass):
             raise ValueError("budget must be a positive number of sample-steps")
         if self.synthetic_images < 1 or self.synthetic_steps < 0:
             raise ValueError("synthetic_images must be >= 1 and synthetic_steps >= 0")
-        if self.feature_weight < 0:
-            raise ValueError("feature_weight must be >= 0")
+        if self.feature_weight < 0 or self.synthetic_class_weight < 0:
+            raise ValueError("feature_weight and synthetic_class_weight must be >= 0")
 
     def config(self) -> dict:
         d = super().config()
@@ -113,9 +119,18 @@ class Recover(Pass):
             raise ValueError("Recover needs a teacher: pass teacher= or put it in a Pipeline after a defense")
         return teacher
 
+    def _guard(self, context: PurifyContext) -> nn.Module | None:
+        if not self.guard:
+            return None
+        if self.teacher_from is not TeacherSource.INPUT or context.teacher is None or context.teacher is context.pipeline_input:
+            raise ValueError("Recover(guard=True) needs teacher_from='input' and a defense earlier in the Pipeline")
+        return context.teacher.to(context.device).eval()
+
     def recover(self, student: nn.Module, context: PurifyContext) -> dict:
         teacher = self._teacher(context).to(context.device).eval()
-        source, images, labels = self._data(teacher, context)
+        guard = self._guard(context)
+        # Images are made from the guard when there is one: its class term cannot aim them at a trigger.
+        source, images, labels = self._data(teacher if guard is None else guard, context)
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
         needs_correspondence = self.feature_weight > 0 or (self.recalibrate and self.anchor_bn)
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
@@ -131,7 +146,8 @@ class Recover(Pass):
             log = distill(
                 student, teacher, images, labels=labels, epochs=epochs, batch_size=self.batch_size, lr=self.lr,
                 temperature=self.temperature, hard_label_weight=self.hard_label_weight, hints=hints,
-                feature_weight=self.feature_weight, augment=augment, generator=context.generator(7), device=context.device,
+                feature_weight=self.feature_weight, augment=augment, guard=guard,
+                generator=context.generator(7), device=context.device,
                 progress=context.progress, task="recover",
             )  # fmt: skip
         finally:
@@ -158,7 +174,7 @@ class Recover(Pass):
             context.require_unlabeled_data("Recover(data='unlabeled')")
         images = synthesize_bn_images(
             teacher, self.synthetic_images, tuple(context.example_inputs.shape[1:]), init=self.synthetic_init.value,
-            steps=self.synthetic_steps, normalize=context.normalize, generator=context.generator(11),
+            steps=self.synthetic_steps, class_weight=self.synthetic_class_weight, normalize=context.normalize, generator=context.generator(11),
             seed=context.seed, device=context.device, progress=context.progress,
         )  # fmt: skip
         return RecoverData.SYNTHETIC, images.cpu(), None

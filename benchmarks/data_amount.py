@@ -1,0 +1,105 @@
+"""Do the with-data defaults get worse with more data? (issue 14, item 5)
+
+    python benchmarks/data_amount.py                                   # BadNets and WaNet, 250/500/2,500 images
+    python benchmarks/data_amount.py --entries cifar10-badnets --counts 500 2500
+    python benchmarks/data_amount.py --tables-only
+
+For each zoo model, each number of labelled clean images and each labelled candidate of
+``ccpurify.passes.defaults`` (at its default MACs target), the pipeline runs with exactly that many
+images and is scored on the validation images (training-split images no pass sees; the test split
+is not used). The images: 500 are the run's RNP subset (what the grid uses), 250 its first half,
+2,500 the run's larger clean subset (what the CLI's run-directory shorthand used to take). Results
+accumulate in results/data_amount_cells.json (an interrupted run resumes); the report is
+results/data_amount.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report  # noqa: E402
+
+from ccpurify import defender  # noqa: E402
+from ccpurify.passes import LabeledData  # noqa: E402
+from ccpurify.passes.defaults import DEFAULTS, candidate  # noqa: E402
+
+ENTRIES = ("cifar10-badnets", "cifar10-wanet")
+COUNTS = (250, 500, 2500)
+PIPELINES = ("rnp-ranked+prune+recover", "rnp-ranked+prune+recover-budget")
+STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report
+
+
+def labelled(entry, count: int) -> LabeledData:
+    """``count`` labelled clean images of the run's defender subsets (see the module docstring)."""
+    rnp = defender.clean_data(entry.run.path, entry.dataset, rnp=True, data_dir=entry.data_dir)
+    if count <= len(rnp):
+        return LabeledData(rnp.x[:count], rnp.y[:count])
+    larger = defender.clean_data(entry.run.path, entry.dataset, rnp=False, data_dir=entry.data_dir)
+    if count > len(larger):
+        raise SystemExit(f"{entry.name} holds {len(larger)} labelled defender images, fewer than {count}")
+    return LabeledData(larger.x[:count], larger.y[:count])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", nargs="+", default=list(ENTRIES))
+    parser.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
+    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES))
+    parser.add_argument("--zoo", default=str(ZOO))
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--tables-only", action="store_true")
+    args = parser.parse_args(argv)
+    macs = DEFAULTS["clean"].macs
+    if not args.tables_only:
+        for name in args.entries:
+            entry = load_entry(name, Path(args.zoo), args.data)
+            dense = entry.val.score(entry.model).metrics
+            store_result(STORE, {"cells": {}}, "cells", f"{name}|dense", {"val_ca": dense.ca, "val_asr": dense.asr})
+            for pipeline in args.pipelines:
+                for count in args.counts:
+                    key = f"{name}|{pipeline}@{macs:g}|{count}"
+                    if key in read_json(STORE, {"cells": {}})["cells"]:
+                        continue
+                    context = context_for(entry, "none")
+                    context.clean_data = labelled(entry, count)
+                    started = time.perf_counter()
+                    model, report = candidate(pipeline, macs)(entry.model, context)
+                    seconds = time.perf_counter() - started
+                    m = entry.val.score(model).metrics
+                    used = {p.name: p.details.get("clean_images", p.details.get("images")) for p in report.passes}
+                    store_result(STORE, {"cells": {}}, "cells", key, {
+                        "val_ca": m.ca, "val_asr": m.asr, "macs_ratio": report.macs_after / report.macs_before,
+                        "seconds": seconds, "images_used": used,
+                    })  # fmt: skip
+                    print(f"{key}: val CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} ({seconds:.0f} s, images {used})", flush=True)
+    write_tables(read_json(STORE, {"cells": {}})["cells"], args.entries, args.counts, args.pipelines, macs)
+    return 0
+
+
+def write_tables(cells: dict, entries: list[str], counts: list[int], pipelines: list[str], macs: float) -> None:
+    lines = ["# Labelled defaults against the amount of clean data (validation CA / ASR %)", "",
+             f"Each candidate at {macs:g} of the MACs, given exactly N labelled clean images of the run's defender subsets.",
+             "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.", "",
+             "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in counts) + " |",
+             "|---|---|---|" + "---|" * len(counts)]  # fmt: skip
+
+    def fmt(c: dict | None) -> str:
+        if c is None:
+            return ""
+        asr = "-" if c["val_asr"] is None else f"{100 * c['val_asr']:.1f}"
+        return f"{100 * c['val_ca']:.1f} / {asr}"
+
+    for name in entries:
+        for pipeline in pipelines:
+            row = [fmt(cells.get(f"{name}|{pipeline}@{macs:g}|{c}")) for c in counts]
+            lines.append(f"| {name} | {pipeline} | {fmt(cells.get(f'{name}|dense'))} | " + " | ".join(row) + " |")
+    rows = [{"cell": k, **v} for k, v in sorted(cells.items())]
+    write_report("data_amount", rows, lines, entries=entries, counts=counts, pipelines=pipelines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
