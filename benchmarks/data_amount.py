@@ -6,8 +6,9 @@
 
 For each zoo model, each number of labelled clean images and each labelled candidate of
 ``ccpurify.passes.defaults`` (at its default MACs target), the pipeline runs with exactly that many
-images and is scored on the validation images (training-split images no pass sees; the test split
-is not used). The images: 500 are the run's RNP subset (what the grid uses), 250 its first half,
+images and is scored on the test split. Not on the validation images: those are part of the
+run's 2,500-image clean subset, which the largest setting gives the defender. Nothing is chosen
+from these numbers. The images: 500 are the run's RNP subset (what the grid uses), 250 its first half,
 2,500 the run's larger clean subset (what the CLI's run-directory shorthand used to take). Results
 accumulate in results/data_amount_cells.json (an interrupted run resumes); the report is
 results/data_amount.md.
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tables_only:
         for name in args.entries:
             entry = load_entry(name, Path(args.zoo), args.data)
-            dense = entry.val.score(entry.model).metrics
-            store_result(STORE, {"cells": {}}, "cells", f"{name}|dense", {"val_ca": dense.ca, "val_asr": dense.asr})
+            dense = entry.test.score(entry.model).metrics
+            store_result(STORE, {"cells": {}}, "cells", f"{name}|dense", {"ca": dense.ca, "asr": dense.asr})
             for pipeline in args.pipelines:
                 for count in args.counts:
                     key = f"{name}|{pipeline}@{macs:g}|{count}"
@@ -69,19 +70,19 @@ def main(argv: list[str] | None = None) -> int:
                     started = time.perf_counter()
                     model, report = candidate(pipeline, macs)(entry.model, context)
                     seconds = time.perf_counter() - started
-                    m = entry.val.score(model).metrics
+                    m = entry.test.score(model).metrics
                     used = {p.name: p.details.get("clean_images", p.details.get("images")) for p in report.passes}
                     store_result(STORE, {"cells": {}}, "cells", key, {
-                        "val_ca": m.ca, "val_asr": m.asr, "macs_ratio": report.macs_after / report.macs_before,
+                        "ca": m.ca, "asr": m.asr, "macs_ratio": report.macs_after / report.macs_before,
                         "seconds": seconds, "images_used": used,
                     })  # fmt: skip
-                    print(f"{key}: val CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} ({seconds:.0f} s, images {used})", flush=True)
+                    print(f"{key}: test CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} ({seconds:.0f} s, images {used})", flush=True)
     write_tables(read_json(STORE, {"cells": {}})["cells"], args.entries, args.counts, args.pipelines, macs)
     return 0
 
 
 def write_tables(cells: dict, entries: list[str], counts: list[int], pipelines: list[str], macs: float) -> None:
-    lines = ["# Labelled defaults against the amount of clean data (validation CA / ASR %)", "",
+    lines = ["# Labelled defaults against the amount of clean data (test CA / ASR %)", "",
              f"Each candidate at {macs:g} of the MACs, given exactly N labelled clean images of the run's defender subsets.",
              "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.", "",
              "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in counts) + " |",
@@ -90,8 +91,8 @@ def write_tables(cells: dict, entries: list[str], counts: list[int], pipelines: 
     def fmt(c: dict | None) -> str:
         if c is None:
             return ""
-        asr = "-" if c["val_asr"] is None else f"{100 * c['val_asr']:.1f}"
-        return f"{100 * c['val_ca']:.1f} / {asr}"
+        asr = "-" if c["asr"] is None else f"{100 * c['asr']:.1f}"
+        return f"{100 * c['ca']:.1f} / {asr}"
 
     for name in entries:
         for pipeline in pipelines:

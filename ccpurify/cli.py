@@ -247,6 +247,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
         "files": sorted(p.name for p in out.iterdir() if p.is_file()),
     })  # fmt: skip
     print(format_table(rows, header))
+    print(f"budget: {result.report.budget()}")
     print(f"{args.method or 'default pipeline'}: {wall:.1f} s; wrote {model_path}, report.json, manifest.json"
           + ("" if args.no_export else ", model.onnx") + f" in {out}")  # fmt: skip
     return 0
@@ -271,6 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  f"x{b['params'] / a['params']:.2f}", f"x{b['macs'] / a['macs']:.2f}",
                  f"x{b['latency_ms_bs1_t1'] / a['latency_ms_bs1_t1']:.2f}", f"x{b['onnx_bytes'] / a['onnx_bytes']:.2f}"])  # fmt: skip
     print(format_table(rows, ["model", "CA %", "ASR %", "params", "MACs", "ms (b1, 1 thread)", "ONNX MB"]))
+    print(f"budget: no data; {result.budget}")
     print(f"purified in {result.purify_seconds:.1f} s; outputs (ONNX files, purified model, report.json) in {result.out_dir}")
     return 0
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ccpurify.distill import eval_forward_with_pre_hooks, moments
-from ccpurify.synthesis import bn_layers
+from ccpurify.distill import eval_forward_with_pre_hooks
+from ccpurify.synthesis import bn_layers, moments
 
 
 @torch.no_grad()

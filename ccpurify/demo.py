@@ -41,6 +41,7 @@ class DemoResult:
     method: str
     purify_seconds: float
     details: dict = field(default_factory=dict)
+    budget: str = ""  # what purification spent, pass by pass (PipelineReport.budget)
 
 
 def verify_assets(folder: Path = ASSETS) -> dict:
@@ -106,4 +107,4 @@ def run_demo(
         "assets": manifest, "versions": versions(), "git_commit": git_commit(), "machine": machine(),
         "purify_seconds": purify_seconds, "test_images": len(labels), "triggered_images": len(bd_labels),
     })  # fmt: skip
-    return DemoResult(rows, out, method or "default", purify_seconds, details)
+    return DemoResult(rows, out, method or "default", purify_seconds, details, result.report.budget())

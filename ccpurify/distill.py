@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import update_bn
 
 from ccpurify.progress import ProgressCallback, report
-from ccpurify.synthesis import bn_layers
+from ccpurify.synthesis import bn_layers, moments
 from ccpurify.transforms import Augment
 
 
@@ -107,11 +107,6 @@ def eval_forward_with_pre_hooks(model: nn.Module, x: torch.Tensor, hooks: dict[n
         model.train(was_training)
         for h in handles:
             h.remove()
-
-
-def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance of an NCHW tensor: what BatchNorm estimates."""
-    return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
 
 
 @torch.no_grad()

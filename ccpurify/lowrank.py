@@ -74,13 +74,15 @@ def spectrum(layer: nn.Module, bn: nn.Module | None = None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- geometry
 @dataclass(frozen=True)
 class Geometry:
-    """Shapes that decide a layer's MACs: channels, kernel, and input/output spatial sizes."""
+    """Shapes that decide a layer's MACs: channels, kernel, input/output spatial sizes, and how many
+    times one forward pass calls the layer (a module reused in a loop costs its MACs each time)."""
 
     c_in: int
     c_out: int
     kernel: tuple[int, int]
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
+    calls: int = 1
 
     @property
     def k(self) -> int:
@@ -88,13 +90,13 @@ class Geometry:
 
     @property
     def dense_macs(self) -> int:
-        return self.out_hw[0] * self.out_hw[1] * self.c_out * self.c_in * self.k
+        return self.calls * self.out_hw[0] * self.out_hw[1] * self.c_out * self.c_in * self.k
 
     def svd_macs(self, rank: int) -> int:
-        return self.out_hw[0] * self.out_hw[1] * rank * (self.c_in * self.k + self.c_out)
+        return self.calls * self.out_hw[0] * self.out_hw[1] * rank * (self.c_in * self.k + self.c_out)
 
     def tucker2_macs(self, r_out: int, r_in: int) -> int:
-        return (
+        return self.calls * (
             self.in_hw[0] * self.in_hw[1] * self.c_in * r_in
             + self.out_hw[0] * self.out_hw[1] * (r_in * r_out * self.k + r_out * self.c_out)
         )
@@ -108,11 +110,14 @@ class Geometry:
 
 
 def layer_geometries(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Geometry]:
-    """Geometry of every conv/linear layer, from one forward pass on ``example_inputs``."""
+    """Geometry of every conv/linear layer, from one forward pass on ``example_inputs`` (shapes of
+    the first call; ``calls`` counts them all)."""
     shapes: dict[nn.Module, tuple] = {}
+    calls: dict[nn.Module, int] = {}
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         shapes.setdefault(module, (tuple(inputs[0].shape), tuple(output.shape)))
+        calls[module] = calls.get(module, 0) + 1
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
@@ -130,10 +135,10 @@ def layer_geometries(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
             continue
         (in_shape, out_shape) = shapes[m]
         if isinstance(m, nn.Conv2d):
-            out[name] = Geometry(m.in_channels // m.groups, m.out_channels, tuple(m.kernel_size), in_shape[2:4], out_shape[2:4])
+            out[name] = Geometry(m.in_channels // m.groups, m.out_channels, tuple(m.kernel_size), in_shape[2:4], out_shape[2:4], calls[m])
         else:
             positions = math.prod(in_shape[1:-1]) if len(in_shape) > 2 else 1
-            out[name] = Geometry(m.in_features, m.out_features, (1, 1), (positions, 1), (positions, 1))
+            out[name] = Geometry(m.in_features, m.out_features, (1, 1), (positions, 1), (positions, 1), calls[m])
     return out
 
 

@@ -56,7 +56,7 @@ def resolve(
     if isinstance(method, Sequence):
         if options:
             raise ValueError("options apply to a single named method; configure each pass of a list yourself")
-        return Pipeline([resolve(m, {}, has_clean, has_unlabeled).passes[0] if not isinstance(m, Pass) else m for m in method])
+        return Pipeline([p for m in method for p in ([m] if isinstance(m, Pass) else resolve(m, {}, has_clean, has_unlabeled).passes)])
     raise TypeError(f"method must be a pass name, a Pass, a Pipeline or a list of them; got {type(method).__name__}")
 
 

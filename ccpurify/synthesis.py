@@ -39,6 +39,11 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
             if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None]  # fmt: skip
 
 
+def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of an NCHW tensor: what BatchNorm estimates."""
+    return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+
+
 def dead_leaves(
     count: int,
     size: int | tuple[int, int] = 32,
@@ -91,9 +96,8 @@ def bn_statistics_loss(model: nn.Module, layers: int | None = None) -> Iterator[
         raise ValueError("this needs BatchNorm statistics, and the model has no BatchNorm2d layer with running statistics")
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.var(dim=(0, 2, 3), unbiased=False).add(module.eps).sqrt()
+        mean, var = moments(inputs[0])
+        std = var.add(module.eps).sqrt()
         terms.append(torch.norm(mean - module.running_mean) + torch.norm(std - module.running_var.add(module.eps).sqrt()))
 
     handles = [m.register_forward_hook(hook) for _, m in chosen]

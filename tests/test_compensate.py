@@ -169,11 +169,13 @@ def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
     silenced = {n: (m.weight == 0) & (m.bias == 0) for n, m in defended.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert sum(int(s.sum()) for s in silenced.values()) > 0
     pipeline = Pipeline([clp, Recover(teacher_from="input", data="synthetic", synthetic_images=32, synthetic_steps=2,
-                                      synthetic_init="dead_leaves", epochs=2, batch_size=16)])  # fmt: skip
+                                      synthetic_init="dead_leaves", epochs=2, batch_size=16, guard=True)])  # fmt: skip
     context = PurifyContext(normalize=Normalize(CIFAR10.mean, CIFAR10.std))
     out, report = pipeline(suspect, context)
     details = report.passes[1].details
     assert details["teacher"] == "input" and details["frozen_silenced_channels"] > 0
+    assert "guard_vetoed_fraction" in details  # CLP's output guarded the suspect teacher
+    assert "recover" in report.budget() and "(32 synthetic images, 64 sample-steps)" in report.budget()
     for name, module in out.named_modules():
         if name in silenced and silenced[name].any():
             assert (module.weight[silenced[name]] == 0).all() and (module.bias[silenced[name]] == 0).all()

@@ -133,6 +133,15 @@ def test_resolution_levels_follow_downsampling_not_names():
 def test_bcu_temperature_rises_linearly_from_one_to_four():
     bcu = BCU(epochs=100)
     assert bcu.temperature(0) == pytest.approx(1.03) and bcu.temperature(99) == pytest.approx(4.0)
+
+
+def test_bcu_with_a_budget_runs_the_same_sample_steps_whatever_the_pool_size():
+    bcu = BCU(budget=100_000)
+    assert bcu.epochs_for(5_000) == 20 and bcu.epochs_for(20_000) == 5 and bcu.epochs_for(1_000) == 100
+    assert BCU().epochs_for(20_000) == 20  # without a budget: the reference's fixed epochs
+    assert bcu.temperature(4, 5) == pytest.approx(4.0)  # the temperature still rises to t_end in the last epoch
+    with pytest.raises(ValueError):
+        BCU(budget=0)
     assert BCU.reference().epochs == 100 and BCU.reference().batch_size == 256
 
 

@@ -28,6 +28,7 @@ def test_demo_purifies_exports_benchmarks_and_prints_the_table(tmp_path, capsys)
     assert main(["demo", "--out", str(tmp_path), "--method", "clp", "--set", "u=2.5", "--runs", "50"]) == 0
     out = capsys.readouterr().out
     assert "suspect (backdoored)" in out and "after / before" in out and "ms (b1, 1 thread)" in out
+    assert "budget: no data; clp " in out
     report = json.loads((tmp_path / "report.json").read_text())
     suspect, purified = report["rows"]
     assert suspect["asr"] > 0.9 and purified["asr"] < suspect["asr"] and purified["macs"] <= suspect["macs"]

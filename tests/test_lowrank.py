@@ -70,6 +70,20 @@ def test_geometries_match_a_forward_pass():
     assert geo["0"].in_hw == (32, 32) and geo["0"].out_hw == (16, 16) and geo["2"].dense_macs == 8 * 16 * 16 * 5
 
 
+def test_a_layer_called_twice_costs_its_macs_twice():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.relu(self.conv(x)))
+
+    geo = lowrank.layer_geometries(Twice(), torch.zeros(1, 8, 6, 6))["conv"]
+    assert geo.calls == 2 and geo.dense_macs == 2 * 6 * 6 * 8 * 8 * 9
+    assert geo.svd_macs(2) == 2 * Geometry(8, 8, (3, 3), (6, 6), (6, 6)).svd_macs(2)
+
+
 def test_rank_rules():
     s = torch.tensor([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22
     assert lowrank.rank_for_energy(s, 16 / 22) == 1

@@ -153,6 +153,11 @@ def test_bad_targets_are_rejected():
         Factorize(macs=1.5)
 
 
+def test_purify_runs_every_pass_of_a_pipeline_inside_a_list():
+    result = ccpurify.purify(build("vgg16_bn"), [Pipeline([passes.CLP(), Prune(macs=0.8)]), "factorize"])
+    assert [p.name for p in result.report.passes] == ["clp", "prune", "factorize"]
+
+
 def test_registry_and_purify_entry_point():
     assert {"prune", "factorize"} <= set(passes.list_passes())
     result = ccpurify.purify(build("vgg16_bn"), "factorize", macs=0.5)

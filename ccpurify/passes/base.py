@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,13 @@ from ccpurify.metrics import model_cost
 from ccpurify.passes.data import LabeledData, UnlabeledData
 from ccpurify.progress import ProgressCallback
 from ccpurify.transforms import Normalize
+
+
+class Mode(str, Enum):
+    """How a defense that flags channels applies its verdict (CLP, RNP)."""
+
+    FAITHFUL = "faithful"  # as the paper's reference code: zero the flagged BN scale (and shift) in place
+    COMPRESS = "compress"  # zero them, then remove the channels physically through the graph
 
 
 @dataclass
@@ -177,6 +185,21 @@ class PipelineReport:
     @property
     def params_after(self) -> int:
         return self.passes[-1].params_after if self.passes else 0
+
+    def budget(self) -> str:
+        """What the run spent, pass by pass: wall time and, where a pass trained on images, how many
+        images of which kind and how many sample-steps (images seen, augmented)."""
+        parts = []
+        for p in self.passes:
+            d = p.details
+            text = f"{p.name} {p.wall_time_s:.0f} s"
+            images = d.get("images", d.get("clean_images"))
+            if images is not None:
+                kind = {"synthetic": "synthetic", "clean": "labelled", "unlabeled": "unlabelled"}.get(d.get("data", ""), "clean")
+                steps = f", {images * d['epochs']:,} sample-steps" if "epochs" in d else ""
+                text += f" ({images:,} {kind} images{steps})"
+            parts.append(text)
+        return " · ".join(parts)
 
     def to_dict(self) -> dict:
         return {

@@ -123,15 +123,25 @@ class BCU(Pass):
     augment: bool = True
     hflip: bool = True
     compact: Pass | None = None
+    # Distillation budget in sample-steps: when set it replaces ``epochs`` (epochs =
+    # ceil(budget / images)), so the cost, and how far the student moves, do not grow with the pool.
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or (self.budget is not None and self.budget < 1):
+            raise ValueError("epochs and budget must be positive")
+
+    def epochs_for(self, images: int) -> int:
+        return self.epochs if self.budget is None else max(1, math.ceil(self.budget / max(1, images)))
 
     @classmethod
     def reference(cls, **overrides) -> BCU:
         """The reference schedule: 100 epochs at batch 256."""
         return cls(**{"epochs": 100, "batch_size": 256, **overrides})
 
-    def temperature(self, epoch: int) -> float:
+    def temperature(self, epoch: int, epochs: int | None = None) -> float:
         """Linear rise ``T_e = t_start + (t_end - t_start) * (e + 1) / E`` (reference: 1 -> 4)."""
-        return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / self.epochs
+        return self.t_start + (self.t_end - self.t_start) * (epoch + 1) / (epochs or self.epochs)
 
     def config(self) -> dict:
         d = super().config()
@@ -161,11 +171,13 @@ class BCU(Pass):
         example = context.example_inputs.to(context.device)
         ratios = self.depth_ratios(student, example)
         replaced = reinitialize(student, ratios, context.generator(31))
+        epochs = self.epochs_for(len(data))
         log = distill(
-            student, teacher, data.x, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay, temperature=self.temperature, scale_by_t_squared=False,
+            student, teacher, data.x, epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, temperature=lambda e: self.temperature(e, epochs), scale_by_t_squared=False,
             augment=Augment(4, self.hflip) if self.augment else None, generator=context.generator(32),
             device=context.device, progress=context.progress, task="bcu: distill",
         )  # fmt: skip
-        details.update(ratios=ratios, replaced=replaced, distill=log, unlabeled_images=len(data))
+        details.update(ratios=ratios, replaced=replaced, distill=log, unlabeled_images=len(data), data="unlabeled",
+                       images=len(data), epochs=epochs)  # fmt: skip
         return PassResult(student, details, details["compact"]["edits"] if self.compact is not None else [])

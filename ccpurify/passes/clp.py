@@ -33,12 +33,7 @@ from torch import nn
 
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.passes import register_pass
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
-
-
-class Mode(str, Enum):
-    FAITHFUL = "faithful"
-    COMPRESS = "compress"
+from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
 
 
 class Unpaired(str, Enum):

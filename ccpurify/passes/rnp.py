@@ -39,15 +39,10 @@ from torch.nn import functional as F
 
 from ccpurify.graph import ChannelGraph, RemovalPolicy
 from ccpurify.passes import register_pass
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
 from ccpurify.passes.data import LabeledData
 from ccpurify.progress import report
 from ccpurify.transforms import Augment
-
-
-class Mode(str, Enum):
-    FAITHFUL = "faithful"  # gamma only, masks on the original model
-    COMPRESS = "compress"  # gamma and beta, then physical removal
 
 
 class MaskScore(str, Enum):
