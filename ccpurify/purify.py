@@ -94,8 +94,12 @@ def purify(
         normalize=normalize,
     )  # fmt: skip
     if context.num_classes is None:
-        with torch.no_grad():
-            context.num_classes = int(model.eval()(example.to(device)).shape[1])
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                context.num_classes = int(model.eval()(example.to(device)).shape[1])
+        finally:
+            model.train(was_training)
     for data, who in ((context.clean_data, "clean_data"), (context.unlabeled_data, "unlabeled_data")):
         if data is not None:
             data.check(example, who)

@@ -9,6 +9,7 @@ runs it in onnxruntime at two batch sizes and compares with PyTorch. The file on
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -101,8 +102,9 @@ def export(
     input_name: str = "input",
     output_name: str = "logits",
 ) -> ExportReport:
-    """Export ``model`` to ``path`` and verify it; raises ``ExportError`` (and writes nothing) on failure."""
-    model = model.eval()
+    """Export ``model`` to ``path`` and verify it; raises ``ExportError`` (and writes nothing) on failure.
+    ``model`` itself is not touched (mode, device): a CPU copy in eval mode is exported."""
+    model = copy.deepcopy(model).cpu().eval()
     example = example_inputs[:1].detach().cpu().float()
     path = Path(path)
     started = time.perf_counter()
@@ -111,7 +113,7 @@ def export(
         try:
             with quiet(), torch.no_grad():
                 program = torch.onnx.export(
-                    model.cpu(), (example,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                    model, (example,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
                     input_names=[input_name], output_names=[output_name], external_data=False, verbose=False,
                 )  # fmt: skip
                 program.save(os.fspath(tmp), external_data=False)
@@ -133,6 +135,8 @@ def export(
             with torch.no_grad():
                 expected = model(x.cpu().float()).numpy()
             got = run_onnx(tmp, x.cpu().numpy(), session)
+            if not (np.isfinite(expected).all() and np.isfinite(got).all()):
+                raise ExportError("the model outputs NaN or Inf on the parity inputs; check its weights and BatchNorm statistics")
             worst = max(worst, float(np.abs(got - expected).max()))
         if not worst <= tolerance:
             raise ExportError(f"onnxruntime and PyTorch disagree: max |delta logit| = {worst:.3g} > {tolerance}")

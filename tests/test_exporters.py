@@ -53,6 +53,17 @@ def test_failed_export_leaves_no_file(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_export_leaves_the_callers_model_in_its_mode_and_refuses_nan_outputs(tmp_path):
+    model = models.create("preact_resnet18", width=0.125).train()
+    export(model, tmp_path / "m.onnx", torch.zeros(1, 3, 32, 32))
+    assert model.training  # the caller's model is not switched to eval mode
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(-1.0)  # finite weights, NaN outputs
+    with pytest.raises(ExportError, match="NaN or Inf"):
+        export(model.eval(), tmp_path / "nan.onnx", torch.zeros(1, 3, 32, 32))
+    assert not (tmp_path / "nan.onnx").exists()
+
+
 def test_a_corrupt_onnx_file_is_reported(tmp_path):
     from exporters.onnx import load_onnx
 

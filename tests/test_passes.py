@@ -153,6 +153,12 @@ def test_bad_targets_are_rejected():
         Factorize(macs=1.5)
 
 
+def test_purify_leaves_the_callers_model_in_train_mode():
+    model = build("vgg16_bn").train()
+    ccpurify.purify(model, "prune", macs=0.8)
+    assert model.training
+
+
 def test_purify_runs_every_pass_of_a_pipeline_inside_a_list():
     result = ccpurify.purify(build("vgg16_bn"), [Pipeline([passes.CLP(), Prune(macs=0.8)]), "factorize"])
     assert [p.name for p in result.report.passes] == ["clp", "prune", "factorize"]
