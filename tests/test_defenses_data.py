@@ -243,10 +243,11 @@ def test_purify_macs_sets_the_default_target_or_a_named_pass_option_and_is_refus
         purify(model, Pipeline([CLP()]), macs=0.75)
 
 
-def test_the_data_free_default_is_otbr_then_prune_then_recover_with_feature_hints():
+def test_the_data_free_default_removes_otbrs_neurons_compensates_and_distils_from_the_guarded_suspect():
     from ccpurify.passes.defaults import HINT_WEIGHT, default_pipeline
 
     otbr, prune, recover = default_pipeline().passes
     assert (otbr.name, prune.name, recover.name) == ("otbr", "prune", "recover")
-    assert prune.macs == 0.5 and prune.round_to == 8
-    assert recover.data.value == "synthetic" and recover.feature_weight == HINT_WEIGHT == 10.0
+    assert otbr.compact and prune.macs == 0.75 and prune.round_to == 8 and prune.global_pruning and prune.compensate
+    assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
+    assert recover.feature_weight == HINT_WEIGHT == 10.0 and recover.anchor_bn and recover.budget == 10240
