@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +37,8 @@ def resolve(
 ) -> Pipeline:  # fmt: skip
     """A pipeline from a pass name, a pass, a pipeline, a list of those, or None (the defaults).
     ``macs`` is the default pipeline's MACs target, or the ``macs`` option of a named pass."""
+    if macs is not None and (isinstance(macs, bool) or not isinstance(macs, (int, float)) or not 0 < macs < 1):
+        raise ValueError(f"macs must be the fraction of the dense model's MACs to keep, a number in (0, 1); got {macs!r}")
     if method is None:
         from ccpurify.passes.defaults import default_pipeline
 
@@ -46,6 +48,8 @@ def resolve(
     if macs is not None:
         if not isinstance(method, str):
             raise ValueError("macs= applies to the default pipeline or a named pass; set it on your Pass or Pipeline instead")
+        if method in PASSES and "macs" not in {f.name for f in fields(PASSES.get(method))}:
+            raise ValueError(f"the {method!r} pass takes no MACs target; macs= applies to the default pipeline, prune, factorize or cc")
         options = {**options, "macs": macs}
     if isinstance(method, Pipeline):
         return method

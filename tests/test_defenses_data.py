@@ -241,6 +241,11 @@ def test_purify_macs_sets_the_default_target_or_a_named_pass_option_and_is_refus
     assert purify(model, "prune", macs=0.75).report.passes[0].config["macs"] == 0.75
     with pytest.raises(ValueError, match="macs= applies"):
         purify(model, Pipeline([CLP()]), macs=0.75)
+    with pytest.raises(ValueError, match="'clp' pass takes no MACs target"):
+        purify(model, "clp", macs=0.75)
+    for bad in ("0.5", 0, 1.5, True):
+        with pytest.raises(ValueError, match="a number in"):
+            purify(model, macs=bad)
 
 
 def test_the_data_free_default_removes_otbrs_neurons_compensates_and_distils_from_the_guarded_suspect():
