@@ -197,6 +197,12 @@ class FeatureHints:
         self._seen.clear()
 
 
+def epochs_for_budget(epochs: int, budget: int | None, images: int) -> int:
+    """Epochs to run: ``epochs``, or, with a ``budget`` in sample-steps (images seen, augmented),
+    ``ceil(budget / images)``, so the cost does not grow with the number of images."""
+    return epochs if budget is None else max(1, math.ceil(budget / max(1, images)))
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,

@@ -142,6 +142,13 @@ def test_bcu_with_a_budget_runs_the_same_sample_steps_whatever_the_pool_size():
     assert bcu.temperature(4, 5) == pytest.approx(4.0)  # the temperature still rises to t_end in the last epoch
     with pytest.raises(ValueError):
         BCU(budget=0)
+
+
+def test_the_budget_line_reads_the_distillation_log_of_a_pass_that_nests_it():
+    from ccpurify.passes.base import PassReport, PipelineReport
+
+    bcu = PassReport("bcu", {}, 1, 1, 1, 1, 3.0, {"distill": {"images": 5000, "epochs": 20}, "data": "unlabeled"})
+    assert PipelineReport([bcu]).budget() == "bcu 3 s (5,000 unlabelled images, 100,000 sample-steps)"
     assert BCU.reference().epochs == 100 and BCU.reference().batch_size == 256
 
 

@@ -188,15 +188,17 @@ class PipelineReport:
 
     def budget(self) -> str:
         """What the run spent, pass by pass: wall time and, where a pass trained on images, how many
-        images of which kind and how many sample-steps (images seen, augmented)."""
+        images of which kind and how many sample-steps (images seen, augmented). The counts are the
+        log of ``ccpurify.distill.distill`` (in the details, or under ``"distill"``), or RNP's."""
         parts = []
         for p in self.passes:
             d = p.details
+            trained = d.get("distill", d)
             text = f"{p.name} {p.wall_time_s:.0f} s"
-            images = d.get("images", d.get("clean_images"))
+            images = trained.get("images", d.get("clean_images"))
             if images is not None:
                 kind = {"synthetic": "synthetic", "clean": "labelled", "unlabeled": "unlabelled"}.get(d.get("data", ""), "clean")
-                steps = f", {images * d['epochs']:,} sample-steps" if "epochs" in d else ""
+                steps = f", {images * trained['epochs']:,} sample-steps" if "epochs" in trained else ""
                 text += f" ({images:,} {kind} images{steps})"
             parts.append(text)
         return " · ".join(parts)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ccpurify.distill import distill
+from ccpurify.distill import distill, epochs_for_budget
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
@@ -132,7 +132,7 @@ class BCU(Pass):
             raise ValueError("epochs and budget must be positive")
 
     def epochs_for(self, images: int) -> int:
-        return self.epochs if self.budget is None else max(1, math.ceil(self.budget / max(1, images)))
+        return epochs_for_budget(self.epochs, self.budget, images)
 
     @classmethod
     def reference(cls, **overrides) -> BCU:
@@ -178,6 +178,5 @@ class BCU(Pass):
             augment=Augment(4, self.hflip) if self.augment else None, generator=context.generator(32),
             device=context.device, progress=context.progress, task="bcu: distill",
         )  # fmt: skip
-        details.update(ratios=ratios, replaced=replaced, distill=log, unlabeled_images=len(data), data="unlabeled",
-                       images=len(data), epochs=epochs)  # fmt: skip
+        details.update(ratios=ratios, replaced=replaced, distill=log, unlabeled_images=len(data), data="unlabeled")
         return PassResult(student, details, details["compact"]["edits"] if self.compact is not None else [])

@@ -53,8 +53,9 @@ CLEAN_RECOVER_BUDGET = 10_000
 UNLABELED_BUDGET = 100_000
 
 
-def clean_recover() -> Recover:
-    return Recover(data="clean", hard_label_weight=1.0, budget=CLEAN_RECOVER_BUDGET)
+def clean_recover(budget: int | None = None) -> Recover:
+    """Distillation on the labelled clean images with their labels (cross-entropy at weight 1)."""
+    return Recover(data="clean", hard_label_weight=1.0, budget=budget)
 
 
 def prune(macs: float, round_to: int | None = 8) -> Prune:
@@ -114,13 +115,12 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     "cc+recover": ("none", lambda m: Pipeline([CleanCompact(macs=m, recover=True, round_to=8)])),
     "otbr+cc+recover": ("none", lambda m: Pipeline([OTBR(), CleanCompact(macs=m, recover=True, round_to=8)])),
     # A few hundred labelled images.
-    "rnp+prune+recover": ("clean", lambda m: Pipeline([RNP(), prune(m), Recover(data="clean", hard_label_weight=1.0)])),
-    "rnp-ranked+prune+recover": ("clean", lambda m: Pipeline([ranked_rnp(), prune(m), Recover(data="clean", hard_label_weight=1.0)])),
-    "clp+otbr+prune+recover-clean": ("clean", lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m),
-                                                                   Recover(data="clean", hard_label_weight=1.0)])),  # fmt: skip
+    "rnp+prune+recover": ("clean", lambda m: Pipeline([RNP(), prune(m), clean_recover()])),
+    "rnp-ranked+prune+recover": ("clean", lambda m: Pipeline([ranked_rnp(), prune(m), clean_recover()])),
+    "clp+otbr+prune+recover-clean": ("clean", lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m), clean_recover()])),
     # The same with RNP on at most RNP_IMAGES images and a fixed distillation budget: CA does not
     # fall as the defender's data grows.
-    "rnp-ranked+prune+recover-budget": ("clean", lambda m: Pipeline([ranked_rnp(RNP_IMAGES), prune(m), clean_recover()])),
+    "rnp-ranked+prune+recover-budget": ("clean", lambda m: Pipeline([ranked_rnp(RNP_IMAGES), prune(m), clean_recover(CLEAN_RECOVER_BUDGET)])),
     # Unlabelled images.
     "bcu-compact": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m))])),
     # The same for a fixed UNLABELED_BUDGET sample-steps, whatever the number of images.

@@ -17,14 +17,20 @@ same pipeline does not hold the backdoor off on WaNet: issue 14's notes).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import nn
 
-from ccpurify.distill import FeatureHints, anchored_bn_update, channel_correspondence, distill, recalibrate_bn
+from ccpurify.distill import (
+    FeatureHints,
+    anchored_bn_update,
+    channel_correspondence,
+    distill,
+    epochs_for_budget,
+    recalibrate_bn,
+)
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
@@ -141,7 +147,7 @@ class Recover(Pass):
         elif self.recalibrate:
             recalibrate_bn(student, images, self.batch_size, context.device)
         silenced, frozen = freeze_silenced_channels(student) if self.teacher_from is TeacherSource.INPUT else ([], 0)
-        epochs = self.epochs if self.budget is None else max(1, math.ceil(self.budget / len(images)))
+        epochs = epochs_for_budget(self.epochs, self.budget, len(images))
         try:
             log = distill(
                 student, teacher, images, labels=labels, epochs=epochs, batch_size=self.batch_size, lr=self.lr,
