@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target.
+"""Atomic writes: write to a temporary file (or folder) beside the target, then rename it.
 
-A crash or an exception mid-write leaves the previous file (or nothing), never half a file.
+A crash or an exception mid-write leaves the previous file (or nothing), never half a file; a run
+directory appears complete or not at all (``atomic_directory``).
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from ccpurify.errors import InvalidInputError, InvalidTypeError, OutputExistsError
 
 
 @contextlib.contextmanager
@@ -36,11 +40,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "the output") -> None:
+    """``OutputExistsError`` when ``path`` exists (a file, or a folder that is not empty) and replacing
+    it was not asked for."""
+    target = Path(path)
+    empty_folder = target.is_dir() and not any(target.iterdir())
+    if target.exists() and not empty_folder and not overwrite:
+        raise OutputExistsError(f"{what} {path} exists; choose another path or pass --overwrite (overwrite=True) to replace it")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; when the block succeeds it becomes ``path``.
+
+    An existing ``path`` is refused unless ``overwrite`` (then it is replaced only once the new
+    folder is complete). On an exception or an interrupt the temporary folder is removed, so a
+    reader sees the old result or the new one, never a mix of both.
+    """
+    target = Path(path)
+    refuse_existing(target, overwrite)
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"the output {target} is a file, not a folder; choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual mode
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[BinaryIO]:
     """``open()`` that replaces ``path`` only when the ``with`` block finishes without error."""
     if mode not in ("w", "wb"):
-        raise ValueError("atomic_open supports 'w' and 'wb'")
+        raise InvalidInputError("atomic_open supports 'w' and 'wb'")
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
             yield fh
@@ -68,4 +112,4 @@ def _json_default(obj: Any) -> Any:
         return os.fspath(obj)
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+    raise InvalidTypeError(f"cannot serialise {type(obj).__name__} to JSON")

@@ -78,6 +78,7 @@ class ModelSource:
     def __init__(self, path: str, args: argparse.Namespace) -> None:
         from ccpurify.data import get_spec
         from ccpurify.io import load_model, read_metadata
+        from ccpurify.limits import DEFAULT_LIMITS, LoadLimits
         from ccpurify.train import open_run
 
         self.path = Path(path)
@@ -91,8 +92,9 @@ class ModelSource:
         kwargs = {"num_classes": getattr(args, "num_classes", None) or get_spec(self.dataset).num_classes}
         if getattr(args, "width", None) is not None:
             kwargs["width"] = args.width
+        limits = LoadLimits(max_params=args.max_params) if getattr(args, "max_params", None) else DEFAULT_LIMITS
         self.model = load_model(self.path, arch=getattr(args, "arch", None), arch_kwargs=kwargs,
-                                allow_import=getattr(args, "allow_import", False))  # fmt: skip
+                                allow_import=getattr(args, "allow_import", False), limits=limits)  # fmt: skip
 
     @property
     def normalize(self):
@@ -115,18 +117,22 @@ class ModelSource:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     from ccpurify import models
     from ccpurify.data import DATASETS
+    from ccpurify.limits import DEFAULT_LIMITS
 
     p.add_argument("--arch", choices=models.list_models(), default=None, help="architecture of a plain weights file")
     p.add_argument("--num-classes", type=int, default=None, help="classes of a plain weights file (default: the dataset's)")
     p.add_argument("--width", type=float, default=None, help="width multiplier of a plain weights file (default: 1)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="dataset of the model (default: from the model file, else cifar10)")
     p.add_argument("--allow-import", action="store_true", help="allow a model file's import-path architecture (only for files you trust)")
+    p.add_argument("--max-params", type=_count(1), default=None, metavar="N",
+                   help=f"refuse model files declaring more parameters than this (default: {DEFAULT_LIMITS.max_params:,}; see README, Security model)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ccpurify import attacks
-    from ccpurify.atomic import write_json
+    from ccpurify.atomic import refuse_existing, write_json
+    from ccpurify.data import get_spec
     from ccpurify.evaluation import TestBench
     from ccpurify.train import open_run
 
@@ -145,6 +151,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         elif args.attack and args.attack != "none":
             attack = attacks.create(args.attack, target=args.target, seed=args.attack_seed)
         out = Path(args.out) if args.out else target.with_suffix(".evaluation.json")
+    refuse_existing(out, args.overwrite)
+    _output_beside(out, [target])
+    classes = get_spec(dataset).num_classes
+    if attack is not None and not 0 <= attack.target < classes:
+        raise CliError(f"--target must be a class of {dataset} (0 to {classes - 1}), got {attack.target}")
     bench = TestBench.build(dataset, attack, args.data, test_subset, seed)
     score = bench.score(model)
     m, c = score.metrics, score.cost
@@ -170,6 +181,44 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _output_beside(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is, holds or lies inside one of the inputs (it would destroy them)."""
+    o = out.resolve()
+    for i in inputs:
+        r = i.resolve()
+        if o == r or r.is_relative_to(o) or (r.is_dir() and o.is_relative_to(r) and o.name in {"model.safetensors", "manifest.json"}):
+            raise CliError(f"the output {out} would replace the input {i}; choose another --out")
+
+
 def parse_option(text: str) -> tuple[str, object]:
     """``key=value`` with JSON values where they parse (numbers, true/false, null, lists), else a string."""
     import json
@@ -188,7 +237,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     import ccpurify
     from ccpurify import defender
-    from ccpurify.atomic import write_json
+    from ccpurify.atomic import atomic_directory, refuse_existing, write_json
     from ccpurify.evaluation import TestBench, compare
     from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions
     from exporters.onnx import export
@@ -206,7 +255,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     elif source.run is not None and args.method in ("bcu",):
         unlabeled = defender.unlabeled_data(source.path, source.dataset, count=args.unlabeled_count, data_dir=args.data)
     out = Path(args.out) if args.out else (source.path if source.path.is_dir() else source.path.parent) / f"purified-{args.method or 'default'}"
-    out.mkdir(parents=True, exist_ok=True)
+    _output_beside(out, [source.path] + [Path(p) for p in (args.clean_data, args.unlabeled_data) if p])
+    refuse_existing(out, args.overwrite, "the output folder")  # before the long work, and again when it is written
     progress = TqdmProgress(leave=False)
     started = time.perf_counter()
     try:
@@ -219,11 +269,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     used = [f"{len(d.x)} {what} images" for d, what in ((clean, "labelled clean"), (unlabeled, "unlabelled")) if d is not None]
     print(f"data: {', '.join(used) if used else 'none (data-free)'}")
-    model_path = result.save(out / "model.safetensors", extra={"dataset": source.dataset})
     report = {"input": str(source.path), "method": args.method or "default", "options": options, "seed": args.seed,
               "pipeline": result.report.to_dict()}  # fmt: skip
-    if not args.no_export:
-        report["onnx"] = export(result.model, out / "model.onnx", source.example_inputs).to_dict()
     rows, header = [], ["model", "CA %", "ASR %", "RA %", "params", "MACs"]
     if source.run is not None:
         bench = TestBench.build(source.dataset, source.run.attack, args.data, source.run.config.test_subset, source.run.config.seed)
@@ -239,13 +286,19 @@ def cmd_purify(args: argparse.Namespace) -> int:
         pr = result.report
         rows = [["before", "-", "-", "-", count(pr.params_before), count(pr.macs_before)],
                 ["after", "-", "-", "-", count(pr.params_after), count(pr.macs_after)]]  # fmt: skip
-    write_json(out / "report.json", report)
-    write_json(out / "manifest.json", {
-        "kind": "ccpurify.purify", "protocol": PROTOCOL_VERSION, "created": now(), "versions": versions(),
-        "git_commit": git_commit(), "machine": machine(), "seed": args.seed, "method": args.method or "default",
-        "options": options, "input": str(source.path), "wall_time_s": wall,
-        "files": sorted(p.name for p in out.iterdir() if p.is_file()),
-    })  # fmt: skip
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:  # the run folder appears complete or not at all
+        result.save(tmp / "model.safetensors", extra={"dataset": source.dataset})
+        if not args.no_export:
+            report["onnx"] = export(result.model, tmp / "model.onnx", source.example_inputs).to_dict()
+            report["onnx"]["path"] = str(out / "model.onnx")
+        write_json(tmp / "report.json", report)
+        write_json(tmp / "manifest.json", {
+            "kind": "ccpurify.purify", "protocol": PROTOCOL_VERSION, "created": now(), "versions": versions(),
+            "git_commit": git_commit(), "machine": machine(), "seed": args.seed, "method": args.method or "default",
+            "options": options, "input": str(source.path), "wall_time_s": wall,
+            "files": sorted([p.name for p in tmp.iterdir() if p.is_file()] + ["manifest.json"]),
+        })  # fmt: skip
+    model_path = out / "model.safetensors"
     print(format_table(rows, header))
     print(f"budget: {result.report.budget()}")
     print(f"{args.method or 'default pipeline'}: {wall:.1f} s; wrote {model_path}, report.json, manifest.json"
@@ -262,7 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "data, exported to ONNX and benchmarked; 1,000 embedded test images score it.", file=sys.stderr)  # fmt: skip
     progress = TqdmProgress(leave=False)
     try:
-        result = run_demo(args.out, args.method, options, progress=progress, runs=args.runs, macs=args.macs)
+        result = run_demo(args.out, args.method, options, progress=progress, runs=args.runs, macs=args.macs, overwrite=args.overwrite)
     finally:
         progress.close()
     rows = [[r["model"], pct(r["ca"]), pct(r["asr"]), count(r["params"]), count(r["macs"]), f"{r['latency_ms_bs1_t1']:.3f}",
@@ -296,11 +349,17 @@ def _train_images(dataset: str, count: int, run, data_dir, seed: int = 0):
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
+    from ccpurify.atomic import refuse_existing
     from ccpurify.data import Normalize, get_spec, load_dataset
     from exporters.onnx import export
 
-    source = ModelSource(args.model, args)
     out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise CliError(f"--out must name an .onnx file, got {out}")
+    _output_beside(out, [Path(args.model)])
+    for path in [out, *([out.with_suffix(".int8.onnx")] if args.int8 else [])]:
+        refuse_existing(path, args.overwrite)
+    source = ModelSource(args.model, args)
     report = export(source.model, out, source.example_inputs, opset=args.opset, tolerance=args.tolerance)
     rows = [[out.name, f"{report.file_bytes / 1e6:.2f} MB", count(report.params), count(report.macs), f"{report.parity_max_abs_diff:.2e}", "-"]]
     if args.int8:
@@ -325,12 +384,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ccpurify.atomic import write_json, write_text
+    from ccpurify.atomic import refuse_existing, write_json, write_text
     from exporters.latency import BenchConfig, benchmark
     from exporters.onnx import export
 
     if len(args.models) > 2:
         raise CliError("bench takes one model, or two for an A/B comparison")
+    for path in (args.out, args.markdown):
+        if path:
+            refuse_existing(path, args.overwrite)
     config = BenchConfig(
         batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), warmup=args.warmup, runs=args.runs,
         rounds=args.rounds, graph_optimization=args.graph_optimization, spinning=args.spinning, torch_eager=not args.no_torch,
@@ -366,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ccpurify",
         description="Remove backdoors from neural networks and make them smaller: defenses as compression passes.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train a backdoored (or clean) model and write its run directory",
@@ -401,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attack-from", metavar="RUN_DIR", default=None, help="score ASR/RA with the exact trigger of a run directory")
     e.add_argument("--target", type=int, default=0, help="target class for --attack (default: 0)")
     e.add_argument("--attack-seed", type=int, default=0, help="seed of --attack's trigger (default: 0)")
-    e.add_argument("--test-subset", type=int, default=None, help="score on a seeded subset of this many test images")
+    e.add_argument("--test-subset", type=_count(1), default=None, help="score on a seeded subset of this many test images")
     e.add_argument("--out", default=None, help="where to write the JSON (default: <run>/evaluation.json or <weights>.evaluation.json)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_data_option(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -424,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled clean images: a run directory (its defender subset) or an image folder/zip in the dataset's class layout")  # fmt: skip
     u.add_argument("--unlabeled-data", default=None, metavar="PATH",
                    help="unlabelled images: a run directory (its pool) or any image folder/zip, any dataset (test/val folders are skipped)")  # fmt: skip
-    u.add_argument("--unlabeled-count", type=int, default=5000, help="at most this many unlabelled images (default: 5000)")
+    u.add_argument("--unlabeled-count", type=_count(1), default=5000, help="at most this many unlabelled images (default: 5000)")
     u.add_argument("--out", default=None, help="output folder (default: purified-<method> next to the input)")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
     u.add_argument("--no-export", action="store_true", help="skip the ONNX export")
     u.add_argument("--seed", type=int, default=0, help="seed of every random choice in the passes (default: 0)")
     u.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run the passes (default: cpu)")
@@ -440,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an option of --method (repeatable)")
     d.add_argument("--macs", type=_fraction, default=None, metavar="FRACTION",
                    help="fraction of the dense MACs to keep (default: the default pipeline's chosen target)")
-    d.add_argument("--runs", type=int, default=100, help="timed onnxruntime runs per model (default: 100, at least 50)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --out folder that is not a previous demo's")
+    d.add_argument("--runs", type=_count(50), default=100, help="timed onnxruntime runs per model (default: 100, at least 50)")
     d.set_defaults(func=cmd_demo)
 
     x = sub.add_parser("export", help="export a model to one verified ONNX file (optionally also INT8)",
@@ -448,11 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model", help="a run directory, a ccpurify .safetensors file, or a weights file with --arch")
     x.add_argument("--out", required=True, help="the .onnx file to write")
     _add_model_options(x)
-    x.add_argument("--opset", type=int, default=20, help="ONNX opset (default: 20)")
-    x.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted between onnxruntime and PyTorch (default: 1e-4)")
+    x.add_argument("--opset", type=int, default=20, help="ONNX opset, 18 to 23 (default: 20)")
+    x.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    x.add_argument("--tolerance", type=_finite, default=1e-4, help="largest |logit difference| accepted between onnxruntime and PyTorch (default: 1e-4)")
     x.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx: static QDQ quantization calibrated on training images")
-    x.add_argument("--calibration-images", type=int, default=256, help="training images used to calibrate INT8 (default: 256)")
-    x.add_argument("--eval-images", type=int, default=1000, help="test images used to report INT8's accuracy change (default: 1000; 0 skips)")
+    x.add_argument("--calibration-images", type=_count(1), default=256, help="training images used to calibrate INT8 (default: 256)")
+    x.add_argument("--eval-images", type=_count(0), default=1000, help="test images used to report INT8's accuracy change (default: 1000; 0 skips)")
     _add_data_option(x)
     x.set_defaults(func=cmd_export)
 
@@ -460,36 +527,74 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Latency benchmark with explicit settings; two models are measured interleaved.")  # fmt: skip
     b.add_argument("models", nargs="+", metavar="MODEL", help="one or two models: .onnx files, run directories or model files (exported on the fly)")
     _add_model_options(b)
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes to time (default: 1)")
-    b.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op thread counts (default: 1)")
-    b.add_argument("--runs", type=int, default=100, help="timed runs per model and setting, at least 50 (default: 100)")
-    b.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default: 10)")
-    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds the runs are split into (default: 3)")
+    b.add_argument("--batch-sizes", type=_count(1), nargs="+", default=[1], help="batch sizes to time (default: 1)")
+    b.add_argument("--threads", type=_count(1), nargs="+", default=[1], help="intra-op thread counts (default: 1)")
+    b.add_argument("--runs", type=_count(50), default=100, help="timed runs per model and setting, at least 50 (default: 100)")
+    b.add_argument("--warmup", type=_count(0), default=10, help="untimed warm-up runs (default: 10)")
+    b.add_argument("--rounds", type=_count(1), default=3, help="interleaved rounds the runs are split into (default: 3)")
     b.add_argument("--graph-optimization", choices=["disable", "basic", "extended", "all"], default="all",
                    help="onnxruntime graph optimisation level (default: all)")  # fmt: skip
     b.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin while waiting (off by default: slower on small VMs)")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager timings")
     b.add_argument("--out", default=None, help="write the report as JSON here")
     b.add_argument("--markdown", default=None, help="write the report as a Markdown table here")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out or --markdown file")
     b.set_defaults(func=cmd_bench)
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends the command like Ctrl-C, so temporary outputs are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Expected failures (bad input, limits, missing data: ``CcpurifyError``, and
+    the operating system's file errors) print one line and exit 1 (2 for usage errors); anything
+    else is a bug in ccpurify and keeps its traceback. ``--debug`` shows the traceback always."""
+    import signal
+    import traceback
+
+    from ccpurify.errors import CcpurifyError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if _in_main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except CliError as exc:
+        if args.debug:
+            raise
         print(f"ccpurify: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, FloatingPointError) as exc:
-        # Library errors carry one-line, actionable messages: show them without a traceback.
-        print(f"ccpurify: error: {exc}", file=sys.stderr)
+    except (CcpurifyError, OSError) as exc:
+        if args.debug:
+            raise
+        message = str(exc) if not isinstance(exc, OSError) or isinstance(exc, CcpurifyError) else _os_error(exc)
+        print(f"ccpurify: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ccpurify: interrupted; a training run resumes from its checkpoint when started again", file=sys.stderr)
+        print("ccpurify: interrupted; nothing half-written was left (a training run resumes from its checkpoint)", file=sys.stderr)
         return 130
+    except Exception:
+        if args.debug:
+            raise
+        traceback.print_exc()
+        print("ccpurify: internal error: this is a bug in ccpurify; please report it with the traceback above", file=sys.stderr)
+        return 3
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a file-system error: what failed, on which path."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ccpurify.distill import eval_forward_with_pre_hooks
+from ccpurify.errors import InvalidInputError
 from ccpurify.synthesis import bn_layers, moments
 
 
@@ -55,7 +56,7 @@ def gaussian_compensation(
     teacher_bns, student_bns = dict(bn_layers(teacher)), dict(bn_layers(student))
     names = [n for n in student_bns if n in correspondence and n in teacher_bns]
     if not names:
-        raise ValueError("no BatchNorm layer of the compressed model corresponds to one of the dense model")
+        raise InvalidInputError("no BatchNorm layer of the compressed model corresponds to one of the dense model")
     device = next(student.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     replacement: dict[str, torch.Tensor] = {}

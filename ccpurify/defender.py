@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ccpurify.data import DatasetSpec, Normalize, get_spec, load_dataset
-from ccpurify.data.readers import IMAGE_SUFFIXES, DataFormatError, decode_image
+from ccpurify.data.readers import IMAGE_SUFFIXES, DataFormatError, decode_image, read_member
+from ccpurify.errors import InvalidInputError
 from ccpurify.passes.data import LabeledData, UnlabeledData
 
 
@@ -50,7 +51,7 @@ def clean_data(source: str | os.PathLike, dataset: str, *, rnp: bool = False, da
     if _is_run(path):
         images, labels, run_spec = _run_subset(path, "rnp_subset" if rnp else "clean_subset", data_dir)
         if run_spec.name != spec.name:
-            raise ValueError(f"{path} holds {run_spec.name} images but the model is a {spec.name} model")
+            raise InvalidInputError(f"{path} holds {run_spec.name} images but the model is a {spec.name} model")
         return LabeledData(_model_ready(images, spec), torch.from_numpy(labels))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run directory, image folder or zip")
@@ -76,7 +77,7 @@ def image_pool(source: str | os.PathLike, count: int, image_size: int, seed: int
         except zipfile.BadZipFile as exc:
             raise DataFormatError(f"{path}: not a readable zip archive") from exc
         names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_SUFFIXES) and not _is_test_split(Path(n).parts))
-        read = archive.read
+        read = lambda name: read_member(archive, name, str(path))  # noqa: E731
     else:
         archive = None
         names = sorted(str(p) for p in path.rglob("*")

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from ccpurify import attacks
-from ccpurify.atomic import write_json
+from ccpurify.atomic import atomic_directory, refuse_existing, write_json
 from ccpurify.data import CIFAR10
 from ccpurify.data.readers import read_image_folder_zip
+from ccpurify.errors import CcpurifyError
 from ccpurify.evaluation import Score, TestBench
 from ccpurify.io import load_model
 from ccpurify.progress import ProgressCallback, report
@@ -30,7 +31,7 @@ from ccpurify.purify import purify
 ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 
 
-class DemoAssetError(RuntimeError):
+class DemoAssetError(CcpurifyError, RuntimeError):
     pass
 
 
@@ -56,6 +57,17 @@ def verify_assets(folder: Path = ASSETS) -> dict:
     return manifest
 
 
+DEMO_KIND = "ccpurify.demo"
+
+
+def _is_demo_output(folder: Path) -> bool:
+    """Whether ``folder`` holds a previous demo's output (which a new demo may replace)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("kind") == DEMO_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _row(label: str, score: Score, latency_ms: float, onnx_bytes: int) -> dict:
     m = score.metrics
     return {"model": label, "ca": m.ca, "asr": m.asr, "ra": m.ra, "params": score.cost.params, "macs": score.cost.macs,
@@ -64,13 +76,18 @@ def _row(label: str, score: Score, latency_ms: float, onnx_bytes: int) -> dict:
 
 def run_demo(
     out_dir: str | os.PathLike, method: str | None = None, options: dict | None = None,
-    progress: ProgressCallback | None = None, runs: int = 100, macs: float | None = None,
+    progress: ProgressCallback | None = None, runs: int = 100, macs: float | None = None, overwrite: bool = False,
 ) -> DemoResult:  # fmt: skip
+    """Score, purify, export and benchmark the embedded model; write everything to ``out_dir``.
+
+    ``out_dir`` is written as one folder, atomically. A previous demo's folder there is replaced;
+    any other existing path is refused unless ``overwrite``."""
     from exporters.latency import BenchConfig, benchmark
     from exporters.onnx import export
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    overwrite = overwrite or _is_demo_output(out)
+    refuse_existing(out, overwrite, "the output folder")
     manifest = verify_assets()
     model = load_model(ASSETS / "model.safetensors")
     attack = attacks.from_recipe(json.loads((ASSETS / "attack.json").read_text()), load_file(os.fspath(ASSETS / "attack.safetensors")))
@@ -87,24 +104,26 @@ def run_demo(
     after = bench.score(result.model)
 
     example_inputs = torch.zeros(1, 3, *bench.images.shape[1:3])
-    report(progress, "demo: export ONNX", 0, 2)
-    dense = export(model, out / "suspect.onnx", example_inputs)
-    report(progress, "demo: export ONNX", 1, 2)
-    purified = export(result.model, out / "purified.onnx", example_inputs)
-    report(progress, "demo: export ONNX", 2, 2)
-    timing = benchmark({"suspect": dense.path, "purified": purified.path},
-                       BenchConfig(batch_sizes=(1,), threads=(1,), runs=runs, rounds=3, torch_eager=False), progress=progress)  # fmt: skip
-    rows = [
-        _row("suspect (backdoored)", before, timing.timing("suspect", "onnxruntime", 1, 1).median_ms, dense.file_bytes),
-        _row(f"purified ({result.report.passes[0].name if method else 'default pipeline'})", after,
-             timing.timing("purified", "onnxruntime", 1, 1).median_ms, purified.file_bytes),
-    ]  # fmt: skip
-    result.save(out / "purified.safetensors", extra={"dataset": "cifar10"})
-    details = {"pipeline": result.report.to_dict(), "benchmark": timing.to_dict(), "export": [dense.to_dict(), purified.to_dict()]}
-    write_json(out / "report.json", {"rows": rows, **details})
-    write_json(out / "manifest.json", {
-        "kind": "ccpurify.demo", "created": now(), "method": method or "default", "options": options or {},
-        "assets": manifest, "versions": versions(), "git_commit": git_commit(), "machine": machine(),
-        "purify_seconds": purify_seconds, "test_images": len(labels), "triggered_images": len(bd_labels),
-    })  # fmt: skip
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        report(progress, "demo: export ONNX", 0, 2)
+        dense = export(model, tmp / "suspect.onnx", example_inputs)
+        report(progress, "demo: export ONNX", 1, 2)
+        purified = export(result.model, tmp / "purified.onnx", example_inputs)
+        report(progress, "demo: export ONNX", 2, 2)
+        timing = benchmark({"suspect": dense.path, "purified": purified.path},
+                           BenchConfig(batch_sizes=(1,), threads=(1,), runs=runs, rounds=3, torch_eager=False), progress=progress)  # fmt: skip
+        rows = [
+            _row("suspect (backdoored)", before, timing.timing("suspect", "onnxruntime", 1, 1).median_ms, dense.file_bytes),
+            _row(f"purified ({result.report.passes[0].name if method else 'default pipeline'})", after,
+                 timing.timing("purified", "onnxruntime", 1, 1).median_ms, purified.file_bytes),
+        ]  # fmt: skip
+        dense.path, purified.path = str(out / "suspect.onnx"), str(out / "purified.onnx")
+        result.save(tmp / "purified.safetensors", extra={"dataset": "cifar10"})
+        details = {"pipeline": result.report.to_dict(), "benchmark": timing.to_dict(), "export": [dense.to_dict(), purified.to_dict()]}
+        write_json(tmp / "report.json", {"rows": rows, **details})
+        write_json(tmp / "manifest.json", {
+            "kind": DEMO_KIND, "created": now(), "method": method or "default", "options": options or {},
+            "assets": manifest, "versions": versions(), "git_commit": git_commit(), "machine": machine(),
+            "purify_seconds": purify_seconds, "test_images": len(labels), "triggered_images": len(bd_labels),
+        })  # fmt: skip
     return DemoResult(rows, out, method or "default", purify_seconds, details, result.report.budget())

@@ -10,11 +10,14 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from ccpurify.attacks import Attack
 from ccpurify.data import DatasetSpec, Normalize, SourceInfo, get_spec, load_dataset
+from ccpurify.errors import InvalidInputError
 from ccpurify.metrics import BackdoorMetrics, ModelCost, der, evaluate, model_cost
+from ccpurify.probes import output_classes
 
 
 @dataclass
@@ -66,11 +69,24 @@ class TestBench:
         return Normalize(self.spec.mean, self.spec.std)
 
     def score(self, model: nn.Module) -> Score:
+        """CA/ASR/RA and cost; refuses a model whose output size is not the dataset's class count."""
+        self.check_classes(model)
         metrics = evaluate(
             model, self.images, self.labels, self.bd_images, self.bd_labels, self.target, self.normalize
         )
         size = self.spec.image_size
         return Score(metrics, model_cost(model, (1, 3, size, size)))
+
+
+    def check_classes(self, model: nn.Module) -> None:
+        size = self.spec.image_size
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        outputs = output_classes(model, torch.zeros(1, 3, size, size, device=device))
+        if outputs != self.spec.num_classes:
+            raise InvalidInputError(
+                f"the model has {outputs} outputs but {self.spec.name} has {self.spec.num_classes} classes; "
+                "pass the model's dataset (--dataset) or a model trained on this one"
+            )
 
 
 def compare(before: Score, after: Score) -> dict:

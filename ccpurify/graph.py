@@ -27,7 +27,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ccpurify.errors import CcpurifyError
 from ccpurify.io import register_edit
+from ccpurify.probes import check_static_graph
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 WRITER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -127,7 +129,7 @@ class RemovalReport:
                 "changes": [asdict(c) for c in self.changes], "history": self.history}  # fmt: skip
 
 
-class GraphEditError(RuntimeError):
+class GraphEditError(CcpurifyError, RuntimeError):
     """A structural edit produced a model that no longer runs on the example input."""
 
 
@@ -152,6 +154,7 @@ class ChannelGraph:
         was_training = model.training
         model.eval()
         try:
+            check_static_graph(model, example_inputs, "the channel graph (pruning, layer pairing)")
             with torch.enable_grad():  # the graph is traced through autograd (asserts grad mode)
                 self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
                 with torch.no_grad():

@@ -11,13 +11,17 @@ Loading rebuilds the base model, replays the edits on its empty weights, then lo
 ``strict=True`` (specs/design.md, "Saving structurally changed models").
 
 Suspect models are hostile input: ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)``
-only, so a pickle that would run code is refused; non-finite weights are refused too.
+only, so a pickle that would run code is refused; non-finite weights and negative BatchNorm variances
+are refused too. Nothing a file declares is allocated before it is checked against ``LoadLimits``: the
+base architecture is first built on the meta device (no memory) and its size and tensor shapes are
+compared with the file's header.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -32,12 +36,14 @@ from torch import nn
 
 from ccpurify import models
 from ccpurify.atomic import atomic_path
+from ccpurify.errors import InvalidInputError, LimitExceededError
+from ccpurify.limits import DEFAULT_LIMITS, LoadLimits
 
 FORMAT = "ccpurify-model"
 FORMAT_VERSION = "1"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InvalidInputError):
     """A model file cannot be loaded; the message says why and what to do."""
 
 
@@ -55,14 +61,24 @@ class ArchRef:
 
     def __post_init__(self) -> None:
         if (self.name is None) == (self.import_path is None):
-            raise ValueError("ArchRef needs exactly one of name (a zoo model) or import_path")
+            raise InvalidInputError("ArchRef needs exactly one of name (a zoo model) or import_path")
 
     def build(self, allow_import: bool = False) -> nn.Module:
         """Instantiate the base network.
 
         Import paths come from a file that may be hostile, so they are refused unless the caller
         opts in with ``allow_import=True``; even then the target must be an ``nn.Module`` class.
+        Kwargs the architecture does not take are a ``ModelLoadError``.
         """
+        try:
+            return self._build(allow_import)
+        except (TypeError, ValueError, KeyError, AttributeError, ImportError) as exc:
+            if isinstance(exc, ModelLoadError):
+                raise
+            what = self.name or self.import_path
+            raise ModelLoadError(f"cannot build {what} with {self.kwargs}: {str(exc).splitlines()[0][:200]}") from exc
+
+    def _build(self, allow_import: bool) -> nn.Module:
         if self.name is not None:
             return models.create(self.name, **self.kwargs)
         if not allow_import:
@@ -81,7 +97,23 @@ class ArchRef:
 
     @classmethod
     def from_dict(cls, data: dict) -> ArchRef:
-        return cls(name=data.get("name"), kwargs=dict(data.get("kwargs", {})), import_path=data.get("import_path"))
+        """From JSON that may be hostile: every field is type-checked (``ModelLoadError`` otherwise)."""
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"the architecture must be a JSON object, got {type(data).__name__}")
+        name, import_path, kwargs = data.get("name"), data.get("import_path"), data.get("kwargs", {})
+        if not all(v is None or isinstance(v, str) for v in (name, import_path)) or (name is None) == (import_path is None):
+            raise ModelLoadError("the architecture needs exactly one of name or import_path, as a string")
+        if not isinstance(kwargs, dict) or not all(_plain_json(v) for v in kwargs.values()):
+            raise ModelLoadError(f"the architecture's kwargs must be a JSON object of numbers, strings and lists, got {kwargs!r:.120}")
+        return cls(name=name, kwargs=dict(kwargs), import_path=import_path)
+
+
+def _plain_json(value: object) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain_json(v) for v in value)
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")
+    return value is None or isinstance(value, (bool, int, str))
 
 
 # A model remembers how it was built and edited, so a pipeline's output can be saved without
@@ -161,7 +193,7 @@ def save_model(
         arch = ArchRef(name=arch, kwargs=dict(arch_kwargs or {}))
     arch = arch or arch_of(model)
     if arch is None:
-        raise ValueError("the model records no base architecture: pass arch= (a zoo name or ArchRef)")
+        raise InvalidInputError("the model records no base architecture: pass arch= (a zoo name or ArchRef)")
     edits = edits_of(model) if edits is None else edits
     metadata = {
         "format": FORMAT,
@@ -177,8 +209,10 @@ def save_model(
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> SavedModel | None:
-    """The ccpurify description stored in a safetensors file, or None for a plain weights file."""
+def read_metadata(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) -> SavedModel | None:
+    """The ccpurify description stored in a safetensors file, or None for a plain weights file.
+    Every field is checked (types, input shape, edit count) before anything uses it."""
+    _check_header_size(Path(path), limits)
     try:
         with safe_open(os.fspath(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -187,39 +221,79 @@ def read_metadata(path: str | os.PathLike) -> SavedModel | None:
     if meta.get("format") != FORMAT:
         return None
     try:
-        return SavedModel(
-            arch=ArchRef.from_dict(json.loads(meta["arch"])),
-            edits=json.loads(meta.get("edits", "[]")),
-            input_shape=tuple(json.loads(meta.get("input_shape", "[1, 3, 32, 32]"))),
-            extra=json.loads(meta.get("extra", "{}")),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
+        arch = ArchRef.from_dict(json.loads(meta["arch"]))
+        edits = json.loads(meta.get("edits", "[]"))
+        shape = json.loads(meta.get("input_shape", "[1, 3, 32, 32]"))
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, ValueError, TypeError, ModelLoadError) as exc:
         raise ModelLoadError(f"{path}: damaged ccpurify metadata ({exc})") from exc
+    if not isinstance(edits, list) or not all(isinstance(e, dict) and isinstance(e.get("op"), str) for e in edits):
+        raise ModelLoadError(f"{path}: damaged ccpurify metadata (edits must be a list of {{'op': ...}} objects)")
+    if not isinstance(extra, dict):
+        raise ModelLoadError(f"{path}: damaged ccpurify metadata (extra must be a JSON object)")
+    limits.check_edits(len(edits), str(path))
+    try:
+        input_shape = limits.check_input_shape(shape, str(path))
+    except LimitExceededError:
+        raise
+    except InvalidInputError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return SavedModel(arch=arch, edits=edits, input_shape=input_shape, extra=extra)
+
+
+def _check_header_size(path: Path, limits: LoadLimits) -> None:
+    """safetensors files start with the header's length (8 bytes, little-endian): bound it first."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    declared = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if declared < 0 or declared > limits.max_header_bytes:
+        raise ModelLoadError(
+            f"{path}: not a safetensors file, or its header declares {declared:,} bytes (limit "
+            f"{limits.max_header_bytes:,}); the file may be corrupt"
+        )
+
+
+def declared_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the tensors."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc}); the file may be corrupt") from exc
 
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_weights(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file, or from a ``.pt``/``.pth``/``.bin`` file read with
     ``torch.load(weights_only=True)``; anything that would need unpickling code is refused."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     if path.suffix == ".safetensors":
+        _check_header_size(path, limits)
+        limits.check_params(sum(math.prod(s) for s in declared_shapes(path).values()), str(path))
         try:
             state = load_file(os.fspath(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelLoadError(f"{path}: not a readable safetensors file ({exc}); the file may be corrupt") from exc
     else:
         state = _torch_load_weights_only(path)
+        limits.check_params(sum(t.numel() for t in state.values()), str(path))
     _check_finite(state, path)
+    _check_batchnorm_variances(state, path)
     return state
 
 
 def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        # mmap: a zip-format file's tensors are mapped, not read, until their sizes have been checked
+        mmap = zipfile.is_zipfile(path)
+        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise UnsafeModelError(
             f"{path}: refused: the pickle holds objects other than tensors ({str(exc).splitlines()[0][:160]}). "
@@ -246,49 +320,73 @@ def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
         raise ModelLoadError(f"{path}: tensor {name!r} holds NaN or Inf; the weights are corrupt")
 
 
+def _check_batchnorm_variances(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A negative running variance makes BatchNorm output NaN from finite weights."""
+    for name, t in state.items():
+        if name.endswith("running_var") and t.is_floating_point() and bool((t < 0).any()):
+            raise ModelLoadError(f"{path}: BatchNorm variance {name!r} is negative; the weights are corrupt")
+
+
 def load_model(
     path: str | os.PathLike,
     arch: ArchRef | str | None = None,
     arch_kwargs: dict | None = None,
     allow_import: bool = False,
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> nn.Module:
     """Rebuild and load a model: from a ccpurify safetensors file alone, or from any weights file
-    plus ``arch`` (a zoo name or ``ArchRef``). Returns the model in eval mode."""
+    plus ``arch`` (a zoo name or ``ArchRef``). Returns the model in eval mode.
+
+    Bounded (``limits``): the metadata is checked, the base architecture is built on the meta device
+    and its size compared with ``limits.max_params``, and for an unedited model its tensor shapes
+    are compared with the file's header, all before any weight is allocated or read."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file (a model file, or a run directory where a command accepts one)")
-    saved = read_metadata(path) if path.suffix == ".safetensors" else None
+    saved = read_metadata(path, limits) if path.suffix == ".safetensors" else None
     if arch is not None:
         arch_ref = ArchRef(name=arch, kwargs=dict(arch_kwargs or {})) if isinstance(arch, str) else arch
     elif saved is not None:
         arch_ref = saved.arch
     else:
         raise ModelLoadError(f"{path}: plain weights carry no architecture; pass arch= (--arch NAME) to load them")
-    state = load_weights(path)
+    with torch.device("meta"):
+        skeleton = arch_ref.build(allow_import=allow_import)
+    limits.check_params(sum(t.numel() for t in skeleton.state_dict().values()), f"{path}: architecture {arch_ref.name or arch_ref.import_path}{arch_ref.kwargs or ''}")  # fmt: skip
+    if path.suffix == ".safetensors" and not (saved and saved.edits):
+        _check_fits(path, arch_ref, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, declared_shapes(path))
+    del skeleton
+    state = load_weights(path, limits)
     model = arch_ref.build(allow_import=allow_import)
     if saved is not None and saved.edits:
-        model = replay_edits(model, saved.edits, torch.zeros(saved.input_shape))
-    missing, unexpected = _diff_keys(model.state_dict(), state)
-    if missing or unexpected or _shape_mismatches(model.state_dict(), state):
-        bad = _shape_mismatches(model.state_dict(), state)
-        raise ModelLoadError(
-            f"{path}: weights do not fit {arch_ref.name or arch_ref.import_path}{arch_ref.kwargs or ''}: "
-            f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches {bad[:3]}; "
-            "check --arch, --num-classes and --width"
-        )
+        try:
+            model = replay_edits(model, saved.edits, torch.zeros(saved.input_shape))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # a damaged recipe fails inside the replayers in many ways
+            raise ModelLoadError(f"{path}: the recorded edits do not apply to {arch_ref.name or arch_ref.import_path} "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); the file is damaged") from exc  # fmt: skip
+    _check_fits(path, arch_ref, {k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()})  # fmt: skip
     model.load_state_dict(state, strict=True)
     setattr(model, ARCH_ATTR, arch_ref.to_dict())
     setattr(model, EDITS_ATTR, list(saved.edits) if saved is not None else [])
     return model.eval()
 
 
+def _check_fits(path: Path, arch_ref: ArchRef, expected: dict[str, tuple], got: dict[str, tuple]) -> None:
+    missing, unexpected = _diff_keys(expected, got)
+    bad = _shape_mismatches(expected, got)
+    if missing or unexpected or bad:
+        raise ModelLoadError(
+            f"{path}: weights do not fit {arch_ref.name or arch_ref.import_path}{arch_ref.kwargs or ''}: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches {bad[:3]}; "
+            "check --arch, --num-classes and --width"
+        )
+
+
 def _diff_keys(expected: dict, got: dict) -> tuple[list[str], list[str]]:
     return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
 
 
-def _shape_mismatches(expected: dict, got: dict) -> list[str]:
-    return [
-        f"{k}: {tuple(got[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in got and tuple(got[k].shape) != tuple(v.shape)
-    ]
+def _shape_mismatches(expected: dict[str, tuple], got: dict[str, tuple]) -> list[str]:
+    return [f"{k}: {got[k]} vs {v}" for k, v in expected.items() if k in got and got[k] != v]

@@ -25,6 +25,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from ccpurify.errors import InvalidInputError, InvalidTypeError
 from ccpurify.io import register_edit
 
 
@@ -146,7 +147,7 @@ def layer_geometries(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest r whose top singular values keep ``energy`` of the squared spectrum."""
     if not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+        raise InvalidInputError(f"energy must be in (0, 1], got {energy}")
     e = singular_values.to(torch.float64) ** 2
     cum = torch.cumsum(e, 0) / e.sum().clamp_min(1e-300)
     return int(min(len(e), int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1))
@@ -190,7 +191,7 @@ def svd_factorize(
     ``transform`` maps the full singular-value vector (descending) before truncation.
     """
     if not is_factorizable(layer):
-        raise TypeError(f"cannot factorize {type(layer).__name__} (need Linear or Conv2d with groups=1)")
+        raise InvalidTypeError(f"cannot factorize {type(layer).__name__} (need Linear or Conv2d with groups=1)")
     w = matricize(layer)
     if row_scale is not None:
         row_scale = row_scale.to(torch.float64).clamp_min(1e-12)
@@ -227,7 +228,7 @@ def tucker2_factorize(conv: nn.Conv2d, ranks: tuple[int, int]) -> LowRank:
     from tensorly.decomposition import partial_tucker
 
     if not (isinstance(conv, nn.Conv2d) and conv.groups == 1):
-        raise TypeError("Tucker-2 needs a Conv2d with groups=1")
+        raise InvalidTypeError("Tucker-2 needs a Conv2d with groups=1")
     r_out, r_in = min(int(ranks[0]), conv.out_channels), min(int(ranks[1]), conv.in_channels)
     previous = tl.get_backend()
     tl.set_backend("pytorch")

@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ccpurify.data.transforms import Normalize
+from ccpurify.errors import InvalidInputError, NonFiniteError
 
 
 @torch.no_grad()
@@ -42,7 +43,13 @@ def predict(
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             if normalize is not None:
                 x = normalize(x)
-            out[start : start + len(x)] = model(x).argmax(1).cpu().numpy()
+            logits = model(x)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError(
+                    "the model outputs NaN or Inf on test images although its weights are finite (for example a "
+                    "negative BatchNorm variance); its scores would be meaningless, so nothing was scored"
+                )
+            out[start : start + len(x)] = logits.argmax(1).cpu().numpy()
     finally:
         model.train(was_training)
     return out
@@ -82,7 +89,7 @@ def evaluate(
     if poisoned_images is None or target is None:
         return BackdoorMetrics(ca, None, None, len(clean_labels), 0)
     if np.any(poisoned_true_labels == target):
-        raise ValueError("the triggered set must hold non-target images only (protocol: ASR excludes the target class)")
+        raise InvalidInputError("the triggered set must hold non-target images only (protocol: ASR excludes the target class)")
     pred = predict(model, poisoned_images, normalize, batch_size)
     asr = float((pred == target).mean()) if len(pred) else 0.0
     ra = float((pred == poisoned_true_labels).mean()) if len(pred) else 0.0

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ccpurify.errors import InvalidInputError, InvalidTypeError
 from ccpurify.io import save_model
-from ccpurify.passes import PASSES, Pass, Pipeline, PipelineReport, PurifyContext, as_labeled, as_unlabeled
+from ccpurify.passes import PASSES, Pass, Pipeline, PipelineReport, PurifyContext, as_labeled, as_unlabeled, create
+from ccpurify.probes import output_classes
 from ccpurify.progress import ProgressCallback
 from ccpurify.transforms import Normalize
 
@@ -38,30 +40,30 @@ def resolve(
     """A pipeline from a pass name, a pass, a pipeline, a list of those, or None (the defaults).
     ``macs`` is the default pipeline's MACs target, or the ``macs`` option of a named pass."""
     if macs is not None and (isinstance(macs, bool) or not isinstance(macs, (int, float)) or not 0 < macs < 1):
-        raise ValueError(f"macs must be the fraction of the dense model's MACs to keep, a number in (0, 1); got {macs!r}")
+        raise InvalidInputError(f"macs must be the fraction of the dense model's MACs to keep, a number in (0, 1); got {macs!r}")
     if method is None:
         from ccpurify.passes.defaults import default_pipeline
 
         if options:
-            raise ValueError("options need a named method; the default pipeline takes only macs=")
+            raise InvalidInputError("options need a named method; the default pipeline takes only macs=")
         return default_pipeline(has_clean=has_clean, has_unlabeled=has_unlabeled, macs=macs)
     if macs is not None:
         if not isinstance(method, str):
-            raise ValueError("macs= applies to the default pipeline or a named pass; set it on your Pass or Pipeline instead")
+            raise InvalidInputError("macs= applies to the default pipeline or a named pass; set it on your Pass or Pipeline instead")
         if method in PASSES and "macs" not in {f.name for f in fields(PASSES.get(method))}:
-            raise ValueError(f"the {method!r} pass takes no MACs target; macs= applies to the default pipeline, prune, factorize or cc")
+            raise InvalidInputError(f"the {method!r} pass takes no MACs target; macs= applies to the default pipeline, prune, factorize or cc")
         options = {**options, "macs": macs}
     if isinstance(method, Pipeline):
         return method
     if isinstance(method, Pass):
         return Pipeline([method])
     if isinstance(method, str):
-        return Pipeline([PASSES.create(method, **options)])
+        return Pipeline([create(method, **options)])
     if isinstance(method, Sequence):
         if options:
-            raise ValueError("options apply to a single named method; configure each pass of a list yourself")
+            raise InvalidInputError("options apply to a single named method; configure each pass of a list yourself")
         return Pipeline([p for m in method for p in ([m] if isinstance(m, Pass) else resolve(m, {}, has_clean, has_unlabeled).passes)])
-    raise TypeError(f"method must be a pass name, a Pass, a Pipeline or a list of them; got {type(method).__name__}")
+    raise InvalidTypeError(f"method must be a pass name, a Pass, a Pipeline or a list of them; got {type(method).__name__}")
 
 
 def purify(
@@ -86,7 +88,7 @@ def purify(
     target when None; ``ccpurify.passes.defaults``), or a named pass's ``macs`` option. The input
     model is not modified."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = example_inputs if example_inputs is not None else torch.zeros(1, 3, 32, 32)
     if normalize is not None and not isinstance(normalize, Normalize):
         mean, std = normalize
@@ -98,12 +100,7 @@ def purify(
         normalize=normalize,
     )  # fmt: skip
     if context.num_classes is None:
-        was_training = model.training
-        try:
-            with torch.no_grad():
-                context.num_classes = int(model.eval()(example.to(device)).shape[1])
-        finally:
-            model.train(was_training)
+        context.num_classes = output_classes(model, example.to(device))
     for data, who in ((context.clean_data, "clean_data"), (context.unlabeled_data, "unlabeled_data")):
         if data is not None:
             data.check(example, who)

@@ -10,10 +10,12 @@ import fnmatch
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ccpurify.errors import CcpurifyError, InvalidInputError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(CcpurifyError, KeyError):
     """Raised when a name is not registered; the message lists what is."""
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want a plain sentence.
@@ -40,7 +42,7 @@ class Registry(Generic[T]):
         def decorate(fn: Callable[..., T]) -> Callable[..., T]:
             key = name or fn.__name__
             if key in self._factories and self._factories[key] is not fn:
-                raise ValueError(f"{self.kind} {key!r} is already registered")
+                raise InvalidInputError(f"{self.kind} {key!r} is already registered")
             self._factories[key] = fn
             return fn
 

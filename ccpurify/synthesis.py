@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccpurify.errors import InvalidInputError
 from ccpurify.progress import ProgressCallback, report
 
 
@@ -63,7 +64,7 @@ def dead_leaves(
     scale-invariant size distribution, so the images have the 1/f spectrum and the sharp occlusion
     edges of natural images. Deterministic given ``seed``."""
     if count < 0 or shapes < 1 or channels < 1:
-        raise ValueError("dead_leaves needs count >= 0, shapes >= 1 and channels >= 1")
+        raise InvalidInputError("dead_leaves needs count >= 0, shapes >= 1 and channels >= 1")
     height, width = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng([seed, 0xDEAD])
     images = np.empty((count, height, width, channels), np.float32)
@@ -93,7 +94,7 @@ def bn_statistics_loss(model: nn.Module, layers: int | None = None) -> Iterator[
     terms: list[torch.Tensor] = []
     chosen = bn_layers(model)[:layers]
     if not chosen:
-        raise ValueError("this needs BatchNorm statistics, and the model has no BatchNorm2d layer with running statistics")
+        raise InvalidInputError("this needs BatchNorm statistics, and the model has no BatchNorm2d layer with running statistics")
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         mean, var = moments(inputs[0])
@@ -179,7 +180,7 @@ def synthesize_bn_images(
     trusted not to carry a backdoor (a defense's output): aiming images at the attacker's class of
     a backdoored model is how trigger reconstruction works."""
     if init not in ("noise", "dead_leaves"):
-        raise ValueError(f"init must be 'noise' or 'dead_leaves', got {init!r}")
+        raise InvalidInputError(f"init must be 'noise' or 'dead_leaves', got {init!r}")
     if init == "noise":
         start = torch.randn(count, *input_shape, generator=generator)
     else:

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from ccpurify import attacks, models
 from ccpurify.atomic import atomic_path, write_json
 from ccpurify.data import Augment, ImageSet, Normalize, get_spec, load_dataset, to_float
+from ccpurify.errors import CcpurifyError, InvalidInputError, InvalidTypeError, NonFiniteError
 from ccpurify.evaluation import TestBench
 from ccpurify.io import ArchRef, save_model
 from ccpurify.progress import ProgressCallback, report
@@ -73,6 +74,21 @@ class TrainConfig:
     device: str = "cpu"
     channels_last: bool = True
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would train for nothing or score a meaningless run (exit code 0)."""
+        classes = get_spec(self.dataset).num_classes
+        if not 0 <= self.target < classes:
+            raise InvalidInputError(f"target must be a class of {self.dataset} (0 to {classes - 1}), got {self.target}")
+        positive = dict(epochs=self.epochs, batch_size=self.batch_size, width=self.width, lr=self.lr,
+                        train_subset=self.train_subset, test_subset=self.test_subset)  # fmt: skip
+        for name, value in positive.items():
+            if value is not None and (isinstance(value, bool) or not math.isfinite(value) or value <= 0):
+                raise InvalidInputError(f"{name} must be a positive number, got {value}")
+        for name, value in dict(poison_ratio=self.poison_ratio, weight_decay=self.weight_decay,
+                                label_smoothing=self.label_smoothing, momentum=self.momentum).items():  # fmt: skip
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise InvalidInputError(f"{name} must be a number in [0, 1], got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +137,7 @@ _ATTACK_PRESETS = {
 def preset_config(preset: str, dataset: str = "cifar10", attack: str | None = "badnets", **overrides) -> TrainConfig:
     """The ``TrainConfig`` of a preset for a dataset and attack, with ``overrides`` applied."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise InvalidInputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     get_spec(dataset)
     values = dict(PRESETS[preset](dataset), dataset=dataset, attack=attack, preset=preset)
     attack_options = dict(_ATTACK_PRESETS.get((preset, attack), {}))
@@ -129,7 +145,7 @@ def preset_config(preset: str, dataset: str = "cifar10", attack: str | None = "b
     values["attack_options"] = attack_options
     unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
     if unknown:
-        raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        raise InvalidTypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -182,7 +198,7 @@ def lr_at(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> f
         if t < rise:
             return config.lr * (t + 1) / rise
         return config.lr * max(0.0, (total - t) / max(1, total - rise))
-    raise ValueError(f"unknown schedule {config.schedule!r}; use cosine, onecycle or constant")
+    raise InvalidInputError(f"unknown schedule {config.schedule!r}; use cosine, onecycle or constant")
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -194,7 +210,7 @@ class TrainResult:
     attack: attacks.Attack | None
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(CcpurifyError, FileExistsError):
     pass
 
 
@@ -276,7 +292,7 @@ def train(
     targets = torch.from_numpy(labels)
     steps = len(data) // config.batch_size  # drop_last, as BackdoorBench
     if steps == 0:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(data)} training images")
+        raise InvalidInputError(f"batch_size {config.batch_size} is larger than the {len(data)} training images")
 
     resumed_seconds = sum(h.get("seconds", 0.0) for h in history)  # epochs trained before an interruption
     for epoch in range(start_epoch, config.epochs):
@@ -300,7 +316,7 @@ def train(
             total = loss if extra is None else loss + extra
             if not torch.isfinite(total):
                 kept = f"{checkpoint} keeps epoch {epoch}" if checkpoint is not None and checkpoint.is_file() else "nothing was written"
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"training diverged at epoch {epoch + 1} step {step + 1}: loss is {float(total.detach())}; {kept}; "
                     "lower --lr or check the data and the attack's parameters"
                 )

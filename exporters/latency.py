@@ -10,6 +10,7 @@ belong to the machine that measured them.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccpurify.errors import InvalidInputError, LimitExceededError
 from exporters.graph_cost import onnx_cost
 from exporters.onnx import load_onnx
 
@@ -45,12 +47,15 @@ class BenchConfig:
     spinning: bool = False
     torch_eager: bool = True
     seed: int = 0
+    max_input_elements: int = 1 << 26  # an ONNX file declares its input size: refuse more than 256 MB of float32
 
     def __post_init__(self) -> None:
         if self.runs < MIN_RUNS:
-            raise ValueError(f"runs must be >= {MIN_RUNS} for a trustworthy median (got {self.runs})")
+            raise InvalidInputError(f"runs must be >= {MIN_RUNS} for a trustworthy median (got {self.runs})")
         if self.rounds < 1 or self.warmup < 0 or not self.batch_sizes or not self.threads:
-            raise ValueError("rounds >= 1, warmup >= 0 and at least one batch size and thread count are required")
+            raise InvalidInputError("rounds >= 1, warmup >= 0 and at least one batch size and thread count are required")
+        if min(self.batch_sizes) < 1 or min(self.threads) < 1:
+            raise InvalidInputError(f"batch sizes and thread counts must be >= 1, got {self.batch_sizes} and {self.threads}")
         object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
 
     def to_dict(self) -> dict:
@@ -181,6 +186,24 @@ def _summarise(model: str, engine: str, batch: int, threads: int, rounds: list[l
     )  # fmt: skip
 
 
+def _input_shape(proto, path: str | os.PathLike, config: BenchConfig) -> tuple[int, ...]:
+    """The per-example input shape an ONNX file declares (symbolic dimensions count as 1), checked
+    against ``config.max_input_elements`` at the largest batch before anything is allocated."""
+    if len(proto.graph.input) != 1:
+        raise InvalidInputError(f"{path}: the benchmark feeds one input tensor; the model declares {len(proto.graph.input)}")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)[1:]
+    if any(d < 1 for d in shape):
+        raise InvalidInputError(f"{path}: the input declares a non-positive dimension {shape}")
+    elements = max(config.batch_sizes) * math.prod(shape)
+    if elements > config.max_input_elements:
+        raise LimitExceededError(
+            f"{path}: an input of batch {max(config.batch_sizes)} x {list(shape)} has {elements:,} elements, above the "
+            f"limit of {config.max_input_elements:,}; if you trust the file, raise BenchConfig(max_input_elements=...)"
+        )
+    return shape
+
+
 def benchmark(
     models: Mapping[str, str | os.PathLike],
     config: BenchConfig | None = None,
@@ -197,8 +220,7 @@ def benchmark(
         proto = load_onnx(path)
         cost = onnx_cost(proto)
         infos.append(ModelInfo(name, os.fspath(path), os.path.getsize(path), cost.params, cost.macs))
-        dims = proto.graph.input[0].type.tensor_type.shape.dim
-        shapes[name] = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)[1:]
+        shapes[name] = _input_shape(proto, path, config)
     report = BenchReport(config, _environment(), infos)
     rng = np.random.default_rng(config.seed)
     names = list(models)

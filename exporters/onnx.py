@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import time
 import warnings
@@ -24,13 +25,15 @@ import torch
 from torch import nn
 
 from ccpurify.atomic import atomic_path
+from ccpurify.errors import CcpurifyError
 from exporters.graph_cost import onnx_cost
 
 DEFAULT_OPSET = 20
+MIN_OPSET, MAX_OPSET = 18, 23  # what torch.onnx.export(dynamo=True) writes without converting down
 MAX_ONNX_BYTES = 2 << 30  # refuse to parse larger files (protobuf limit; hostile input)
 
 
-class ExportError(RuntimeError):
+class ExportError(CcpurifyError, RuntimeError):
     """Export failed, or the exported graph does not compute what the model computes."""
 
 
@@ -104,6 +107,10 @@ def export(
 ) -> ExportReport:
     """Export ``model`` to ``path`` and verify it; raises ``ExportError`` (and writes nothing) on failure.
     ``model`` itself is not touched (mode, device): a CPU copy in eval mode is exported."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not available: torch's ONNX exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ExportError(f"the parity tolerance must be a finite number >= 0, got {tolerance}")
     model = copy.deepcopy(model).cpu().eval()
     example = example_inputs[:1].detach().cpu().float()
     path = Path(path)
@@ -141,6 +148,9 @@ def export(
         if not worst <= tolerance:
             raise ExportError(f"onnxruntime and PyTorch disagree: max |delta logit| = {worst:.3g} > {tolerance}")
         proto = load_onnx(tmp)
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:
+            raise ExportError(f"the exporter wrote opset {written} although opset {opset} was asked for; ask for {written}")
         cost = onnx_cost(proto)
         size = tmp.stat().st_size
     return ExportReport(

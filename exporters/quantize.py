@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ccpurify.atomic import atomic_path
+from ccpurify.errors import InvalidInputError
 from exporters.onnx import load_onnx, ort_session, quiet
 
 
@@ -81,7 +82,7 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if calibration_images.ndim != 4 or len(calibration_images) == 0:
-        raise ValueError("calibration needs a non-empty float array of images (N, C, H, W)")
+        raise InvalidInputError("calibration needs a non-empty float array of images (N, C, H, W)")
     started = time.perf_counter()
     load_onnx(onnx_path)  # size-limited parse: refuse hostile files before onnxruntime sees them
     input_name = ort_session(onnx_path).get_inputs()[0].name

@@ -12,6 +12,7 @@ import torch
 from ccpurify.attacks import register_attack
 from ccpurify.attacks._util import as_uint8_image
 from ccpurify.attacks.base import Attack
+from ccpurify.errors import InvalidInputError
 
 
 @register_attack
@@ -39,7 +40,7 @@ class BadNets(Attack):
         h, w = self.patch.shape[:2]
         self.mask = self.patch.max(axis=2) > 0 if mask is None else np.asarray(mask, dtype=bool)
         if self.mask.shape != (h, w):
-            raise ValueError(f"mask must have the patch's shape {(h, w)}, got {self.mask.shape}")
+            raise InvalidInputError(f"mask must have the patch's shape {(h, w)}, got {self.mask.shape}")
         self.location = None if location is None else (int(location[0]), int(location[1]))
 
     def _origin(self, height: int, width: int) -> tuple[int, int]:
@@ -50,7 +51,7 @@ class BadNets(Attack):
             r, c = self.location
             r, c = (r + height if r < 0 else r), (c + width if c < 0 else c)
         if not (0 <= r <= height - h and 0 <= c <= width - w):
-            raise ValueError(f"patch {h}x{w} at {self.location} does not fit in {height}x{width} images")
+            raise InvalidInputError(f"patch {h}x{w} at {self.location} does not fit in {height}x{width} images")
         return r, c
 
     def _apply(self, images: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
+from ccpurify.errors import InvalidInputError
+
 LabelMode = Literal["dirty", "clean"]
 
 
@@ -55,7 +57,7 @@ class BatchPoisoner(ABC):
 def _validate_images(images: np.ndarray) -> np.ndarray:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         shape = getattr(images, "shape", None)
-        raise ValueError(f"attacks take uint8 images of shape (N, H, W, 3); got {getattr(images, 'dtype', type(images))} {shape}")
+        raise InvalidInputError(f"attacks take uint8 images of shape (N, H, W, 3); got {getattr(images, 'dtype', type(images))} {shape}")
     return images
 
 
@@ -68,9 +70,9 @@ class Attack(ABC):
 
     def __init__(self, target: int = 0, poison_ratio: float = 0.1, seed: int = 0) -> None:
         if not 0.0 <= poison_ratio <= 1.0:
-            raise ValueError(f"poison_ratio must be in [0, 1], got {poison_ratio}")
+            raise InvalidInputError(f"poison_ratio must be in [0, 1], got {poison_ratio}")
         if target < 0:
-            raise ValueError(f"target must be a class index >= 0, got {target}")
+            raise InvalidInputError(f"target must be a class index >= 0, got {target}")
         self.target = int(target)
         self.poison_ratio = float(poison_ratio)
         self.seed = int(seed)
@@ -93,7 +95,7 @@ class Attack(ABC):
         pool = np.arange(len(labels)) if self.label_mode == "dirty" else np.flatnonzero(labels == self.target)
         if count > len(pool):
             if self.label_mode == "clean":
-                raise ValueError(
+                raise InvalidInputError(
                     f"{self.name} is clean-label: it needs {count} target-class images for ratio "
                     f"{self.poison_ratio}, but class {self.target} has only {len(pool)}; lower poison_ratio"
                 )

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from ccpurify.attacks import register_attack
 from ccpurify.attacks._util import as_uint8_image, check_size, to_uint8
 from ccpurify.attacks.base import Attack
+from ccpurify.errors import InvalidInputError
 
 
 def smooth_random_key(seed: int, image_size: int = 32, grid: int = 8) -> np.ndarray:
@@ -40,7 +41,7 @@ class Blended(Attack):
         """``key``: a user (H, W, 3) uint8 image to blend in; default a seeded smooth random key."""
         super().__init__(target, poison_ratio, seed)
         if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+            raise InvalidInputError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = float(alpha)
         self.key = smooth_random_key(seed, image_size, key_grid) if key is None else as_uint8_image(key, "key")
 

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from ccpurify.attacks import register_attack
 from ccpurify.attacks.base import Attack, BatchPoisoner
+from ccpurify.errors import InvalidInputError
 
 
 def warping_field(seed: int, image_size: int = 32, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0) -> torch.Tensor:
@@ -64,11 +65,11 @@ class WaNet(Attack):
         else:
             self.grid = torch.as_tensor(np.asarray(grid), dtype=torch.float32)
             if self.grid.ndim != 4 or self.grid.shape[0] != 1 or self.grid.shape[-1] != 2:
-                raise ValueError(f"grid must have shape (1, H, W, 2), got {tuple(self.grid.shape)}")
+                raise InvalidInputError(f"grid must have shape (1, H, W, 2), got {tuple(self.grid.shape)}")
 
     def _apply(self, images: np.ndarray) -> np.ndarray:
         if images.shape[1:3] != tuple(self.grid.shape[1:3]):
-            raise ValueError(f"the warping field is {tuple(self.grid.shape[1:3])}, the images {images.shape[1:3]}")
+            raise InvalidInputError(f"the warping field is {tuple(self.grid.shape[1:3])}, the images {images.shape[1:3]}")
         out = np.empty_like(images)
         for start in range(0, len(images), 1024):
             x = torch.from_numpy(images[start : start + 1024]).permute(0, 3, 1, 2).float() / 255.0

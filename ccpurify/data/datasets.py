@@ -18,6 +18,7 @@ import numpy as np
 
 from ccpurify.atomic import atomic_path, write_json
 from ccpurify.data import readers
+from ccpurify.errors import CcpurifyError, InvalidInputError
 from ccpurify.registry import UnknownNameError
 
 DATA_ENV = "CCPURIFY_DATA"
@@ -25,11 +26,11 @@ CACHE_ENV = "CCPURIFY_CACHE"
 CACHE_VERSION = 1
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(CcpurifyError, FileNotFoundError):
     """No data could be located; the message says every place that was looked at."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(InvalidInputError):
     """A data file does not match its published checksum."""
 
 
@@ -248,7 +249,7 @@ def load_dataset(
     """
     spec = get_spec(name)
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidInputError(f"split must be 'train' or 'test', got {split!r}")
     source = locate(name, data_dir)
     cache_root = cache_dir(cache)
     info = identify(source, cache_root, verify=verify)

@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -20,10 +21,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from ccpurify.errors import InvalidInputError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InvalidInputError):
     """The data exists but is not in a layout or encoding we can read."""
 
 
@@ -44,8 +47,22 @@ def _decode_zip_members(zip_path: str, members: Sequence[str], size: int) -> np.
     out = np.empty((len(members), size, size, 3), dtype=np.uint8)
     with zipfile.ZipFile(zip_path) as zf:
         for i, name in enumerate(members):
-            out[i] = decode_image(zf.read(name), size, f"{zip_path}:{name}")
+            out[i] = decode_image(read_member(zf, name, zip_path), size, f"{zip_path}:{name}")
     return out
+
+
+MAX_IMAGE_BYTES = 64 << 20  # an archive member declaring more than this is not one image (zip bomb)
+
+
+def read_member(zf: zipfile.ZipFile, name: str, zip_path: str) -> bytes:
+    """One member's bytes; a declared size over ``MAX_IMAGE_BYTES`` or a damaged stream is a ``DataFormatError``."""
+    declared = zf.getinfo(name).file_size
+    if declared > MAX_IMAGE_BYTES:
+        raise DataFormatError(f"{zip_path}:{name}: declares {declared:,} bytes, more than an image may ({MAX_IMAGE_BYTES:,})")
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+        raise DataFormatError(f"{zip_path}:{name}: damaged in the archive ({exc}); re-copy the file") from exc
 
 
 def _decode_files(paths: Sequence[str], size: int) -> np.ndarray:

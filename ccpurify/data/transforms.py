@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ccpurify.errors import InvalidInputError
 from ccpurify.transforms import Augment, Normalize, random_crop, random_hflip
 
 __all__ = ["Augment", "Normalize", "random_crop", "random_hflip", "to_float", "to_uint8"]
@@ -16,7 +17,7 @@ __all__ = ["Augment", "Normalize", "random_crop", "random_hflip", "to_float", "t
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] (what ToTensor does)."""
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 NHWC images, got {images.dtype} {tuple(images.shape)}")
+        raise InvalidInputError(f"expected uint8 NHWC images, got {images.dtype} {tuple(images.shape)}")
     # contiguous NCHW: channels-last tensors hang oneDNN's strided 1x1 conv backward (ccpurify.passes.data)
     return images.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 

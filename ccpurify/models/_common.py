@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from ccpurify.errors import InvalidInputError
+
 
 def scaled(channels: int, width: float) -> int:
     """Channel count ``channels`` scaled by ``width``, at least 1."""
     if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
+        raise InvalidInputError(f"width must be > 0, got {width}")
     return max(1, int(round(channels * width)))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ccpurify.passes.base import Pass, PassReport, PassResult, Pipeline, PipelineReport, PurifyContext
 from ccpurify.passes.data import LabeledData, UnlabeledData, as_labeled, as_unlabeled
+from ccpurify.passes.options import check_options
 from ccpurify.registry import Registry, UnknownNameError
 
 PASSES: Registry = Registry("pass")
@@ -22,7 +23,9 @@ def register_pass(cls):
 
 
 def create(name: str, **options) -> Pass:
-    """Build pass ``name`` with keyword options (its dataclass fields)."""
+    """Build pass ``name`` with keyword options (its dataclass fields, checked by name, type and
+    finiteness first: ``ccpurify.passes.options``)."""
+    check_options(PASSES.get(name), options, name)
     return PASSES.create(name, **options)
 
 

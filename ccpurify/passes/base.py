@@ -19,9 +19,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.io import edits_of, non_finite_tensor, set_edits
 from ccpurify.metrics import model_cost
 from ccpurify.passes.data import LabeledData, UnlabeledData
+from ccpurify.probes import check_edited_model, check_finite_outputs, probe_inputs
 from ccpurify.progress import ProgressCallback
 from ccpurify.transforms import Normalize
 
@@ -60,12 +62,12 @@ class PurifyContext:
 
     def require_clean_data(self, who: str) -> LabeledData:
         if self.clean_data is None:
-            raise ValueError(f"{who} needs labelled clean images: pass clean_data= (CLI: --clean-data)")
+            raise InvalidInputError(f"{who} needs labelled clean images: pass clean_data= (CLI: --clean-data)")
         return self.clean_data
 
     def require_unlabeled_data(self, who: str) -> UnlabeledData:
         if self.unlabeled_data is None:
-            raise ValueError(f"{who} needs unlabelled images: pass unlabeled_data= (CLI: --unlabeled-data)")
+            raise InvalidInputError(f"{who} needs unlabelled images: pass unlabeled_data= (CLI: --unlabeled-data)")
         return self.unlabeled_data
 
 
@@ -116,6 +118,7 @@ class Pass(ABC):
         context = context or PurifyContext()
         example = context.example_inputs.to(context.device)
         work = copy.deepcopy(model).to(context.device).eval()
+        check_finite_outputs(work, [example, *probe_inputs(example)], f"the model given to pass {self.name!r}")
         inherited = edits_of(work)
         before = model_cost(work, example)
         started = time.perf_counter()
@@ -123,6 +126,10 @@ class Pass(ABC):
         wall = time.perf_counter() - started
         out = result.model.eval()
         _check_finite(out, self.name)
+        if result.edits:
+            check_edited_model(out, example, f"pass {self.name!r}")
+        else:
+            check_finite_outputs(out, [example], f"the output of pass {self.name!r}")
         set_edits(out, inherited + result.edits)  # also right when run() called other passes
         after = model_cost(out, example)
         report = PassReport(
@@ -144,7 +151,7 @@ def _check_finite(model: nn.Module, pass_name: str) -> None:
     """A pass whose own training diverged (Recover, BCU, RNP) would otherwise hand back NaN
     weights that score 1/K accuracy; the input model is untouched (the pass ran on a copy)."""
     if (name := non_finite_tensor(model.state_dict())) is not None:
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"pass {pass_name!r} produced NaN or Inf in {name!r} (its optimisation diverged); the input model is "
             "unchanged: lower the pass's learning rate or check the data it was given"
         )

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ccpurify.distill import distill, epochs_for_budget
+from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
@@ -129,7 +130,7 @@ class BCU(Pass):
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or (self.budget is not None and self.budget < 1):
-            raise ValueError("epochs and budget must be positive")
+            raise InvalidInputError("epochs and budget must be positive")
 
     def epochs_for(self, images: int) -> int:
         return epochs_for_budget(self.epochs, self.budget, images)

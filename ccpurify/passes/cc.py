@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ccpurify import lowrank
+from ccpurify.errors import InvalidInputError
 from ccpurify.lowrank import Method
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
@@ -94,9 +95,9 @@ class CleanCompact(Pass):
         self.purify = RankPurification(self.purify)
         self.allocation = Allocation(self.allocation)
         if self.macs is not None and self.energy is not None:
-            raise ValueError("C&C takes one compaction target: macs= or energy= (or neither)")
+            raise InvalidInputError("C&C takes one compaction target: macs= or energy= (or neither)")
         if self.macs is not None and not 0.0 < self.macs <= 1.0:
-            raise ValueError(f"macs must be a fraction in (0, 1], got {self.macs}")
+            raise InvalidInputError(f"macs must be a fraction in (0, 1], got {self.macs}")
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         geometries, graph = eligible_layers(model, context, self.skip_stem, self.skip_output)

@@ -31,6 +31,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
@@ -91,9 +92,9 @@ class CLP(Pass):
     def __post_init__(self) -> None:
         self.mode, self.residual_policy, self.unpaired = Mode(self.mode), RemovalPolicy(self.residual_policy), Unpaired(self.unpaired)
         if self.reference_pairing and self.mode is not Mode.FAITHFUL:
-            raise ValueError("reference_pairing reproduces the reference's BN zeroing; use it with mode='faithful'")
+            raise InvalidInputError("reference_pairing reproduces the reference's BN zeroing; use it with mode='faithful'")
         if self.u <= 0:
-            raise ValueError(f"u must be > 0, got {self.u}")
+            raise InvalidInputError(f"u must be > 0, got {self.u}")
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         layers: dict[str, dict] = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ccpurify.errors import InvalidInputError, InvalidTypeError
 from ccpurify.transforms import Augment, Normalize
 
 
@@ -23,10 +24,12 @@ class UnlabeledData:
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or self.x.ndim != 4 or not self.x.is_floating_point():
-            raise ValueError(f"images must be a float tensor (N, C, H, W); got {getattr(self.x, 'dtype', type(self.x))} "
+            raise InvalidInputError(f"images must be a float tensor (N, C, H, W); got {getattr(self.x, 'dtype', type(self.x))} "
                              f"{tuple(getattr(self.x, 'shape', ()))}")  # fmt: skip
+        if len(self.x) == 0:
+            raise InvalidInputError("no images were given (an empty set); pass at least one image or use a data-free method")
         if not torch.isfinite(self.x).all():
-            raise ValueError("images contain NaN or Inf")
+            raise InvalidInputError("images contain NaN or Inf")
         # NCHW memory order: a channels-last tensor (what permuting NHWC image arrays gives) makes
         # oneDNN's 1x1 strided convolution backward hang in torch 2.13 for some channel counts (5).
         self.x = self.x.contiguous()
@@ -48,7 +51,7 @@ class UnlabeledData:
 
     def check(self, example_inputs: torch.Tensor, who: str) -> None:
         if tuple(self.x.shape[1:]) != tuple(example_inputs.shape[1:]):
-            raise ValueError(f"{who}: images are {tuple(self.x.shape[1:])} but the model takes {tuple(example_inputs.shape[1:])}")
+            raise InvalidInputError(f"{who}: images are {tuple(self.x.shape[1:])} but the model takes {tuple(example_inputs.shape[1:])}")
 
 
 @dataclass
@@ -58,12 +61,14 @@ class LabeledData(UnlabeledData):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.y is None or self.y.ndim != 1 or len(self.y) != len(self.x):
-            raise ValueError("labels must be a 1-D tensor with one label per image")
+            raise InvalidInputError("labels must be a 1-D tensor with one label per image")
+        if self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
+            raise InvalidInputError(f"labels must be integer class indices, got {self.y.dtype}")
         self.y = self.y.long()
 
     def check_classes(self, num_classes: int, who: str) -> None:
         if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= num_classes):
-            raise ValueError(f"{who}: labels range {int(self.y.min())}..{int(self.y.max())} but the model has {num_classes} classes")
+            raise InvalidInputError(f"{who}: labels range {int(self.y.min())}..{int(self.y.max())} but the model has {num_classes} classes")
 
 
 def _from_uint8(images: np.ndarray | torch.Tensor, normalize: Normalize | None) -> torch.Tensor:
@@ -84,7 +89,7 @@ def _read_loader(loader) -> tuple[torch.Tensor, torch.Tensor | None]:
         else:
             xs.append(batch)
     if not xs:
-        raise ValueError("the data loader yielded no batches")
+        raise InvalidInputError("the data loader yielded no batches")
     return torch.cat(xs), (torch.cat(ys) if ys else None)
 
 
@@ -102,7 +107,7 @@ def as_labeled(data, normalize: Normalize | None = None) -> LabeledData:
         return data
     x, y = _split(data, normalize)
     if y is None:
-        raise ValueError("these images carry no labels; this pass needs labelled clean data")
+        raise InvalidInputError("these images carry no labels; this pass needs labelled clean data")
     return LabeledData(x, torch.as_tensor(y))
 
 
@@ -120,7 +125,7 @@ def _split(data, normalize):
         loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=256)
         x, y = _read_loader(loader)
         return _from_uint8(x, normalize), y
-    raise TypeError(
+    raise InvalidTypeError(
         f"cannot use {type(data).__name__} as image data; pass LabeledData/UnlabeledData, (x, y) tensors, "
         "a TensorDataset or a DataLoader"
     )

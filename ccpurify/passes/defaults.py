@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ccpurify.errors import InvalidInputError
 from ccpurify.passes.base import Pipeline
 from ccpurify.passes.bcu import BCU
 from ccpurify.passes.cc import CleanCompact
@@ -165,7 +166,7 @@ def candidate(name: str, macs: float) -> Pipeline:
     if name not in CANDIDATES:
         raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(CANDIDATES)}")
     if not 0 < macs < 1:
-        raise ValueError(f"macs must be a fraction of the dense model's MACs in (0, 1), got {macs}")
+        raise InvalidInputError(f"macs must be a fraction of the dense model's MACs in (0, 1), got {macs}")
     return CANDIDATES[name][1](macs)
 
 

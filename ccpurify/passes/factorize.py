@@ -19,6 +19,7 @@ from enum import Enum
 from torch import nn
 
 from ccpurify import lowrank
+from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.lowrank import Geometry, Method
 from ccpurify.passes import register_pass
@@ -127,21 +128,21 @@ class Factorize(Pass):
         self.method, self.allocation = Method(self.method), Allocation(self.allocation)
         given = [t for t in (self.macs, self.energy, self.rank) if t is not None]
         if len(given) > 1:
-            raise ValueError("Factorize takes one target: macs=, energy= or rank=")
+            raise InvalidInputError("Factorize takes one target: macs=, energy= or rank=")
         if not given:
             self.macs = 0.5
         for name, value in (("macs", self.macs), ("energy", self.energy)):
             if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be a fraction in (0, 1], got {value}")
+                raise InvalidInputError(f"{name} must be a fraction in (0, 1], got {value}")
         if self.rank is not None and self.rank < 1:
-            raise ValueError("rank must be >= 1")
+            raise InvalidInputError("rank must be >= 1")
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         geometries, graph = eligible_layers(model, context, self.skip_stem, self.skip_output)
         if self.layers:
             unknown = set(self.layers) - set(geometries)
             if unknown:
-                raise ValueError(f"not factorizable here: {sorted(unknown)}")
+                raise InvalidInputError(f"not factorizable here: {sorted(unknown)}")
             geometries = {n: g for n, g in geometries.items() if n in self.layers}
         spectra = {n: lowrank.spectrum(model.get_submodule(n)) for n in geometries} if self._needs_spectra() else None
         plan = self._plan(model, context, geometries, spectra)

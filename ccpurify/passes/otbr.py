@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
@@ -135,9 +136,9 @@ class OTBR(Pass):
     def __post_init__(self) -> None:
         self.residual_policy = RemovalPolicy(self.residual_policy)
         if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+            raise InvalidInputError(f"ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+            raise InvalidInputError(f"lam must be in [0, 1], got {self.lam}")
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         example = context.example_inputs.to(context.device)

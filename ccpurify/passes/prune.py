@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ccpurify.compensate import gaussian_compensation
 from ccpurify.distill import correspondence_after_edits
+from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, apply_history
 from ccpurify.merge import merge_removed_channels
 from ccpurify.metrics import model_cost
@@ -65,16 +66,16 @@ class Prune(Pass):
     def __post_init__(self) -> None:
         self.importance = Importance(self.importance)
         if self.macs is not None and self.params is not None:
-            raise ValueError("Prune takes one target: macs= or params= (a fraction in (0, 1]), not both")
+            raise InvalidInputError("Prune takes one target: macs= or params= (a fraction in (0, 1]), not both")
         if self.macs is None and self.params is None:
             self.macs = 0.5
         target = self.macs if self.macs is not None else self.params
         if not 0.0 < target <= 1.0:
-            raise ValueError(f"the target must be a fraction in (0, 1], got {target}")
+            raise InvalidInputError(f"the target must be a fraction in (0, 1], got {target}")
         if not -1.0 <= self.merge_similarity <= 1.0:
-            raise ValueError(f"merge_similarity is a cosine similarity in [-1, 1], got {self.merge_similarity}")
+            raise InvalidInputError(f"merge_similarity is a cosine similarity in [-1, 1], got {self.merge_similarity}")
         if self.round_to is not None and self.round_to < 1:
-            raise ValueError(f"round_to must be a positive channel count, got {self.round_to}")
+            raise InvalidInputError(f"round_to must be a positive channel count, got {self.round_to}")
 
     def _importance(self):
         if self.importance is Importance.MAGNITUDE:
@@ -86,7 +87,7 @@ class Prune(Pass):
     def _accumulate_gradients(self, model: nn.Module, context: PurifyContext) -> None:
         data = context.clean_data or context.unlabeled_data
         if data is None:
-            raise ValueError("Taylor importance needs images: pass clean_data= or unlabeled_data=")
+            raise InvalidInputError("Taylor importance needs images: pass clean_data= or unlabeled_data=")
         model.zero_grad(set_to_none=True)
         for idx, x in data.batches(128):
             logits = model(x.to(context.device))

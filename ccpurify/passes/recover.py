@@ -31,6 +31,7 @@ from ccpurify.distill import (
     epochs_for_budget,
     recalibrate_bn,
 )
+from ccpurify.errors import InvalidInputError
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
@@ -101,13 +102,13 @@ class Recover(Pass):
         self.teacher_from = TeacherSource(self.teacher_from)
         self.synthetic_init = SyntheticInit(self.synthetic_init)
         if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
+            raise InvalidInputError("epochs must be >= 1")
         if self.budget is not None and self.budget < 1:
-            raise ValueError("budget must be a positive number of sample-steps")
+            raise InvalidInputError("budget must be a positive number of sample-steps")
         if self.synthetic_images < 1 or self.synthetic_steps < 0:
-            raise ValueError("synthetic_images must be >= 1 and synthetic_steps >= 0")
+            raise InvalidInputError("synthetic_images must be >= 1 and synthetic_steps >= 0")
         if self.feature_weight < 0 or self.synthetic_class_weight < 0:
-            raise ValueError("feature_weight and synthetic_class_weight must be >= 0")
+            raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
 
     def config(self) -> dict:
         d = super().config()
@@ -122,14 +123,14 @@ class Recover(Pass):
             return self.teacher
         teacher = context.pipeline_input if self.teacher_from is TeacherSource.INPUT else context.teacher
         if teacher is None:
-            raise ValueError("Recover needs a teacher: pass teacher= or put it in a Pipeline after a defense")
+            raise InvalidInputError("Recover needs a teacher: pass teacher= or put it in a Pipeline after a defense")
         return teacher
 
     def _guard(self, context: PurifyContext) -> nn.Module | None:
         if not self.guard:
             return None
         if self.teacher_from is not TeacherSource.INPUT or context.teacher is None or context.teacher is context.pipeline_input:
-            raise ValueError("Recover(guard=True) needs teacher_from='input' and a defense earlier in the Pipeline")
+            raise InvalidInputError("Recover(guard=True) needs teacher_from='input' and a defense earlier in the Pipeline")
         return context.teacher.to(context.device).eval()
 
     def recover(self, student: nn.Module, context: PurifyContext) -> dict:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, RemovalPolicy
 from ccpurify.passes import register_pass
 from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
@@ -161,17 +162,17 @@ class RNP(Pass):
     def __post_init__(self) -> None:
         self.mode, self.residual_policy = Mode(self.mode), RemovalPolicy(self.residual_policy)
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"max_images must be a positive number of images, got {self.max_images}")
+            raise InvalidInputError(f"max_images must be a positive number of images, got {self.max_images}")
         self.mask_score = MaskScore(self.mask_score)
         if self.prune_fraction is not None:
             if not 0.0 < self.prune_fraction < 1.0:
-                raise ValueError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
+                raise InvalidInputError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
             if self.threshold == "auto":
-                raise ValueError("give either prune_fraction or threshold='auto', not both")
+                raise InvalidInputError("give either prune_fraction or threshold='auto', not both")
         if isinstance(self.threshold, str) and self.threshold != "auto":
-            raise ValueError("threshold must be a number in (0, 1) or 'auto'")
+            raise InvalidInputError("threshold must be a number in (0, 1) or 'auto'")
         if not isinstance(self.threshold, str) and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+            raise InvalidInputError(f"threshold must be in (0, 1), got {self.threshold}")
 
     # -- stages --------------------------------------------------------------------------------
     def unlearn(self, model: nn.Module, data: LabeledData, context: PurifyContext) -> tuple[nn.Module, list[float]]:
@@ -253,7 +254,7 @@ class RNP(Pass):
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         data = context.require_clean_data("RNP")
         if not bn_layers(model):
-            raise ValueError("RNP masks BatchNorm channels, and this model has no BatchNorm2d layer")
+            raise InvalidInputError("RNP masks BatchNorm channels, and this model has no BatchNorm2d layer")
         given = len(data)
         if self.max_images is not None and len(data) > self.max_images:
             keep = torch.randperm(len(data), generator=context.generator(29))[: self.max_images]

@@ -1,0 +1,68 @@
+"""Checking a pass's options against its dataclass fields before the pass is built.
+
+Options often arrive as text (``--set u=abc``, a JSON config), so an unknown name, a value of the
+wrong type or a NaN would otherwise surface as a traceback deep inside the pass, or worse, as a run
+that ends with exit code 0 and a meaningless model. Every check here names the option and what it takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from enum import Enum
+from typing import Any
+
+from ccpurify.errors import InvalidInputError, NonFiniteError
+
+
+def check_options(cls: type, options: dict[str, Any], name: str) -> None:
+    """Refuse options that ``cls`` (a dataclass pass) does not take, of the wrong type, or not finite."""
+    if not dataclasses.is_dataclass(cls):
+        return
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise InvalidInputError(f"pass {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():
+        _check_value(name, key, value, hints.get(key, Any))
+
+
+def _check_value(name: str, key: str, value: Any, hint: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NonFiniteError(f"option {key}={value} of pass {name!r} is not a finite number")
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if any(_accepts(t, value) for t in allowed):
+        return
+    raise InvalidInputError(f"option {key} of pass {name!r} takes {_describe(allowed)}, got {value!r}")
+
+
+def _accepts(t: Any, value: Any) -> bool:
+    if t is type(None):
+        return value is None
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is str:
+        return isinstance(value, str)
+    if isinstance(t, type) and issubclass(t, Enum):
+        return isinstance(value, t) or value in {m.value for m in t}
+    if typing.get_origin(t) is typing.Literal:
+        return value in typing.get_args(t)
+    return True  # containers, modules, callables: the pass checks these itself
+
+
+def _describe(allowed: tuple) -> str:
+    def one(t: Any) -> str:
+        if t is type(None):
+            return "null"
+        if isinstance(t, type) and issubclass(t, Enum):
+            return "one of " + "/".join(str(m.value) for m in t)
+        return getattr(t, "__name__", str(t))
+
+    return " or ".join(one(t) for t in allowed)
