@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from common import RESULTS, ZOO, context_for, load_entry, read_json, write_report, zoo_entries  # noqa: E402
 
+from ccpurify.cost import model_cost  # noqa: E402
 from ccpurify.distill import recalibrate_bn  # noqa: E402
-from ccpurify.metrics import model_cost  # noqa: E402
 from ccpurify.passes import Prune  # noqa: E402
 
 CONFIGS = {

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_report  # noqa: E402
 
 from ccpurify import models  # noqa: E402
-from ccpurify.metrics import model_cost  # noqa: E402
+from ccpurify.cost import model_cost  # noqa: E402
 
 STEPS_PER_EPOCH = math.ceil(50_000 / 128)
 

@@ -33,7 +33,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import update_bn
 
+from ccpurify.io import replay_edits
 from ccpurify.progress import ProgressCallback, report
+from ccpurify.recipe import edits_of
 from ccpurify.synthesis import bn_layers, moments
 from ccpurify.transforms import Augment
 
@@ -114,8 +116,6 @@ def correspondence_after_edits(model: nn.Module, edits: list[dict], example_inpu
     """For each BatchNorm of ``model`` after the structural ``edits``, the channel of ``model`` each
     of its channels was: the edits are replayed on a copy whose BN running means hold their own
     channel numbers, so every surviving channel carries the number it had."""
-    from ccpurify.io import replay_edits
-
     tagged = copy.deepcopy(model).cpu()
     for _, bn in bn_layers(tagged):
         bn.running_mean.copy_(torch.arange(bn.num_features, dtype=bn.running_mean.dtype))
@@ -132,8 +132,6 @@ def channel_correspondence(teacher: nn.Module, student: nn.Module, example_input
     (a model edited without its edits recorded) a student channel is the teacher channel with the
     same BN weight, bias and running statistics, when exactly one has them; call this before the
     student's statistics are re-estimated. Layers with no correspondence are left out."""
-    from ccpurify.io import edits_of
-
     teacher_edits, student_edits = edits_of(teacher), edits_of(student)
     teacher_bns, student_bns = dict(bn_layers(teacher)), dict(bn_layers(student))
     if student_edits[: len(teacher_edits)] == teacher_edits and len(student_edits) > len(teacher_edits):

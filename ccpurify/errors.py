@@ -31,3 +31,11 @@ class NonFiniteError(CcpurifyError, FloatingPointError):
 
 class OutputExistsError(CcpurifyError, FileExistsError):
     """The output path exists; nothing is replaced unless the caller asks (``overwrite=True``, ``--overwrite``)."""
+
+
+class ModelLoadError(InvalidInputError):
+    """A model file cannot be loaded; the message says why and what to do."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """The file would need unpickling arbitrary objects, which can run code."""

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ccpurify.attacks import Attack
+from ccpurify.cost import ModelCost, model_cost
 from ccpurify.data import DatasetSpec, Normalize, SourceInfo, get_spec, load_dataset
 from ccpurify.errors import InvalidInputError
-from ccpurify.metrics import BackdoorMetrics, ModelCost, der, evaluate, model_cost
+from ccpurify.metrics import BackdoorMetrics, der, evaluate
 from ccpurify.probes import output_classes
 
 

@@ -28,8 +28,8 @@ import torch_pruning as tp
 from torch import nn
 
 from ccpurify.errors import CcpurifyError
-from ccpurify.io import register_edit
 from ccpurify.probes import check_static_graph
+from ccpurify.recipe import register_edit
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 WRITER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

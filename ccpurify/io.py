@@ -19,14 +19,12 @@ compared with the file's header.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,126 +32,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from ccpurify import models
+from ccpurify import graph, lowrank  # noqa: F401  (register the edit replayers)
 from ccpurify.atomic import atomic_path
-from ccpurify.errors import InvalidInputError, LimitExceededError
+from ccpurify.errors import InvalidInputError, LimitExceededError, ModelLoadError, UnsafeModelError
 from ccpurify.limits import DEFAULT_LIMITS, LoadLimits
+from ccpurify.probes import non_finite_tensor
+from ccpurify.recipe import (  # noqa: F401  (re-exported: the saving API)
+    ARCH_ATTR,
+    EDIT_REPLAYERS,
+    EDITS_ATTR,
+    ArchRef,
+    arch_of,
+    edits_of,
+    register_edit,
+    set_edits,
+)
 
 FORMAT = "ccpurify-model"
 FORMAT_VERSION = "1"
 
 
-class ModelLoadError(InvalidInputError):
-    """A model file cannot be loaded; the message says why and what to do."""
-
-
-class UnsafeModelError(ModelLoadError):
-    """The file would need unpickling arbitrary objects, which can run code."""
-
-
-@dataclass(frozen=True)
-class ArchRef:
-    """How to build the base network: a zoo ``name`` or an ``import_path`` ("pkg.mod:Factory")."""
-
-    name: str | None = None
-    kwargs: dict = field(default_factory=dict)
-    import_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.name is None) == (self.import_path is None):
-            raise InvalidInputError("ArchRef needs exactly one of name (a zoo model) or import_path")
-
-    def build(self, allow_import: bool = False) -> nn.Module:
-        """Instantiate the base network.
-
-        Import paths come from a file that may be hostile, so they are refused unless the caller
-        opts in with ``allow_import=True``; even then the target must be an ``nn.Module`` class.
-        Kwargs the architecture does not take are a ``ModelLoadError``.
-        """
-        try:
-            return self._build(allow_import)
-        except (TypeError, ValueError, KeyError, AttributeError, ImportError) as exc:
-            if isinstance(exc, ModelLoadError):
-                raise
-            what = self.name or self.import_path
-            raise ModelLoadError(f"cannot build {what} with {self.kwargs}: {str(exc).splitlines()[0][:200]}") from exc
-
-    def _build(self, allow_import: bool) -> nn.Module:
-        if self.name is not None:
-            return models.create(self.name, **self.kwargs)
-        if not allow_import:
-            raise ModelLoadError(
-                f"the model names an import path ({self.import_path}); importing code named by a file is off by "
-                "default: pass allow_import=True (--allow-import) if you trust it"
-            )
-        module_name, _, attr = self.import_path.partition(":")
-        target = getattr(importlib.import_module(module_name), attr or "")
-        if not (isinstance(target, type) and issubclass(target, nn.Module)):
-            raise ModelLoadError(f"{self.import_path} is not an nn.Module class")
-        return target(**self.kwargs)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ArchRef:
-        """From JSON that may be hostile: every field is type-checked (``ModelLoadError`` otherwise)."""
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"the architecture must be a JSON object, got {type(data).__name__}")
-        name, import_path, kwargs = data.get("name"), data.get("import_path"), data.get("kwargs", {})
-        if not all(v is None or isinstance(v, str) for v in (name, import_path)) or (name is None) == (import_path is None):
-            raise ModelLoadError("the architecture needs exactly one of name or import_path, as a string")
-        if not isinstance(kwargs, dict) or not all(_plain_json(v) for v in kwargs.values()):
-            raise ModelLoadError(f"the architecture's kwargs must be a JSON object of numbers, strings and lists, got {kwargs!r:.120}")
-        return cls(name=name, kwargs=dict(kwargs), import_path=import_path)
-
-
-def _plain_json(value: object) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_plain_json(v) for v in value)
-    if isinstance(value, float):
-        return value == value and abs(value) != float("inf")
-    return value is None or isinstance(value, (bool, int, str))
-
-
-# A model remembers how it was built and edited, so a pipeline's output can be saved without
-# threading the recipe through by hand (attributes survive deepcopy; they are not in state_dict).
-ARCH_ATTR = "_ccpurify_arch"
-EDITS_ATTR = "_ccpurify_edits"
-
-
-def arch_of(model: nn.Module) -> ArchRef | None:
-    """The base architecture recorded on ``model`` (by ``models.create`` or ``load_model``)."""
-    data = getattr(model, ARCH_ATTR, None)
-    return ArchRef.from_dict(data) if isinstance(data, dict) else data
-
-
-def edits_of(model: nn.Module) -> list[dict]:
-    """The structural edits applied to ``model`` since it was built from its base architecture."""
-    return list(getattr(model, EDITS_ATTR, []))
-
-
-def set_edits(model: nn.Module, edits: list[dict]) -> None:
-    setattr(model, EDITS_ATTR, list(edits))
-
-
-# Edit replayers: op name -> fn(model, edit, example_inputs) -> model. Registered by graph/lowrank.
-EDIT_REPLAYERS: dict[str, Callable[[nn.Module, dict, torch.Tensor], nn.Module]] = {}
-
-
-def register_edit(op: str):
-    def decorate(fn):
-        EDIT_REPLAYERS[op] = fn
-        return fn
-
-    return decorate
-
-
 def replay_edits(model: nn.Module, edits: list[dict], example_inputs: torch.Tensor) -> nn.Module:
     """Apply a recipe of structural edits to a freshly built base model."""
-    import ccpurify.graph  # noqa: F401  (registers its replayers)
-    import ccpurify.lowrank  # noqa: F401
-
     for edit in edits:
         op = edit.get("op")
         if op not in EDIT_REPLAYERS:
@@ -308,11 +208,6 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def non_finite_tensor(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor that holds NaN or Inf, or None."""
-    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ccpurify.errors import InvalidInputError, InvalidTypeError
-from ccpurify.io import register_edit
+from ccpurify.recipe import register_edit
 
 
 class Method(str, Enum):

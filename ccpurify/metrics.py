@@ -12,14 +12,13 @@ the triggered images (``attack.test_set(...)``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from torch import nn
 
+from ccpurify.cost import ModelCost, model_cost  # noqa: F401  (re-exported: the harness's cost API)
 from ccpurify.data.transforms import Normalize
 from ccpurify.errors import InvalidInputError, NonFiniteError
 
@@ -99,31 +98,3 @@ def evaluate(
 def der(ca_before: float, asr_before: float, ca_after: float, asr_after: float) -> float:
     """Defense effectiveness rating in [0, 1]; 0.5 means nothing changed."""
     return (max(0.0, asr_before - asr_after) - max(0.0, ca_before - ca_after) + 1.0) / 2.0
-
-
-@dataclass(frozen=True)
-class ModelCost:
-    """Parameters and multiply-accumulates of one forward pass at the example input's size."""
-
-    params: int
-    macs: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def model_cost(model: nn.Module, example_inputs: torch.Tensor | Sequence[int] = (1, 3, 32, 32)) -> ModelCost:
-    """Params and MACs through torch-pruning's counter (conv MACs = k*k*Cin*Cout/groups per pixel).
-
-    MACs are counted for a batch of one, whatever the example's batch size.
-    """
-    if not isinstance(example_inputs, torch.Tensor):
-        example_inputs = torch.zeros(*example_inputs)
-    example = example_inputs[:1].to(_model_device(model))
-    was_training = model.training
-    model.eval()
-    try:
-        macs, params = tp.utils.count_ops_and_params(model, example)
-    finally:
-        model.train(was_training)
-    return ModelCost(params=int(params), macs=int(macs))

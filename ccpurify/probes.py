@@ -9,12 +9,19 @@ instead of producing a model that scores 1/K or crashes later (issue: hostile in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from ccpurify.errors import InvalidInputError, NonFiniteError
 
 PROBE_SEED = 20201130
+
+
+def non_finite_tensor(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor that holds NaN or Inf, or None."""
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def probe_inputs(example: torch.Tensor) -> list[torch.Tensor]:

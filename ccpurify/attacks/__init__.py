@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ccpurify.registry import Registry, UnknownNameError
-
-ATTACKS: Registry = Registry("attack")
-
-
-def register_attack(cls):
-    ATTACKS.register(cls, name=cls.name)
-    return cls
+from ccpurify.attacks.registry import ATTACKS, register_attack
+from ccpurify.registry import UnknownNameError
 
 
 def create(name: str, **kwargs):

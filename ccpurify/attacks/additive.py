@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ccpurify.attacks import register_attack
 from ccpurify.attacks._util import check_size, to_uint8
 from ccpurify.attacks.base import Attack
+from ccpurify.attacks.registry import register_attack
 
 
 class AdditiveAttack(Attack):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ccpurify.attacks import register_attack
 from ccpurify.attacks._util import as_uint8_image
 from ccpurify.attacks.base import Attack
+from ccpurify.attacks.registry import register_attack
 from ccpurify.errors import InvalidInputError
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ccpurify.attacks import register_attack
 from ccpurify.attacks._util import as_uint8_image, check_size, to_uint8
 from ccpurify.attacks.base import Attack
+from ccpurify.attacks.registry import register_attack
 from ccpurify.errors import InvalidInputError
 
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccpurify.attacks import register_attack
 from ccpurify.attacks.base import Attack, BatchPoisoner
+from ccpurify.attacks.registry import register_attack
 
 EPS = 1e-7
 

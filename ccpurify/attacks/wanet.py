@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ccpurify.attacks import register_attack
 from ccpurify.attacks.base import Attack, BatchPoisoner
+from ccpurify.attacks.registry import register_attack
 from ccpurify.errors import InvalidInputError
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ccpurify.registry import Registry, UnknownNameError
-
-MODELS: Registry[nn.Module] = Registry("model")
-register_model = MODELS.register
+from ccpurify.models.registry import MODELS, register_model
+from ccpurify.recipe import ARCH_ATTR
+from ccpurify.registry import UnknownNameError
 
 
 def create(name: str, **kwargs) -> nn.Module:
@@ -24,7 +23,7 @@ def create(name: str, **kwargs) -> nn.Module:
     The model records how it was built (``ccpurify.io.arch_of``), so it can be saved by name.
     """
     model = MODELS.create(name, **kwargs)
-    model._ccpurify_arch = {"name": name, "kwargs": dict(kwargs)}
+    setattr(model, ARCH_ATTR, {"name": name, "kwargs": dict(kwargs)})
     return model
 
 

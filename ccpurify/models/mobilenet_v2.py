@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ccpurify.models import register_model
 from ccpurify.models._common import scaled
+from ccpurify.models.registry import register_model
 
 # (expansion, out_channels, repeats, stride); strides adapted to 32x32 inputs.
 _CONFIG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccpurify.models import register_model
 from ccpurify.models._common import make_stage, scaled
+from ccpurify.models.registry import register_model
 
 
 class PreActBlock(nn.Module):

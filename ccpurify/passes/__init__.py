@@ -11,15 +11,8 @@ from __future__ import annotations
 from ccpurify.passes.base import Pass, PassReport, PassResult, Pipeline, PipelineReport, PurifyContext
 from ccpurify.passes.data import LabeledData, UnlabeledData, as_labeled, as_unlabeled
 from ccpurify.passes.options import check_options
-from ccpurify.registry import Registry, UnknownNameError
-
-PASSES: Registry = Registry("pass")
-
-
-def register_pass(cls):
-    """Class decorator: register a ``Pass`` subclass under its ``name``."""
-    PASSES.register(cls, name=cls.name)
-    return cls
+from ccpurify.passes.registry import PASSES, register_pass
+from ccpurify.registry import UnknownNameError
 
 
 def create(name: str, **options) -> Pass:

@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ccpurify.cost import model_cost
 from ccpurify.errors import InvalidInputError, NonFiniteError
-from ccpurify.io import edits_of, non_finite_tensor, set_edits
-from ccpurify.metrics import model_cost
 from ccpurify.passes.data import LabeledData, UnlabeledData
-from ccpurify.probes import check_edited_model, check_finite_outputs, probe_inputs
+from ccpurify.probes import check_edited_model, check_finite_outputs, non_finite_tensor, probe_inputs
 from ccpurify.progress import ProgressCallback
+from ccpurify.recipe import edits_of, set_edits
 from ccpurify.transforms import Normalize
 
 

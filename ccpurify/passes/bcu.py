@@ -33,8 +33,8 @@ from torch import nn
 from ccpurify.distill import distill, epochs_for_budget
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.registry import register_pass
 from ccpurify.transforms import Augment
 
 

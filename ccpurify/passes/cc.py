@@ -30,9 +30,9 @@ from torch import nn
 from ccpurify import lowrank
 from ccpurify.errors import InvalidInputError
 from ccpurify.lowrank import Method
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
 from ccpurify.passes.factorize import Allocation, eligible_layers, plan_for_macs, plan_ranks
+from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
+from ccpurify.passes.registry import register_pass
 
 
 class Unpaired(str, Enum):

@@ -22,8 +22,8 @@ from ccpurify import lowrank
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.lowrank import Geometry, Method
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
 
@@ -182,7 +182,7 @@ def plan_for_macs(
 ) -> RankPlan:
     """Ranks that bring the whole model to ``fraction`` of its measured MACs: bisection on the
     per-layer MACs fraction (``uniform``) or on one global energy threshold (``energy``)."""
-    from ccpurify.metrics import model_cost
+    from ccpurify.cost import model_cost
 
     total = model_cost(model, context.example_inputs).macs
     fixed = total - sum(g.dense_macs for g in geometries.values())

@@ -40,8 +40,8 @@ from torch.nn import functional as F
 
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
 

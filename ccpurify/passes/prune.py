@@ -16,13 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ccpurify.compensate import gaussian_compensation
+from ccpurify.cost import model_cost
 from ccpurify.distill import correspondence_after_edits
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, apply_history
 from ccpurify.merge import merge_removed_channels
-from ccpurify.metrics import model_cost
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
 

@@ -32,8 +32,8 @@ from ccpurify.distill import (
     recalibrate_bn,
 )
 from ccpurify.errors import InvalidInputError
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.registry import register_pass
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
 from ccpurify.transforms import Augment
 

@@ -39,9 +39,9 @@ from torch.nn import functional as F
 
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, RemovalPolicy
-from ccpurify.passes import register_pass
 from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
 from ccpurify.passes.data import LabeledData
+from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 from ccpurify.transforms import Augment
 
