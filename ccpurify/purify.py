@@ -28,10 +28,12 @@ from ccpurify.transforms import Normalize
 class PurifyResult:
     model: nn.Module
     report: PipelineReport
+    input_shape: tuple[int, ...] = (1, 3, 32, 32)  # the example input the passes traced (edits replay on it)
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Save the purified model (base architecture + edit recipe + safetensors weights)."""
-        return save_model(self.model, path, extra={"purify": self.report.to_dict(), **(extra or {})})
+        """Save the purified model (base architecture + edit recipe + safetensors weights + the input
+        shape its edits are replayed on when loading)."""
+        return save_model(self.model, path, input_shape=self.input_shape, extra={"purify": self.report.to_dict(), **(extra or {})})
 
 
 def resolve(
@@ -108,4 +110,4 @@ def purify(
         context.clean_data.check_classes(context.num_classes, "clean_data")
     pipeline = resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None, macs)
     purified, report = pipeline(model, context)
-    return PurifyResult(purified, report)
+    return PurifyResult(purified, report, (1, *example.shape[1:]))

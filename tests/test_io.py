@@ -112,3 +112,26 @@ def test_a_save_that_fails_midway_leaves_no_file(model, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_model(model, target, "preact_resnet18", arch_kwargs={"width": 0.25})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_purified_64px_model_with_a_flatten_head_saves_and_loads(tmp_path):
+    import ccpurify
+
+    torch.manual_seed(0)
+    net = Flat64().eval()
+    net._ccpurify_arch = ArchRef(import_path="tests.test_io:Flat64").to_dict()
+    result = ccpurify.purify(net, "prune", macs=0.6, example_inputs=torch.zeros(1, 3, 64, 64))
+    path = result.save(tmp_path / "m.safetensors")
+    assert read_metadata(path).input_shape == (1, 3, 64, 64)
+    loaded = load_model(path, allow_import=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-5)
+
+
+class Flat64(torch.nn.Sequential):
+    """A 64-px network whose head flattens the feature map, so its edits replay only at 64x64."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                         torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                         torch.nn.Flatten(), torch.nn.Linear(16 * 32 * 32, 10))  # fmt: skip

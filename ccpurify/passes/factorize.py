@@ -13,7 +13,7 @@ channels: tiny and accuracy-critical) and the output layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from torch import nn
@@ -34,10 +34,12 @@ class Allocation(str, Enum):
 
 @dataclass(frozen=True)
 class RankPlan:
-    """Chosen ranks per layer name, and the analytic MACs of the plan."""
+    """Chosen ranks per layer name, and the analytic MACs of the plan's layers. ``reached`` is False
+    when a whole-model MACs target could not be met (the plan is then the smallest one found)."""
 
     ranks: dict[str, tuple[int, ...]]
     macs: int
+    reached: bool = True
 
 
 def eligible_layers(
@@ -50,7 +52,7 @@ def eligible_layers(
     for name, geo in geometries.items():
         layer = model.get_submodule(name)
         info = graph.layers.get(name)
-        if not lowrank.is_factorizable(layer) or isinstance(layer, lowrank.LowRank):
+        if not lowrank.is_factorizable(layer) or _inside_low_rank(model, name):
             continue
         if skip_output and info is not None and info.coupling is Coupling.OUTPUT:
             continue
@@ -60,6 +62,12 @@ def eligible_layers(
             continue
         out[name] = geo
     return out, graph
+
+
+def _inside_low_rank(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name`` is a factor of an earlier factorization (never factorized again)."""
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), lowrank.LowRank) for i in range(1, len(parts)))
 
 
 def method_for(geometry: Geometry, method: Method) -> Method:
@@ -154,7 +162,8 @@ class Factorize(Pass):
                            "macs_before": geo.dense_macs, "macs_after": geo.macs(method, ranks)})  # fmt: skip
             report(context.progress, "factorize", i + 1, len(plan.ranks))
         skipped = sorted(set(geometries) - set(plan.ranks))
-        details = {"factorized": layers, "skipped_no_gain": skipped, "unsupported": [u.name for u in graph.unsupported]}
+        details = {"factorized": layers, "skipped_no_gain": skipped, "unsupported": [u.name for u in graph.unsupported],
+                   "target_reached": plan.reached}  # fmt: skip
         edits = [{"op": "factorize", "layers": [{k: e[k] for k in ("layer", "method", "ranks")} for e in layers]}] if layers else []
         return PassResult(model, details, edits)
 
@@ -200,4 +209,4 @@ def plan_for_macs(
             lo, best = mid, plan
         else:
             hi = mid
-    return best
+    return replace(best, reached=fixed + best.macs <= fraction * total)
