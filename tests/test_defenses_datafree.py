@@ -276,3 +276,16 @@ def test_a_pass_whose_training_diverges_raises_and_leaves_its_input_unchanged():
     with pytest.raises(FloatingPointError, match="pass 'recover' produced NaN or Inf.*lower the pass's learning rate"):
         Recover(teacher=copy.deepcopy(model), epochs=2, lr=1e30)(model, PurifyContext(clean_data=data))
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_otbr_aligns_a_layer_only_with_the_one_layer_it_reads():
+    """PreAct blocks: conv2 reads conv1 alone (aligned); a block's conv1 reads the residual sum of
+    the previous block (not aligned: the shortcut was never transported), whatever the channel counts."""
+    model = build("preact_resnet18")
+    _, report = OTBR(ratio=0.2, steps=2, batch_size=16)(model)
+    fused, aligned = report.details["fused_layers"], set(report.details["input_aligned_layers"])
+    reads_a_sum = [n for n in fused if n.endswith(".conv1") and not n.startswith("layer1.0.")]
+    reads_conv1 = [n for n in fused if n.endswith(".conv2")]
+    assert reads_a_sum and reads_conv1
+    assert not aligned & set(reads_a_sum)
+    assert set(reads_conv1) <= aligned

@@ -169,11 +169,12 @@ class OTBR(Pass):
             selected.setdefault(targets[layer], []).append(flat_idx - int(offsets[layer]))
 
         started = time.perf_counter()
-        fused_layers = self._fuse(model, targets, nwc, selected)
+        fused_layers, aligned_layers = self._fuse(model, graph, targets, nwc, selected)
         details = {
             "unlearn_s": unlearn_s, "fusion_s": time.perf_counter() - started,
             "target_layers": len(targets), "neurons": len(flat), "pruned": top,
             "pruned_per_layer": {n: len(v) for n, v in selected.items()}, "fused_layers": fused_layers,
+            "input_aligned_layers": aligned_layers,
             "nwc_total": float(flat.sum()), "unsupported": [u.name for u in graph.unsupported],
         }  # fmt: skip
         edits = []
@@ -183,21 +184,41 @@ class OTBR(Pass):
             edits = [removal.edit()] if removal.history else []
         return PassResult(model, details, edits)
 
-    def _fuse(self, model: nn.Module, targets: list[str], nwc: dict, selected: dict[str, list[int]]) -> list[str]:
+    def _fuse(self, model: nn.Module, graph: ChannelGraph, targets: list[str], nwc: dict, selected: dict[str, list[int]]) -> tuple[list[str], list[str]]:
+        """Transport every target layer from the first pruned one on (fused, aligned layer names).
+
+        A layer's input side is aligned with the transport of the layer that writes its input only
+        when that is its one producer: a layer that reads a residual sum (or any mix of writers)
+        keeps its input columns, since the other summands were not transported."""
         if not selected or self.lam == 0.0:
-            return []
+            return [], []
+        producers = input_producers(graph)
         first = min(targets.index(n) for n in selected)
-        align, fused = None, []
+        transports: dict[str, torch.Tensor] = {}
+        fused, aligned = [], []
         for name in targets[first:]:
             conv = model.get_submodule(name)
             original = conv.weight.detach().clone()
             pruned = original.clone()
             if name in selected:
                 pruned[selected[name]] = 0
+            writers = producers.get(name, [])
+            align = transports.get(writers[0]) if len(writers) == 1 else None
             if align is not None and align.shape[0] != original.shape[1]:
-                align = None  # the previous target does not feed this conv directly: no input alignment
-            new, align = fuse_layer(pruned.cpu(), original.cpu(), nwc[name], align, self.lam, self.eps)
+                align = None
+            new, transports[name] = fuse_layer(pruned.cpu(), original.cpu(), nwc[name], align, self.lam, self.eps)
             with torch.no_grad():
                 conv.weight.copy_(new.to(conv.weight.device))
             fused.append(name)
-        return fused
+            if align is not None:
+                aligned.append(name)
+        return fused, aligned
+
+
+def input_producers(graph: ChannelGraph) -> dict[str, list[str]]:
+    """For each conv/linear layer, the layers whose output channels it reads as input channels."""
+    producers: dict[str, list[str]] = {}
+    for writer in graph.layers:
+        for reader in graph.consumers(writer):
+            producers.setdefault(reader, []).append(writer)
+    return producers
