@@ -7,6 +7,7 @@ directory appears complete or not at all (``atomic_directory``).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -62,7 +63,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"the output {target} is a file, not a folder; choose another path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _remove_abandoned(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         umask = os.umask(0)
@@ -78,6 +80,25 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Remove temporary folders for ``target`` left by a process that was killed (SIGKILL, or a
+    SIGTERM while it was inside native code, where Python cannot clean up): their pid is gone."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = stale.name[len(target.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

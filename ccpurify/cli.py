@@ -543,24 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame) -> None:
-    """SIGTERM ends the command like Ctrl-C, so temporary outputs are removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Expected failures (bad input, limits, missing data: ``CcpurifyError``, and
     the operating system's file errors) print one line and exit 1 (2 for usage errors); anything
     else is a bug in ccpurify and keeps its traceback. ``--debug`` shows the traceback always."""
-    import signal
     import traceback
 
     from ccpurify.errors import CcpurifyError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if _in_main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except CliError as exc:
@@ -583,12 +575,6 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("ccpurify: internal error: this is a bug in ccpurify; please report it with the traceback above", file=sys.stderr)
         return 3
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _os_error(exc: OSError) -> str:

@@ -385,3 +385,18 @@ def test_an_output_folder_appears_complete_or_not_at_all(tmp_path, interrupt):
     with atomic_directory(old, overwrite=True) as tmp:
         (tmp / "report.json").write_text("new")
     assert (old / "report.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    import os
+
+    from ccpurify.atomic import atomic_directory
+
+    killed = tmp_path / ".out.999999999.abc.tmp"  # a pid that cannot be running
+    alive = tmp_path / f".out.{os.getpid()}.def.tmp"  # another writer, still running
+    for folder in (killed, alive):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("half")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "report.json").write_text("{}")
+    assert not killed.exists() and alive.exists() and (tmp_path / "out" / "report.json").exists()
