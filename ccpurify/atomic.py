@@ -41,11 +41,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "the output") -> None:
+def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "the output", folder: bool = False) -> None:
     """``OutputExistsError`` when ``path`` exists (a file, or a folder that is not empty) and replacing
-    it was not asked for."""
+    it was not asked for, or when it is a folder where a file (``folder=False``) is to be written."""
     target = Path(path)
     empty_folder = target.is_dir() and not any(target.iterdir())
+    if target.is_dir() and not folder:
+        raise OutputExistsError(f"{what} {path} is a folder; name a file")
+    if target.exists() and not target.is_dir() and folder:
+        raise OutputExistsError(f"{what} {path} is a file; name a folder")
     if target.exists() and not empty_folder and not overwrite:
         raise OutputExistsError(f"{what} {path} exists; choose another path or pass --overwrite (overwrite=True) to replace it")
 
@@ -59,9 +63,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     reader sees the old result or the new one, never a mix of both.
     """
     target = Path(path)
-    refuse_existing(target, overwrite)
-    if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"the output {target} is a file, not a folder; choose another path")
+    refuse_existing(target, overwrite, "the output folder", folder=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))

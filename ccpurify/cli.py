@@ -52,6 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     attack = None if args.attack == "none" else args.attack
     config = preset_config(args.preset, args.dataset, attack, **overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{args.dataset}-{args.attack}-{config.arch}-{args.preset}-s{config.seed}"
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; name a run folder")
     print(f"training {config.arch} (width {config.width}) on {args.dataset} with {args.attack}, preset {args.preset}, "
           f"{config.epochs} epochs -> {out}", file=sys.stderr)  # fmt: skip
     progress = TqdmProgress(leave=False)
@@ -230,6 +232,8 @@ def parse_option(text: str) -> tuple[str, object]:
         return key.strip().replace("-", "_"), json.loads(raw)
     except json.JSONDecodeError:
         return key.strip().replace("-", "_"), raw
+    except (ValueError, RecursionError) as exc:  # e.g. an integer literal of thousands of digits
+        raise CliError(f"--set {key}: cannot read the value ({str(exc)[:80]})") from None
 
 
 def cmd_purify(args: argparse.Namespace) -> int:
@@ -244,6 +248,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     source = ModelSource(args.model, args)
     options = dict(parse_option(o) for o in args.set)
+    if "macs" in options and args.macs is not None:
+        raise CliError("give the MACs target once: --macs or --set macs=, not both")
     clean = unlabeled = None
     if args.clean_data:
         # A run directory gives its 500-image defender subset whatever the method, as the grid does.
@@ -256,7 +262,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
         unlabeled = defender.unlabeled_data(source.path, source.dataset, count=args.unlabeled_count, data_dir=args.data)
     out = Path(args.out) if args.out else (source.path if source.path.is_dir() else source.path.parent) / f"purified-{args.method or 'default'}"
     _output_beside(out, [source.path] + [Path(p) for p in (args.clean_data, args.unlabeled_data) if p])
-    refuse_existing(out, args.overwrite, "the output folder")  # before the long work, and again when it is written
+    refuse_existing(out, args.overwrite, "the output folder", folder=True)  # before the long work, and again when written
     progress = TqdmProgress(leave=False)
     started = time.perf_counter()
     try:
@@ -267,6 +273,10 @@ def cmd_purify(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     wall = time.perf_counter() - started
+    for p in result.report.passes:
+        if p.details.get("reached") is False or p.details.get("target_reached") is False:
+            print(f"ccpurify: warning: {p.name} could not reach its target; it kept {p.macs_ratio:.2f} of the MACs "
+                  "(see the report)", file=sys.stderr)  # fmt: skip
     used = [f"{len(d.x)} {what} images" for d, what in ((clean, "labelled clean"), (unlabeled, "unlabelled")) if d is not None]
     print(f"data: {', '.join(used) if used else 'none (data-free)'}")
     report = {"input": str(source.path), "method": args.method or "default", "options": options, "seed": args.seed,
@@ -311,6 +321,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ccpurify.demo import run_demo
 
     options = dict(parse_option(o) for o in args.set)
+    if "macs" in options and args.macs is not None:
+        raise CliError("give the MACs target once: --macs or --set macs=, not both")
     print("ccpurify demo: a backdoored CIFAR-10 PreAct-ResNet18 (zoo entry cifar10-badnets) is purified without any "
           "data, exported to ONNX and benchmarked; 1,000 embedded test images score it.", file=sys.stderr)  # fmt: skip
     progress = TqdmProgress(leave=False)
@@ -579,8 +591,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _os_error(exc: OSError) -> str:
     """One line for a file-system error: what failed, on which path."""
+    if exc.strerror is None:
+        return str(exc) or type(exc).__name__
     where = f": {exc.filename}" if exc.filename else ""
-    return f"{exc.strerror or type(exc).__name__}{where}"
+    return f"{exc.strerror}{where}"
 
 
 if __name__ == "__main__":

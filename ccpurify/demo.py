@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ccpurify import attacks
+from ccpurify.api import purify
 from ccpurify.atomic import atomic_directory, refuse_existing, write_json
 from ccpurify.data import CIFAR10
 from ccpurify.data.readers import read_image_folder_zip
@@ -26,7 +27,6 @@ from ccpurify.evaluation import Score, TestBench
 from ccpurify.io import load_model
 from ccpurify.progress import ProgressCallback, report
 from ccpurify.provenance import git_commit, machine, now, versions
-from ccpurify.purify import purify
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 
@@ -87,7 +87,7 @@ def run_demo(
 
     out = Path(out_dir)
     overwrite = overwrite or _is_demo_output(out)
-    refuse_existing(out, overwrite, "the output folder")
+    refuse_existing(out, overwrite, "the output folder", folder=True)
     manifest = verify_assets()
     model = load_model(ASSETS / "model.safetensors")
     attack = attacks.from_recipe(json.loads((ASSETS / "attack.json").read_text()), load_file(os.fspath(ASSETS / "attack.safetensors")))

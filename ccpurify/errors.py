@@ -39,3 +39,8 @@ class ModelLoadError(InvalidInputError):
 
 class UnsafeModelError(ModelLoadError):
     """The file would need unpickling arbitrary objects, which can run code."""
+
+
+class ExportError(CcpurifyError, RuntimeError):
+    """Export failed, or an ONNX file cannot be used: unreadable, too large, or it computes
+    something other than the model."""

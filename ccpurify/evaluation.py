@@ -83,6 +83,9 @@ class TestBench:
         size = self.spec.image_size
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         outputs = output_classes(model, torch.zeros(1, 3, size, size, device=device))
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.spec.num_classes):
+            raise InvalidInputError(f"the test labels range {int(self.labels.min())}..{int(self.labels.max())}, outside "
+                                    f"{self.spec.name}'s {self.spec.num_classes} classes; the data is damaged")  # fmt: skip
         if outputs != self.spec.num_classes:
             raise InvalidInputError(
                 f"the model has {outputs} outputs but {self.spec.name} has {self.spec.num_classes} classes; "

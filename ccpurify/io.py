@@ -125,8 +125,10 @@ def read_metadata(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) 
         edits = json.loads(meta.get("edits", "[]"))
         shape = json.loads(meta.get("input_shape", "[1, 3, 32, 32]"))
         extra = json.loads(meta.get("extra", "{}"))
-    except (KeyError, ValueError, TypeError, ModelLoadError) as exc:
-        raise ModelLoadError(f"{path}: damaged ccpurify metadata ({exc})") from exc
+    except (KeyError, ValueError, TypeError, RecursionError, ModelLoadError) as exc:
+        raise ModelLoadError(f"{path}: damaged ccpurify metadata ({type(exc).__name__}: {str(exc)[:160]})") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: ccpurify model format version {meta.get('format_version')!r}; this ccpurify reads {FORMAT_VERSION!r}")
     if not isinstance(edits, list) or not all(isinstance(e, dict) and isinstance(e.get("op"), str) for e in edits):
         raise ModelLoadError(f"{path}: damaged ccpurify metadata (edits must be a list of {{'op': ...}} objects)")
     if not isinstance(extra, dict):
@@ -205,8 +207,11 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ModelLoadError(f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}")
+    odd = next((k for k, v in obj.items() if v.layout != torch.strided or v.is_complex()), None)
+    if odd is not None:
+        raise ModelLoadError(f"{path}: tensor {odd!r} is sparse or complex; a model's weights are dense real tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

@@ -268,7 +268,11 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def _replay_factorize(model: nn.Module, edit: dict, example_inputs: torch.Tensor) -> nn.Module:
     for entry in edit["layers"]:
         layer = model.get_submodule(entry["layer"])
-        replace_module(model, entry["layer"], _structure_only(layer, Method(entry["method"]), tuple(entry["ranks"])))
+        ranks = tuple(entry["ranks"])
+        caps = matricize(layer).shape if Method(entry["method"]) is Method.TUCKER2 else (min(matricize(layer).shape),)
+        if not all(isinstance(r, int) and 1 <= r <= c for r, c in zip(ranks, caps, strict=False)) or len(ranks) != len(caps):
+            raise InvalidInputError(f"factorize edit for {entry['layer']!r}: ranks {list(ranks)[:4]} do not fit a layer of full rank {caps}")
+        replace_module(model, entry["layer"], _structure_only(layer, Method(entry["method"]), ranks))
     return model
 
 

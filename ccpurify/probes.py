@@ -55,8 +55,8 @@ def output_classes(model: nn.Module, example: torch.Tensor) -> int:
         ) from exc
     finally:
         model.train(was_training)
-    if out.ndim != 2:
-        raise InvalidInputError(f"the model returns logits of shape {tuple(out.shape)}; expected (batch, classes)")
+    if out.ndim != 2 or out.shape[1] < 2:
+        raise InvalidInputError(f"the model returns logits of shape {tuple(out.shape)}; expected (batch, classes >= 2)")
     return int(out.shape[1])
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from ccpurify.errors import InvalidInputError, ModelLoadError
 from ccpurify.registry import Registry
 
-ARCHITECTURES: Registry[nn.Module] = Registry("model")
+# Built-in names are the model zoo's (the harness registers them when first asked for a name).
+ARCHITECTURES: Registry[nn.Module] = Registry("model", providers=("ccpurify.models",))
 
 # A model remembers how it was built and edited (attributes survive deepcopy; not in state_dict).
 ARCH_ATTR = "_ccpurify_arch"

@@ -7,6 +7,7 @@ passes (``ccpurify.passes``), so every pluggable thing in the toolkit is found t
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -32,9 +33,16 @@ class Registry(Generic[T]):
     {'width': 2}
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, providers: tuple[str, ...] = ()) -> None:
+        """``providers``: modules that register the built-in entries, imported on the first lookup,
+        so a registry defined in the core is filled by the package that owns the entries."""
         self.kind = kind
+        self.providers = providers
         self._factories: dict[str, Callable[..., T]] = {}
+
+    def _load_providers(self) -> None:
+        for module in self.providers:
+            importlib.import_module(module)
 
     def register(self, factory: Callable[..., T] | None = None, *, name: str | None = None):
         """Register ``factory`` under ``name`` (default: the function's ``__name__``)."""
@@ -49,6 +57,7 @@ class Registry(Generic[T]):
         return decorate(factory) if factory is not None else decorate
 
     def get(self, name: str) -> Callable[..., T]:
+        self._load_providers()
         try:
             return self._factories[name]
         except KeyError:
@@ -61,7 +70,9 @@ class Registry(Generic[T]):
 
     def list(self, pattern: str = "*") -> list[str]:
         """Registered names matching a shell wildcard, sorted."""
+        self._load_providers()
         return sorted(n for n in self._factories if fnmatch.fnmatch(n, pattern))
 
     def __contains__(self, name: object) -> bool:
+        self._load_providers()
         return name in self._factories

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
@@ -248,7 +249,7 @@ def train(
     spec = get_spec(config.dataset)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        raise InvalidInputError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     generator = _seed_everything(config.seed)
 
     train_full = load_dataset(config.dataset, "train", data_dir)
@@ -470,11 +471,17 @@ def open_run(path: str | os.PathLike) -> RunDir:
     manifest_file = path / "manifest.json"
     if not manifest_file.is_file():
         raise FileNotFoundError(f"{path}: not a run directory (no manifest.json); train one with `ccpurify train`")
-    manifest = json.loads(manifest_file.read_text())
-    config = TrainConfig(**manifest["config"])
-    attack = None
-    if (path / "attack.json").is_file():
-        recipe = json.loads((path / "attack.json").read_text())
-        attack = attacks.from_recipe(recipe, load_file(os.fspath(path / "attack.safetensors")))
-    defender = DefenderResources(**json.loads((path / "defender.json").read_text()))
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        config = TrainConfig(**manifest["config"])
+        attack = None
+        if (path / "attack.json").is_file():
+            recipe = json.loads((path / "attack.json").read_text())
+            attack = attacks.from_recipe(recipe, load_file(os.fspath(path / "attack.safetensors")))
+        defender = DefenderResources(**json.loads((path / "defender.json").read_text()))
+    except CcpurifyError as exc:
+        raise InvalidInputError(f"{path}: damaged run directory: {exc}") from exc
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, SafetensorError) as exc:
+        what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+        raise InvalidInputError(f"{path}: damaged run directory ({what}); re-create it with `ccpurify train`") from exc
     return RunDir(path, manifest, config, attack, defender)

@@ -6,25 +6,33 @@ level, spinning off unless asked; one fixed input per batch size; warm-up runs; 
 runs; median, p90, mean and coefficient of variation. Several models are measured *interleaved* in
 rounds (A B, B A, A B...) so drift hits all of them alike; ratios are the headline, absolute times
 belong to the machine that measured them.
+
+Needs only onnxruntime and numpy: torch is imported only to time PyTorch eager models
+(``torch_models``), so the same code runs on the target device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from ccpurify.errors import InvalidInputError, LimitExceededError
 from exporters.graph_cost import onnx_cost
-from exporters.onnx import load_onnx
+from exporters.onnx_file import load_onnx
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MIN_RUNS = 50
 
@@ -48,12 +56,17 @@ class BenchConfig:
     torch_eager: bool = True
     seed: int = 0
     max_input_elements: int = 1 << 26  # an ONNX file declares its input size: refuse more than 256 MB of float32
+    max_run_seconds: float = 60.0  # a single run (the first warm-up) longer than this is stopped: a file may loop
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers, in priority order
 
     def __post_init__(self) -> None:
         if self.runs < MIN_RUNS:
             raise InvalidInputError(f"runs must be >= {MIN_RUNS} for a trustworthy median (got {self.runs})")
         if self.rounds < 1 or self.warmup < 0 or not self.batch_sizes or not self.threads:
             raise InvalidInputError("rounds >= 1, warmup >= 0 and at least one batch size and thread count are required")
+        if not (self.max_run_seconds > 0) or not self.providers:
+            raise InvalidInputError("max_run_seconds must be > 0 and at least one execution provider is required")
+        object.__setattr__(self, "providers", tuple(self.providers))
         if min(self.batch_sizes) < 1 or min(self.threads) < 1:
             raise InvalidInputError(f"batch sizes and thread counts must be >= 1, got {self.batch_sizes} and {self.threads}")
         object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
@@ -61,6 +74,7 @@ class BenchConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["graph_optimization"] = self.graph_optimization.value
+        d["providers"] = list(self.providers)
         return d
 
 
@@ -154,7 +168,12 @@ def _environment() -> dict:
 
     from ccpurify.provenance import machine
 
-    return {**machine(), "onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return {**machine(), "onnxruntime": ort.__version__, "torch": torch_version, "python": platform.python_version(),
+            "available_providers": ort.get_available_providers()}  # fmt: skip
 
 
 def _session(path: str, threads: int, config: BenchConfig):
@@ -173,7 +192,52 @@ def _session(path: str, threads: int, config: BenchConfig):
     options.graph_optimization_level = level
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    missing = [p for p in config.providers if p not in ort.get_available_providers()]
+    if missing:
+        raise InvalidInputError(f"execution provider(s) {missing} are not in this onnxruntime; available: {ort.get_available_providers()}")
+    try:
+        return ort.InferenceSession(path, options, providers=list(config.providers))
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
+        raise InvalidInputError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from exc
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch in inference mode at ``threads`` intra-op threads (restored after), or None when no
+    PyTorch model is timed: only then is torch imported."""
+    if threads is None:
+        yield None
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            yield torch
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _first_run_bounded(name: str, run, seconds: float) -> None:
+    """Run once with a watchdog: onnxruntime stops a run whose ``terminate`` flag is set, so a file
+    whose graph loops (or is just far too slow) cannot hold the benchmark forever."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    timer = threading.Timer(seconds, lambda: setattr(options, "terminate", True))
+    timer.start()
+    try:
+        run(options)
+    except Exception as exc:
+        if options.terminate:
+            raise LimitExceededError(
+                f"{name}: one run took more than {seconds:g} s and was stopped; if the model is that slow, raise "
+                "BenchConfig(max_run_seconds=...)"
+            ) from exc
+        raise InvalidInputError(f"{name}: onnxruntime cannot run it ({str(exc).splitlines()[0][:200]})") from exc
+    finally:
+        timer.cancel()
 
 
 def _summarise(model: str, engine: str, batch: int, threads: int, rounds: list[list[float]]) -> Timing:
@@ -191,6 +255,8 @@ def _input_shape(proto, path: str | os.PathLike, config: BenchConfig) -> tuple[i
     against ``config.max_input_elements`` at the largest batch before anything is allocated."""
     if len(proto.graph.input) != 1:
         raise InvalidInputError(f"{path}: the benchmark feeds one input tensor; the model declares {len(proto.graph.input)}")
+    if proto.graph.input[0].type.tensor_type.elem_type != 1:  # onnx.TensorProto.FLOAT
+        raise InvalidInputError(f"{path}: the benchmark feeds float32 images; this model's input is of another type")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)[1:]
     if any(d < 1 for d in shape):
@@ -218,9 +284,12 @@ def benchmark(
     infos, shapes = [], {}
     for name, path in models.items():
         proto = load_onnx(path)
-        cost = onnx_cost(proto)
-        infos.append(ModelInfo(name, os.fspath(path), os.path.getsize(path), cost.params, cost.macs))
         shapes[name] = _input_shape(proto, path, config)
+        try:
+            cost = onnx_cost(proto)
+        except Exception as exc:  # shape inference rejects unknown ops, domains and opsets in many ways
+            raise InvalidInputError(f"{path}: the graph cannot be analysed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+        infos.append(ModelInfo(name, os.fspath(path), os.path.getsize(path), cost.params, cost.macs))
     report = BenchReport(config, _environment(), infos)
     rng = np.random.default_rng(config.seed)
     names = list(models)
@@ -232,35 +301,31 @@ def benchmark(
         for n in names:
             sess = _session(os.fspath(models[n]), threads, config)
             feed = {sess.get_inputs()[0].name: inputs[n]}
+            _first_run_bounded(n, lambda o, s=sess, f=feed: s.run(None, f, o), config.max_run_seconds)
             engines["onnxruntime"][n] = lambda s=sess, f=feed: s.run(None, f)
-        if config.torch_eager and torch_models:
-            engines["torch"] = {}
-            for n in names:
-                if n in torch_models:
-                    module, x = torch_models[n].eval(), torch.from_numpy(inputs[n])
-                    engines["torch"][n] = lambda m=module, xx=x: m(xx)
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                for engine, fns in engines.items():
-                    for fn in fns.values():
-                        for _ in range(config.warmup):
+        with _torch_threads(threads if config.torch_eager and torch_models else None) as torch:
+            if torch is not None:
+                engines["torch"] = {}
+                for n in names:
+                    if n in torch_models:
+                        module, x = torch_models[n].eval(), torch.from_numpy(inputs[n])
+                        engines["torch"][n] = lambda m=module, xx=x: m(xx)
+            for engine, fns in engines.items():
+                for fn in fns.values():
+                    for _ in range(config.warmup):
+                        fn()
+                samples = {n: [] for n in fns}
+                for r in range(config.rounds):
+                    order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
+                    for n in order:
+                        fn, times = fns[n], []
+                        for _ in range(per_round):
+                            t0 = time.perf_counter()
                             fn()
-                    samples = {n: [] for n in fns}
-                    for r in range(config.rounds):
-                        order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
-                        for n in order:
-                            fn, times = fns[n], []
-                            for _ in range(per_round):
-                                t0 = time.perf_counter()
-                                fn()
-                                times.append(time.perf_counter() - t0)
-                            samples[n].append(times)
-                    for n, rounds in samples.items():
-                        report.timings.append(_summarise(n, engine, batch, threads, rounds))
-        finally:
-            torch.set_num_threads(previous_threads)
+                            times.append(time.perf_counter() - t0)
+                        samples[n].append(times)
+                for n, rounds in samples.items():
+                    report.timings.append(_summarise(n, engine, batch, threads, rounds))
         if progress is not None:
             from ccpurify.progress import report as send
 

@@ -25,16 +25,12 @@ import torch
 from torch import nn
 
 from ccpurify.atomic import atomic_path
-from ccpurify.errors import CcpurifyError
+from ccpurify.errors import ExportError
 from exporters.graph_cost import onnx_cost
+from exporters.onnx_file import MAX_ONNX_BYTES, load_onnx, ort_session, run_onnx  # noqa: F401  (re-exported)
 
 DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 18, 23  # what torch.onnx.export(dynamo=True) writes without converting down
-MAX_ONNX_BYTES = 2 << 30  # refuse to parse larger files (protobuf limit; hostile input)
-
-
-class ExportError(CcpurifyError, RuntimeError):
-    """Export failed, or the exported graph does not compute what the model computes."""
 
 
 @dataclass
@@ -65,32 +61,6 @@ def quiet():
             yield
     finally:
         logging.disable(previous)
-
-
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse an ONNX file with a size limit (files may come from elsewhere)."""
-    size = os.path.getsize(path)
-    if size > MAX_ONNX_BYTES:
-        raise ExportError(f"{path}: {size} bytes is over the {MAX_ONNX_BYTES} byte limit for ONNX files")
-    try:
-        return onnx.load(os.fspath(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError and others
-        raise ExportError(f"{path}: not a readable ONNX file ({exc})") from exc
-
-
-def ort_session(path: str | os.PathLike, threads: int = 1):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path: str | os.PathLike, x: np.ndarray, session=None) -> np.ndarray:
-    session = session or ort_session(path)
-    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 def export(

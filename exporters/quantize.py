@@ -17,7 +17,8 @@ import numpy as np
 
 from ccpurify.atomic import atomic_path
 from ccpurify.errors import InvalidInputError
-from exporters.onnx import load_onnx, ort_session, quiet
+from exporters.onnx import quiet
+from exporters.onnx_file import load_onnx, ort_session
 
 
 @dataclass

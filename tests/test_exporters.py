@@ -1,6 +1,8 @@
 """ONNX export (parity, one file, dynamic batch), graph cost, INT8 quantization, latency benchmark."""
 
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -104,3 +106,73 @@ def test_benchmark_interleaves_models_and_reports_ratios(tmp_path):
 def test_benchmark_refuses_too_few_runs():
     with pytest.raises(ValueError, match="runs must be >= 50"):
         BenchConfig(runs=10)
+
+
+def _tiny_onnx(path: Path) -> Path:
+    """A two-node ONNX classifier built with the onnx helper alone (no torch)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 4], np.random.default_rng(0).standard_normal(12).astype(np.float32).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], [w],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    return path
+
+
+def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model = _tiny_onnx(tmp_path / "tiny.onnx")
+    script = (
+        "import sys, json; sys.modules['torch'] = None\n"  # any 'import torch' now fails
+        "from exporters.latency import BenchConfig, benchmark\n"
+        f"r = benchmark({{'a': {str(model)!r}, 'b': {str(model)!r}}}, BenchConfig(runs=50, warmup=1, torch_eager=False))\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules and sys.modules['torch'] is not None, 'n': len(r.timings), "
+        "'ratio': r.ratio('b', 'a'), 'providers': r.config.providers}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False and result["n"] == 2 and result["ratio"] > 0 and result["providers"] == ["CPUExecutionProvider"]
+
+
+def test_a_provider_this_onnxruntime_lacks_is_refused_by_name(tmp_path):
+    from ccpurify.errors import InvalidInputError
+    from exporters.latency import BenchConfig, benchmark
+
+    with pytest.raises(InvalidInputError, match="'NoSuchExecutionProvider'.*available"):
+        benchmark({"a": _tiny_onnx(tmp_path / "t.onnx")}, BenchConfig(torch_eager=False, providers=("NoSuchExecutionProvider",)))
+
+
+def test_a_run_that_does_not_end_is_stopped(tmp_path):
+    """A Loop whose trip count is huge: the first run is stopped by the watchdog, not waited for."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ccpurify.errors import LimitExceededError
+    from exporters.latency import BenchConfig, benchmark
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "one"], ["x_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "input"], ["output"], body=body)], "loop",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor("trips", TensorProto.INT64, [], [2**62]), helper.make_tensor("cond", TensorProto.BOOL, [], [True])],
+    )  # fmt: skip
+    path = tmp_path / "loop.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    with pytest.raises(LimitExceededError, match="took more than 0.5 s and was stopped"):
+        benchmark({"loop": path}, BenchConfig(torch_eager=False, max_run_seconds=0.5))

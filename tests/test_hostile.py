@@ -400,3 +400,120 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
     with atomic_directory(tmp_path / "out") as tmp:
         (tmp / "report.json").write_text("{}")
     assert not killed.exists() and alive.exists() and (tmp_path / "out" / "report.json").exists()
+
+
+# ----------------------------------------------------------- cases found by a hostile-input audit
+def _meta_file(tmp: Path, tiny: nn.Module, **changes) -> Path:
+    state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": json.dumps(ARCH), "edits": "[]",
+            "input_shape": "[1, 3, 32, 32]", "extra": "{}", **changes}  # fmt: skip
+    path = tmp / "m.safetensors"
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+AUDIT_FILES = [
+    ("a factorize edit with a rank of 12 million", dict(edits=json.dumps([{"op": "factorize", "layers": [{"layer": "linear", "method": "svd", "ranks": [12_000_000]}]}])), "do not fit"),
+    ("metadata nested 100,000 levels deep", dict(extra="[" * 100_000 + "]" * 100_000), "damaged ccpurify metadata"),
+    ("an unknown format version", dict(format_version="999"), "format version '999'"),
+]
+
+
+@pytest.mark.parametrize("case,changes,message", AUDIT_FILES, ids=[c[0] for c in AUDIT_FILES])
+def test_audited_model_files_are_refused_before_allocating(case, changes, message, tiny, tmp_path):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(_meta_file(tmp_path, tiny, **changes))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before < 2 << 30
+
+
+@pytest.mark.parametrize("content", [{1: torch.zeros(2)}, {"w": torch.zeros(3, 3).to_sparse()}, {"w": torch.zeros(2, dtype=torch.complex64)}],
+                         ids=["integer keys", "sparse tensor", "complex tensor"])  # fmt: skip
+def test_odd_pytorch_files_are_refused(content, tmp_path):
+    torch.save(content, tmp_path / "odd.pt")
+    with pytest.raises(ModelLoadError):
+        load_model(tmp_path / "odd.pt", arch="preact_resnet18")
+
+
+def test_a_frozen_model_is_defended_like_a_trainable_one(tiny):
+    frozen = __import__("copy").deepcopy(tiny).requires_grad_(False)
+    scored = [ccpurify.purify(m, "otbr", steps=2, batch_size=8).report.passes[0].details.get("target_layers") for m in (tiny, frozen)]
+    assert scored[0] and scored[0] == scored[1]
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_an_unreachable_pruning_target_prunes_as_far_as_it_can_and_says_so(tiny):
+    report = ccpurify.purify(tiny, "prune", macs=0.01).report
+    assert report.passes[0].details["reached"] is False and report.macs_after < 0.8 * report.macs_before
+
+
+def test_a_damaged_run_directory_is_one_line(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "cifar10-badnets", run)
+    (run / "manifest.json").write_text("{not json")
+    code, err = run_cli(["evaluate", str(run), "--test-subset", "10", "--out", str(tmp_path / "e.json")], capsys)
+    one_line_error(code, err, "damaged run directory")
+
+
+AUDIT_CLI = [
+    ("a 5000-digit --set value", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=1" + "0" * 5000, "--out", str(t / "o")], "cannot read the value"),
+    ("a 400-digit --set value", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=1" + "0" * 400, "--out", str(t / "o")], "not a finite number"),
+    ("a number for a list option", lambda f, t: ["purify", str(f["good"]), "--method", "prune", "--set", "ignored=5", "--out", str(t / "o")], "option ignored of pass 'prune' takes"),
+    ("--macs and --set macs", lambda f, t: ["purify", str(f["good"]), "--method", "prune", "--macs", "0.5", "--set", "macs=0.9", "--out", str(t / "o")], "give the MACs target once"),
+    ("otbr with zero steps", lambda f, t: ["purify", str(f["good"]), "--method", "otbr", "--set", "steps=0", "--out", str(t / "o")], "OTBR needs steps >= 1"),
+    ("a missing --clean-data path", lambda f, t: ["purify", str(f["good"]), "--method", "rnp", "--clean-data", str(t / "nowhere"), "--out", str(t / "o")], "nowhere"),
+    ("export onto a folder named .onnx", lambda f, t: ["export", str(f["good"]), "--out", str(_folder(t / "d.onnx"))], "is a folder; name a file"),
+]
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("case,argv,message", AUDIT_CLI, ids=[c[0] for c in AUDIT_CLI])
+def test_audited_command_lines_end_in_one_line(case, argv, message, files, tmp_path, capsys):
+    code, err = run_cli(argv(files, tmp_path), capsys)
+    one_line_error(code, err, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_16_bit_images_are_refused_not_saturated(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ccpurify.data.readers import DataFormatError, decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(buf, "PNG")
+    with pytest.raises(DataFormatError, match="16-bit or float"):
+        decode_image(buf.getvalue(), 32)
+
+
+def test_test_labels_outside_the_classes_are_not_scored(tiny):
+    import numpy as np
+
+    from ccpurify.data import get_spec
+    from ccpurify.evaluation import TestBench
+
+    bench = TestBench(get_spec("cifar10"), np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 99]), None, None, None)
+    with pytest.raises(InvalidInputError, match="labels range 0..99"):
+        bench.score(tiny)
+
+
+def test_bench_refuses_an_integer_input_model(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporters.latency import BenchConfig, benchmark
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["out"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT64, [1, 4])])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), tmp_path / "int.onnx")
+    with pytest.raises(InvalidInputError, match="float32"):
+        benchmark({"m": tmp_path / "int.onnx"}, BenchConfig(torch_eager=False))

@@ -35,6 +35,8 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     shipped GTSRB copy was made (shared/data/README.md)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raise DataFormatError(f"{name}: {img.mode} pixels (16-bit or float) are not 8-bit images; convert them to 8-bit first")
             img = img.convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
@@ -61,7 +63,7 @@ def read_member(zf: zipfile.ZipFile, name: str, zip_path: str) -> bytes:
         raise DataFormatError(f"{zip_path}:{name}: declares {declared:,} bytes, more than an image may ({MAX_IMAGE_BYTES:,})")
     try:
         return zf.read(name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:  # RuntimeError: encrypted
         raise DataFormatError(f"{zip_path}:{name}: damaged in the archive ({exc}); re-copy the file") from exc
 
 

@@ -118,6 +118,7 @@ class Pass(ABC):
         context = context or PurifyContext()
         example = context.example_inputs.to(context.device)
         work = copy.deepcopy(model).to(context.device).eval()
+        work.requires_grad_(True)  # a frozen model would make tracing and scoring see nothing (private copy)
         check_finite_outputs(work, [example, *probe_inputs(example)], f"the model given to pass {self.name!r}")
         inherited = edits_of(work)
         before = model_cost(work, example)

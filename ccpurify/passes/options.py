@@ -31,8 +31,13 @@ def check_options(cls: type, options: dict[str, Any], name: str) -> None:
 
 
 def _check_value(name: str, key: str, value: Any, hint: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise NonFiniteError(f"option {key}={value} of pass {name!r} is not a finite number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise NonFiniteError(f"option {key}={str(value)[:40]} of pass {name!r} is not a finite number")
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if any(_accepts(t, value) for t in allowed):
         return
@@ -54,6 +59,8 @@ def _accepts(t: Any, value: Any) -> bool:
         return isinstance(value, t) or value in {m.value for m in t}
     if typing.get_origin(t) is typing.Literal:
         return value in typing.get_args(t)
+    if t in (tuple, list) or typing.get_origin(t) in (tuple, list):
+        return isinstance(value, (tuple, list))
     return True  # containers, modules, callables: the pass checks these itself
 
 

@@ -135,6 +135,8 @@ class OTBR(Pass):
 
     def __post_init__(self) -> None:
         self.residual_policy = RemovalPolicy(self.residual_policy)
+        if self.steps < 1 or self.batch_size < 1 or not 0 < self.lr <= 1.0:
+            raise InvalidInputError(f"OTBR needs steps >= 1, batch_size >= 1 and 0 < lr <= 1; got {self.steps}, {self.batch_size}, {self.lr}")
         if not 0.0 <= self.ratio < 1.0:
             raise InvalidInputError(f"ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 <= self.lam <= 1.0:

@@ -117,12 +117,15 @@ class Prune(Pass):
         goal = (self.macs if self.macs is not None else self.params) * start
         protected = protected_layers(ChannelGraph(model, example), self.ignored)
         best, best_pruner, best_ratio = model, None, 0.0
+        smallest = None  # (cost, trial, pruner, ratio): used when no ratio reaches the goal
         lo, hi = 0.0, self.max_layer_ratio
         for step in range(self.search_steps):
             mid = (lo + hi) / 2
             trial, pruner = self._trial(model, mid, context, protected)
             cost = measure(trial)
             report(context.progress, "prune: search ratio", step + 1, self.search_steps, ratio=mid, cost_ratio=cost / start)
+            if smallest is None or cost < smallest[0]:
+                smallest = (cost, trial, pruner, mid)
             if cost <= goal:
                 hi, best, best_pruner, best_ratio = mid, trial, pruner, mid
             else:
@@ -130,6 +133,8 @@ class Prune(Pass):
             if cost <= goal and (goal - cost) / start < 0.01:  # within one percent of the target
                 report(context.progress, "prune: search ratio", self.search_steps, self.search_steps, ratio=mid, cost_ratio=cost / start)
                 break
+        if best_pruner is None and smallest is not None:  # the goal is out of reach: prune as far as the search went
+            _, best, best_pruner, best_ratio = smallest
         history = best_pruner.pruning_history() if best_pruner is not None else []
         achieved = measure(best) / start
         details = {"ratio": best_ratio, "target": goal / start, "achieved": achieved, "groups_pruned": len(history),

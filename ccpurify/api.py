@@ -1,4 +1,4 @@
-"""``ccpurify.purify``: run a defense (or any pass or pipeline) on a model in one call.
+"""The one-call API, ``ccpurify.purify``: run a defense (or any pass or pipeline) on a model.
 
 >>> import ccpurify
 >>> result = ccpurify.purify(model, method="clp")                 # data-free
@@ -91,6 +91,8 @@ def purify(
     model is not modified."""
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r} was asked for, but torch sees no CUDA device; use device='cpu'")
     example = example_inputs if example_inputs is not None else torch.zeros(1, 3, 32, 32)
     if normalize is not None and not isinstance(normalize, Normalize):
         mean, std = normalize
