@@ -331,3 +331,53 @@ def benchmark(
 
             send(progress, "benchmark", cell_index + 1, len(cells))
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m exporters.latency A.onnx [B.onnx ...]``: time ONNX files on this device, interleaved,
+    with onnxruntime and numpy only; print the table, write the JSON report for the host to read."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from ccpurify.errors import CcpurifyError
+
+    p = argparse.ArgumentParser(prog="python -m exporters.latency", description=main.__doc__)
+    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="ONNX files; the first is the baseline of the ratios")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes (default: 1)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op thread counts (default: 1)")
+    p.add_argument("--runs", type=int, default=100, help=f"timed runs per model and setting, at least {MIN_RUNS} (default: 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default: 10)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the runs are split into (default: 3)")
+    p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
+                   help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)")  # fmt: skip
+    p.add_argument("--graph-optimization", choices=[g.value for g in GraphOptimization], default="all")
+    p.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin while waiting")
+    p.add_argument("--max-run-seconds", type=float, default=60.0, help="stop a single run after this long (default: 60)")
+    p.add_argument("--out", default=None, help="write the JSON report here (refused if it exists)")
+    args = p.parse_args(argv)
+    try:
+        if args.out and Path(args.out).exists():
+            raise InvalidInputError(f"{args.out} exists; choose another path")
+        names = [Path(m).stem if Path(m).stem not in [Path(x).stem for x in args.models[:i]] else f"{Path(m).stem}-{i}"
+                 for i, m in enumerate(args.models)]  # fmt: skip
+        config = BenchConfig(
+            batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), warmup=args.warmup, runs=args.runs,
+            rounds=args.rounds, graph_optimization=args.graph_optimization, spinning=args.spinning, torch_eager=False,
+            max_run_seconds=args.max_run_seconds, providers=tuple(args.providers),
+        )  # fmt: skip
+        report = benchmark(dict(zip(names, args.models, strict=True)), config)
+    except CcpurifyError as exc:
+        print(f"exporters.latency: error: {exc}", file=sys.stderr)
+        return 1
+    print(report.to_markdown())
+    if args.out:
+        from ccpurify.atomic import write_json
+
+        write_json(args.out, report.to_dict())
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -141,6 +141,14 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["torch"] is False and result["n"] == 2 and result["ratio"] > 0 and result["providers"] == ["CPUExecutionProvider"]
+    # the device's command line: python -m exporters.latency, torch still blocked; the JSON comes back
+    cli = ("import sys; sys.modules['torch'] = None\nfrom exporters.latency import main\n"
+           f"raise SystemExit(main([{str(model)!r}, {str(model)!r}, '--runs', '50', '--warmup', '1', '--out', {str(tmp_path / 'r.json')!r}]))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Ratios against `tiny`" in out.stdout
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [m["name"] for m in saved["models"]] == ["tiny", "tiny-1"] and saved["config"]["providers"] == ["CPUExecutionProvider"]
 
 
 def test_a_provider_this_onnxruntime_lacks_is_refused_by_name(tmp_path):
