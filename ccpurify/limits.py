@@ -40,6 +40,8 @@ class LoadLimits:
         if not (isinstance(shape, (list, tuple)) and 2 <= len(shape) <= 5
                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):  # fmt: skip
             raise InvalidInputError(f"{what}: input shape {shape!r} is not 2 to 5 positive integers (batch, channels, ...)")
+        if shape[0] != 1:
+            raise InvalidInputError(f"{what}: the recorded example input {list(shape)} must have batch 1")
         if math.prod(shape) > self.max_input_elements:
             raise LimitExceededError(
                 f"{what}: input shape {list(shape)} has {math.prod(shape):,} elements, above the limit of "

@@ -517,3 +517,22 @@ def test_bench_refuses_an_integer_input_model(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), tmp_path / "int.onnx")
     with pytest.raises(InvalidInputError, match="float32"):
         benchmark({"m": tmp_path / "int.onnx"}, BenchConfig(torch_eager=False))
+
+
+def test_a_run_whose_attack_recipe_declares_a_huge_generator_is_refused_before_building_it(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "cifar10-input_aware", run)
+    recipe = json.loads((run / "attack.json").read_text())
+    recipe["params"]["width"] = 1500
+    (run / "attack.json").write_text(json.dumps(recipe))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    code, err = run_cli(["evaluate", str(run), "--test-subset", "10", "--out", str(tmp_path / "e.json")], capsys)
+    one_line_error(code, err, "do not fit its stored generator tensors")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before < 2 << 30
+
+
+def test_a_recorded_input_with_a_large_batch_is_refused(tiny, tmp_path):
+    with pytest.raises(ModelLoadError, match="must have batch 1"):
+        load_model(_meta_file(tmp_path, tiny, input_shape="[1048576, 3, 1, 1]"))

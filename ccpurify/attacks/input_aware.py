@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from ccpurify.attacks.base import Attack, BatchPoisoner
 from ccpurify.attacks.registry import register_attack
+from ccpurify.errors import InvalidInputError
 
 EPS = 1e-7
 
@@ -160,6 +161,16 @@ class InputAware(Attack):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], **kwargs) -> InputAware:
+        # The recipe may come from a hostile run folder: build the generators on the meta device and
+        # compare their shapes with the stored tensors before allocating anything (width=1500...).
+        with torch.device("meta"):
+            skeleton = cls(**kwargs)
+        expected = {f"{prefix}{k}": tuple(v.shape) for prefix, net in (("pattern.", skeleton.pattern_net), ("mask.", skeleton.mask_net))
+                    for k, v in net.state_dict().items()}  # fmt: skip
+        got = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(("pattern.", "mask."))}
+        if expected != got:
+            raise InvalidInputError(f"the input-aware attack's parameters {kwargs} do not fit its stored generator tensors; "
+                                    "the run directory is damaged")  # fmt: skip
         attack = cls(**kwargs)
         for prefix, net in (("pattern.", attack.pattern_net), ("mask.", attack.mask_net)):
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
