@@ -10,6 +10,7 @@ Two kinds of numbers are kept apart everywhere:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -98,7 +99,17 @@ def validation_bench(run: RunDir, data_dir: str | None = None) -> TestBench:
     return TestBench(spec, images, labels, bd_images, bd_labels, run.attack.target if run.attack else None)
 
 
-_BASELINES: dict[tuple[str, int, str], object] = {}
+_BASELINES: dict[tuple[str, str, str], object] = {}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the weights and buffers: equal for copies, different once any value changes (unlike
+    ``id()``, which Python reuses after an object is freed)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def score_pair(entry: Entry, before: nn.Module, after: nn.Module) -> dict:
@@ -106,7 +117,7 @@ def score_pair(entry: Entry, before: nn.Module, after: nn.Module) -> dict:
     are computed once per entry and split)."""
     out = {}
     for split, bench in (("test", entry.test), ("val", entry.val)):
-        key = (entry.name, id(before), split)
+        key = (entry.name, model_fingerprint(before), split)
         if key not in _BASELINES:
             _BASELINES[key] = bench.score(before).metrics
         b = _BASELINES[key]
@@ -122,13 +133,14 @@ def measure_latency(entry: Entry, before: nn.Module, after: nn.Module, cache: Pa
     """ONNX latency ratios after/before at batch 1 / 1 thread and batch 32 / 2 threads, measured
     interleaved in one run, plus the INT8 (static QDQ) model of ``after`` at batch 1 / 1 thread."""
     cache.mkdir(parents=True, exist_ok=True)
-    dense = cache / f"{entry.name}-dense.onnx"
+    dense = cache / f"{entry.name}-{model_fingerprint(before)}-dense.onnx"  # a retrained entry gets a new file
     if not dense.is_file():
         export(before, dense, entry.example_inputs)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         fp32 = export(after, Path(tmp) / "after.onnx", entry.example_inputs)
-        calib = entry.val.normalize(torch.from_numpy(entry.val.images[:128]).permute(0, 3, 1, 2).float() / 255).numpy()
-        int8 = quantize_int8(fp32.path, Path(tmp) / "after.int8.onnx", calib, eval_images=calib)
+        images = entry.val.normalize(torch.from_numpy(entry.val.images[:640]).permute(0, 3, 1, 2).float() / 255).numpy()
+        calib, held_out = images[:128], images[128:]  # agreement is measured on images the calibration did not see
+        int8 = quantize_int8(fp32.path, Path(tmp) / "after.int8.onnx", calib, eval_images=held_out)
         models = {"before": os.fspath(dense), "after": fp32.path, "after_int8": int8.path}
         small = benchmark(models, BenchConfig(batch_sizes=(1,), threads=(1,), runs=100, rounds=4, torch_eager=False))
         large = benchmark({k: models[k] for k in ("before", "after")},

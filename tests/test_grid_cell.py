@@ -97,3 +97,19 @@ def test_cells_entries_and_defenses_accumulate_over_repeated_flags():
 
     args = build_parser().parse_args(["--cell", "a:clp", "b:otbr", "--cell", "c:pipeline:bcu-compact", "--entries", "x", "--entries", "y"])
     assert args.cell == ["a:clp", "b:otbr", "c:pipeline:bcu-compact"] and args.entries == ["x", "y"] and args.defenses is None
+
+
+def test_the_baseline_cache_key_follows_the_weights_not_the_object():
+    import copy
+
+    import torch
+    from common import model_fingerprint
+
+    from ccpurify import models
+
+    a = models.create("preact_resnet18", width=0.125)
+    b = copy.deepcopy(a)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.linear.bias.add_(1e-3)
+    assert model_fingerprint(a) != model_fingerprint(b)
