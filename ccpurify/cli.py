@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 class ModelSource:
     """A model named on the command line: a run directory, a ccpurify file, or weights + --arch."""
 
-    def __init__(self, path: str, args: argparse.Namespace) -> None:
+    def __init__(self, path: str, args: argparse.Namespace, allow_onnx: bool = False) -> None:
         from ccpurify.data import get_spec
         from ccpurify.io import load_model, read_metadata
         from ccpurify.limits import DEFAULT_LIMITS, LoadLimits
@@ -85,6 +85,14 @@ class ModelSource:
 
         self.path = Path(path)
         self.run = None
+        if self.path.suffix == ".onnx":
+            from ccpurify.evaluation import OnnxModel
+
+            if not allow_onnx:
+                raise CliError(f"{path}: an ONNX file can be evaluated or benchmarked; this command needs the PyTorch model")
+
+            self.model, self.dataset = OnnxModel(self.path), getattr(args, "dataset", None) or "cifar10"
+            return
         if self.path.is_dir():
             self.run = open_run(self.path)
             self.model, self.dataset = self.run.load_model(), self.run.config.dataset
@@ -138,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ccpurify.evaluation import TestBench
     from ccpurify.train import open_run
 
-    source = ModelSource(args.model, args)
+    source = ModelSource(args.model, args, allow_onnx=True)
     target, model, dataset = source.path, source.model, source.dataset
     test_subset, seed = args.test_subset, 0
     if source.run is not None:
@@ -469,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="measure CA / ASR / RA, params and MACs of a run directory or a weights file",
                        description="Evaluate a model on the clean test set and, given an attack, on its triggered set.")  # fmt: skip
-    e.add_argument("model", help="a run directory, a ccpurify .safetensors file, or a weights file (.safetensors/.pt/.pth) with --arch")
+    e.add_argument("model", help="a run directory, a ccpurify .safetensors file, a weights file (.safetensors/.pt/.pth) with --arch, "
+                   "or an exported .onnx file (fp32 or INT8: the file that ships is what gets scored)")
     _add_model_options(e)
     e.add_argument("--attack", choices=[*attacks.list_attacks(), "none"], default=None,
                    help="score ASR/RA with this attack's default seeded trigger")  # fmt: skip

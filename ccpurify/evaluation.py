@@ -76,7 +76,8 @@ class TestBench:
             model, self.images, self.labels, self.bd_images, self.bd_labels, self.target, self.normalize
         )
         size = self.spec.image_size
-        return Score(metrics, model_cost(model, (1, 3, size, size)))
+        cost = model.cost if isinstance(model, OnnxModel) else model_cost(model, (1, 3, size, size))
+        return Score(metrics, cost)
 
 
     def check_classes(self, model: nn.Module) -> None:
@@ -91,6 +92,39 @@ class TestBench:
                 f"the model has {outputs} outputs but {self.spec.name} has {self.spec.num_classes} classes; "
                 "pass the model's dataset (--dataset) or a model trained on this one"
             )
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file scored like a PyTorch classifier: onnxruntime on the CPU computes the logits, so
+    the file that ships (fp32 or INT8) is what CA and ASR are measured on, not the model it came from.
+    Params and MACs are read from the graph (``exporters.graph_cost``)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 2) -> None:
+        from exporters.graph_cost import onnx_cost
+        from exporters.onnx_file import load_onnx, ort_session
+
+        super().__init__()
+        self.path = os.fspath(path)
+        proto = load_onnx(path)
+        try:
+            graph_cost = onnx_cost(proto)
+        except Exception as exc:  # shape inference rejects unknown ops and opsets in many ways
+            raise InvalidInputError(f"{path}: the graph cannot be analysed ({str(exc).splitlines()[0][:160]})") from exc
+        self.cost = ModelCost(params=graph_cost.params, macs=graph_cost.macs)
+        self.session = ort_session(path, threads)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise InvalidInputError(f"{path}: a classifier takes one input; this file declares {len(inputs)}")
+        batch = inputs[0].shape[0]
+        self.input_name, self.fixed_batch = inputs[0].name, batch if isinstance(batch, int) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().cpu().float().numpy()
+        step = self.fixed_batch or len(x)
+        if len(x) % step:
+            raise InvalidInputError(f"{self.path}: the file takes batches of exactly {step} images; re-export with a dynamic batch")
+        outs = [self.session.run(None, {self.input_name: x[i : i + step]})[0] for i in range(0, len(x), step)]
+        return torch.from_numpy(np.concatenate(outs))
 
 
 def compare(before: Score, after: Score) -> dict:

@@ -117,3 +117,20 @@ def test_unknown_arch_is_an_argument_error():
 def test_purify_without_the_data_a_defense_needs_says_which_flag(ci_run, tmp_path):
     result = run_cli("purify", str(ci_run.run_dir / "model.safetensors"), "--method", "rnp", "--out", str(tmp_path / "x"), "--no-export")
     assert result.returncode == 1 and "--clean-data" in result.stderr.strip().splitlines()[-1]
+
+
+def test_evaluate_scores_the_exported_onnx_file_fp32_and_int8_like_the_model(ci_run, tmp_path, capsys):
+    """The file that ships is re-checked for the backdoor: CA/ASR of the ONNX files against the model's."""
+    run = str(ci_run.run_dir)
+    assert main(["export", run, "--out", str(tmp_path / "n.onnx"), "--int8", "--eval-images", "0"]) == 0
+    assert main(["evaluate", run, "--test-subset", "300", "--out", str(tmp_path / "torch.json")]) == 0
+    scores = {}
+    for name in ("n.onnx", "n.int8.onnx"):
+        assert main(["evaluate", str(tmp_path / name), "--attack-from", run, "--test-subset", "300", "--out", str(tmp_path / f"{name}.json")]) == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    reference = json.loads((tmp_path / "torch.json").read_text())
+    assert scores["n.onnx"]["ca"] == pytest.approx(reference["ca"], abs=0.005) and scores["n.onnx"]["asr"] == pytest.approx(reference["asr"], abs=0.005)
+    assert scores["n.onnx"]["macs"] == pytest.approx(reference["macs"], rel=0.02)
+    assert abs(scores["n.int8.onnx"]["ca"] - reference["ca"]) < 0.1 and scores["n.int8.onnx"]["asr"] is not None
+    assert main(["purify", str(tmp_path / "n.onnx"), "--method", "clp", "--out", str(tmp_path / "p")]) == 2
+    assert "needs the PyTorch model" in capsys.readouterr().err
