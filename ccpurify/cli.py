@@ -408,8 +408,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from exporters.latency import BenchConfig, benchmark
     from exporters.onnx import export
 
+    if all(m.endswith(".json") for m in args.models):
+        return _render_reports(args.models)
     if len(args.models) > 2:
-        raise CliError("bench takes one model, or two for an A/B comparison")
+        raise CliError("bench takes one model, or two for an A/B comparison (any number with python -m exporters.latency)")
     for path in (args.out, args.markdown):
         if path:
             refuse_existing(path, args.overwrite)
@@ -435,6 +437,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(args.out, report.to_dict())
     if args.markdown:
         write_text(args.markdown, report.to_markdown() + "\n")
+    return 0
+
+
+def _render_reports(paths: list[str]) -> int:
+    """Print reports measured elsewhere (``python -m exporters.latency --out``, e.g. on the board)."""
+    import json
+
+    from exporters.latency import BenchReport
+
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise CliError(f"{path}: not a readable JSON report ({exc})") from exc
+        report = BenchReport.from_dict(data)
+        print(f"## {path}: measured on {report.environment.get('cpu', '?')}\n")
+        print(report.to_markdown())
     return 0
 
 
@@ -546,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure onnxruntime (and PyTorch) latency of one model, or two as an A/B table",
                        description="Latency benchmark with explicit settings; two models are measured interleaved.")  # fmt: skip
-    b.add_argument("models", nargs="+", metavar="MODEL", help="one or two models: .onnx files, run directories or model files (exported on the fly)")
+    b.add_argument("models", nargs="+", metavar="MODEL",
+                   help="one or two models: .onnx files, run directories or model files (exported on the fly); "
+                   "or JSON reports written on a device by python -m exporters.latency --out, to print")  # fmt: skip
     _add_model_options(b)
     b.add_argument("--batch-sizes", type=_count(1), nargs="+", default=[1], help="batch sizes to time (default: 1)")
     b.add_argument("--threads", type=_count(1), nargs="+", default=[1], help="intra-op thread counts (default: 1)")

@@ -91,6 +91,9 @@ class Timing:
     cv: float
     min_ms: float
     round_medians_ms: list[float]
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    iqr_ms: float | None = None  # spread: 75th minus 25th percentile
 
 
 @dataclass
@@ -142,10 +145,24 @@ class BenchReport:
                             "size_ratio": m.file_bytes / base.file_bytes})  # fmt: skip
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchReport:
+        """A report written by ``to_dict`` (e.g. on the target device), for rendering on the host."""
+        try:
+            config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()})
+            return cls(config, dict(data["environment"]), [ModelInfo(**m) for m in data["models"]],
+                       [Timing(**t) for t in data["timings"]])  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidInputError(f"not a benchmark report written by exporters.latency ({type(exc).__name__}: {exc})") from exc
+
     def to_markdown(self) -> str:
-        lines = ["| model | engine | batch | threads | median ms | p90 ms | CV | runs |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| model | engine | batch | threads | median ms | IQR ms | p90 ms | p99 ms | CV | runs |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in self.timings:
-            lines.append(f"| {t.model} | {t.engine} | {t.batch} | {t.threads} | {t.median_ms:.3f} | {t.p90_ms:.3f} | {t.cv:.3f} | {t.runs} |")
+            spread = "-" if t.iqr_ms is None else f"{t.iqr_ms:.3f}"
+            p99 = "-" if t.p99_ms is None else f"{t.p99_ms:.3f}"
+            lines.append(f"| {t.model} | {t.engine} | {t.batch} | {t.threads} | {t.median_ms:.3f} | {spread} | {t.p90_ms:.3f} | "
+                         f"{p99} | {t.cv:.3f} | {t.runs} |")  # fmt: skip
         info = ["", "| model | params | MACs | ONNX bytes |", "|---|---|---|---|"]
         info += [f"| {m.name} | {m.params:,} | {m.macs:,} | {m.file_bytes:,} |" for m in self.models]
         lines += info
@@ -246,7 +263,8 @@ def _summarise(model: str, engine: str, batch: int, threads: int, rounds: list[l
         model=model, engine=engine, batch=batch, threads=threads, runs=len(samples),
         median_ms=float(np.median(samples)), p90_ms=float(np.percentile(samples, 90)), mean_ms=float(samples.mean()),
         cv=float(samples.std() / samples.mean()), min_ms=float(samples.min()),
-        round_medians_ms=[float(np.median(r) * 1e3) for r in rounds],
+        round_medians_ms=[float(np.median(r) * 1e3) for r in rounds], p95_ms=float(np.percentile(samples, 95)),
+        p99_ms=float(np.percentile(samples, 99)), iqr_ms=float(np.subtract(*np.percentile(samples, [75, 25]))),
     )  # fmt: skip
 
 

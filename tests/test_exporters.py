@@ -149,6 +149,16 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
     assert "Ratios against `tiny`" in out.stdout
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [m["name"] for m in saved["models"]] == ["tiny", "tiny-1"] and saved["config"]["providers"] == ["CPUExecutionProvider"]
+    assert all(t["p99_ms"] >= t["median_ms"] and t["iqr_ms"] >= 0 for t in saved["timings"])
+    # back on the host: the CLI renders the device's report
+    from ccpurify.cli import main
+
+    render = subprocess.run([sys.executable, "-m", "ccpurify.cli", "bench", str(tmp_path / "r.json")], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)  # fmt: skip
+    assert render.returncode == 0, render.stderr
+    assert "measured on" in render.stdout and "| tiny-1 | onnxruntime | 1 | 1 |" in render.stdout and "Ratios against `tiny`" in render.stdout
+    (tmp_path / "bad.json").write_text('{"config": {}}')
+    assert main(["bench", str(tmp_path / "bad.json")]) == 1  # one line: not a benchmark report
 
 
 def test_a_provider_this_onnxruntime_lacks_is_refused_by_name(tmp_path):
