@@ -300,6 +300,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
         header.append("DER %")
         rows[0].append("-")
         rows[1].append(pct(report["evaluation"].get("der")))
+        for warning in _outcome_warnings(before.metrics, after.metrics):
+            print(f"ccpurify: warning: {warning}", file=sys.stderr)
     else:
         pr = result.report
         rows = [["before", "-", "-", "-", count(pr.params_before), count(pr.macs_before)],
@@ -397,7 +399,26 @@ def cmd_export(args: argparse.Namespace) -> int:
         change = "-" if q.accuracy_change is None else f"{100 * q.accuracy_change:+.2f} pt"
         rows.append([Path(q.path).name, f"{q.file_bytes / 1e6:.2f} MB", "-", "-", f"agree {q.agreement:.3f}" if q.agreement is not None else "-", change])
     print(format_table(rows, ["file", "size", "params", "MACs", "max |Δlogit| / agreement", "accuracy change"]))
+    if args.int8 and source.run is not None and source.run.attack is not None and args.eval_images > 0:
+        # Quantization can revive a backdoor: score the INT8 file's ASR next to the fp32 file's.
+        from ccpurify.evaluation import OnnxModel, TestBench
+
+        bench = TestBench.build(source.dataset, source.run.attack, args.data, args.eval_images, source.run.config.seed)
+        scores = {name: bench.score(OnnxModel(path)).metrics for name, path in (("fp32", out), ("int8", out.with_suffix(".int8.onnx")))}
+        print(format_table([[k, pct(m.ca), pct(m.asr)] for k, m in scores.items()], ["ONNX file", "CA %", "ASR %"]))
+        for warning in _outcome_warnings(scores["fp32"], scores["int8"], "INT8 quantization"):
+            print(f"ccpurify: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _outcome_warnings(before, after, what: str = "the defense") -> list[str]:
+    """What a user must not miss in a before/after pair: a backdoor left in place, or CA lost."""
+    out = []
+    if before.asr is not None and after.asr is not None and after.asr > 0.2 and after.asr > 0.5 * before.asr:
+        out.append(f"after {what} ASR is still {100 * after.asr:.1f}% (was {100 * before.asr:.1f}%): the backdoor is not removed")
+    if before.ca - after.ca > 0.10:
+        out.append(f"{what} cost {100 * (before.ca - after.ca):.1f} points of clean accuracy ({100 * before.ca:.1f} -> {100 * after.ca:.1f}%)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- bench

@@ -72,6 +72,8 @@ def test_export_and_bench_from_the_command_line(ci_run, tmp_path, capsys):
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(ci_run.run_dir), "--out", str(onnx_path), "--int8", "--calibration-images", "32", "--eval-images", "64"]) == 0
     assert onnx_path.is_file() and (tmp_path / "m.int8.onnx").is_file()
+    out = capsys.readouterr().out
+    assert "| ONNX file | CA %" in out and "| int8 " in out  # the INT8 file's ASR is scored, not only its accuracy
     assert main(["bench", str(onnx_path), str(tmp_path / "m.int8.onnx"), "--runs", "50", "--rounds", "1", "--warmup", "2",
                  "--out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]) == 0  # fmt: skip
     bench = json.loads((tmp_path / "b.json").read_text())
@@ -134,3 +136,15 @@ def test_evaluate_scores_the_exported_onnx_file_fp32_and_int8_like_the_model(ci_
     assert abs(scores["n.int8.onnx"]["ca"] - reference["ca"]) < 0.1 and scores["n.int8.onnx"]["asr"] is not None
     assert main(["purify", str(tmp_path / "n.onnx"), "--method", "clp", "--out", str(tmp_path / "p")]) == 2
     assert "needs the PyTorch model" in capsys.readouterr().err
+
+
+def test_a_defense_that_leaves_the_backdoor_or_costs_accuracy_is_flagged():
+    from ccpurify.cli import _outcome_warnings
+    from ccpurify.metrics import BackdoorMetrics
+
+    before = BackdoorMetrics(0.80, 0.95, 0.04, 100, 90)
+    kept = _outcome_warnings(before, BackdoorMetrics(0.79, 0.90, 0.05, 100, 90))
+    costly = _outcome_warnings(before, BackdoorMetrics(0.60, 0.01, 0.55, 100, 90))
+    assert len(kept) == 1 and "ASR is still 90.0%" in kept[0]
+    assert len(costly) == 1 and "cost 20.0 points" in costly[0]
+    assert _outcome_warnings(before, BackdoorMetrics(0.78, 0.02, 0.70, 100, 90)) == []
