@@ -109,6 +109,19 @@ def test_cifar10_python_pickle_folder_loads(tmp_path):
     assert data.labels.tolist() == batches["test_batch"][b"labels"]
 
 
+@pytest.mark.parametrize("batch", [{}, [1, 2], {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]},
+                                   {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}],
+                         ids=["empty dict", "a list", "wrong image size", "labels short"])  # fmt: skip
+def test_a_damaged_cifar_pickle_batch_is_one_clear_error(batch, tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    (root / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    for i in range(1, 6):
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(_cifar_batch(1, i)))
+    with pytest.raises(DataFormatError, match="not a CIFAR-10 batch|images but"):
+        load_dataset("cifar10", "test", tmp_path, cache=tmp_path / "cache")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch /tmp/ccpurify-pwned-by-cifar",))

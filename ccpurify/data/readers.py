@@ -188,7 +188,14 @@ def read_cifar_pickle_folder(root: Path, split: str) -> tuple[np.ndarray, np.nda
                 batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
             except (pickle.UnpicklingError, EOFError, ValueError) as exc:
                 raise DataFormatError(f"{path}: not a CIFAR-10 batch ({exc})") from exc
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            batch_images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise DataFormatError(f"{path}: not a CIFAR-10 batch (expected {{b'data': N x 3072 uint8, b'labels': N ints}}; {exc})") from exc
+        if len(batch_labels) != len(batch_images):
+            raise DataFormatError(f"{path}: {len(batch_images)} images but {len(batch_labels)} labels")
+        images.append(batch_images)
+        labels.append(batch_labels)
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
