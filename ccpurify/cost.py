@@ -32,7 +32,7 @@ def model_cost(model: nn.Module, example_inputs: torch.Tensor | Sequence[int] = 
     """
     if not isinstance(example_inputs, torch.Tensor):
         example_inputs = torch.zeros(*example_inputs)
-    example = example_inputs[:1].to(_device_of(model))
+    example = example_inputs[:1].to(device_of(model))
     was_training = model.training
     model.eval()
     try:
@@ -42,6 +42,7 @@ def model_cost(model: nn.Module, example_inputs: torch.Tensor | Sequence[int] = 
     return ModelCost(params=int(params), macs=int(macs))
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

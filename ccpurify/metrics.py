@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccpurify.cost import ModelCost, model_cost  # noqa: F401  (re-exported: the harness's cost API)
+from ccpurify.cost import ModelCost, device_of, model_cost  # noqa: F401  (re-exported: the harness's cost API)
 from ccpurify.data.transforms import Normalize
 from ccpurify.errors import InvalidInputError, NonFiniteError
 
@@ -32,7 +32,7 @@ def predict(
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Class predictions (N,) for uint8 NHWC ``images``, in eval mode."""
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else device_of(model)
     was_training = model.training
     model.eval()
     out = np.empty(len(images), dtype=np.int64)
@@ -53,10 +53,6 @@ def predict(
         model.train(was_training)
     return out
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @dataclass(frozen=True)
