@@ -1,4 +1,4 @@
-"""The C&C (reconstructed) ablation asked for by specs/defenses.md: which normalisation (sigma/sigma_1
+"""The C&C (reconstructed) ablation asked for by docs/defenses.md: which normalisation (sigma/sigma_1
 or z-score), clip or remove, purification alone (H-A), truncation alone (H-B), both, and with the
 optional data-free recovery.
 

@@ -3,7 +3,7 @@
 A suspect model goes in; a purified network that is physically smaller comes out, ready for ONNX
 export and measurement. The public API:
 
-- ``purify(model, method=..., **options)`` and ``PurifyResult``;
+- ``purify(model, method=..., **options)`` and ``PurifyResult``; ``plan`` (the same checks, a time estimate, no run);
 - ``passes``: ``Pass``, ``Pipeline``, ``PurifyContext``, ``create``/``list_passes``;
 - ``ChannelGraph`` (conv/BN pairing, coupling, physical channel removal) and ``lowrank``;
 - ``save_model`` / ``load_model`` (safetensors + replayable edit recipe, never pickle), ``ArchRef``;
@@ -25,19 +25,19 @@ _EXPORTS = {
     "ArchRef": "ccpurify.recipe", "ChannelGraph": "ccpurify.graph", "Coupling": "ccpurify.graph",
     "Pass": "ccpurify.passes", "Pipeline": "ccpurify.passes", "PurifyContext": "ccpurify.passes",
     "PurifyResult": "ccpurify.api", "RemovalPolicy": "ccpurify.graph", "load_model": "ccpurify.io",
-    "purify": "ccpurify.api", "save_model": "ccpurify.io",
+    "plan": "ccpurify.api", "purify": "ccpurify.api", "save_model": "ccpurify.io",
 }
 _MODULES = {"lowrank", "models", "passes"}
 
 __all__ = [
     "ArchRef", "ChannelGraph", "Coupling", "Pass", "Pipeline", "PurifyContext", "PurifyResult", "RemovalPolicy", "__version__",
-    "load_model", "lowrank", "models", "passes", "purify", "save_model",
+    "load_model", "lowrank", "models", "passes", "plan", "purify", "save_model",
 ]
 assert set(__all__) == {*_EXPORTS, *_MODULES, "__version__"}
 
 if TYPE_CHECKING:
     from ccpurify import lowrank, models, passes
-    from ccpurify.api import PurifyResult, purify
+    from ccpurify.api import PurifyResult, plan, purify
     from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
     from ccpurify.io import load_model, save_model
     from ccpurify.passes import Pass, Pipeline, PurifyContext

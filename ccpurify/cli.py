@@ -1,5 +1,5 @@
 """The ``ccpurify`` command. Parses arguments, calls the library, prints tables. Nothing below the
-CLI prints or parses arguments (specs/design.md)."""
+CLI prints or parses arguments (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,9 @@ class ModelSource:
 
         self.path = Path(path)
         self.run = None
+        self.saved = None  # what a ccpurify model file records (SavedModel), when the model is one
+        self.dataset_given = getattr(args, "dataset", None) is not None
+        self.input_shape = _input_shape_option(getattr(args, "input_shape", None))
         if self.path.suffix == ".onnx":
             from ccpurify.evaluation import OnnxModel
 
@@ -95,10 +98,13 @@ class ModelSource:
             return
         if self.path.is_dir():
             self.run = open_run(self.path)
-            self.model, self.dataset = self.run.load_model(), self.run.config.dataset
+            self.model, self.dataset, self.dataset_given = self.run.load_model(), self.run.config.dataset, True
             return
         meta = read_metadata(self.path) if self.path.suffix == ".safetensors" and self.path.is_file() else None
-        self.dataset = getattr(args, "dataset", None) or (meta.extra.get("dataset") if meta else None) or "cifar10"
+        self.saved = meta
+        recorded = meta.extra.get("dataset") if meta else None
+        self.dataset_given = self.dataset_given or isinstance(recorded, str)
+        self.dataset = getattr(args, "dataset", None) or recorded or "cifar10"
         kwargs = {"num_classes": getattr(args, "num_classes", None) or get_spec(self.dataset).num_classes}
         if getattr(args, "width", None) is not None:
             kwargs["width"] = args.width
@@ -108,20 +114,65 @@ class ModelSource:
 
     @property
     def normalize(self):
-        """The model's input normalisation: its dataset's mean and std."""
+        """The model's input normalisation: the one its file records, else its dataset's mean and std."""
         from ccpurify.data import Normalize, get_spec
 
+        recorded = self.saved.extra.get("normalize") if self.saved is not None else None
+        if isinstance(recorded, dict) and isinstance(recorded.get("mean"), list) and isinstance(recorded.get("std"), list):
+            return Normalize(tuple(float(v) for v in recorded["mean"]), tuple(float(v) for v in recorded["std"]))
         spec = get_spec(self.dataset)
         return Normalize(spec.mean, spec.std)
 
     @property
     def example_inputs(self):
+        """One zero image of the model's input size: --input-shape, else the size the model file
+        records, else its dataset's (3 x 32 x 32 for CIFAR-10 and GTSRB)."""
         import torch
 
         from ccpurify.data import get_spec
+        from ccpurify.recipe import input_shape_of
 
-        size = get_spec(self.dataset).image_size
-        return torch.zeros(1, 3, size, size)
+        shape = self.input_shape or input_shape_of(self.model)
+        if shape is None:
+            size = get_spec(self.dataset).image_size
+            shape = (1, 3, size, size)
+        return torch.zeros(shape)
+
+    def onnx_metadata(self, report: dict | None = None) -> dict[str, str]:
+        """Deployment metadata for this model's ONNX file: input shape, normalisation, class names
+        (when the dataset is known and matches the model's outputs) and a purification summary."""
+        from ccpurify.data import get_spec
+        from ccpurify.probes import output_classes
+        from exporters.metadata import deployment_metadata
+
+        if report is None and self.saved is not None and isinstance(self.saved.extra.get("purify"), dict):
+            report = _summary_of(self.saved.extra["purify"])
+        names = get_spec(self.dataset).class_names if self.dataset_given else None
+        if names is not None and output_classes(self.model, self.example_inputs) != len(names):
+            names = None
+        norm = self.normalize
+        return deployment_metadata(tuple(self.example_inputs.shape), mean=norm.mean, std=norm.std, class_names=names, report=report)
+
+
+def _summary_of(pipeline: dict) -> dict:
+    """A report summary from a saved pipeline report (``PipelineReport.to_dict``)."""
+    keys = ("pipeline", "params_before", "params_after", "macs_before", "macs_after", "wall_time_s")
+    return {k: pipeline[k] for k in keys if k in pipeline and isinstance(pipeline[k], (int, float, str))}
+
+
+def _input_shape_option(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape C,H,W`` as a batch-1 shape, checked against the input limits."""
+    if text is None:
+        return None
+    from ccpurify.limits import DEFAULT_LIMITS
+
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise CliError(f"--input-shape takes C,H,W (e.g. 1,64,64), got {text!r}") from None
+    if len(dims) != 3:
+        raise CliError(f"--input-shape takes three numbers C,H,W (e.g. 1,64,64), got {text!r}")
+    return DEFAULT_LIMITS.check_input_shape([1, *dims], "--input-shape")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -134,6 +185,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=float, default=None, help="width multiplier of a plain weights file (default: 1)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="dataset of the model (default: from the model file, else cifar10)")
     p.add_argument("--allow-import", action="store_true", help="allow a model file's import-path architecture (only for files you trust)")
+    p.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="the model's input size, e.g. 1,64,64 (default: what the model file records, else the dataset's 3,32,32)")  # fmt: skip
     p.add_argument("--max-params", type=_count(1), default=None, metavar="N",
                    help=f"refuse model files declaring more parameters than this (default: {DEFAULT_LIMITS.max_params:,}; see README, Security model)")  # fmt: skip
 
@@ -247,13 +300,15 @@ def parse_option(text: str) -> tuple[str, object]:
 def cmd_purify(args: argparse.Namespace) -> int:
     import time
 
-    import ccpurify
     from ccpurify import defender
+    from ccpurify.api import plan
     from ccpurify.atomic import atomic_directory, refuse_existing, write_json
     from ccpurify.evaluation import TestBench, compare
     from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions
     from exporters.onnx import export
 
+    if args.plot and args.no_export:
+        raise CliError("--plot times the exported ONNX files: leave out --no-export")
     source = ModelSource(args.model, args)
     options = dict(parse_option(o) for o in args.set)
     if "macs" in options and args.macs is not None:
@@ -274,10 +329,12 @@ def cmd_purify(args: argparse.Namespace) -> int:
     progress = TqdmProgress(leave=False)
     started = time.perf_counter()
     try:
-        result = ccpurify.purify(
+        planned = plan(
             source.model, args.method, example_inputs=source.example_inputs, clean_data=clean, unlabeled_data=unlabeled,
             seed=args.seed, device=args.device, progress=progress, normalize=source.normalize, macs=args.macs, **options,
         )  # fmt: skip
+        print(_estimate_line(planned.pipeline, *planned.estimate_seconds(source.model)), file=sys.stderr)
+        result = planned.run(source.model)
     finally:
         progress.close()
     wall = time.perf_counter() - started
@@ -287,9 +344,10 @@ def cmd_purify(args: argparse.Namespace) -> int:
                   "(see the report)", file=sys.stderr)  # fmt: skip
     used = [f"{len(d.x)} {what} images" for d, what in ((clean, "labelled clean"), (unlabeled, "unlabelled")) if d is not None]
     print(f"data: {', '.join(used) if used else 'none (data-free)'}")
-    report = {"input": str(source.path), "method": args.method or "default", "options": options, "seed": args.seed,
-              "pipeline": result.report.to_dict()}  # fmt: skip
+    report = {"input": str(source.path), "method": args.method or "default", "ran": result.report.pipeline, "options": options,
+              "seed": args.seed, "pipeline": result.report.to_dict()}  # fmt: skip
     rows, header = [], ["model", "CA %", "ASR %", "RA %", "params", "MACs"]
+    before = after = None
     if source.run is not None:
         bench = TestBench.build(source.dataset, source.run.attack, args.data, source.run.config.test_subset, source.run.config.seed)
         before, after = bench.score(source.model), bench.score(result.model)
@@ -309,8 +367,12 @@ def cmd_purify(args: argparse.Namespace) -> int:
     with atomic_directory(out, overwrite=args.overwrite) as tmp:  # the run folder appears complete or not at all
         result.save(tmp / "model.safetensors", extra={"dataset": source.dataset})
         if not args.no_export:
-            report["onnx"] = export(result.model, tmp / "model.onnx", source.example_inputs).to_dict()
+            summary = {**result.report.summary(), **({"scores": report["evaluation"]} if "evaluation" in report else {})}
+            metadata = source.onnx_metadata(summary)
+            report["onnx"] = export(result.model, tmp / "model.onnx", source.example_inputs, metadata=metadata).to_dict()
             report["onnx"]["path"] = str(out / "model.onnx")
+        if args.plot:
+            report["latency"] = _plot_run(tmp, source, result, before, after, export)
         write_json(tmp / "report.json", report)
         write_json(tmp / "manifest.json", {
             "kind": "ccpurify.purify", "protocol": PROTOCOL_VERSION, "created": now(), "versions": versions(),
@@ -321,9 +383,44 @@ def cmd_purify(args: argparse.Namespace) -> int:
     model_path = out / "model.safetensors"
     print(format_table(rows, header))
     print(f"budget: {result.report.budget()}")
-    print(f"{args.method or 'default pipeline'}: {wall:.1f} s; wrote {model_path}, report.json, manifest.json"
+    if args.plot:
+        lat = report["latency"]
+        print(f"latency (onnxruntime, batch 1, 1 thread, interleaved): {lat['before_median_ms']:.3f} -> {lat['after_median_ms']:.3f} ms "
+              f"(x{lat['ratio']:.2f}); picture: {out / 'report.png'}")  # fmt: skip
+    print(f"{args.method or 'default pipeline'} ({result.report.pipeline}): {wall:.1f} s; wrote {model_path}, report.json, manifest.json"
           + ("" if args.no_export else ", model.onnx") + f" in {out}")  # fmt: skip
     return 0
+
+
+def _estimate_line(pipeline, seconds: float, steps: int) -> str:
+    names = " -> ".join(p.name for p in pipeline.passes)
+    if not steps:
+        return f"ccpurify: running {names} (no training: seconds)"
+    minutes = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    return f"ccpurify: running {names}: about {minutes} on this machine ({steps:,} sample-steps of training or image synthesis)"
+
+
+def _plot_run(folder: Path, source: ModelSource, result, before, after, export) -> dict:
+    """Time the input model's and the purified model's ONNX files interleaved and draw
+    ``folder/report.png`` (scores where measured, weights kept per layer, latency); returns the
+    latency summary for the report."""
+    import tempfile
+
+    from ccpurify.plots import layer_weights_kept, purification_figure
+    from exporters.latency import BenchConfig, benchmark
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dense = export(source.model, Path(tmp) / "input.onnx", source.example_inputs).path
+        timing = benchmark({"before": dense, "after": folder / "model.onnx"}, BenchConfig(runs=150, torch_eager=False))
+    samples = {k: timing.timing(k, "onnxruntime", 1, 1) for k in ("before", "after")}
+    scores = None
+    if before is not None:
+        scores = {"before": (before.metrics.ca, before.metrics.asr), "after": (after.metrics.ca, after.metrics.asr)}
+    purification_figure(folder / "report.png", f"{source.path.name}: {result.report.pipeline}", scores=scores,
+                        kept=layer_weights_kept(source.model, result.model), latency_ms={k: t.samples_ms for k, t in samples.items()})  # fmt: skip
+    return {"before_median_ms": samples["before"].median_ms, "after_median_ms": samples["after"].median_ms,
+            "ratio": samples["after"].median_ms / samples["before"].median_ms, "runs": samples["after"].runs,
+            "benchmark_config": timing.config.to_dict()}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- demo
@@ -337,7 +434,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "data, exported to ONNX and benchmarked; 1,000 embedded test images score it.", file=sys.stderr)  # fmt: skip
     progress = TqdmProgress(leave=False)
     try:
-        result = run_demo(args.out, args.method, options, progress=progress, runs=args.runs, macs=args.macs, overwrite=args.overwrite)
+        result = run_demo(args.out, args.method, options, progress=progress, runs=args.runs, macs=args.macs, overwrite=args.overwrite,
+                          on_estimate=lambda pipeline, seconds, steps: print(_estimate_line(pipeline, seconds, steps), file=sys.stderr))  # fmt: skip
     finally:
         progress.close()
     rows = [[r["model"], pct(r["ca"]), pct(r["asr"]), count(r["params"]), count(r["macs"]), f"{r['latency_ms_bs1_t1']:.3f}",
@@ -348,7 +446,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  f"x{b['latency_ms_bs1_t1'] / a['latency_ms_bs1_t1']:.2f}", f"x{b['onnx_bytes'] / a['onnx_bytes']:.2f}"])  # fmt: skip
     print(format_table(rows, ["model", "CA %", "ASR %", "params", "MACs", "ms (b1, 1 thread)", "ONNX MB"]))
     print(f"budget: no data; {result.budget}")
-    print(f"purified in {result.purify_seconds:.1f} s; outputs (ONNX files, purified model, report.json) in {result.out_dir}")
+    print(f"purified in {result.purify_seconds:.1f} s; outputs (ONNX files, purified model, report.json, report.png) in {result.out_dir}")
     return 0
 
 
@@ -382,7 +480,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     for path in [out, *([out.with_suffix(".int8.onnx")] if args.int8 else [])]:
         refuse_existing(path, args.overwrite)
     source = ModelSource(args.model, args)
-    report = export(source.model, out, source.example_inputs, opset=args.opset, tolerance=args.tolerance)
+    report = export(source.model, out, source.example_inputs, opset=args.opset, tolerance=args.tolerance,
+                    metadata=source.onnx_metadata(), strip_debug=not args.keep_debug_info)  # fmt: skip
     rows = [[out.name, f"{report.file_bytes / 1e6:.2f} MB", count(report.params), count(report.macs), f"{report.parity_max_abs_diff:.2e}", "-"]]
     if args.int8:
         from exporters.quantize import quantize_int8
@@ -395,7 +494,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             n = min(args.eval_images, len(test))
             eval_x = Normalize(spec.mean, spec.std)(torch.from_numpy(test.images[:n]).permute(0, 3, 1, 2).float() / 255).numpy()
             eval_y = test.labels[:n]
-        q = quantize_int8(out, out.with_suffix(".int8.onnx"), calib, eval_images=eval_x, eval_labels=eval_y)
+        q = quantize_int8(out, out.with_suffix(".int8.onnx"), calib, eval_images=eval_x, eval_labels=eval_y,
+                          per_channel=not args.per_tensor, reduce_range=not args.full_range, calibration=args.calibration,
+                          exclude_nodes=args.exclude_node)  # fmt: skip
         change = "-" if q.accuracy_change is None else f"{100 * q.accuracy_change:+.2f} pt"
         rows.append([Path(q.path).name, f"{q.file_bytes / 1e6:.2f} MB", "-", "-", f"agree {q.agreement:.3f}" if q.agreement is not None else "-", change])
     print(format_table(rows, ["file", "size", "params", "MACs", "max |Δlogit| / agreement", "accuracy change"]))
@@ -431,14 +532,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if all(m.endswith(".json") for m in args.models):
         return _render_reports(args.models)
-    if len(args.models) > 2:
-        raise CliError("bench takes one model, or two for an A/B comparison (any number with python -m exporters.latency)")
     for path in (args.out, args.markdown):
         if path:
             refuse_existing(path, args.overwrite)
     config = BenchConfig(
         batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), warmup=args.warmup, runs=args.runs,
         rounds=args.rounds, graph_optimization=args.graph_optimization, spinning=args.spinning, torch_eager=not args.no_torch,
+        providers=tuple(args.providers), duration_s=args.duration,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         onnx_paths, torch_models = {}, {}
@@ -553,6 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default=None, help="output folder (default: purified-<method> next to the input)")
     u.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
     u.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    u.add_argument("--plot", action="store_true",
+                   help="also time the ONNX files before and after (interleaved) and draw report.png: CA/ASR, weights kept per layer, latency")  # fmt: skip
     u.add_argument("--seed", type=int, default=0, help="seed of every random choice in the passes (default: 0)")
     u.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run the passes (default: cpu)")
     _add_data_option(u)
@@ -581,14 +683,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx: static QDQ quantization calibrated on training images")
     x.add_argument("--calibration-images", type=_count(1), default=256, help="training images used to calibrate INT8 (default: 256)")
     x.add_argument("--eval-images", type=_count(0), default=1000, help="test images used to report INT8's accuracy change (default: 1000; 0 skips)")
+    x.add_argument("--per-tensor", action="store_true", help="INT8: one scale per weight tensor instead of per output channel")
+    x.add_argument("--full-range", action="store_true",
+                   help="INT8: full 8-bit weights (reduce_range off); right on ARM and VNNI CPUs, may overflow on older x86")  # fmt: skip
+    x.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="INT8: how activation ranges are chosen from the calibration images (default: minmax)")  # fmt: skip
+    x.add_argument("--exclude-node", action="append", default=[], metavar="NAME",
+                   help="INT8: keep this ONNX node in float (repeatable), e.g. a sensitive first convolution")  # fmt: skip
+    x.add_argument("--keep-debug-info", action="store_true", help="keep the exporter's per-node debug annotations (stack traces with local paths)")
     _add_data_option(x)
     x.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("bench", help="measure onnxruntime (and PyTorch) latency of one model, or two as an A/B table",
-                       description="Latency benchmark with explicit settings; two models are measured interleaved.")  # fmt: skip
+    b = sub.add_parser("bench", help="measure onnxruntime (and PyTorch) latency of models, interleaved, with ratios to the first",
+                       description="Latency benchmark with explicit settings; several models are measured interleaved.")  # fmt: skip
     b.add_argument("models", nargs="+", metavar="MODEL",
-                   help="one or two models: .onnx files, run directories or model files (exported on the fly); "
+                   help="models (.onnx files, run directories or model files, exported on the fly; the first is the baseline), "
                    "or JSON reports written on a device by python -m exporters.latency --out, to print")  # fmt: skip
+    b.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
+                   help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)")  # fmt: skip
+    b.add_argument("--duration", type=_finite, default=None, metavar="SECONDS",
+                   help="duration mode: time each model for about this long per setting (--runs is then a minimum)")  # fmt: skip
     _add_model_options(b)
     b.add_argument("--batch-sizes", type=_count(1), nargs="+", default=[1], help="batch sizes to time (default: 1)")
     b.add_argument("--threads", type=_count(1), nargs="+", default=[1], help="intra-op thread counts (default: 1)")

@@ -1,5 +1,5 @@
 """What a defender has, turned into pass inputs: a run directory's defender subsets, or images from a
-folder or zip (specs/protocol.md, "Defender resources").
+folder or zip (docs/protocol.md, "Defender resources").
 
 - ``clean_data(source, ...)``: labelled clean images. A run directory gives its stored clean subset
   (or RNP's 1% subset with ``rnp=True``); an image folder/zip in the ``<class>/<image>`` layout of

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from ccpurify import attacks
-from ccpurify.api import purify
+from ccpurify.api import plan
 from ccpurify.atomic import atomic_directory, refuse_existing, write_json
 from ccpurify.data import CIFAR10
 from ccpurify.data.readers import read_image_folder_zip
 from ccpurify.errors import CcpurifyError
 from ccpurify.evaluation import Score, TestBench
 from ccpurify.io import load_model
+from ccpurify.passes import Pipeline
 from ccpurify.progress import ProgressCallback, report
 from ccpurify.provenance import git_commit, machine, now, versions
 
@@ -77,12 +79,16 @@ def _row(label: str, score: Score, latency_ms: float, onnx_bytes: int) -> dict:
 def run_demo(
     out_dir: str | os.PathLike, method: str | None = None, options: dict | None = None,
     progress: ProgressCallback | None = None, runs: int = 100, macs: float | None = None, overwrite: bool = False,
+    on_estimate: Callable[[Pipeline, float, int], None] | None = None,
 ) -> DemoResult:  # fmt: skip
     """Score, purify, export and benchmark the embedded model; write everything to ``out_dir``.
 
     ``out_dir`` is written as one folder, atomically. A previous demo's folder there is replaced;
-    any other existing path is refused unless ``overwrite``."""
+    any other existing path is refused unless ``overwrite``. ``on_estimate`` hears the pipeline and
+    its time estimate (``Plan.estimate_seconds``) before it runs."""
+    from ccpurify.plots import layer_weights_kept, purification_figure
     from exporters.latency import BenchConfig, benchmark
+    from exporters.metadata import deployment_metadata
     from exporters.onnx import export
 
     out = Path(out_dir)
@@ -99,16 +105,21 @@ def run_demo(
     report(progress, "demo: score the suspect model", 1, 1)
 
     started = time.perf_counter()
-    result = purify(model, method, progress=progress, normalize=(CIFAR10.mean, CIFAR10.std), macs=macs, **(options or {}))
+    planned = plan(model, method, example_inputs=torch.zeros(1, 3, 32, 32), progress=progress, normalize=(CIFAR10.mean, CIFAR10.std),
+                   macs=macs, **(options or {}))  # fmt: skip
+    if on_estimate is not None:
+        on_estimate(planned.pipeline, *planned.estimate_seconds(model))
+    result = planned.run(model)
     purify_seconds = time.perf_counter() - started
     after = bench.score(result.model)
 
     example_inputs = torch.zeros(1, 3, *bench.images.shape[1:3])
     with atomic_directory(out, overwrite=overwrite) as tmp:
         report(progress, "demo: export ONNX", 0, 2)
-        dense = export(model, tmp / "suspect.onnx", example_inputs)
+        meta = dict(input_shape=tuple(example_inputs.shape), mean=CIFAR10.mean, std=CIFAR10.std, class_names=CIFAR10.class_names)
+        dense = export(model, tmp / "suspect.onnx", example_inputs, metadata=deployment_metadata(**meta))
         report(progress, "demo: export ONNX", 1, 2)
-        purified = export(result.model, tmp / "purified.onnx", example_inputs)
+        purified = export(result.model, tmp / "purified.onnx", example_inputs, metadata=deployment_metadata(**meta, report=result.report.summary()))
         report(progress, "demo: export ONNX", 2, 2)
         timing = benchmark({"suspect": dense.path, "purified": purified.path},
                            BenchConfig(batch_sizes=(1,), threads=(1,), runs=runs, rounds=3, torch_eager=False), progress=progress)  # fmt: skip
@@ -117,6 +128,12 @@ def run_demo(
             _row(f"purified ({result.report.passes[0].name if method else 'default pipeline'})", after,
                  timing.timing("purified", "onnxruntime", 1, 1).median_ms, purified.file_bytes),
         ]  # fmt: skip
+        purification_figure(
+            tmp / "report.png", f"demo: cifar10-badnets purified by {result.report.pipeline} (no data)",
+            scores={"suspect": (before.metrics.ca, before.metrics.asr), "purified": (after.metrics.ca, after.metrics.asr)},
+            kept=layer_weights_kept(model, result.model),
+            latency_ms={k: timing.timing(k, "onnxruntime", 1, 1).samples_ms for k in ("suspect", "purified")},
+        )  # fmt: skip
         dense.path, purified.path = str(out / "suspect.onnx"), str(out / "purified.onnx")
         result.save(tmp / "purified.safetensors", extra={"dataset": "cifar10"})
         details = {"pipeline": result.report.to_dict(), "benchmark": timing.to_dict(), "export": [dense.to_dict(), purified.to_dict()]}

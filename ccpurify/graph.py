@@ -1,7 +1,7 @@
 """Channel graph: which output channels of which layers are coupled, which BatchNorm normalises
 which conv, and physical removal of channels through torch-pruning's ``DependencyGraph``.
 
-Facts this module is built on (specs/reference/ecosystem.md §1.2, §7):
+Facts this module is built on (docs/reference/ecosystem.md §1.2, §7):
 
 - The BN that normalises a conv's output is found in the conv's out-channel group as the item whose
   dependency *source* is the conv itself and whose target is a BatchNorm. Module order is never
@@ -133,6 +133,51 @@ class GraphEditError(CcpurifyError, RuntimeError):
     """A structural edit produced a model that no longer runs on the example input."""
 
 
+@dataclass
+class _GroupFacts:
+    """The evidence a layer's coupling is decided from (``ChannelGraph._classify``)."""
+
+    bn: str | None = None
+    writers: list[str] = field(default_factory=list)
+    reason: str | None = None  # why the layer cannot be edited, when it cannot
+    add: bool = False
+    other_elementwise: bool = False
+    concat: bool = False
+    depthwise: bool = False
+    output: bool = False
+
+    def note_operation(self, target, name: str) -> None:
+        """Record what kind of operation a group member is (torch-pruning's node types)."""
+        kind = tp.ops.OPTYPE
+        if target.type in (kind.PARAMETER, kind.CUSTOMIZED):
+            self.reason = f"touches an unwrapped parameter or custom layer ({name})"
+        elif target.type in (kind.LSTM, kind.MHA, kind.EMBED):
+            self.reason = f"touches a {target.type.name} layer"
+        elif target.type == kind.OUTPUT:
+            self.output = True
+        elif target.type == kind.CONCAT:
+            self.concat = True
+        elif target.type == kind.ELEMENTWISE and target.grad_fn is not None:
+            op = type(target.grad_fn).__name__
+            self.add |= op.startswith(("Add", "Sub"))
+            self.other_elementwise |= op.startswith(("Mul", "Div"))
+
+    def coupling(self, module: nn.Module) -> tuple[Coupling, str | None]:
+        """Blocked beats output beats residual beats depthwise beats element-wise beats concat."""
+        shared = len(self.writers) > 1
+        if self.reason is not None:
+            return Coupling.BLOCKED, self.reason
+        if self.output:
+            return Coupling.OUTPUT, "feeds the model output"
+        if shared and self.add:
+            return Coupling.RESIDUAL, None
+        if (shared and _is_depthwise(module)) or self.depthwise:
+            return Coupling.DEPTHWISE, None
+        if shared or self.other_elementwise:
+            return Coupling.ELEMENTWISE, None
+        return (Coupling.CONCAT if self.concat else Coupling.INTERNAL), None
+
+
 class ChannelGraph:
     """Dependency graph of a model's channels, over torch-pruning's ``DependencyGraph``.
 
@@ -207,64 +252,37 @@ class ChannelGraph:
 
     def _classify(self, name: str, module: nn.Module) -> LayerInfo:
         out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        kind = type(module).__name__
         if module in self._ignored:
             why = f"grouped conv (groups={module.groups})" if _is_grouped(module) else "ignored layer"
-            return LayerInfo(name, kind, out_channels, None, Coupling.BLOCKED, (name,), why)
+            return LayerInfo(name, type(module).__name__, out_channels, None, Coupling.BLOCKED, (name,), why)
         group = self.dg.get_pruning_group(module, self._out_fn(module), [0])
-        bn = None
-        writers, reason = [], None
-        has_add = has_other_elementwise = has_concat = has_depthwise = has_output = False
-        for item in group:
-            dep, target = item.dep, item.dep.target
-            tmod = target.module
-            if target.type == tp.ops.OPTYPE.PARAMETER or target.type == tp.ops.OPTYPE.CUSTOMIZED:
-                reason = f"touches an unwrapped parameter or custom layer ({self._names.get(tmod, type(tmod).__name__)})"
-            elif target.type in (tp.ops.OPTYPE.LSTM, tp.ops.OPTYPE.MHA, tp.ops.OPTYPE.EMBED):
-                reason = f"touches a {target.type.name} layer"
-            elif target.type == tp.ops.OPTYPE.OUTPUT:
-                has_output = True
-            elif target.type == tp.ops.OPTYPE.CONCAT:
-                has_concat = True
-            elif target.type == tp.ops.OPTYPE.ELEMENTWISE and target.grad_fn is not None:
-                op = type(target.grad_fn).__name__
-                if op.startswith(("Add", "Sub")):
-                    has_add = True
-                elif op.startswith(("Mul", "Div")):
-                    has_other_elementwise = True
-            if isinstance(tmod, NORM_TYPES) and dep.source.module is module and bn is None:
-                bn = self._names[tmod]
-            if _is_depthwise(tmod) and tmod is not module:
-                has_depthwise = True
-            if isinstance(tmod, WRITER_TYPES) and self.dg.is_out_channel_pruning_fn(dep.handler):
-                wname = self._names[tmod]
-                if wname not in writers:
-                    writers.append(wname)
-            if tmod in self._ignored and tmod is not module:
-                reason = f"coupled with {'grouped conv' if _is_grouped(tmod) else 'ignored layer'} {self._names.get(tmod)}"
-        if name not in writers:
-            writers.insert(0, name)
+        facts = self._group_facts(module, group)
+        if name not in facts.writers:
+            facts.writers.insert(0, name)
         consumers = [
             item for item in group
             if self.dg.is_in_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, WRITER_TYPES)
         ]  # fmt: skip
-        if not consumers:
-            has_output = True  # nothing reads these channels but the model's caller
-        if reason is not None:
-            coupling = Coupling.BLOCKED
-        elif has_output:
-            coupling, reason = Coupling.OUTPUT, "feeds the model output"
-        elif len(writers) > 1 and has_add:
-            coupling = Coupling.RESIDUAL
-        elif len(writers) > 1 and _is_depthwise(module) or has_depthwise:
-            coupling = Coupling.DEPTHWISE
-        elif len(writers) > 1 or has_other_elementwise:
-            coupling = Coupling.ELEMENTWISE
-        elif has_concat:
-            coupling = Coupling.CONCAT
-        else:
-            coupling = Coupling.INTERNAL
-        return LayerInfo(name, type(module).__name__, out_channels, bn, coupling, tuple(writers), reason)
+        facts.output |= not consumers  # nothing reads these channels but the model's caller
+        coupling, reason = facts.coupling(module)
+        return LayerInfo(name, type(module).__name__, out_channels, facts.bn, coupling, tuple(facts.writers), reason)
+
+    def _group_facts(self, module: nn.Module, group) -> _GroupFacts:
+        """What the channel group of ``module``'s outputs touches: its BatchNorm, the layers that write
+        the same channels, and the operations (add, concat, depthwise, output) that couple them."""
+        facts = _GroupFacts()
+        for item in group:
+            dep, target = item.dep, item.dep.target
+            tmod = target.module
+            facts.note_operation(target, self._names.get(tmod, type(tmod).__name__))
+            if isinstance(tmod, NORM_TYPES) and dep.source.module is module and facts.bn is None:
+                facts.bn = self._names[tmod]
+            facts.depthwise |= _is_depthwise(tmod) and tmod is not module
+            if isinstance(tmod, WRITER_TYPES) and self.dg.is_out_channel_pruning_fn(dep.handler) and self._names[tmod] not in facts.writers:
+                facts.writers.append(self._names[tmod])
+            if tmod in self._ignored and tmod is not module:
+                facts.reason = f"coupled with {'grouped conv' if _is_grouped(tmod) else 'ignored layer'} {self._names.get(tmod)}"
+        return facts
 
     # --------------------------------------------------------------------------------- queries
     def bn_of(self, layer: str | nn.Module) -> str | None:
@@ -326,7 +344,18 @@ class ChannelGraph:
         ``policy``; blocked and output layers are left untouched and reported.
         """
         policy = RemovalPolicy(policy)
-        plan: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))  # root -> root idx -> writers
+        plan, roots, changes = self._removal_plan(selection)
+        to_remove = self._apply_policy(plan, policy, changes)
+        history = self._prune_groups(to_remove, roots, plan, changes)
+        if history:
+            self._verify()
+            self._analyze()
+        return RemovalReport(policy.value, list(changes.values()), history)
+
+    def _removal_plan(self, selection: Mapping[str | nn.Module, Sequence[int]]):
+        """Selected channels mapped onto their group roots: root id -> root index -> the writers that
+        asked for it; the roots by id; one ``LayerChange`` per selected layer (blocked ones skipped)."""
+        plan: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
         roots: dict[int, nn.Module] = {}
         changes: dict[str, LayerChange] = {}
         for layer, indices in selection.items():
@@ -335,8 +364,7 @@ class ChannelGraph:
             idxs = sorted({int(i) for i in indices})
             if idxs and (idxs[0] < 0 or idxs[-1] >= info.out_channels):
                 raise IndexError(f"{name} has {info.out_channels} output channels; got indices {idxs[:3]}...{idxs[-1]}")
-            change = LayerChange(name, info.coupling.value, idxs)
-            changes[name] = change
+            change = changes[name] = LayerChange(name, info.coupling.value, idxs)
             if not idxs:
                 continue
             if info.coupling in (Coupling.BLOCKED, Coupling.OUTPUT) or name not in self._root_map:
@@ -346,7 +374,12 @@ class ChannelGraph:
             roots[id(root)] = root
             for i in idxs:
                 plan[id(root)][mapping[i]].add(name)
+        return plan, roots, changes
 
+    def _apply_policy(self, plan, policy: RemovalPolicy, changes: dict[str, LayerChange]) -> dict[int, list[int]]:
+        """Root indices to remove physically: a single writer's always; coupled ones by ``policy``
+        (HARD: any; GROUP: when every writer of the group selected it); the rest are only silenced
+        in the writers that asked (SOFT)."""
         to_remove: dict[int, list[int]] = {}
         for rid, per_idx in plan.items():
             writers = self._group_writers[rid]
@@ -355,35 +388,36 @@ class ChannelGraph:
             for ridx, selected_by in per_idx.items():
                 if single or policy is RemovalPolicy.HARD or (policy is RemovalPolicy.GROUP and set(writers) <= selected_by):
                     remove.append(ridx)
-                else:
-                    for w in selected_by:  # soft: silence this writer's contribution only
-                        local = self._local_index(w, ridx)
-                        self.zero_channels(w, [local])
-                        changes[w].zeroed.append(local)
+                    continue
+                for w in selected_by:  # soft: silence this writer's contribution only
+                    local = self._local_index(w, ridx)
+                    self.zero_channels(w, [local])
+                    changes[w].zeroed.append(local)
             if remove:
                 to_remove[rid] = sorted(remove)
+        return to_remove
 
+    def _prune_groups(self, to_remove: dict[int, list[int]], roots: dict[int, nn.Module], plan, changes: dict[str, LayerChange]) -> list[list]:
+        """Remove the channels group by group through torch-pruning; a group that would leave a layer
+        with no channels is skipped and reported. Returns the pruning history (replayable)."""
         history: list[list] = []
         for rid, ridxs in to_remove.items():
             root = roots[rid]
             group = self.dg.get_pruning_group(root, self._out_fn(root), ridxs)
-            if not self.dg.check_pruning_group(group):
-                for w in self._group_writers[rid]:
-                    if w in changes:
-                        lost = [self._local_index(w, r) for r in ridxs if w in plan[rid][r]]
-                        changes[w].skipped += lost
-                        changes[w].reason = "removing them would leave a layer with no channels"
-                continue
+            possible = self.dg.check_pruning_group(group)
             for w in self._group_writers[rid]:
-                if w in changes:
-                    changes[w].removed += [self._local_index(w, r) for r in ridxs if w in plan[rid][r]]
-            group.prune()
-            history.append([self._names[root], True, [int(i) for i in ridxs]])
-
-        if history:
-            self._verify()
-            self._analyze()
-        return RemovalReport(policy.value, list(changes.values()), history)
+                if w not in changes:
+                    continue
+                local = [self._local_index(w, r) for r in ridxs if w in plan[rid][r]]
+                if possible:
+                    changes[w].removed += local
+                else:
+                    changes[w].skipped += local
+                    changes[w].reason = "removing them would leave a layer with no channels"
+            if possible:
+                group.prune()
+                history.append([self._names[root], True, [int(i) for i in ridxs]])
+        return history
 
     def _local_index(self, writer: str, root_idx: int) -> int:
         _, mapping = self._root_map[writer]

@@ -8,7 +8,7 @@ A saved model is one safetensors file whose metadata holds
 - ``extra``: free JSON (dataset, normalisation, provenance).
 
 Loading rebuilds the base model, replays the edits on its empty weights, then loads the tensors with
-``strict=True`` (specs/design.md, "Saving structurally changed models").
+``strict=True`` (docs/design.md, "Saving structurally changed models").
 
 Suspect models are hostile input: ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)``
 only, so a pickle that would run code is refused; non-finite weights and negative BatchNorm variances
@@ -19,6 +19,7 @@ compared with the file's header.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -33,8 +34,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ccpurify import graph, lowrank  # noqa: F401  (register the edit replayers)
-from ccpurify.atomic import atomic_path
-from ccpurify.errors import InvalidInputError, LimitExceededError, ModelLoadError, UnsafeModelError
+from ccpurify.atomic import atomic_path, refuse_existing
+from ccpurify.errors import InvalidInputError, LimitExceededError, ModelLoadError, NonFiniteError, UnsafeModelError
 from ccpurify.limits import DEFAULT_LIMITS, LoadLimits
 from ccpurify.probes import non_finite_tensor
 from ccpurify.recipe import (  # noqa: F401  (re-exported: the saving API)
@@ -44,8 +45,11 @@ from ccpurify.recipe import (  # noqa: F401  (re-exported: the saving API)
     ArchRef,
     arch_of,
     edits_of,
+    import_path_arch,
+    input_shape_of,
     register_edit,
     set_edits,
+    set_input_shape,
 )
 
 FORMAT = "ccpurify-model"
@@ -68,7 +72,7 @@ class SavedModel:
 
     arch: ArchRef
     edits: list[dict] = field(default_factory=list)
-    input_shape: tuple[int, ...] = (1, 3, 32, 32)
+    input_shape: tuple[int, ...] | None = None  # None: not recorded (an unedited model saved without it)
     extra: dict = field(default_factory=dict)
 
 
@@ -81,32 +85,72 @@ def save_model(
     path: str | os.PathLike,
     arch: ArchRef | str | None = None,
     edits: list[dict] | None = None,
-    input_shape: tuple[int, ...] = (1, 3, 32, 32),
+    input_shape: tuple[int, ...] | None = None,
     extra: dict | None = None,
     arch_kwargs: dict | None = None,
+    overwrite: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Write ``model`` as one safetensors file (atomically) with its architecture and edit recipe.
 
-    ``arch`` and ``edits`` default to what the model records (``arch_of``, ``edits_of``).
+    ``arch`` and ``edits`` default to what the model records (``arch_of``, ``edits_of``); a model of
+    a user's own class records nothing, so its import path (``module:Class``) is recorded instead
+    when the class can be built without arguments (else pass ``arch=ArchRef(import_path=...,
+    kwargs=...)``). ``input_shape`` (batch first) defaults to the one the model records; the edits
+    are replayed on it when loading. With ``verify``, the written file is loaded back (importing a
+    recorded import path, which is this process's own class) and compared with ``model``: same
+    tensors and, where the input shape is known, the same outputs, before the file appears at
+    ``path``; a model changed outside ccpurify (edits its recipe does not describe) is refused.
     """
     if isinstance(arch, str):
         arch = ArchRef(name=arch, kwargs=dict(arch_kwargs or {}))
-    arch = arch or arch_of(model)
-    if arch is None:
-        raise InvalidInputError("the model records no base architecture: pass arch= (a zoo name or ArchRef)")
+    arch = arch or arch_of(model) or import_path_arch(model)
     edits = edits_of(model) if edits is None else edits
+    input_shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
+    if edits and input_shape is None:
+        raise InvalidInputError("the model carries structural edits: pass input_shape= (the example input they were traced on)")
+    if verify and (name := non_finite_tensor(model.state_dict())) is not None:
+        raise NonFiniteError(f"the model's {name!r} holds NaN or Inf; nothing was saved (a file of it would not load)")
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": json.dumps(arch.to_dict()),
         "edits": json.dumps(edits or []),
-        "input_shape": json.dumps(list(input_shape)),
         "extra": json.dumps(extra or {}, default=str),
     }
+    if input_shape is not None:
+        metadata["input_shape"] = json.dumps([int(d) for d in input_shape])
     path = Path(path)
+    if not overwrite:
+        refuse_existing(path, overwrite=False)
     with atomic_path(path) as tmp:
         save_file(_state_for_saving(model), os.fspath(tmp), metadata=metadata)
+        if verify:
+            _verify_saved(model, tmp, arch, input_shape)
     return path
+
+
+def _verify_saved(model: nn.Module, path: Path, arch: ArchRef, input_shape: tuple[int, ...] | None) -> None:
+    """Load the file just written and compare it with ``model``; a difference is an ``InvalidInputError``."""
+    fix = ("the saved file would not rebuild this model: {why}. If you changed the model's structure yourself "
+           "(outside ccpurify's passes), its recipe does not describe it; save the base model's architecture with "
+           "arch=..., or run the edits as ccpurify passes")  # fmt: skip
+    try:
+        loaded = load_model(path, allow_import=arch.import_path is not None)
+    except ModelLoadError as exc:
+        raise InvalidInputError(fix.format(why=str(exc).split(": ", 1)[-1][:240])) from exc
+    mine = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    theirs = loaded.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise InvalidInputError(fix.format(why="its tensors differ in names or shapes"))
+    if input_shape is not None:
+        original = copy.deepcopy(model).cpu().eval()
+        x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected, got = original(x), loaded(x)
+        if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor) and expected.shape == got.shape
+                and torch.allclose(expected, got, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max())))):  # fmt: skip
+            raise InvalidInputError(fix.format(why="the rebuilt model computes different outputs"))
 
 
 def read_metadata(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) -> SavedModel | None:
@@ -123,7 +167,7 @@ def read_metadata(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) 
     try:
         arch = ArchRef.from_dict(json.loads(meta["arch"]))
         edits = json.loads(meta.get("edits", "[]"))
-        shape = json.loads(meta.get("input_shape", "[1, 3, 32, 32]"))
+        shape = json.loads(meta["input_shape"]) if "input_shape" in meta else None
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError, TypeError, RecursionError, ModelLoadError) as exc:
         raise ModelLoadError(f"{path}: damaged ccpurify metadata ({type(exc).__name__}: {str(exc)[:160]})") from exc
@@ -135,7 +179,7 @@ def read_metadata(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) 
         raise ModelLoadError(f"{path}: damaged ccpurify metadata (extra must be a JSON object)")
     limits.check_edits(len(edits), str(path))
     try:
-        input_shape = limits.check_input_shape(shape, str(path))
+        input_shape = limits.check_input_shape(shape, str(path)) if shape is not None else None
     except LimitExceededError:
         raise
     except InvalidInputError as exc:
@@ -260,7 +304,7 @@ def load_model(
     model = arch_ref.build(allow_import=allow_import)
     if saved is not None and saved.edits:
         try:
-            model = replay_edits(model, saved.edits, torch.zeros(saved.input_shape))
+            model = replay_edits(model, saved.edits, torch.zeros(saved.input_shape or (1, 3, 32, 32)))
         except ModelLoadError:
             raise
         except Exception as exc:  # a damaged recipe fails inside the replayers in many ways
@@ -270,6 +314,8 @@ def load_model(
     model.load_state_dict(state, strict=True)
     setattr(model, ARCH_ATTR, arch_ref.to_dict())
     setattr(model, EDITS_ATTR, list(saved.edits) if saved is not None else [])
+    if saved is not None and saved.input_shape is not None:
+        set_input_shape(model, saved.input_shape)
     return model.eval()
 
 

@@ -1,6 +1,6 @@
 """Resource limits for files that may be hostile: what a model file may make ccpurify allocate or do.
 
-A suspect model is untrusted input (specs/design.md, "Hostile inputs"), so nothing it declares
+A suspect model is untrusted input (docs/design.md, "Hostile inputs"), so nothing it declares
 (architecture kwargs, recorded input shape, edit recipe, header size) may decide how much memory or
 time the tool spends before it is checked against these bounds. The defaults admit every zoo and
 torchvision-scale CNN (ResNet-152 has 60 M parameters) with room to spare and keep a refused file

@@ -1,6 +1,6 @@
 """Low-rank factorization of Conv2d (groups = 1, any stride/padding/dilation) and Linear layers.
 
-Two forms (specs/reference/ecosystem.md §2.2):
+Two forms (docs/reference/ecosystem.md §2.2):
 
 - **SVD** (two factors): ``W (C_out x C_in*kh*kw) = U diag(s) V^T`` truncated to rank r becomes a
   ``kh x kw`` conv ``C_in -> r`` with weight ``sqrt(s) V^T`` (the original stride, padding and

@@ -1,4 +1,4 @@
-"""Metrics of the protocol (specs/protocol.md, "Metrics"): CA, ASR, RA, DER, and model cost.
+"""Metrics of the protocol (docs/protocol.md, "Metrics"): CA, ASR, RA, DER, and model cost.
 
 - CA: accuracy on the whole clean test set.
 - ASR: fraction of triggered non-target test images classified as the target.

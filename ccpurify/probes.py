@@ -51,7 +51,7 @@ def output_classes(model: nn.Module, example: torch.Tensor) -> int:
     except RuntimeError as exc:
         raise InvalidInputError(
             f"the model fails on an example input of shape {tuple(example.shape)} ({str(exc).splitlines()[0][:160]}); "
-            "pass example_inputs= of the shape it takes (CLI: the model's --dataset)"
+            "pass example_inputs= of the shape it takes (CLI: --input-shape C,H,W, or the model's --dataset)"
         ) from exc
     finally:
         model.train(was_training)

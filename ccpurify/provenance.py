@@ -9,7 +9,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-PROTOCOL_VERSION = "ccpurify-protocol-1 (BackdoorBench-based; specs/protocol.md)"
+PROTOCOL_VERSION = "ccpurify-protocol-1 (BackdoorBench-based; docs/protocol.md)"
 _PACKAGES = ("ccpurify", "torch", "torch-pruning", "tensorly", "pot", "onnx", "onnxruntime", "numpy", "safetensors")
 
 

@@ -10,6 +10,7 @@ import path, then each edit is replayed by the function registered for its ``op`
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +26,7 @@ ARCHITECTURES: Registry[nn.Module] = Registry("model", providers=("ccpurify.mode
 # A model remembers how it was built and edited (attributes survive deepcopy; not in state_dict).
 ARCH_ATTR = "_ccpurify_arch"
 EDITS_ATTR = "_ccpurify_edits"
+INPUT_SHAPE_ATTR = "_ccpurify_input_shape"  # the example input its edits were traced on (set when loaded)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,26 @@ def _plain_json(value: object) -> bool:
     return value is None or isinstance(value, (bool, int, str))
 
 
+def import_path_arch(model: nn.Module) -> ArchRef:
+    """``module:Class`` of a user's model, when a loader can import the class and build it without
+    arguments; otherwise an ``InvalidInputError`` that says what to pass."""
+    cls = type(model)
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    how = "pass arch=ccpurify.ArchRef(import_path='package.module:Class', kwargs={...}) (or a zoo name)"
+    if cls.__module__ == "__main__" or "." in cls.__qualname__:
+        raise InvalidInputError(f"the model records no base architecture and {cls.__qualname__} is defined in a script or inside "
+                                f"another object, where a loader cannot import it: move it into a module and {how}")  # fmt: skip
+    try:
+        required = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+                    if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # fmt: skip
+    except (TypeError, ValueError):
+        required = []
+    if required:
+        raise InvalidInputError(f"the model records no base architecture and {cls.__name__}() needs arguments ({', '.join(required)}): "
+                                f"pass arch=ccpurify.ArchRef(import_path={path!r}, kwargs={{...}}) with them")  # fmt: skip
+    return ArchRef(import_path=path)
+
+
 def arch_of(model: nn.Module) -> ArchRef | None:
     """The base architecture recorded on ``model`` (by ``models.create`` or ``load_model``)."""
     data = getattr(model, ARCH_ATTR, None)
@@ -107,6 +129,16 @@ def edits_of(model: nn.Module) -> list[dict]:
 
 def set_edits(model: nn.Module, edits: list[dict]) -> None:
     setattr(model, EDITS_ATTR, list(edits))
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, ...] | None:
+    """The input shape ``model`` records (a loaded model file's), batch first, or None."""
+    shape = getattr(model, INPUT_SHAPE_ATTR, None)
+    return tuple(shape) if shape is not None else None
+
+
+def set_input_shape(model: nn.Module, shape: tuple[int, ...]) -> None:
+    setattr(model, INPUT_SHAPE_ATTR, tuple(int(d) for d in shape))
 
 
 # Edit replayers: op name -> fn(model, edit, example_inputs) -> model. Registered by graph/lowrank.

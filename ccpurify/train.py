@@ -14,7 +14,7 @@ and writes a run directory:
 ``checkpoint.pt``          while training only: resumable state (weights-only torch.save)
 =========================  =================================================================
 
-Presets (specs/protocol.md, "Presets"): ``ci`` (seconds, a data subset, a tiny model), ``cpu`` (the
+Presets (docs/protocol.md, "Presets"): ``ci`` (seconds, a data subset, a tiny model), ``cpu`` (the
 benchmark zoo, ~20 minutes on 2 cores), ``paper`` (BackdoorBench's PreAct-ResNet18 recipe).
 """
 
@@ -255,15 +255,7 @@ def train(
     train_full = load_dataset(config.dataset, "train", data_dir)
     train_set = _subset(train_full, config.train_subset, config.seed, 1)
 
-    attack = None
-    poison_idx = np.empty(0, dtype=np.int64)
-    images, labels = train_set.images, train_set.labels
-    if config.attack is not None:
-        attack = attacks.create(
-            config.attack, target=config.target, poison_ratio=config.poison_ratio, seed=config.seed, **config.attack_options
-        )
-        poisoned = attack.poison(images, labels)
-        images, labels, poison_idx = poisoned.images, poisoned.labels, poisoned.poison_indices
+    attack, images, labels, poison_idx = _poisoned(config, train_set)
     resources = defender_resources(
         len(train_set), poison_idx, config.seed, config.defender_clean_fraction, config.rnp_fraction, config.unlabeled_pool
     )
@@ -291,50 +283,14 @@ def train(
     normalize = Normalize(spec.mean, spec.std)
     data = torch.from_numpy(images)
     targets = torch.from_numpy(labels)
-    steps = len(data) // config.batch_size  # drop_last, as BackdoorBench
-    if steps == 0:
+    if len(data) < config.batch_size:  # drop_last, as BackdoorBench
         raise InvalidInputError(f"batch_size {config.batch_size} is larger than the {len(data)} training images")
 
     resumed_seconds = sum(h.get("seconds", 0.0) for h in history)  # epochs trained before an interruption
+    loop = _Epochs(config, model, optimizer, data, targets, poisoner, augment, normalize, generator, device, memory_format,
+                   checkpoint, progress)  # fmt: skip
     for epoch in range(start_epoch, config.epochs):
-        epoch_started = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(data), generator=generator)
-        seen = correct = 0
-        loss_sum = 0.0
-        task = f"train {epoch + 1}/{config.epochs}"
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(config, epoch, step, steps)
-            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = to_float(data[idx]).to(device), targets[idx].to(device)
-            extra = None
-            if poisoner is not None:
-                x, y, extra = poisoner(x, y, generator)
-            x = normalize(augment(x, generator)).contiguous(memory_format=memory_format)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            total = loss if extra is None else loss + extra
-            if not torch.isfinite(total):
-                kept = f"{checkpoint} keeps epoch {epoch}" if checkpoint is not None and checkpoint.is_file() else "nothing was written"
-                raise NonFiniteError(
-                    f"training diverged at epoch {epoch + 1} step {step + 1}: loss is {float(total.detach())}; {kept}; "
-                    "lower --lr or check the data and the attack's parameters"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            if poisoner is not None:
-                poisoner.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            if step % 10 == 9 or step == steps - 1:
-                report(progress, task, step + 1, steps, loss=loss_sum / seen, acc=correct / seen)
-        if poisoner is not None:
-            poisoner.end_epoch()
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "lr_end": optimizer.param_groups[0]["lr"],
-                        "seconds": time.perf_counter() - epoch_started})
+        history.append(loop.run(epoch))
         if checkpoint is not None:
             _save_checkpoint(checkpoint, config, model, optimizer, generator, attack, poisoner, epoch + 1, history)
 
@@ -353,6 +309,80 @@ def train(
         if checkpoint is not None and checkpoint.exists():
             checkpoint.unlink()
     return TrainResult(model=model.cpu(), metrics=metrics, run_dir=out, attack=attack)
+
+
+def _poisoned(config: TrainConfig, train_set: ImageSet):
+    """The attack (None for a clean run) and the training images and labels it poisoned, with the
+    poisoned indices."""
+    if config.attack is None:
+        return None, train_set.images, train_set.labels, np.empty(0, dtype=np.int64)
+    attack = attacks.create(config.attack, target=config.target, poison_ratio=config.poison_ratio, seed=config.seed, **config.attack_options)
+    poisoned = attack.poison(train_set.images, train_set.labels)
+    return attack, poisoned.images, poisoned.labels, poisoned.poison_indices
+
+
+@dataclass
+class _Epochs:
+    """The training loop's fixed parts; ``run(epoch)`` trains one epoch (BackdoorBench's loop: SGD,
+    drop-last batches, per-step learning rate, the attack's batch poisoner) and returns its history row."""
+
+    config: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: torch.Tensor
+    targets: torch.Tensor
+    poisoner: object | None
+    augment: Augment
+    normalize: Normalize
+    generator: torch.Generator
+    device: torch.device
+    memory_format: torch.memory_format
+    checkpoint: Path | None
+    progress: ProgressCallback | None
+
+    def run(self, epoch: int) -> dict:
+        config, started = self.config, time.perf_counter()
+        steps = len(self.data) // config.batch_size
+        self.model.train()
+        perm = torch.randperm(len(self.data), generator=self.generator)
+        seen = correct = 0
+        loss_sum = 0.0
+        for step in range(steps):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(config, epoch, step, steps)
+            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
+            loss, logits, y = self._step(epoch, step, idx)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if step % 10 == 9 or step == steps - 1:
+                report(self.progress, f"train {epoch + 1}/{config.epochs}", step + 1, steps, loss=loss_sum / seen, acc=correct / seen)
+        if self.poisoner is not None:
+            self.poisoner.end_epoch()
+        return {"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "lr_end": self.optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - started}  # fmt: skip
+
+    def _step(self, epoch: int, step: int, idx: torch.Tensor):
+        x, y = to_float(self.data[idx]).to(self.device), self.targets[idx].to(self.device)
+        extra = None
+        if self.poisoner is not None:
+            x, y, extra = self.poisoner(x, y, self.generator)
+        x = self.normalize(self.augment(x, self.generator)).contiguous(memory_format=self.memory_format)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+        total = loss if extra is None else loss + extra
+        if not torch.isfinite(total):
+            kept = f"{self.checkpoint} keeps epoch {epoch}" if self.checkpoint is not None and self.checkpoint.is_file() else "nothing was written"
+            raise NonFiniteError(
+                f"training diverged at epoch {epoch + 1} step {step + 1}: loss is {float(total.detach())}; {kept}; "
+                "lower --lr or check the data and the attack's parameters"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        if self.poisoner is not None:
+            self.poisoner.step()
+        return loss, logits, y
 
 
 # ------------------------------------------------------------------------------ checkpoint & run

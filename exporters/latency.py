@@ -1,6 +1,6 @@
 """Latency benchmarking with onnxruntime (and PyTorch eager for comparison), every knob explicit.
 
-Protocol (specs/reference/ecosystem.md §5.2): fixed intra-op threads (default 1: on small VMs more
+Protocol (docs/reference/ecosystem.md §5.2): fixed intra-op threads (default 1: on small VMs more
 threads with spinning are slower), inter-op 1, sequential execution, a chosen graph optimisation
 level, spinning off unless asked; one fixed input per batch size; warm-up runs; at least 50 timed
 runs; median, p90, mean and coefficient of variation. Several models are measured *interleaved* in
@@ -8,7 +8,10 @@ rounds (A B, B A, A B...) so drift hits all of them alike; ratios are the headli
 belong to the machine that measured them.
 
 Needs only onnxruntime and numpy: torch is imported only to time PyTorch eager models
-(``torch_models``), so the same code runs on the target device.
+(``torch_models``), and the ``onnx`` package only to count params and MACs (left out, as None, where
+it is not installed), so the same code runs on the target device. Conventions follow
+``onnxruntime_perf_test``: count mode (``runs``) or duration mode (``duration_s``), free-dimension
+overrides (``free_dimensions``, its ``-f``), execution providers in priority order.
 """
 
 from __future__ import annotations
@@ -28,8 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ccpurify.errors import InvalidInputError, LimitExceededError
-from exporters.graph_cost import onnx_cost
-from exporters.onnx_file import load_onnx
+from exporters.onnx_file import check_onnx_size
 
 if TYPE_CHECKING:
     from torch import nn
@@ -58,6 +60,8 @@ class BenchConfig:
     max_input_elements: int = 1 << 26  # an ONNX file declares its input size: refuse more than 256 MB of float32
     max_run_seconds: float = 60.0  # a single run (the first warm-up) longer than this is stopped: a file may loop
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers, in priority order
+    duration_s: float | None = None  # duration mode: time each model for about this long per setting (runs is then a minimum)
+    free_dimensions: tuple[tuple[str, int], ...] = ()  # symbolic input dimensions fixed by name (batch stays batch_sizes)
 
     def __post_init__(self) -> None:
         if self.runs < MIN_RUNS:
@@ -70,11 +74,18 @@ class BenchConfig:
         if min(self.batch_sizes) < 1 or min(self.threads) < 1:
             raise InvalidInputError(f"batch sizes and thread counts must be >= 1, got {self.batch_sizes} and {self.threads}")
         object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
+        if self.duration_s is not None and not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise InvalidInputError(f"duration_s must be a positive number of seconds, got {self.duration_s}")
+        dims = tuple((str(name), int(value)) for name, value in (dict(self.free_dimensions) if self.free_dimensions else {}).items())
+        if any(value < 1 for _, value in dims):
+            raise InvalidInputError(f"free dimension overrides must be >= 1, got {dict(dims)}")
+        object.__setattr__(self, "free_dimensions", dims)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["graph_optimization"] = self.graph_optimization.value
         d["providers"] = list(self.providers)
+        d["free_dimensions"] = [list(pair) for pair in self.free_dimensions]
         return d
 
 
@@ -94,6 +105,7 @@ class Timing:
     p95_ms: float | None = None
     p99_ms: float | None = None
     iqr_ms: float | None = None  # spread: 75th minus 25th percentile
+    samples_ms: list[float] | None = None  # every timed run, in order (for distributions and re-analysis)
 
 
 @dataclass
@@ -101,8 +113,8 @@ class ModelInfo:
     name: str
     onnx_path: str
     file_bytes: int
-    params: int
-    macs: int
+    params: int | None  # None where the onnx package (which counts them) is not installed
+    macs: int | None
 
 
 @dataclass
@@ -140,8 +152,8 @@ class BenchReport:
                 ref = self.timing(base.name, t.engine, t.batch, t.threads)
                 out.append({"model": m.name, "baseline": base.name, "engine": t.engine, "batch": t.batch,
                             "threads": t.threads, "latency_ratio": t.median_ms / ref.median_ms,
-                            "macs_ratio": m.macs / base.macs if base.macs else None,
-                            "params_ratio": m.params / base.params if base.params else None,
+                            "macs_ratio": m.macs / base.macs if base.macs and m.macs is not None else None,
+                            "params_ratio": m.params / base.params if base.params and m.params is not None else None,
                             "size_ratio": m.file_bytes / base.file_bytes})  # fmt: skip
         return out
 
@@ -149,7 +161,7 @@ class BenchReport:
     def from_dict(cls, data: dict) -> BenchReport:
         """A report written by ``to_dict`` (e.g. on the target device), for rendering on the host."""
         try:
-            config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()})
+            config = BenchConfig(**{k: _tuples(v) for k, v in data["config"].items()})
             return cls(config, dict(data["environment"]), [ModelInfo(**m) for m in data["models"]],
                        [Timing(**t) for t in data["timings"]])  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -164,7 +176,7 @@ class BenchReport:
             lines.append(f"| {t.model} | {t.engine} | {t.batch} | {t.threads} | {t.median_ms:.3f} | {spread} | {t.p90_ms:.3f} | "
                          f"{p99} | {t.cv:.3f} | {t.runs} |")  # fmt: skip
         info = ["", "| model | params | MACs | ONNX bytes |", "|---|---|---|---|"]
-        info += [f"| {m.name} | {m.params:,} | {m.macs:,} | {m.file_bytes:,} |" for m in self.models]
+        info += [f"| {m.name} | {_number(m.params)} | {_number(m.macs)} | {m.file_bytes:,} |" for m in self.models]
         lines += info
         if self.ratios():
             lines += ["", f"Ratios against `{self.models[0].name}` (measured interleaved in one run):", "",
@@ -172,12 +184,23 @@ class BenchReport:
                       "|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for r in self.ratios():
                 lines.append(f"| {r['model']} | {r['engine']} | {r['batch']} | {r['threads']} | {r['latency_ratio']:.3f} | "
-                             f"{r['macs_ratio']:.3f} | {r['params_ratio']:.3f} | {r['size_ratio']:.3f} |")  # fmt: skip
+                             f"{_number(r['macs_ratio'], '.3f')} | {_number(r['params_ratio'], '.3f')} | {r['size_ratio']:.3f} |")  # fmt: skip
         env = self.environment
+        timed = f"at least {self.config.runs} runs over about {self.config.duration_s:g} s" if self.config.duration_s else f"{self.config.runs} timed runs"
         lines += ["", f"Machine: {env['cpu']} ({env['cores']} cores); onnxruntime {env['onnxruntime']}, torch {env['torch']}; "
-                  f"graph optimisation {self.config.graph_optimization.value}, spinning {'on' if self.config.spinning else 'off'}, "
-                  f"{self.config.warmup} warm-up + {self.config.runs} timed runs in {self.config.rounds} interleaved rounds."]  # fmt: skip
+                  f"providers {', '.join(self.config.providers)}; graph optimisation {self.config.graph_optimization.value}, "
+                  f"spinning {'on' if self.config.spinning else 'off'}, {self.config.warmup} warm-up + {timed} in "
+                  f"{self.config.rounds} interleaved rounds."]  # fmt: skip
         return "\n".join(lines)
+
+
+def _tuples(value):
+    """JSON lists back to the tuples ``BenchConfig`` holds (nested for free-dimension pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _number(value: float | None, spec: str = ",") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _environment() -> dict:
@@ -209,6 +232,8 @@ def _session(path: str, threads: int, config: BenchConfig):
     options.graph_optimization_level = level
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
+    for name, value in config.free_dimensions:
+        options.add_free_dimension_override_by_name(name, value)
     missing = [p for p in config.providers if p not in ort.get_available_providers()]
     if missing:
         raise InvalidInputError(f"execution provider(s) {missing} are not in this onnxruntime; available: {ort.get_available_providers()}")
@@ -265,18 +290,21 @@ def _summarise(model: str, engine: str, batch: int, threads: int, rounds: list[l
         cv=float(samples.std() / samples.mean()), min_ms=float(samples.min()),
         round_medians_ms=[float(np.median(r) * 1e3) for r in rounds], p95_ms=float(np.percentile(samples, 95)),
         p99_ms=float(np.percentile(samples, 99)), iqr_ms=float(np.subtract(*np.percentile(samples, [75, 25]))),
+        samples_ms=[round(float(v), 5) for v in samples],
     )  # fmt: skip
 
 
-def _input_shape(proto, path: str | os.PathLike, config: BenchConfig) -> tuple[int, ...]:
-    """The per-example input shape an ONNX file declares (symbolic dimensions count as 1), checked
-    against ``config.max_input_elements`` at the largest batch before anything is allocated."""
-    if len(proto.graph.input) != 1:
-        raise InvalidInputError(f"{path}: the benchmark feeds one input tensor; the model declares {len(proto.graph.input)}")
-    if proto.graph.input[0].type.tensor_type.elem_type != 1:  # onnx.TensorProto.FLOAT
-        raise InvalidInputError(f"{path}: the benchmark feeds float32 images; this model's input is of another type")
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)[1:]
+def _input_shape(session, path: str | os.PathLike, config: BenchConfig) -> tuple[int, ...]:
+    """The per-example input shape an ONNX file declares (symbolic dimensions: their free-dimension
+    override, else 1), checked against ``config.max_input_elements`` at the largest batch before any
+    input is allocated."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise InvalidInputError(f"{path}: the benchmark feeds one input tensor; the model declares {len(inputs)}")
+    if inputs[0].type != "tensor(float)":
+        raise InvalidInputError(f"{path}: the benchmark feeds float32 images; this model's input is {inputs[0].type}")
+    overrides = dict(config.free_dimensions)
+    shape = tuple(d if isinstance(d, int) else overrides.get(d, 1) for d in inputs[0].shape[1:])
     if any(d < 1 for d in shape):
         raise InvalidInputError(f"{path}: the input declares a non-positive dimension {shape}")
     elements = max(config.batch_sizes) * math.prod(shape)
@@ -286,6 +314,39 @@ def _input_shape(proto, path: str | os.PathLike, config: BenchConfig) -> tuple[i
             f"limit of {config.max_input_elements:,}; if you trust the file, raise BenchConfig(max_input_elements=...)"
         )
     return shape
+
+
+def _graph_cost(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """Params and MACs read off the graph, or (None, None) where the onnx package is not installed."""
+    try:
+        from exporters.graph_cost import onnx_cost
+        from exporters.onnx_file import load_onnx
+    except ImportError:
+        return None, None
+    proto = load_onnx(path)
+    try:
+        cost = onnx_cost(proto)
+    except Exception as exc:  # shape inference rejects unknown ops, domains and opsets in many ways
+        raise InvalidInputError(f"{path}: the graph cannot be analysed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+    return cost.params, cost.macs
+
+
+def _timed_rounds(fns: Mapping[str, callable], config: BenchConfig) -> dict[str, list[list[float]]]:
+    """Run every function in interleaved rounds (A B, B A, ...): ``runs`` calls each in all, or, in
+    duration mode, calls until ``duration_s / rounds`` seconds have passed in each round (at least
+    ``runs / rounds`` calls)."""
+    per_round = max(1, -(-config.runs // config.rounds))
+    budget = config.duration_s / config.rounds if config.duration_s else None
+    samples = {n: [] for n in fns}
+    for r in range(config.rounds):
+        for n in list(fns) if r % 2 == 0 else list(reversed(list(fns))):
+            fn, times, started = fns[n], [], time.perf_counter()
+            while len(times) < per_round or (budget is not None and time.perf_counter() - started < budget):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            samples[n].append(times)
+    return samples
 
 
 def benchmark(
@@ -301,17 +362,12 @@ def benchmark(
     config = config or BenchConfig()
     infos, shapes = [], {}
     for name, path in models.items():
-        proto = load_onnx(path)
-        shapes[name] = _input_shape(proto, path, config)
-        try:
-            cost = onnx_cost(proto)
-        except Exception as exc:  # shape inference rejects unknown ops, domains and opsets in many ways
-            raise InvalidInputError(f"{path}: the graph cannot be analysed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
-        infos.append(ModelInfo(name, os.fspath(path), os.path.getsize(path), cost.params, cost.macs))
+        shapes[name] = _input_shape(_session(os.fspath(path), 1, config), path, config)
+        params, macs = _graph_cost(path)
+        infos.append(ModelInfo(name, os.fspath(path), check_onnx_size(path), params, macs))
     report = BenchReport(config, _environment(), infos)
     rng = np.random.default_rng(config.seed)
     names = list(models)
-    per_round = max(1, -(-config.runs // config.rounds))
     cells = [(b, t) for b in config.batch_sizes for t in config.threads]
     for cell_index, (batch, threads) in enumerate(cells):
         inputs = {n: rng.standard_normal((batch, *shapes[n])).astype(np.float32) for n in names}
@@ -332,23 +388,20 @@ def benchmark(
                 for fn in fns.values():
                     for _ in range(config.warmup):
                         fn()
-                samples = {n: [] for n in fns}
-                for r in range(config.rounds):
-                    order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
-                    for n in order:
-                        fn, times = fns[n], []
-                        for _ in range(per_round):
-                            t0 = time.perf_counter()
-                            fn()
-                            times.append(time.perf_counter() - t0)
-                        samples[n].append(times)
-                for n, rounds in samples.items():
+                for n, rounds in _timed_rounds(fns, config).items():
                     report.timings.append(_summarise(n, engine, batch, threads, rounds))
         if progress is not None:
             from ccpurify.progress import report as send
 
             send(progress, "benchmark", cell_index + 1, len(cells))
     return report
+
+
+def _free_dimension(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value.strip().isdigit():
+        raise InvalidInputError(f"--free-dim takes NAME=VALUE with a positive integer value, got {text!r}")
+    return name, int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graph-optimization", choices=[g.value for g in GraphOptimization], default="all")
     p.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin while waiting")
     p.add_argument("--max-run-seconds", type=float, default=60.0, help="stop a single run after this long (default: 60)")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="duration mode: time each model for about this long per setting (--runs is then a minimum)")  # fmt: skip
+    p.add_argument("--free-dim", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix a symbolic input dimension by name, e.g. height=224 (repeatable)")  # fmt: skip
     p.add_argument("--out", default=None, help="write the JSON report here (refused if it exists)")
     args = p.parse_args(argv)
     try:
@@ -382,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         config = BenchConfig(
             batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), warmup=args.warmup, runs=args.runs,
             rounds=args.rounds, graph_optimization=args.graph_optimization, spinning=args.spinning, torch_eager=False,
-            max_run_seconds=args.max_run_seconds, providers=tuple(args.providers),
+            max_run_seconds=args.max_run_seconds, providers=tuple(args.providers), duration_s=args.duration,
+            free_dimensions=tuple(_free_dimension(text) for text in args.free_dim),
         )  # fmt: skip
         report = benchmark(dict(zip(names, args.models, strict=True)), config)
     except CcpurifyError as exc:

@@ -1,23 +1,22 @@
-"""ONNX export with verification: one self-contained file, dynamic batch, checker, ORT parity.
+"""ONNX export with verification: one self-contained file, dynamic batch, checker, ORT parity,
+debug annotations stripped and deployment metadata written (``exporters.metadata``).
 
 ``export(model, path, example_inputs)`` runs the dynamo exporter (opset 20) in eval mode with the
 initializers inside the file (no side ``.data`` file), checks it with ``onnx.checker`` (full check),
 runs it in onnxruntime at two batch sizes and compares with PyTorch. The file only appears at
-``path`` when every check passed (specs/reference/ecosystem.md §4, §7 gotcha 7).
+``path`` when every check passed (docs/reference/ecosystem.md §4, §7 gotcha 7).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import math
 import os
 import time
-import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,9 +24,11 @@ import torch
 from torch import nn
 
 from ccpurify.atomic import atomic_path
-from ccpurify.errors import ExportError
+from ccpurify.errors import ExportError, InvalidInputError
+from ccpurify.recipe import arch_of, edits_of, import_path_arch
 from exporters.graph_cost import onnx_cost
-from exporters.onnx_file import MAX_ONNX_BYTES, load_onnx, ort_session, run_onnx  # noqa: F401  (re-exported)
+from exporters.metadata import deployment_metadata, prune_opset_imports, set_metadata, strip_debug_info
+from exporters.onnx_file import MAX_ONNX_BYTES, load_onnx, ort_session, quiet, run_onnx  # noqa: F401  (re-exported)
 
 DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 18, 23  # what torch.onnx.export(dynamo=True) writes without converting down
@@ -50,17 +51,14 @@ class ExportReport:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def quiet():
-    """The exporter prints progress and logs torchvision-op notices; keep the caller's output clean."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+def _recipe(model: nn.Module) -> dict | None:
+    """How the model was built and edited, where it records it or its class can be imported and
+    built without arguments (``ccpurify.recipe``)."""
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
+        arch = arch_of(model) or import_path_arch(model)
+    except InvalidInputError:
+        return None
+    return {"arch": arch.to_dict(), "edits": edits_of(model)}
 
 
 def export(
@@ -74,9 +72,17 @@ def export(
     parity_inputs: torch.Tensor | None = None,
     input_name: str = "input",
     output_name: str = "logits",
+    metadata: Mapping[str, Any] | None = None,
+    strip_debug: bool = True,
 ) -> ExportReport:
     """Export ``model`` to ``path`` and verify it; raises ``ExportError`` (and writes nothing) on failure.
-    ``model`` itself is not touched (mode, device): a CPU copy in eval mode is exported."""
+    ``model`` itself is not touched (mode, device): a CPU copy in eval mode is exported.
+
+    The file carries ``metadata_props`` (``exporters.metadata.KEYS``): always the input shape, the
+    ccpurify version and, for a model that records it, its recipe; ``metadata`` adds or overrides
+    entries (``deployment_metadata`` builds normalisation, class names and a report summary).
+    ``strip_debug`` removes the exporter's per-node debug annotations (stack traces with local paths).
+    """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not available: torch's ONNX exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
@@ -98,6 +104,11 @@ def export(
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
         if Path(f"{tmp}.data").exists():
             raise ExportError("the exporter wrote external data; the artefact must be one file")
+        proto = load_onnx(tmp)
+        if strip_debug:
+            prune_opset_imports(strip_debug_info(proto))
+        set_metadata(proto, {**deployment_metadata(tuple(example.shape), recipe=_recipe(model)), **(metadata or {})})
+        onnx.save(proto, os.fspath(tmp))
         try:
             onnx.checker.check_model(os.fspath(tmp), full_check=True)
         except onnx.checker.ValidationError as exc:
@@ -117,7 +128,6 @@ def export(
             worst = max(worst, float(np.abs(got - expected).max()))
         if not worst <= tolerance:
             raise ExportError(f"onnxruntime and PyTorch disagree: max |delta logit| = {worst:.3g} > {tolerance}")
-        proto = load_onnx(tmp)
         written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if written != opset:
             raise ExportError(f"the exporter wrote opset {written} although opset {opset} was asked for; ask for {written}")

@@ -1,4 +1,4 @@
-"""Small custom architectures the passes must handle without knowing them (specs/design.md rule 7).
+"""Small custom architectures the passes must handle without knowing them (docs/design.md rule 7).
 
 Names deliberately share nothing with the zoo's ResNets (no 'layer', 'bn', 'shortcut')."""
 

@@ -1,6 +1,7 @@
 """ONNX export (parity, one file, dynamic batch), graph cost, INT8 quantization, latency benchmark."""
 
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,31 @@ def test_int8_static_quantization_shrinks_the_file_and_reports_accuracy(tmp_path
     report = quantize_int8(fp32.path, tmp_path / "int8.onnx", x[:32], eval_images=x[32:], eval_labels=cifar_test.labels[32:96])
     assert report.file_bytes < 0.4 * report.fp32_file_bytes
     assert 0.0 <= report.agreement <= 1.0 and report.accuracy_change is not None
-    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(report.path).graph.node)
+    quantized = onnx.load(report.path)
+    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    # only the opset domains its nodes use; the fp32 file's metadata kept, the settings added
+    assert {o.domain for o in quantized.opset_import} <= {n.domain for n in quantized.graph.node} | {""}
+    meta = {p.key: p.value for p in quantized.metadata_props}
+    assert meta["input_shape"] == "[1, 3, 32, 32]" and "vgg16_bn" in meta["ccpurify.recipe"]
+    settings = json.loads(meta["ccpurify.quantization"])
+    assert settings["per_channel"] is True and settings["calibration"] == "minmax" and settings["calibration_images"] == 32
+    assert not any(n.metadata_props for n in quantized.graph.node)
+
+
+def test_int8_options_that_matter_on_arm_are_applied(tmp_path):
+    model = zoo("preact_resnet18")
+    fp32 = export(model, tmp_path / "fp32.onnx", EXAMPLE)
+    first_conv = next(n.name for n in onnx.load(fp32.path).graph.node if n.op_type == "Conv")
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    report = quantize_int8(fp32.path, tmp_path / "int8.onnx", x, reduce_range=False, per_channel=False,
+                           calibration="percentile", exclude_nodes=[first_conv])  # fmt: skip
+    assert (report.reduce_range, report.per_channel, report.calibration, report.excluded_nodes) == (False, False, "percentile", [first_conv])
+    graph = onnx.load(report.path).graph
+    assert next(n for n in graph.node if n.name == first_conv).op_type == "Conv"
+    weight = next(n.input[1] for n in graph.node if n.name == first_conv)  # the excluded conv reads float weights directly
+    assert weight in {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    with pytest.raises(ValueError, match="not in"):
+        quantize_int8(fp32.path, tmp_path / "bad.onnx", x, exclude_nodes=["no-such-node"])
 
 
 def test_benchmark_interleaves_models_and_reports_ratios(tmp_path):
@@ -131,7 +156,7 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
 
     model = _tiny_onnx(tmp_path / "tiny.onnx")
     script = (
-        "import sys, json; sys.modules['torch'] = None\n"  # any 'import torch' now fails
+        "import sys, json; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"  # any 'import torch' or 'import onnx' now fails
         "from exporters.latency import BenchConfig, benchmark\n"
         f"r = benchmark({{'a': {str(model)!r}, 'b': {str(model)!r}}}, BenchConfig(runs=50, warmup=1, torch_eager=False))\n"
         "print(json.dumps({'torch': 'torch' in sys.modules and sys.modules['torch'] is not None, 'n': len(r.timings), "
@@ -142,14 +167,17 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["torch"] is False and result["n"] == 2 and result["ratio"] > 0 and result["providers"] == ["CPUExecutionProvider"]
     # the device's command line: python -m exporters.latency, torch still blocked; the JSON comes back
-    cli = ("import sys; sys.modules['torch'] = None\nfrom exporters.latency import main\n"
-           f"raise SystemExit(main([{str(model)!r}, {str(model)!r}, '--runs', '50', '--warmup', '1', '--out', {str(tmp_path / 'r.json')!r}]))")  # fmt: skip
+    cli = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\nfrom exporters.latency import main\n"
+           f"raise SystemExit(main([{str(model)!r}, {str(model)!r}, '--runs', '50', '--warmup', '1', '--duration', '0.3', "
+           f"'--free-dim', 'batch=1', '--out', {str(tmp_path / 'r.json')!r}]))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Ratios against `tiny`" in out.stdout
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [m["name"] for m in saved["models"]] == ["tiny", "tiny-1"] and saved["config"]["providers"] == ["CPUExecutionProvider"]
     assert all(t["p99_ms"] >= t["median_ms"] and t["iqr_ms"] >= 0 for t in saved["timings"])
+    assert saved["models"][0]["macs"] is None  # no onnx package on the device: not counted rather than guessed
+    assert saved["config"]["duration_s"] == 0.3 and saved["config"]["free_dimensions"] == [["batch", 1]]
     # back on the host: the CLI renders the device's report
     from ccpurify.cli import main
 

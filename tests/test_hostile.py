@@ -262,7 +262,7 @@ API_CASES = [
     ("labels outside the classes are refused", lambda m: ccpurify.purify(m, "rnp", clean_data=(torch.zeros(4, 3, 32, 32), torch.tensor([99, 0, 1, -1]))), InvalidInputError, "labels range -1..99"),
     ("float labels are refused", lambda m: ccpurify.purify(m, "rnp", clean_data=(torch.zeros(4, 3, 32, 32), torch.zeros(4))), InvalidInputError, "integer class indices"),
     ("images with NaN are refused", lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.full((2, 3, 32, 32), float("nan"))), InvalidInputError, "NaN or Inf"),
-    ("images of another size are refused", lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.zeros(2, 3, 16, 16)), InvalidInputError, "images are \\(3, 16, 16\\)"),
+    ("images of another size are refused", lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.zeros(2, 3, 16, 16), example_inputs=torch.zeros(1, 3, 32, 32)), InvalidInputError, "images are \\(3, 16, 16\\)"),
     ("an example input the model cannot take is refused", lambda m: ccpurify.purify(m, "clp", example_inputs=torch.zeros(1, 1, 32, 32)), InvalidInputError, "fails on an example input"),
     ("a NaN MACs target is refused", lambda m: ccpurify.purify(m, macs=float("nan")), InvalidInputError, "macs must be the fraction"),
     ("an unknown pass is refused", lambda m: passes.create("unknown-pass"), CcpurifyError, "unknown-pass"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ccpurify import models
+from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.io import ArchRef, ModelLoadError, UnsafeModelError, load_model, load_weights, read_metadata, save_model
 
 
@@ -76,7 +77,10 @@ def test_corrupt_files_are_reported(tmp_path):
 def test_nan_weights_are_refused(model, tmp_path):
     with torch.no_grad():
         model.linear.weight[0, 0] = float("nan")
-    path = save_model(model, tmp_path / "nan.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25})
+    with pytest.raises(NonFiniteError, match="linear.weight.*NaN.*nothing was saved"):
+        save_model(model, tmp_path / "nan.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25})
+    assert not list(tmp_path.iterdir())
+    path = save_model(model, tmp_path / "nan.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25}, verify=False)  # a hostile file
     with pytest.raises(ModelLoadError, match="linear.weight.*NaN"):
         load_model(path)
 
@@ -95,7 +99,9 @@ def test_import_path_architectures_need_an_explicit_opt_in(model, tmp_path):
     with pytest.raises(ModelLoadError, match="allow_import=True"):
         load_model(path)
     assert isinstance(load_model(path, allow_import=True), torch.nn.Module)
-    bad = save_model(model, tmp_path / "os.safetensors", ArchRef(import_path="os:system", kwargs={"command": "true"}))
+    with pytest.raises(InvalidInputError, match="would not rebuild this model: os:system is not an nn.Module class"):
+        save_model(model, tmp_path / "os.safetensors", ArchRef(import_path="os:system", kwargs={"command": "true"}))
+    bad = save_model(model, tmp_path / "os.safetensors", ArchRef(import_path="os:system", kwargs={"command": "true"}), verify=False)
     with pytest.raises(ModelLoadError, match="not an nn.Module class"):
         load_model(bad, allow_import=True)
 

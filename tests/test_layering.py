@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ccpurify", "exporters")
 
-# The evaluation harness (specs/design.md, "Layout"): what measures backdoors, not what removes them.
+# The evaluation harness (docs/design.md, "Layout"): what measures backdoors, not what removes them.
 HARNESS = {"ccpurify.models", "ccpurify.data", "ccpurify.attacks", "ccpurify.train", "ccpurify.metrics",
            "ccpurify.evaluation", "ccpurify.defender", "ccpurify.demo", "ccpurify.cli"}  # fmt: skip
 # The package's front door re-exports both layers; it is neither.

@@ -173,4 +173,6 @@ def test_registry_and_purify_entry_point():
     with pytest.raises(ValueError, match="labels range"):
         ccpurify.purify(build("vgg16_bn"), "prune", clean_data=(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 99])))
     with pytest.raises(ValueError, match="model takes"):
-        ccpurify.purify(build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16))
+        ccpurify.purify(build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16), example_inputs=torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"fails on an example input of shape \(1, 3, 16, 16\).*--input-shape"):
+        ccpurify.purify(build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16))  # the images' size, when none is given

@@ -1,4 +1,4 @@
-"""Backdoor attacks for the evaluation harness (specs/protocol.md, "Attacks").
+"""Backdoor attacks for the evaluation harness (docs/protocol.md, "Attacks").
 
 >>> from ccpurify import attacks
 >>> attack = attacks.create("badnets", target=0, poison_ratio=0.1, seed=0)

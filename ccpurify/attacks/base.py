@@ -7,7 +7,7 @@ it either builds from a seed or takes from the user. It can
 - ``poison(images, labels)``: choose poison indices from its seed and return the poisoned training
   set (dirty label: any class, relabelled to the target; clean label: target-class images only);
 - ``batch_poisoner()``: for training-time attacks (WaNet, Input-aware), an object that poisons each
-  training batch instead (specs/reference/attacks_and_protocol.md §5);
+  training batch instead (docs/reference/attacks_and_protocol.md §5);
 - ``recipe()`` / ``tensors()``: a JSON description and the trigger tensors, enough to rebuild it
   with ``ccpurify.attacks.from_recipe``.
 """

@@ -1,7 +1,7 @@
 """Blended (Chen et al., 2017): ``x' = (1 - alpha) * x + alpha * K`` over the whole image; dirty label.
 
 The default key is a seeded smooth random image (bicubic upsample of a small uniform-random image,
-specs/protocol.md) instead of BackdoorBench's copyrighted picture; alpha = 0.2 at train and test.
+docs/protocol.md) instead of BackdoorBench's copyrighted picture; alpha = 0.2 at train and test.
 """
 
 from __future__ import annotations

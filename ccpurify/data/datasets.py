@@ -36,7 +36,7 @@ class ChecksumError(InvalidInputError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What the protocol fixes about a dataset (specs/protocol.md, "Data")."""
+    """What the protocol fixes about a dataset (docs/protocol.md, "Data")."""
 
     name: str
     class_names: tuple[str, ...]

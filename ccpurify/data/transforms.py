@@ -1,7 +1,7 @@
 """uint8 <-> float conversions of the harness's NHWC image arrays; the tensor transforms (normalise, crop,
 flip) live in ``ccpurify.transforms`` and are re-exported here.
 
-Triggers are applied to uint8 images before any of these (specs/protocol.md, "Data").
+Triggers are applied to uint8 images before any of these (docs/protocol.md, "Data").
 """
 
 from __future__ import annotations

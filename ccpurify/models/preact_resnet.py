@@ -1,6 +1,6 @@
 """PreAct-ResNet18 exactly as BackdoorBench defines it (``models/preact_resnet.py``).
 
-Layout (specs/reference/attacks_and_protocol.md §3): a bare 3x3 stem conv (no BN/ReLU), four stages
+Layout (docs/reference/attacks_and_protocol.md §3): a bare 3x3 stem conv (no BN/ReLU), four stages
 of two pre-activation blocks, global average pooling and a linear head, with no final BN+ReLU.
 Registration order inside a block is ``bn1, conv1, bn2, conv2, shortcut``; CLP's reference pairing
 depends on it, so it is kept. At ``width=1`` and 10 classes the model has 11,171,146 parameters.

@@ -24,7 +24,7 @@ from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.passes.data import LabeledData, UnlabeledData
 from ccpurify.probes import check_edited_model, check_finite_outputs, non_finite_tensor, probe_inputs
 from ccpurify.progress import ProgressCallback
-from ccpurify.recipe import edits_of, set_edits
+from ccpurify.recipe import edits_of, set_edits, set_input_shape
 from ccpurify.transforms import Normalize
 
 
@@ -116,6 +116,7 @@ class Pass(ABC):
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PassReport]:
         context = context or PurifyContext()
+        self.check(model, context)
         example = context.example_inputs.to(context.device)
         work = copy.deepcopy(model).to(context.device).eval()
         work.requires_grad_(True)  # a frozen model would make tracing and scoring see nothing (private copy)
@@ -132,12 +133,23 @@ class Pass(ABC):
         else:
             check_finite_outputs(out, [example], f"the output of pass {self.name!r}")
         set_edits(out, inherited + result.edits)  # also right when run() called other passes
+        set_input_shape(out, (1, *example.shape[1:]))  # the size the edits were traced at: saving replays them on it
         after = model_cost(out, example)
         report = PassReport(
             name=self.name, config=self.config(), params_before=before.params, params_after=after.params,
             macs_before=before.macs, macs_after=after.macs, wall_time_s=wall, details=result.details, edits=result.edits,
         )  # fmt: skip
         return out, report
+
+    def sample_steps(self, context: PurifyContext) -> int:
+        """About how many images this pass will push through a forward and a backward pass (its
+        training or synthesis work), for a time estimate (``Pipeline.estimate_seconds``). Passes
+        that only analyse and edit weights cost next to nothing and say 0."""
+        return 0
+
+    def check(self, model: nn.Module, context: PurifyContext) -> None:
+        """Refuse, before any work (a ``Pipeline`` asks every pass first), a model or context this
+        pass cannot work with: raise ``InvalidInputError`` saying what to do. Nothing by default."""
 
     @abstractmethod
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
@@ -211,9 +223,20 @@ class PipelineReport:
             parts.append(text)
         return " · ".join(parts)
 
+    @property
+    def pipeline(self) -> str:
+        """The passes that ran, in order (what a report names, rather than "default")."""
+        return " -> ".join(p.name for p in self.passes)
+
+    def summary(self) -> dict:
+        """A few numbers for a shipped file's metadata: what ran, what it cost, what it kept."""
+        return {"pipeline": self.pipeline, "params": [self.params_before, self.params_after],
+                "macs": [self.macs_before, self.macs_after], "wall_time_s": round(self.wall_time_s, 1),
+                "budget": self.budget()}  # fmt: skip
+
     def to_dict(self) -> dict:
         return {
-            "passes": [p.to_dict() for p in self.passes], "wall_time_s": self.wall_time_s,
+            "pipeline": self.pipeline, "passes": [p.to_dict() for p in self.passes], "wall_time_s": self.wall_time_s,
             "params_before": self.params_before, "params_after": self.params_after,
             "macs_before": self.macs_before, "macs_after": self.macs_after,
             "macs_ratio": self.macs_after / self.macs_before if self.macs_before else 1.0,
@@ -235,6 +258,8 @@ class Pipeline:
         defense's output, so a later ``Recover`` distills from the purified, not the suspect, model
         (unless it asks for ``context.pipeline_input``, the model given here)."""
         context = context or PurifyContext()
+        for p in self.passes:  # a pass that cannot apply is refused before the earlier ones spend minutes
+            p.check(model, context)
         outer_teacher, outer_input = context.teacher, context.pipeline_input
         context.teacher = model
         context.pipeline_input = model if outer_input is None else outer_input
@@ -249,5 +274,27 @@ class Pipeline:
             context.teacher, context.pipeline_input = outer_teacher, outer_input
         return model, PipelineReport(reports)
 
+    def estimate_seconds(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[float, int]:
+        """(seconds, sample-steps): the passes' declared work (``Pass.sample_steps``) times one
+        sample-step of ``model`` timed here (a forward and backward pass of a batch of 32 on the
+        context's device). A rough figure: it does not count what only analyses weights."""
+        context = context or PurifyContext()
+        steps = sum(p.sample_steps(context) for p in self.passes)
+        return (seconds_per_sample_step(model, context) * steps if steps else 0.0), steps
+
     def __repr__(self) -> str:
         return f"Pipeline({self.passes!r})"
+
+
+def seconds_per_sample_step(model: nn.Module, context: PurifyContext, batch: int = 32) -> float:
+    """Wall time of one image through a forward and a backward pass of a copy of ``model`` (the
+    second of two timed batches: the first warms allocators and kernels)."""
+    work = copy.deepcopy(model).to(context.device).train()
+    work.requires_grad_(True)
+    x = torch.randn(batch, *context.example_inputs.shape[1:], generator=torch.Generator().manual_seed(0)).to(context.device)
+    elapsed = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        work(x).float().logsumexp(1).mean().backward()
+        elapsed = time.perf_counter() - started
+    return elapsed / batch

@@ -1,6 +1,6 @@
 """BCU: Backdoor Cleansing with Unlabeled data (Pang et al., CVPR 2023).
 
-Follows specs/defenses.md "BCU" and specs/reference/clp_rnp_bcu.md §3:
+Follows docs/defenses.md "BCU" and docs/reference/clp_rnp_bcu.md §3:
 
 1. Teacher = the suspect model (eval, no grad). Student = a copy in which every conv/linear weight
    (and bias) element is replaced by a freshly initialised value with a probability that grows with
@@ -160,9 +160,16 @@ class BCU(Pass):
             out[name] = self.classifier_ratio if info is not None and info.coupling is Coupling.OUTPUT else per_level[level]
         return out
 
+    def sample_steps(self, context: PurifyContext) -> int:
+        images = len(context.unlabeled_data) if context.unlabeled_data is not None else 0
+        compact = self.compact.sample_steps(context) if self.compact is not None else 0
+        return compact + math.ceil(1.5 * self.epochs_for(images) * images)  # distillation: the teacher's forward too
+
+    def check(self, model: nn.Module, context: PurifyContext) -> None:
+        context.require_unlabeled_data("BCU").check(context.example_inputs, "BCU")
+
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         data = context.require_unlabeled_data("BCU")
-        data.check(context.example_inputs, "BCU")
         teacher = copy.deepcopy(model).eval()
         details = {}
         student = model

@@ -1,6 +1,6 @@
 """C&C (reconstructed): Clean & Compact, a data-free low-rank defense (Phan et al., ECCV 2024).
 
-No public code exists; this follows specs/defenses.md "C&C" and specs/reference/cc_otbr.md part C.
+No public code exists; this follows docs/defenses.md "C&C" and docs/reference/cc_otbr.md part C.
 Call the results "C&C (reconstructed)". For every conv (groups = 1) and hidden linear layer:
 
 1. Matricize ``W (C_out x C_in*kh*kw)``; fold the BN that the graph shows normalising this layer's

@@ -1,7 +1,7 @@
 """CLP: data-free backdoor removal by Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022).
 
 For every conv whose output a BatchNorm normalises (found through the dependency graph), each output
-channel k gets the upper bound of its channel Lipschitz constant (specs/defenses.md, "CLP"):
+channel k gets the upper bound of its channel Lipschitz constant (docs/defenses.md, "CLP"):
 
     UCLC_k = |gamma_k| / sqrt(var_k + eps) * sigma_max(W_k as a (C_in/groups) x (kh*kw) matrix)
 

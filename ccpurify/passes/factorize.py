@@ -5,7 +5,7 @@ Targets (one of):
 - ``energy``: per layer, the smallest rank keeping that fraction of the squared spectrum;
 - ``macs``: a whole-model MACs fraction. ``allocation="uniform"`` gives every eligible layer the
   same fraction of its own MACs; ``allocation="energy"`` uses one global energy threshold. Either is
-  found by bisection on the analytic MACs (specs/reference/cc_otbr.md C.3 step 6).
+  found by bisection on the analytic MACs (docs/reference/cc_otbr.md C.3 step 6).
 
 Layers are skipped when factorizing would not reduce their MACs, and by default the stem (3 input
 channels: tiny and accuracy-critical) and the output layer.

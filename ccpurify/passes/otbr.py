@@ -1,6 +1,6 @@
 """OTBR: Optimal-Transport-based Backdoor Repairing, data-free (Lin et al., AAAI 2025).
 
-Follows specs/defenses.md "OTBR" and specs/reference/cc_otbr.md part A:
+Follows docs/defenses.md "OTBR" and docs/reference/cc_otbr.md part A:
 
 1. Random unlearning: a copy of the model in train mode, SGD (lr 1e-4, momentum 0.9), 20 steps of
    gradient *ascent* on cross-entropy with 256 uniform-noise images in [0, 1) at the model's input
@@ -141,6 +141,9 @@ class OTBR(Pass):
             raise InvalidInputError(f"ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 <= self.lam <= 1.0:
             raise InvalidInputError(f"lam must be in [0, 1], got {self.lam}")
+
+    def sample_steps(self, context: PurifyContext) -> int:
+        return self.steps * self.batch_size  # random unlearning on noise
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         example = context.example_inputs.to(context.device)

@@ -17,6 +17,7 @@ same pipeline does not hold the backdoor off on WaNet: issue 14's notes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -114,6 +115,26 @@ class Recover(Pass):
         d = super().config()
         d["teacher"] = "given" if self.teacher is not None else "pipeline"
         return d
+
+    def sample_steps(self, context: PurifyContext) -> int:
+        if self.data in (RecoverData.AUTO, RecoverData.CLEAN) and context.clean_data is not None:
+            images, made = len(context.clean_data), 0
+        elif self.data in (RecoverData.AUTO, RecoverData.UNLABELED) and context.unlabeled_data is not None:
+            images, made = len(context.unlabeled_data), 0
+        else:
+            images, made = self.synthetic_images, self.synthetic_images * self.synthetic_steps
+        return made + math.ceil(1.5 * epochs_for_budget(self.epochs, self.budget, images) * images)  # the teacher's forward too
+
+    def check(self, model: nn.Module, context: PurifyContext) -> None:
+        synthetic = self.data is RecoverData.SYNTHETIC or (
+            self.data is RecoverData.AUTO and context.clean_data is None and context.unlabeled_data is None
+        )
+        if synthetic and not bn_layers(self.teacher if self.teacher is not None else model):
+            raise InvalidInputError(
+                "recover makes its images from the model's BatchNorm statistics, and this model has no BatchNorm2d layer: "
+                "give it images (clean_data= / unlabeled_data=, --clean-data / --unlabeled-data) or choose a method "
+                "without recover (e.g. 'clp' or 'cc')"
+            )
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         return PassResult(model, self.recover(model, context))

@@ -1,6 +1,6 @@
 """RNP: Reconstructive Neuron Pruning with a few labelled clean images (Li et al., ICML 2023).
 
-Follows specs/defenses.md "RNP" and specs/reference/clp_rnp_bcu.md §2:
+Follows docs/defenses.md "RNP" and docs/reference/clp_rnp_bcu.md §2:
 
 1. Unlearn a copy: SGD (lr 0.01, momentum 0.9, wd 5e-4, x0.1 at epochs 10 and 20) *maximising*
    cross-entropy on the clean images (with augmentation), until an epoch's running accuracy is
@@ -251,10 +251,18 @@ class RNP(Pass):
         return chosen, sweep
 
     # -- pass ----------------------------------------------------------------------------------
+    def sample_steps(self, context: PurifyContext) -> int:
+        images = len(context.clean_data) if context.clean_data is not None else 0
+        images = min(images, self.max_images) if self.max_images is not None else images
+        return (self.unlearn_epochs + self.recover_epochs) * images
+
+    def check(self, model: nn.Module, context: PurifyContext) -> None:
+        context.require_clean_data("RNP")
+        if not bn_layers(model):
+            raise InvalidInputError("RNP masks BatchNorm channels, and this model has no BatchNorm2d layer; choose a data-free method (e.g. 'clp')")
+
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         data = context.require_clean_data("RNP")
-        if not bn_layers(model):
-            raise InvalidInputError("RNP masks BatchNorm channels, and this model has no BatchNorm2d layer")
         given = len(data)
         if self.max_images is not None and len(data) > self.max_images:
             keep = torch.randperm(len(data), generator=context.generator(29))[: self.max_images]
