@@ -238,6 +238,7 @@ def write_tables(grid: dict) -> None:
     write_json(RESULTS / "summary.json", {**summary(cells, baselines, defenses), "selection": selection})
     write_text(RESULTS / "default_selection.md", selection_table(selection) + footer + "\n")
     plot(cells, defenses)
+    plot_defaults(cells, baselines)
 
 
 def select_defaults(cells: dict, baselines: dict) -> dict:
@@ -333,7 +334,8 @@ def summary(cells: dict, baselines: dict, defenses: list[str]) -> dict:
     MACs and latency ratios, and the CA a defense costs a model that has no backdoor."""
     out = defaultdict(dict)
     for dataset in ("cifar10", "gtsrb"):
-        names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean"]
+        # the PreAct-ResNet18 models (entries named dataset-attack), where every default ran
+        names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean" and n == f"{dataset}-{b['attack']}"]
         clean_models = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] == "clean"]
         for d in defenses:
             rows = [cells[f"{n}|{d}"] for n in names if f"{n}|{d}" in cells]
@@ -371,6 +373,62 @@ def plot(cells: dict, defenses: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / "asr_vs_macs.png", dpi=120)
     plt.close(fig)
+
+
+def default_curves(cells: dict, baselines: dict) -> list[dict]:
+    """Per dataset and kind of data, the default pipeline at each MACs target the grid ran, as means
+    over that dataset's backdoored models (test split): the points of the README's CA-against-MACs
+    figure, and the undefended models at MACs 1.0."""
+    points = []
+    for dataset in ("cifar10", "gtsrb"):
+        # the PreAct-ResNet18 models (entries named dataset-attack), where every default ran
+        names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean" and n == f"{dataset}-{b['attack']}"]
+        if not names:
+            continue
+        points.append({"dataset": dataset, "kind": "undefended", "macs": 1.0, "chosen": True,
+                       "ca": mean(baselines[n]["test"]["ca_before"] for n in names),
+                       "asr": mean(baselines[n]["test"]["asr_before"] for n in names)})  # fmt: skip
+        for kind, default in DEFAULTS.items():
+            for target in (0.75, 0.5):
+                rows = [cells[f"{n}|pipeline:{key(default.name, target)}"] for n in names if f"{n}|pipeline:{key(default.name, target)}" in cells]
+                if len(rows) == len(names):
+                    points.append({"dataset": dataset, "kind": kind, "macs": mean(r["macs_ratio"] for r in rows),
+                                   "ca": mean(r["test"]["ca"] for r in rows), "asr": mean(r["test"]["asr"] for r in rows),
+                                   "chosen": target == default.macs, "pipeline": key(default.name, target)})  # fmt: skip
+    return points
+
+
+def plot_defaults(cells: dict, baselines: dict) -> None:
+    """results/defaults_ca_vs_macs.png: clean accuracy against MACs for each default (colour: the
+    data it needs; marker: the dataset), its chosen target filled, mean ASR written at each point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = default_curves(cells, baselines)
+    colours = {"undefended": "black", "none": "tab:red", "clean": "tab:blue", "unlabeled": "tab:green"}
+    labels = {"undefended": "undefended (backdoored)", "none": "no data", "clean": "labelled", "unlabeled": "unlabelled"}
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for dataset, marker in (("cifar10", "o"), ("gtsrb", "s")):
+        for kind, colour in colours.items():
+            curve = sorted((p for p in points if p["dataset"] == dataset and p["kind"] == kind), key=lambda p: p["macs"])
+            if not curve:
+                continue
+            ax.plot([p["macs"] for p in curve], [100 * p["ca"] for p in curve], color=colour, alpha=0.5, lw=1)
+            for p in curve:
+                ax.scatter(p["macs"], 100 * p["ca"], color=colour if p["chosen"] else "white", edgecolors=colour, marker=marker, s=60, zorder=3,
+                           label=f"{dataset}: {labels[kind]}" if p["chosen"] else None)  # fmt: skip
+                ax.annotate(f"ASR {100 * p['asr']:.0f}%", (p["macs"], 100 * p["ca"]), textcoords="offset points", xytext=(5, -10), fontsize=7, color=colour)
+    ax.set_xlabel("MACs, purified / undefended")
+    ax.set_ylabel("clean accuracy % (mean, backdoored PreAct models)")
+    ax.set_title("Default pipelines: accuracy kept against compute; mean ASR at each point", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "defaults_ca_vs_macs.png", dpi=120)
+    plt.close(fig)
+    write_json(RESULTS / "defaults_ca_vs_macs.json", {"points": points})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -477,11 +477,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.suffix != ".onnx":
         raise CliError(f"--out must name an .onnx file, got {out}")
     _output_beside(out, [Path(args.model)])
-    for path in [out, *([out.with_suffix(".int8.onnx")] if args.int8 else [])]:
+    for path in [out, *([out.with_suffix(".int8.onnx")] if args.int8 else []), *([out.with_suffix(".ort")] if args.ort else [])]:
         refuse_existing(path, args.overwrite)
     source = ModelSource(args.model, args)
     report = export(source.model, out, source.example_inputs, opset=args.opset, tolerance=args.tolerance,
-                    metadata=source.onnx_metadata(), strip_debug=not args.keep_debug_info)  # fmt: skip
+                    metadata=source.onnx_metadata(), strip_debug=not args.keep_debug_info, dynamic_batch=not args.static_shape)  # fmt: skip
     rows = [[out.name, f"{report.file_bytes / 1e6:.2f} MB", count(report.params), count(report.macs), f"{report.parity_max_abs_diff:.2e}", "-"]]
     if args.int8:
         from exporters.quantize import quantize_int8
@@ -500,6 +500,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         change = "-" if q.accuracy_change is None else f"{100 * q.accuracy_change:+.2f} pt"
         rows.append([Path(q.path).name, f"{q.file_bytes / 1e6:.2f} MB", "-", "-", f"agree {q.agreement:.3f}" if q.agreement is not None else "-", change])
     print(format_table(rows, ["file", "size", "params", "MACs", "max |Δlogit| / agreement", "accuracy change"]))
+    _mobile_outputs(out, args)
     if args.int8 and source.run is not None and source.run.attack is not None and args.eval_images > 0:
         # Quantization can revive a backdoor: score the INT8 file's ASR next to the fp32 file's.
         from ccpurify.evaluation import OnnxModel, TestBench
@@ -510,6 +511,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         for warning in _outcome_warnings(scores["fp32"], scores["int8"], "INT8 quantization"):
             print(f"ccpurify: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _mobile_outputs(onnx_path: Path, args: argparse.Namespace) -> None:
+    """``export --mobile-check`` and ``--ort``: onnxruntime mobile's verdicts and the ORT-format file."""
+    if args.mobile_check:
+        from exporters.mobile import check_mobile
+
+        check = check_mobile(onnx_path)
+        rows = [[ep, check.as_is.get(ep, "-"), check.fixed_shapes.get(ep, "-")] for ep in sorted({*check.as_is, *check.fixed_shapes})]
+        print(format_table(rows, ["execution provider", "works well as is", "with fixed input shapes"]))
+    if args.ort:
+        from exporters.mobile import convert_to_ort
+
+        ort_path = convert_to_ort(onnx_path, onnx_path.with_suffix(".ort"))
+        print(f"wrote {ort_path} ({ort_path.stat().st_size / 1e6:.2f} MB) and {ort_path.with_suffix('.required_operators.config').name}")
 
 
 def _outcome_warnings(before, after, what: str = "the defense") -> list[str]:
@@ -691,6 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--exclude-node", action="append", default=[], metavar="NAME",
                    help="INT8: keep this ONNX node in float (repeatable), e.g. a sensitive first convolution")  # fmt: skip
     x.add_argument("--keep-debug-info", action="store_true", help="keep the exporter's per-node debug annotations (stack traces with local paths)")
+    x.add_argument("--mobile-check", action="store_true",
+                   help="run onnxruntime's mobile usability checker: will NNAPI / CoreML take the file (as is, with fixed shapes)")  # fmt: skip
+    x.add_argument("--static-shape", action="store_true",
+                   help="a fixed batch of 1 instead of a dynamic batch: NNAPI and CoreML take only fixed shapes")  # fmt: skip
+    x.add_argument("--ort", action="store_true", help="also write <out>.ort (ORT format for onnxruntime mobile builds) and its operator list")
     _add_data_option(x)
     x.set_defaults(func=cmd_export)
 

@@ -222,3 +222,18 @@ def test_a_run_that_does_not_end_is_stopped(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
     with pytest.raises(LimitExceededError, match="took more than 0.5 s and was stopped"):
         benchmark({"loop": path}, BenchConfig(torch_eager=False, max_run_seconds=0.5))
+
+
+def test_a_static_export_passes_the_mobile_check_and_converts_to_ort_format(tmp_path):
+    from exporters.mobile import check_mobile, convert_to_ort
+
+    model = zoo("vgg16_bn")
+    dynamic = export(model, tmp_path / "dynamic.onnx", EXAMPLE)
+    static = export(model, tmp_path / "static.onnx", EXAMPLE, dynamic_batch=False)
+    assert check_mobile(dynamic.path).as_is["NNAPI"] == "NO"  # a dynamic batch is not for NNAPI
+    verdict = check_mobile(static.path)
+    assert verdict.as_is["NNAPI"] == "YES" and "partition" in verdict.log
+    ort_file = convert_to_ort(static.path, tmp_path / "static.ort")
+    assert (tmp_path / "static.required_operators.config").read_text().count("Conv") >= 1
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert np.abs(run_onnx(ort_file, x) - run_onnx(static.path, x)).max() <= 1e-4  # onnxruntime runs the .ort file alike
