@@ -2,8 +2,8 @@
 or z-score), clip or remove, purification alone (H-A), truncation alone (H-B), both, and with the
 optional data-free recovery.
 
-    python benchmarks/cc_ablation.py                     # CIFAR-10 BadNets, Blended, WaNet zoo models
-    python benchmarks/cc_ablation.py --entries cifar10-badnets
+    python -m benchmarks.cc_ablation                     # CIFAR-10 BadNets, Blended, WaNet zoo models
+    python -m benchmarks.cc_ablation --entries cifar10-badnets
 
 Writes results/cc_ablation.json and results/cc_ablation.md. The winner (frozen as CleanCompact's
 default) is the variant with the best mean *validation* DER (training-split images; see common.py)
@@ -19,13 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, ZOO, load_entry, read_json, score_pair, store_result  # noqa: E402
-
-from ccpurify.atomic import write_text  # noqa: E402
-from ccpurify.passes import CleanCompact, PurifyContext  # noqa: E402
-from ccpurify.provenance import git_commit, now  # noqa: E402
+from benchmarks.common import RESULTS, ZOO, load_entry, read_json, score_pair, store_result
+from ccpurify.atomic import write_text
+from ccpurify.passes import CleanCompact, PurifyContext
+from ccpurify.provenance import git_commit, now
 
 VARIANTS: dict[str, dict] = {
     # H-A: purification only (no truncation)
@@ -47,8 +44,9 @@ VARIANTS: dict[str, dict] = {
     "AB z clip 2 + 0.5 energy": dict(normalization="zscore", purify="clip", tau=2.0, macs=0.5, allocation="energy"),
     "AB z clip 1.75 + 0.5 energy": dict(normalization="zscore", purify="clip", tau=1.75, macs=0.5, allocation="energy"),
     # ... + data-free recovery (synthetic BN-statistics images, teacher = purified full rank)
-    "AB z clip 1.75 + 0.5 energy + recover": dict(normalization="zscore", purify="clip", tau=1.75, macs=0.5,
-                                                  allocation="energy", recover=True),
+    "AB z clip 1.75 + 0.5 energy + recover": dict(
+        normalization="zscore", purify="clip", tau=1.75, macs=0.5, allocation="energy", recover=True
+    ),
     "B trunc 0.5 energy + recover": dict(purify="none", macs=0.5, allocation="energy", recover=True),
 }
 
@@ -73,12 +71,22 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             out, report = CleanCompact(**options)(entry.model, context)
             wall = time.perf_counter() - started
-            row = {"entry": name, "variant": variant, "options": options, "wall_time_s": wall,
-                   "macs_ratio": report.macs_ratio, "params_ratio": report.params_ratio, **score_pair(entry, entry.model, out)}  # fmt: skip
+            row = {
+                "entry": name,
+                "variant": variant,
+                "options": options,
+                "wall_time_s": wall,
+                "macs_ratio": report.macs_ratio,
+                "params_ratio": report.params_ratio,
+                **score_pair(entry, entry.model, out),
+            }
             results = store_result(out_file, {}, None, key, row)
             t, v = row["test"], row["val"]
-            print(f"{name} | {variant}: val CA {v['ca']:.3f} ASR {v['asr']:.3f} DER {v['der']:.3f} | "
-                  f"test CA {t['ca']:.3f} ASR {t['asr']:.3f} | MACs x{report.macs_ratio:.2f} ({wall:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"{name} | {variant}: val CA {v['ca']:.3f} ASR {v['asr']:.3f} DER {v['der']:.3f} | "
+                f"test CA {t['ca']:.3f} ASR {t['asr']:.3f} | MACs x{report.macs_ratio:.2f} ({wall:.1f} s)",
+                flush=True,
+            )
     write_table(results)
     return 0
 
@@ -86,15 +94,24 @@ def main(argv: list[str] | None = None) -> int:
 def write_table(results: dict) -> None:
     entries = sorted({r["entry"] for r in results.values()})
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in results.values())]
-    lines = ["# C&C (reconstructed) ablation", "",
-             "Cells: validation DER / test CA / test ASR (%). Validation = training-split images no pass sees; the "
-             "winner is chosen on it alone.", "",
-             "| variant | MACs | " + " | ".join(entries) + " | mean val DER | mean test DER |",
-             "|---|---|" + "---|" * (len(entries) + 2)]  # fmt: skip
+    lines = [
+        "# C&C (reconstructed) ablation",
+        "",
+        "Cells: validation DER / test CA / test ASR (%). Validation = training-split images no pass sees; the "
+        "winner is chosen on it alone.",
+        "",
+        "| variant | MACs | " + " | ".join(entries) + " | mean val DER | mean test DER |",
+        "|---|---|" + "---|" * (len(entries) + 2),
+    ]
     scored = {}
     for v in variants:
         rows = [results.get(f"{e}|{v}") for e in entries]
-        cells = ["" if r is None else f"{100 * r['val']['der']:.1f} / {100 * r['test']['ca']:.1f} / {100 * r['test']['asr']:.1f}" for r in rows]
+        cells = [
+            ""
+            if r is None
+            else f"{100 * r['val']['der']:.1f} / {100 * r['test']['ca']:.1f} / {100 * r['test']['asr']:.1f}"
+            for r in rows
+        ]
         done = [r for r in rows if r is not None]
         val = float(np.mean([r["val"]["der"] for r in done]))
         test = float(np.mean([r["test"]["der"] for r in done]))
@@ -103,9 +120,12 @@ def write_table(results: dict) -> None:
         lines.append(f"| {v} | {macs:.2f} | " + " | ".join(cells) + f" | {100 * val:.1f} | {100 * test:.1f} |")
     compact = {v: s for v, s in scored.items() if s[1] <= 0.51}
     winner = max(compact, key=lambda v: compact[v][0]) if compact else None
-    lines += ["", f"Winner among variants with MACs <= 0.5 (by mean validation DER): **{winner}** "
-              f"({VARIANTS.get(winner)}).", "", f"Generated {now()} at commit `{(git_commit() or 'unknown')[:10]}` by "
-              "`python benchmarks/cc_ablation.py`."]  # fmt: skip
+    lines += [
+        "",
+        f"Winner among variants with MACs <= 0.5 (by mean validation DER): **{winner}** ({VARIANTS.get(winner)}).",
+        "",
+        f"Generated {now()} at commit `{(git_commit() or 'unknown')[:10]}` by `python -m benchmarks.cc_ablation`.",
+    ]
     write_text(RESULTS / "cc_ablation.md", "\n".join(lines) + "\n")
 
 

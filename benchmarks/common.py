@@ -108,7 +108,11 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, t in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        digest.update(
+            t.detach().cpu().contiguous().numpy().tobytes()
+            if t.dtype != torch.bfloat16
+            else t.float().numpy().tobytes()
+        )
     return digest.hexdigest()[:16]
 
 
@@ -123,9 +127,14 @@ def score_pair(entry: Entry, before: nn.Module, after: nn.Module) -> dict:
         b = _BASELINES[key]
         a = bench.score(after).metrics
         out[split] = {
-            "ca_before": b.ca, "asr_before": b.asr, "ra_before": b.ra, "ca": a.ca, "asr": a.asr, "ra": a.ra,
+            "ca_before": b.ca,
+            "asr_before": b.asr,
+            "ra_before": b.ra,
+            "ca": a.ca,
+            "asr": a.asr,
+            "ra": a.ra,
             "der": der(b.ca, b.asr, a.ca, a.asr) if b.asr is not None else None,
-        }  # fmt: skip
+        }
     return out
 
 
@@ -143,18 +152,23 @@ def measure_latency(entry: Entry, before: nn.Module, after: nn.Module, cache: Pa
         int8 = quantize_int8(fp32.path, Path(tmp) / "after.int8.onnx", calib, eval_images=held_out)
         models = {"before": os.fspath(dense), "after": fp32.path, "after_int8": int8.path}
         small = benchmark(models, BenchConfig(batch_sizes=(1,), threads=(1,), runs=100, rounds=4, torch_eager=False))
-        large = benchmark({k: models[k] for k in ("before", "after")},
-                          BenchConfig(batch_sizes=(32,), threads=(2,), runs=50, rounds=2, warmup=3, torch_eager=False))  # fmt: skip
+        large = benchmark(
+            {k: models[k] for k in ("before", "after")},
+            BenchConfig(batch_sizes=(32,), threads=(2,), runs=50, rounds=2, warmup=3, torch_eager=False),
+        )
         return {
-            "onnx_bytes": fp32.file_bytes, "onnx_bytes_before": os.path.getsize(dense), "int8_bytes": int8.file_bytes,
-            "int8_agreement_val": int8.agreement, "parity_max_abs_diff": fp32.parity_max_abs_diff,
+            "onnx_bytes": fp32.file_bytes,
+            "onnx_bytes_before": os.path.getsize(dense),
+            "int8_bytes": int8.file_bytes,
+            "int8_agreement_val": int8.agreement,
+            "parity_max_abs_diff": fp32.parity_max_abs_diff,
             "latency_ratio_bs1_t1": small.ratio("after", "before", batch=1, threads=1),
             "latency_ratio_bs32_t2": large.ratio("after", "before", batch=32, threads=2),
             "int8_latency_ratio_bs1_t1": small.ratio("after_int8", "before", batch=1, threads=1),
             "latency_ms_before_bs1_t1": small.timing("before", "onnxruntime", 1, 1).median_ms,
             "latency_ms_after_bs1_t1": small.timing("after", "onnxruntime", 1, 1).median_ms,
             "machine": small.environment["cpu"],
-        }  # fmt: skip
+        }
 
 
 def read_json(path: Path, default):
@@ -163,11 +177,13 @@ def read_json(path: Path, default):
 
 def write_report(name: str, rows: list[dict], lines: list[str], **meta: Any) -> None:
     """results/<name>.json (rows + provenance) and results/<name>.md (``lines`` + a provenance footer)
-    for a measurement script ``benchmarks/<name>.py``."""
+    for a measurement script ``benchmarks/<name>.py`` (run as ``python -m benchmarks.<name>``)."""
     meta = {"generated": now(), "git_commit": git_commit(), "machine": machine(), **meta}
     write_json(RESULTS / f"{name}.json", {"rows": rows, "meta": meta})
-    footer = (f"Generated {meta['generated']} at commit `{(meta['git_commit'] or 'unknown')[:10]}` on "
-              f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, by `python benchmarks/{name}.py`.")  # fmt: skip
+    footer = (
+        f"Generated {meta['generated']} at commit `{(meta['git_commit'] or 'unknown')[:10]}` on "
+        f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, by `python -m benchmarks.{name}`."
+    )
     write_text(RESULTS / f"{name}.md", "\n".join([*lines, "", footer]) + "\n")
 
 
@@ -193,8 +209,12 @@ def normalize_images(entry: Entry, images: np.ndarray) -> torch.Tensor:
 def context_for(entry: Entry, data: str) -> PurifyContext:
     """The defender's context for ``entry`` with the data kind a cell or sweep names (none, clean, unlabeled, unlabeled_ood)."""
     spec = entry.test.spec
-    context = PurifyContext(example_inputs=entry.example_inputs, num_classes=spec.num_classes, seed=0,
-                            normalize=Normalize(spec.mean, spec.std))  # fmt: skip
+    context = PurifyContext(
+        example_inputs=entry.example_inputs,
+        num_classes=spec.num_classes,
+        seed=0,
+        normalize=Normalize(spec.mean, spec.std),
+    )
     if data == "clean":
         context.clean_data = entry.clean_data()
     elif data == "unlabeled":

@@ -1,8 +1,8 @@
 """Do the with-data defaults get worse with more data? (issue 14, item 5)
 
-    python benchmarks/data_amount.py                                   # BadNets and WaNet, 250/500/2,500 images
-    python benchmarks/data_amount.py --entries cifar10-badnets --counts 500 2500
-    python benchmarks/data_amount.py --tables-only
+    python -m benchmarks.data_amount                                   # BadNets and WaNet, 250/500/2,500 images
+    python -m benchmarks.data_amount --entries cifar10-badnets --counts 500 2500
+    python -m benchmarks.data_amount --tables-only
 
 For each zoo model, each number of labelled clean images and each labelled candidate of
 ``ccpurify.passes.defaults`` (at its default MACs target), the pipeline runs with exactly that many
@@ -21,12 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report  # noqa: E402
-
-from ccpurify import defender  # noqa: E402
-from ccpurify.passes import LabeledData  # noqa: E402
-from ccpurify.passes.defaults import DEFAULTS, candidate  # noqa: E402
+from benchmarks.common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report
+from ccpurify import defender
+from ccpurify.passes import LabeledData
+from ccpurify.passes.defaults import DEFAULTS, candidate
 
 ENTRIES = ("cifar10-badnets", "cifar10-wanet")
 COUNTS = (250, 500, 2500)
@@ -72,21 +70,37 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = time.perf_counter() - started
                     m = entry.test.score(model).metrics
                     used = {p.name: p.details.get("clean_images", p.details.get("images")) for p in report.passes}
-                    store_result(STORE, {"cells": {}}, "cells", key, {
-                        "ca": m.ca, "asr": m.asr, "macs_ratio": report.macs_after / report.macs_before,
-                        "seconds": seconds, "images_used": used,
-                    })  # fmt: skip
-                    print(f"{key}: test CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} ({seconds:.0f} s, images {used})", flush=True)
+                    store_result(
+                        STORE,
+                        {"cells": {}},
+                        "cells",
+                        key,
+                        {
+                            "ca": m.ca,
+                            "asr": m.asr,
+                            "macs_ratio": report.macs_after / report.macs_before,
+                            "seconds": seconds,
+                            "images_used": used,
+                        },
+                    )
+                    print(
+                        f"{key}: test CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} ({seconds:.0f} s, images {used})",
+                        flush=True,
+                    )
     write_tables(read_json(STORE, {"cells": {}})["cells"], args.entries, args.counts, args.pipelines, macs)
     return 0
 
 
 def write_tables(cells: dict, entries: list[str], counts: list[int], pipelines: list[str], macs: float) -> None:
-    lines = ["# Labelled defaults against the amount of clean data (test CA / ASR %)", "",
-             f"Each candidate at {macs:g} of the MACs, given exactly N labelled clean images of the run's defender subsets.",
-             "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.", "",
-             "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in counts) + " |",
-             "|---|---|---|" + "---|" * len(counts)]  # fmt: skip
+    lines = [
+        "# Labelled defaults against the amount of clean data (test CA / ASR %)",
+        "",
+        f"Each candidate at {macs:g} of the MACs, given exactly N labelled clean images of the run's defender subsets.",
+        "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.",
+        "",
+        "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in counts) + " |",
+        "|---|---|---|" + "---|" * len(counts),
+    ]
 
     def fmt(c: dict | None) -> str:
         if c is None:

@@ -2,7 +2,7 @@
 images; reference threshold and the ranked variant) and BCU (5,000 unlabelled images, 20 epochs;
 plain and with a 50%-MACs pruned student).
 
-    python benchmarks/data_timing.py [--entry cifar10-badnets] [--threads 2] [--passes rnp bcu]
+    python -m benchmarks.data_timing [--entry cifar10-badnets] [--threads 2] [--passes rnp bcu]
 
 Each timed pass is a cell of the benchmark grid (``benchmarks/grid.py``), run with the same
 defender data; the compact BCU is ``pipeline:bcu-compact`` (its student pruned to 50% MACs with
@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ZOO, context_for, load_entry, write_report  # noqa: E402
-from grid import CELLS, as_pipeline  # noqa: E402
-
-from ccpurify.provenance import versions  # noqa: E402
+from benchmarks.common import ZOO, context_for, load_entry, write_report
+from benchmarks.grid import CELLS, as_pipeline
+from ccpurify.provenance import versions
 
 DATA_CELLS = [name for name, cell in CELLS.items() if cell.data != "none"]
 
@@ -36,8 +34,13 @@ DATA_CELLS = [name for name, cell in CELLS.items() if cell.data != "none"]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entry", default="cifar10-badnets")
-    parser.add_argument("--passes", nargs="+", default=["rnp", "rnp-ranked", "bcu", "pipeline:bcu-compact"], choices=DATA_CELLS,
-                        help="grid cells (benchmarks/grid.py) to time")  # fmt: skip
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        default=["rnp", "rnp-ranked", "bcu", "pipeline:bcu-compact"],
+        choices=DATA_CELLS,
+        help="grid cells (benchmarks/grid.py) to time",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
@@ -55,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - started
         rows.append({"pass": name, "data": kind, "images": images, "wall_time_s": wall})
         print(f"{name}: {wall:.1f} s on {images} {kind} images", flush=True)
-    lines = [f"# Wall time of the data-using passes ({args.entry}, PreAct-ResNet18 x0.25)", "",
-             f"torch threads: {args.threads}.", "", "| pass | data | images | wall time (s) |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Wall time of the data-using passes ({args.entry}, PreAct-ResNet18 x0.25)",
+        "",
+        f"torch threads: {args.threads}.",
+        "",
+        "| pass | data | images | wall time (s) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['pass']} | {r['data']} | {r['images']:,} | {r['wall_time_s']:.1f} |" for r in rows]
     write_report("data_timing", rows, lines, entry=args.entry, threads=args.threads, versions=versions())
     return 0

@@ -2,7 +2,7 @@
 cpu-preset width: CLP (compress and faithful), C&C without recovery, and OTBR with the time of its
 20 noise-unlearning steps separated from everything around them.
 
-    python benchmarks/datafree_timing.py [--widths 1 0.25] [--threads 2]
+    python -m benchmarks.datafree_timing [--widths 1 0.25] [--threads 2]
 
 Timing does not depend on the weights' values, so the models are seeded random initialisations
 (BatchNorm statistics perturbed so that CLP and C&C see non-trivial spectra). Writes
@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
-
-from ccpurify import models  # noqa: E402
-from ccpurify.passes import CLP, OTBR, CleanCompact, Pass, PurifyContext  # noqa: E402
-from ccpurify.provenance import versions  # noqa: E402
+from benchmarks.common import write_report
+from ccpurify import models
+from ccpurify.passes import CLP, OTBR, CleanCompact, Pass, PurifyContext
+from ccpurify.provenance import versions
 
 
 def make_model(width: float, seed: int = 0) -> torch.nn.Module:
@@ -42,8 +39,10 @@ def time_pass(p: Pass, width: float) -> dict:
     context = PurifyContext(example_inputs=torch.zeros(1, 3, 32, 32), num_classes=10, seed=0)
     started = time.perf_counter()
     _, report = p(model, context)
-    return {"wall_time_s": time.perf_counter() - started, "details": {k: v for k, v in report.details.items()
-                                                                      if k in ("unlearn_s", "fusion_s", "ranking_s")}}  # fmt: skip
+    return {
+        "wall_time_s": time.perf_counter() - started,
+        "details": {k: v for k, v in report.details.items() if k in ("unlearn_s", "fusion_s", "ranking_s")},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,16 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    passes = {"CLP (compress)": CLP, "CLP (faithful)": lambda: CLP(mode="faithful"),
-              "C&C (no recovery)": lambda: CleanCompact(recover=False), "OTBR": OTBR}  # fmt: skip
+    passes = {
+        "CLP (compress)": CLP,
+        "CLP (faithful)": lambda: CLP(mode="faithful"),
+        "C&C (no recovery)": lambda: CleanCompact(recover=False),
+        "OTBR": OTBR,
+    }
     rows = []
     for width in args.widths:
         for name, build in passes.items():
             result = time_pass(build(), width)
             rows.append({"pass": name, "width": width, **result})
             print(f"width {width}: {name} {result['wall_time_s']:.2f} s {result['details']}", flush=True)
-    lines = ["# Data-free pass wall time (PreAct-ResNet18, CIFAR-10 input)", "", f"torch threads: {args.threads}.", "",
-             "| pass | width | wall time (s) | of which |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Data-free pass wall time (PreAct-ResNet18, CIFAR-10 input)",
+        "",
+        f"torch threads: {args.threads}.",
+        "",
+        "| pass | width | wall time (s) | of which |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in r["details"].items())
         lines.append(f"| {r['pass']} | {r['width']:g} | {r['wall_time_s']:.2f} | {parts} |")

@@ -1,6 +1,6 @@
 """Seconds per CIFAR-10 training epoch for each zoo architecture at a given width, on this machine.
 
-    python benchmarks/epoch_time.py --archs preact_resnet18 mobilenet_v2 --widths 0.25 --steps 30
+    python -m benchmarks.epoch_time --archs preact_resnet18 mobilenet_v2 --widths 0.25 --steps 30
 
 Times ``--steps`` SGD steps (batch 128, 32x32 inputs, channels-last as the ``cpu`` preset trains)
 after ``--warmup`` steps and extrapolates to one epoch of 50,000 images (391 steps). The zoo's
@@ -15,16 +15,13 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
-
-from ccpurify import models  # noqa: E402
-from ccpurify.cost import model_cost  # noqa: E402
+from benchmarks.common import write_report
+from ccpurify import models
+from ccpurify.cost import model_cost
 
 STEPS_PER_EPOCH = math.ceil(50_000 / 128)
 
@@ -59,14 +56,30 @@ def main(argv: list[str] | None = None) -> int:
             model = models.create(arch, num_classes=10, width=width)
             cost = model_cost(model, torch.zeros(1, 3, 32, 32))
             step = seconds_per_step(model, args.steps, args.warmup)
-            rows.append({"arch": arch, "width": width, "params": cost.params, "macs": cost.macs,
-                         "s_per_step": step, "s_per_epoch": step * STEPS_PER_EPOCH})  # fmt: skip
+            rows.append(
+                {
+                    "arch": arch,
+                    "width": width,
+                    "params": cost.params,
+                    "macs": cost.macs,
+                    "s_per_step": step,
+                    "s_per_epoch": step * STEPS_PER_EPOCH,
+                }
+            )
             print(f"{arch} x{width:g}: {step * 1000:.0f} ms/step, ~{step * STEPS_PER_EPOCH:.0f} s/epoch", flush=True)
-    lines = ["# Training cost per CIFAR-10 epoch (batch 128, channels-last)", "",
-             f"{args.threads} torch threads, {args.steps} timed steps extrapolated to {STEPS_PER_EPOCH} steps.", "",
-             "| model (width) | params | MACs | ms / step | s / epoch |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['arch']} ({r['width']:g}) | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
-              f"{1000 * r['s_per_step']:.0f} | {r['s_per_epoch']:.0f} |" for r in rows]  # fmt: skip
+    lines = [
+        "# Training cost per CIFAR-10 epoch (batch 128, channels-last)",
+        "",
+        f"{args.threads} torch threads, {args.steps} timed steps extrapolated to {STEPS_PER_EPOCH} steps.",
+        "",
+        "| model (width) | params | MACs | ms / step | s / epoch |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['arch']} ({r['width']:g}) | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
+        f"{1000 * r['s_per_step']:.0f} | {r['s_per_epoch']:.0f} |"
+        for r in rows
+    ]
     write_report("epoch_time", rows, lines, threads=args.threads, steps=args.steps)
     return 0
 

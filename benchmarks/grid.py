@@ -1,9 +1,9 @@
 """Run every defense on every zoo model and write benchmarks/results/.
 
-    python benchmarks/grid.py                                  # every planned cell not yet run, then the tables
-    python benchmarks/grid.py --cell cifar10-badnets:clp       # one cell
-    python benchmarks/grid.py --entries cifar10-badnets --defenses clp cc otbr
-    python benchmarks/grid.py --tables-only                    # rebuild tables and plot from grid.json
+    python -m benchmarks.grid                                  # every planned cell not yet run, then the tables
+    python -m benchmarks.grid --cell cifar10-badnets:clp       # one cell
+    python -m benchmarks.grid --entries cifar10-badnets --defenses clp cc otbr
+    python -m benchmarks.grid --tables-only                    # rebuild tables and plot from grid.json
 
 For each (zoo entry, defense) cell: the defense runs with the defender resources stored in the run
 directory (none; RNP's 500 labelled images; the 5,000-image unlabelled pool; or 5,000 images of
@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from benchmarks.common import (
     RESULTS,
     ZOO,
     context_for,
@@ -44,11 +42,10 @@ from common import (  # noqa: E402
     store_result,
     zoo_entries,
 )
-
-from ccpurify.atomic import write_json, write_text  # noqa: E402
-from ccpurify.passes import BCU, CLP, OTBR, PASSES, RNP, CleanCompact, Pass, Pipeline, Prune  # noqa: E402
-from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, MACS_TARGETS, key, ranked_rnp  # noqa: E402
-from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions  # noqa: E402
+from ccpurify.atomic import write_json, write_text
+from ccpurify.passes import BCU, CLP, OTBR, PASSES, RNP, CleanCompact, Pass, Pipeline, Prune
+from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, MACS_TARGETS, key, ranked_rnp
+from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions
 
 ATTACK_ORDER = ["badnets", "blended", "wanet", "sig", "lf", "input_aware", "clean"]
 # The zoo models on which the candidate pipelines are compared (ccpurify.passes.defaults).
@@ -63,7 +60,9 @@ class Cell:
 
 
 CELLS: dict[str, Cell] = {
-    "clp-reference": Cell("none", lambda: CLP(mode="faithful", reference_pairing=True), "CLP faithful, reference module-order pairing"),
+    "clp-reference": Cell(
+        "none", lambda: CLP(mode="faithful", reference_pairing=True), "CLP faithful, reference module-order pairing"
+    ),
     "clp-faithful": Cell("none", lambda: CLP(mode="faithful"), "CLP faithful (zero gamma, beta), graph pairing"),
     "clp": Cell("none", lambda: CLP(), "CLP compress: physical removal, group policy"),
     "cc": Cell("none", lambda: CleanCompact(), "C&C (reconstructed), frozen default"),
@@ -72,12 +71,17 @@ CELLS: dict[str, Cell] = {
     "rnp": Cell("clean", lambda: RNP(), "RNP, 500 labelled images, threshold 0.2, physical removal"),
     "rnp-faithful": Cell("clean", lambda: RNP(mode="faithful"), "RNP faithful (gamma only)"),
     "rnp-ranked": Cell("clean", ranked_rnp, "RNP, 5% of channels with the lowest mean mask over the recovery steps"),
-    "rnp-auto": Cell("clean", lambda: RNP(threshold="auto"), "RNP, threshold chosen on a held-out part of the 500 images"),
+    "rnp-auto": Cell(
+        "clean", lambda: RNP(threshold="auto"), "RNP, threshold chosen on a held-out part of the 500 images"
+    ),
     "bcu": Cell("unlabeled", lambda: BCU(), "BCU, 5,000 unlabelled images, 20 epochs"),
     "bcu-ood": Cell("unlabeled_ood", lambda: BCU(), "BCU on 5,000 images of the other dataset"),
     "bcu-compact": Cell("unlabeled", lambda: BCU(compact=Prune(macs=0.5)), "BCU with a 50%-MACs pruned student"),
-    **{f"pipeline:{key(name, macs)}": Cell(kind, partial(builder, macs), f"pipeline {name} at {macs:g} of the MACs")
-       for name, (kind, builder) in CANDIDATES.items() for macs in MACS_TARGETS},
+    **{
+        f"pipeline:{key(name, macs)}": Cell(kind, partial(builder, macs), f"pipeline {name} at {macs:g} of the MACs")
+        for name, (kind, builder) in CANDIDATES.items()
+        for macs in MACS_TARGETS
+    },
 }
 
 
@@ -87,11 +91,15 @@ def default_cells() -> set[str]:
 
 
 def planned_cells(entries: list[str]) -> list[tuple[str, str]]:
-    """(entry, defense) pairs a plain ``python benchmarks/grid.py`` runs: single defenses and the
+    """(entry, defense) pairs a plain ``python -m benchmarks.grid`` runs: single defenses and the
     default pipelines everywhere, every candidate pipeline on the selection entries."""
     defaults = default_cells()
-    return [(e, d) for e in entries for d in CELLS
-            if not d.startswith("pipeline:") or d in defaults or e in SELECTION_ENTRIES]  # fmt: skip
+    return [
+        (e, d)
+        for e in entries
+        for d in CELLS
+        if not d.startswith("pipeline:") or d in defaults or e in SELECTION_ENTRIES
+    ]
 
 
 def as_pipeline(built: Pass | Pipeline) -> Pipeline:
@@ -111,15 +119,33 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
     out, report = pipeline(entry.model, context)
     wall = time.perf_counter() - started
     result = {
-        "entry": entry.name, "dataset": entry.dataset, "attack": entry.attack, "defense": defense, "label": cell.label,
-        "data": cell.data, "recipe": recipe(pipeline), "wall_time_s": wall, **score_pair(entry, entry.model, out),
-        "params_before": report.params_before, "params_after": report.params_after,
-        "macs_before": report.macs_before, "macs_after": report.macs_after,
-        "params_ratio": report.params_after / report.params_before, "macs_ratio": report.macs_after / report.macs_before,
-        "passes": [{"name": p.name, "config": p.config, "wall_time_s": p.wall_time_s,
-                    "details": {k: v for k, v in p.details.items() if k not in ("layers", "masks", "removal", "ratios", "replaced")}}
-                   for p in report.passes],
-    }  # fmt: skip
+        "entry": entry.name,
+        "dataset": entry.dataset,
+        "attack": entry.attack,
+        "defense": defense,
+        "label": cell.label,
+        "data": cell.data,
+        "recipe": recipe(pipeline),
+        "wall_time_s": wall,
+        **score_pair(entry, entry.model, out),
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "macs_before": report.macs_before,
+        "macs_after": report.macs_after,
+        "params_ratio": report.params_after / report.params_before,
+        "macs_ratio": report.macs_after / report.macs_before,
+        "passes": [
+            {
+                "name": p.name,
+                "config": p.config,
+                "wall_time_s": p.wall_time_s,
+                "details": {
+                    k: v for k, v in p.details.items() if k not in ("layers", "masks", "removal", "ratios", "replaced")
+                },
+            }
+            for p in report.passes
+        ],
+    }
     if latency:
         result["latency"] = measure_latency(entry, entry.model, out)
     return result
@@ -151,12 +177,18 @@ def same_recipe(stored: list[dict], pipeline: Pipeline) -> bool:
     current = recipe(pipeline)
     if [s["name"] for s in stored] != [c["name"] for c in current]:
         return False
-    return all(same_config(old["config"], new["config"], type(step)().config())
-               for old, new, step in zip(stored, current, pipeline.passes))  # fmt: skip
+    return all(
+        same_config(old["config"], new["config"], type(step)().config())
+        for old, new, step in zip(stored, current, pipeline.passes)
+    )
 
 
 def is_stale(stored: dict | None, defense: str) -> bool:
-    return stored is None or defense not in CELLS or not same_recipe(stored.get("recipe", []), as_pipeline(CELLS[defense].build()))
+    return (
+        stored is None
+        or defense not in CELLS
+        or not same_recipe(stored.get("recipe", []), as_pipeline(CELLS[defense].build()))
+    )
 
 
 def run(args) -> None:
@@ -178,17 +210,31 @@ def run(args) -> None:
         for defense in cells:
             if defense not in CELLS:
                 raise SystemExit(f"unknown defense {defense!r}; known: {', '.join(CELLS)}")
-            if not args.redo and not is_stale(read_json(grid_file, EMPTY_GRID)["cells"].get(f"{name}|{defense}"), defense):
-                print(f"{time.strftime('%H:%M:%S')} {name} x {defense}: stored meanwhile by another process, skipped", flush=True)
+            if not args.redo and not is_stale(
+                read_json(grid_file, EMPTY_GRID)["cells"].get(f"{name}|{defense}"), defense
+            ):
+                print(
+                    f"{time.strftime('%H:%M:%S')} {name} x {defense}: stored meanwhile by another process, skipped",
+                    flush=True,
+                )
                 continue
             print(f"{time.strftime('%H:%M:%S')} {name} x {defense} ...", flush=True)
             result = run_cell(entry, defense, latency=not args.no_latency)
-            meta = {"protocol": PROTOCOL_VERSION, "updated": now(), "git_commit": git_commit(), "versions": versions(),
-                    "machine": machine(), "seed": 0}  # fmt: skip
+            meta = {
+                "protocol": PROTOCOL_VERSION,
+                "updated": now(),
+                "git_commit": git_commit(),
+                "versions": versions(),
+                "machine": machine(),
+                "seed": 0,
+            }
             grid = store_result(grid_file, EMPTY_GRID, "cells", f"{name}|{defense}", result, meta=meta)
             t = result["test"]
             asr = "-" if t["asr"] is None else f"{100 * t['asr']:.1f}"
-            print(f"    CA {100 * t['ca']:.1f} ASR {asr} MACs x{result['macs_ratio']:.2f} ({result['wall_time_s']:.0f} s)", flush=True)
+            print(
+                f"    CA {100 * t['ca']:.1f} ASR {asr} MACs x{result['macs_ratio']:.2f} ({result['wall_time_s']:.0f} s)",
+                flush=True,
+            )
     write_tables(grid)
 
 
@@ -206,12 +252,17 @@ def write_tables(grid: dict) -> None:
     cells, baselines = grid["cells"], grid["baselines"]
     meta = grid.get("meta", {})
     commit = (meta.get("git_commit") or "unknown")[:10]
-    footer = (f"\n\nProtocol: {meta.get('protocol', PROTOCOL_VERSION)}; cpu-preset zoo (benchmarks/zoo), seed 0, commit "
-              f"`{commit}`, machine: {meta.get('machine', {}).get('cpu', '?')}. Regenerate: `python benchmarks/grid.py`.")  # fmt: skip
+    footer = (
+        f"\n\nProtocol: {meta.get('protocol', PROTOCOL_VERSION)}; cpu-preset zoo (benchmarks/zoo), seed 0, commit "
+        f"`{commit}`, machine: {meta.get('machine', {}).get('cpu', '?')}. Regenerate: `python -m benchmarks.grid`."
+    )
     defenses = [d for d in CELLS if any(k.endswith(f"|{d}") for k in cells)]
     sections = []
     for dataset in ("cifar10", "gtsrb"):
-        names = sorted((n for n, b in baselines.items() if b["dataset"] == dataset), key=lambda n: ATTACK_ORDER.index(baselines[n]["attack"]))
+        names = sorted(
+            (n for n, b in baselines.items() if b["dataset"] == dataset),
+            key=lambda n: ATTACK_ORDER.index(baselines[n]["attack"]),
+        )
         if not names:
             continue
         ran = [d for d in defenses if any(f"{n}|{d}" in cells for n in names)]  # columns with a cell on this dataset
@@ -222,7 +273,9 @@ def write_tables(grid: dict) -> None:
             row = [baselines[n]["attack"], f"{pct(b['ca_before'])} / {pct(b['asr_before'])}"]
             for d in ran:
                 c = cells.get(f"{n}|{d}")
-                row.append("" if c is None else f"{pct(c['test']['ca'])} / {pct(c['test']['asr'])} / {pct(c['test']['der'])}")
+                row.append(
+                    "" if c is None else f"{pct(c['test']['ca'])} / {pct(c['test']['asr'])} / {pct(c['test']['der'])}"
+                )
             lines.append("| " + " | ".join(row) + " |")
         mean_row = ["**mean DER** (attacks)", ""]
         for d in ran:
@@ -233,7 +286,10 @@ def write_tables(grid: dict) -> None:
         sections.append(text)
     write_text(RESULTS / "compactness.md", compactness_table(cells, defenses) + footer + "\n")
     write_text(RESULTS / "cells.md", cells_table(cells, baselines, defenses) + footer + "\n")
-    write_text(RESULTS / "defenses.md", "\n".join(f"- `{d}`: {CELLS[d].label} (data: {CELLS[d].data})" for d in defenses) + "\n")
+    write_text(
+        RESULTS / "defenses.md",
+        "\n".join(f"- `{d}`: {CELLS[d].label} (data: {CELLS[d].data})" for d in defenses) + "\n",
+    )
     selection = select_defaults(cells, baselines)
     write_json(RESULTS / "summary.json", {**summary(cells, baselines, defenses), "selection": selection})
     write_text(RESULTS / "default_selection.md", selection_table(selection) + footer + "\n")
@@ -249,8 +305,11 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
     for kind in ("none", "clean", "unlabeled"):
         planned = [key(c, m) for c, (k, _) in CANDIDATES.items() if k == kind for m in MACS_TARGETS]
         names = [c for c in planned if any(cell.endswith(f"|pipeline:{c}") for cell in cells)]
-        entries = sorted(n for n, b in baselines.items() if b["dataset"] == "cifar10" and b["attack"] != "clean"
-                         and all(f"{n}|pipeline:{c}" in cells for c in names))  # fmt: skip
+        entries = sorted(
+            n
+            for n, b in baselines.items()
+            if b["dataset"] == "cifar10" and b["attack"] != "clean" and all(f"{n}|pipeline:{c}" in cells for c in names)
+        )
         if not names or not entries:
             continue
         rows = {}
@@ -258,44 +317,69 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
             done = [cells[f"{e}|pipeline:{c}"] for e in entries]
             latency = mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in done)
             macs = mean(r["macs_ratio"] for r in done)
-            rows[c] = {"mean_der_val": mean(r["val"]["der"] for r in done), "mean_der_test": mean(r["test"]["der"] for r in done),
-                       "mean_ca_drop_val": mean(r["val"]["ca_before"] - r["val"]["ca"] for r in done),
-                       "max_asr_val": max(r["val"]["asr"] for r in done),
-                       "mean_macs_ratio": macs, "mean_latency_ratio_bs1_t1": latency,
-                       "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL}  # fmt: skip
+            rows[c] = {
+                "mean_der_val": mean(r["val"]["der"] for r in done),
+                "mean_der_test": mean(r["test"]["der"] for r in done),
+                "mean_ca_drop_val": mean(r["val"]["ca_before"] - r["val"]["ca"] for r in done),
+                "max_asr_val": max(r["val"]["asr"] for r in done),
+                "mean_macs_ratio": macs,
+                "mean_latency_ratio_bs1_t1": latency,
+                "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL,
+            }
         eligible = [c for c in rows if rows[c]["eligible"]]
         chosen = max(eligible, key=lambda c: rows[c]["mean_der_val"]) if eligible else None
         not_run = [c for c in planned if c not in names]
         current = key(DEFAULTS[kind].name, DEFAULTS[kind].macs)
-        out[kind] = {"entries": entries, "candidates": rows, "not_run": not_run, "chosen": chosen, "current_default": current}
+        out[kind] = {
+            "entries": entries,
+            "candidates": rows,
+            "not_run": not_run,
+            "chosen": chosen,
+            "current_default": current,
+        }
     return out
 
 
 def selection_table(selection: dict) -> str:
-    lines = ["# Default pipelines chosen by the grid", "",
-             f"Rule (ccpurify/passes/defaults.py): MACs ratio <= {MACS_GOAL}, batch-1 / 1-thread latency ratio <= {LATENCY_GOAL}, "
-             "then the best mean validation DER. Test DER is shown, never used."]  # fmt: skip
+    lines = [
+        "# Default pipelines chosen by the grid",
+        "",
+        f"Rule (ccpurify/passes/defaults.py): MACs ratio <= {MACS_GOAL}, batch-1 / 1-thread latency ratio <= {LATENCY_GOAL}, "
+        "then the best mean validation DER. Test DER is shown, never used.",
+    ]
     for kind, sel in selection.items():
-        lines += ["", f"## data: {kind} (over {', '.join(sel['entries'])})", "",
-                  "| candidate @ MACs target | mean val DER | val CA drop | max val ASR | mean test DER | MACs | latency b1/t1 | eligible |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## data: {kind} (over {', '.join(sel['entries'])})",
+            "",
+            "| candidate @ MACs target | mean val DER | val CA drop | max val ASR | mean test DER | MACs | latency b1/t1 | eligible |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for c, r in sel["candidates"].items():
             lat = "-" if r["mean_latency_ratio_bs1_t1"] is None else f"{r['mean_latency_ratio_bs1_t1']:.2f}"
             mark = "**chosen**" if c == sel["chosen"] else ("yes" if r["eligible"] else "no")
-            lines.append(f"| {c} | {pct(r['mean_der_val'])} | {pct(r.get('mean_ca_drop_val'))} | {pct(r.get('max_asr_val'))} | "
-                         f"{pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |")
+            lines.append(
+                f"| {c} | {pct(r['mean_der_val'])} | {pct(r.get('mean_ca_drop_val'))} | {pct(r.get('max_asr_val'))} | "
+                f"{pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |"
+            )
         if sel.get("not_run"):
             lines += ["", f"Not run yet (not part of this choice): {', '.join(sel['not_run'])}."]
         if sel["chosen"] != sel["current_default"]:
-            lines += ["", f"Note: ccpurify's DEFAULTS still name `{sel['current_default']}` for this kind of data; update defaults.py."]
+            lines += [
+                "",
+                f"Note: ccpurify's DEFAULTS still name `{sel['current_default']}` for this kind of data; update defaults.py.",
+            ]
     return "\n".join(lines)
 
 
 def cells_table(cells: dict, baselines: dict, defenses: list[str]) -> str:
     """Every cell in full: test CA/ASR/RA/DER before -> after, params, MACs, batch-1 latency, wall time."""
-    lines = ["## Every cell (test split; before -> after)", "",
-             "| model | defense | CA % | ASR % | RA % | DER % | params | MACs | ms b1/t1 (ratio) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Every cell (test split; before -> after)",
+        "",
+        "| model | defense | CA % | ASR % | RA % | DER % | params | MACs | ms b1/t1 (ratio) | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     order = sorted(baselines, key=lambda n: (baselines[n]["dataset"], ATTACK_ORDER.index(baselines[n]["attack"])))
     for n in order:
         for d in defenses:
@@ -303,18 +387,26 @@ def cells_table(cells: dict, baselines: dict, defenses: list[str]) -> str:
             if c is None:
                 continue
             t, lat = c["test"], c.get("latency", {})
-            ms = (f"{lat['latency_ms_before_bs1_t1']:.3f} -> {lat['latency_ms_after_bs1_t1']:.3f} (x{lat['latency_ratio_bs1_t1']:.2f})"
-                  if lat else "-")  # fmt: skip
-            lines.append(f"| {n} | {d} | {pct(t['ca_before'])} -> {pct(t['ca'])} | {pct(t['asr_before'])} -> {pct(t['asr'])} | "
-                         f"{pct(t['ra_before'])} -> {pct(t['ra'])} | {pct(t['der'])} | {c['params_before']:,} -> {c['params_after']:,} | "
-                         f"{c['macs_before'] / 1e6:.1f}M -> {c['macs_after'] / 1e6:.1f}M | {ms} | {c['wall_time_s']:.1f} |")  # fmt: skip
+            ms = (
+                f"{lat['latency_ms_before_bs1_t1']:.3f} -> {lat['latency_ms_after_bs1_t1']:.3f} (x{lat['latency_ratio_bs1_t1']:.2f})"
+                if lat
+                else "-"
+            )
+            lines.append(
+                f"| {n} | {d} | {pct(t['ca_before'])} -> {pct(t['ca'])} | {pct(t['asr_before'])} -> {pct(t['asr'])} | "
+                f"{pct(t['ra_before'])} -> {pct(t['ra'])} | {pct(t['der'])} | {c['params_before']:,} -> {c['params_after']:,} | "
+                f"{c['macs_before'] / 1e6:.1f}M -> {c['macs_after'] / 1e6:.1f}M | {ms} | {c['wall_time_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 
 def compactness_table(cells: dict, defenses: list[str]) -> str:
-    lines = ["## Compactness and cost per defense (means over all zoo models; ratios purified / undefended, same run)", "",
-             "| defense | data | params | MACs | latency b1/t1 | latency b32/t2 | INT8 latency b1/t1 | wall time s |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Compactness and cost per defense (means over all zoo models; ratios purified / undefended, same run)",
+        "",
+        "| defense | data | params | MACs | latency b1/t1 | latency b32/t2 | INT8 latency b1/t1 | wall time s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for d in defenses:
         rows = [c for k, c in cells.items() if k.endswith(f"|{d}")]
         lat = [c.get("latency", {}) for c in rows]
@@ -323,9 +415,11 @@ def compactness_table(cells: dict, defenses: list[str]) -> str:
             m = mean(s.get(key) for s in source)
             return "-" if m is None else f"{m:.3f}"
 
-        lines.append(f"| {d} | {CELLS[d].data} | {fmt('params_ratio', rows)} | {fmt('macs_ratio', rows)} | "
-                     f"{fmt('latency_ratio_bs1_t1', lat)} | {fmt('latency_ratio_bs32_t2', lat)} | "
-                     f"{fmt('int8_latency_ratio_bs1_t1', lat)} | {fmt('wall_time_s', rows)} |")  # fmt: skip
+        lines.append(
+            f"| {d} | {CELLS[d].data} | {fmt('params_ratio', rows)} | {fmt('macs_ratio', rows)} | "
+            f"{fmt('latency_ratio_bs1_t1', lat)} | {fmt('latency_ratio_bs32_t2', lat)} | "
+            f"{fmt('int8_latency_ratio_bs1_t1', lat)} | {fmt('wall_time_s', rows)} |"
+        )
     return "\n".join(lines)
 
 
@@ -334,21 +428,22 @@ def summary(cells: dict, baselines: dict, defenses: list[str]) -> dict:
     MACs and latency ratios, and the CA a defense costs a model that has no backdoor."""
     out = defaultdict(dict)
     for dataset in ("cifar10", "gtsrb"):
-        # the PreAct-ResNet18 models (entries named dataset-attack), where every default ran
-        names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean" and n == f"{dataset}-{b['attack']}"]
+        names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean"]
         clean_models = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] == "clean"]
         for d in defenses:
             rows = [cells[f"{n}|{d}"] for n in names if f"{n}|{d}" in cells]
             on_clean = [cells[f"{n}|{d}"]["test"] for n in clean_models if f"{n}|{d}" in cells]
             if rows:
                 out[dataset][d] = {
-                    "attacks": len(rows), "mean_der_test": mean(r["test"]["der"] for r in rows),
-                    "mean_der_val": mean(r["val"]["der"] for r in rows), "mean_macs_ratio": mean(r["macs_ratio"] for r in rows),
+                    "attacks": len(rows),
+                    "mean_der_test": mean(r["test"]["der"] for r in rows),
+                    "mean_der_val": mean(r["val"]["der"] for r in rows),
+                    "mean_macs_ratio": mean(r["macs_ratio"] for r in rows),
                     "mean_latency_ratio_bs1_t1": mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in rows),
                     "mean_ca_drop_test": mean(r["test"]["ca_before"] - r["test"]["ca"] for r in rows),
                     "max_asr_test": max(r["test"]["asr"] for r in rows),
                     "clean_model_ca_drop_test": mean(t["ca_before"] - t["ca"] for t in on_clean),
-                }  # fmt: skip
+                }
     return {"defaults": {kind: key(d.name, d.macs) for kind, d in DEFAULTS.items()}, "per_dataset": out}
 
 
@@ -363,7 +458,13 @@ def plot(cells: dict, defenses: list[str]) -> None:
     for i, d in enumerate(defenses):
         rows = [c for k, c in cells.items() if k.endswith(f"|{d}") and c["test"]["asr"] is not None]
         if rows:
-            ax.scatter([r["macs_ratio"] for r in rows], [100 * r["test"]["asr"] for r in rows], label=d, marker=markers[i % len(markers)], alpha=0.8)
+            ax.scatter(
+                [r["macs_ratio"] for r in rows],
+                [100 * r["test"]["asr"] for r in rows],
+                label=d,
+                marker=markers[i % len(markers)],
+                alpha=0.8,
+            )
     ax.set_xlabel("MACs after / before")
     ax.set_ylabel("ASR after defense (%)")
     ax.set_title("Attack success rate against compute, every zoo model x defense")
@@ -382,19 +483,42 @@ def default_curves(cells: dict, baselines: dict) -> list[dict]:
     points = []
     for dataset in ("cifar10", "gtsrb"):
         # the PreAct-ResNet18 models (entries named dataset-attack), where every default ran
-        names = [n for n, b in baselines.items() if b["dataset"] == dataset and b["attack"] != "clean" and n == f"{dataset}-{b['attack']}"]
+        names = [
+            n
+            for n, b in baselines.items()
+            if b["dataset"] == dataset and b["attack"] != "clean" and n == f"{dataset}-{b['attack']}"
+        ]
         if not names:
             continue
-        points.append({"dataset": dataset, "kind": "undefended", "macs": 1.0, "chosen": True,
-                       "ca": mean(baselines[n]["test"]["ca_before"] for n in names),
-                       "asr": mean(baselines[n]["test"]["asr_before"] for n in names)})  # fmt: skip
+        points.append(
+            {
+                "dataset": dataset,
+                "kind": "undefended",
+                "macs": 1.0,
+                "chosen": True,
+                "ca": mean(baselines[n]["test"]["ca_before"] for n in names),
+                "asr": mean(baselines[n]["test"]["asr_before"] for n in names),
+            }
+        )
         for kind, default in DEFAULTS.items():
             for target in (0.75, 0.5):
-                rows = [cells[f"{n}|pipeline:{key(default.name, target)}"] for n in names if f"{n}|pipeline:{key(default.name, target)}" in cells]
+                rows = [
+                    cells[f"{n}|pipeline:{key(default.name, target)}"]
+                    for n in names
+                    if f"{n}|pipeline:{key(default.name, target)}" in cells
+                ]
                 if len(rows) == len(names):
-                    points.append({"dataset": dataset, "kind": kind, "macs": mean(r["macs_ratio"] for r in rows),
-                                   "ca": mean(r["test"]["ca"] for r in rows), "asr": mean(r["test"]["asr"] for r in rows),
-                                   "chosen": target == default.macs, "pipeline": key(default.name, target)})  # fmt: skip
+                    points.append(
+                        {
+                            "dataset": dataset,
+                            "kind": kind,
+                            "macs": mean(r["macs_ratio"] for r in rows),
+                            "ca": mean(r["test"]["ca"] for r in rows),
+                            "asr": mean(r["test"]["asr"] for r in rows),
+                            "chosen": target == default.macs,
+                            "pipeline": key(default.name, target),
+                        }
+                    )
     return points
 
 
@@ -408,18 +532,40 @@ def plot_defaults(cells: dict, baselines: dict) -> None:
 
     points = default_curves(cells, baselines)
     colours = {"undefended": "black", "none": "tab:red", "clean": "tab:blue", "unlabeled": "tab:green"}
-    labels = {"undefended": "undefended (backdoored)", "none": "no data", "clean": "labelled", "unlabeled": "unlabelled"}
+    labels = {
+        "undefended": "undefended (backdoored)",
+        "none": "no data",
+        "clean": "labelled",
+        "unlabeled": "unlabelled",
+    }
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for dataset, marker in (("cifar10", "o"), ("gtsrb", "s")):
         for kind, colour in colours.items():
-            curve = sorted((p for p in points if p["dataset"] == dataset and p["kind"] == kind), key=lambda p: p["macs"])
+            curve = sorted(
+                (p for p in points if p["dataset"] == dataset and p["kind"] == kind), key=lambda p: p["macs"]
+            )
             if not curve:
                 continue
             ax.plot([p["macs"] for p in curve], [100 * p["ca"] for p in curve], color=colour, alpha=0.5, lw=1)
             for p in curve:
-                ax.scatter(p["macs"], 100 * p["ca"], color=colour if p["chosen"] else "white", edgecolors=colour, marker=marker, s=60, zorder=3,
-                           label=f"{dataset}: {labels[kind]}" if p["chosen"] else None)  # fmt: skip
-                ax.annotate(f"ASR {100 * p['asr']:.0f}%", (p["macs"], 100 * p["ca"]), textcoords="offset points", xytext=(5, -10), fontsize=7, color=colour)
+                ax.scatter(
+                    p["macs"],
+                    100 * p["ca"],
+                    color=colour if p["chosen"] else "white",
+                    edgecolors=colour,
+                    marker=marker,
+                    s=60,
+                    zorder=3,
+                    label=f"{dataset}: {labels[kind]}" if p["chosen"] else None,
+                )
+                ax.annotate(
+                    f"ASR {100 * p['asr']:.0f}%",
+                    (p["macs"], 100 * p["ca"]),
+                    textcoords="offset points",
+                    xytext=(5, -10),
+                    fontsize=7,
+                    color=colour,
+                )
     ax.set_xlabel("MACs, purified / undefended")
     ax.set_ylabel("clean accuracy % (mean, backdoored PreAct models)")
     ax.set_title("Default pipelines: accuracy kept against compute; mean ASR at each point", fontsize=9)
@@ -434,9 +580,19 @@ def plot_defaults(cells: dict, baselines: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default=str(ZOO), help="zoo folder (default: benchmarks/zoo)")
-    parser.add_argument("--entries", nargs="+", action="extend", default=None, help="zoo entries (default: all; repeatable)")
-    parser.add_argument("--defenses", nargs="+", action="extend", default=None, help=f"defenses (default: the plan, see above): {', '.join(CELLS)}")
-    parser.add_argument("--cell", nargs="+", action="extend", default=None, help="ENTRY:DEFENSE cells to run (repeatable)")
+    parser.add_argument(
+        "--entries", nargs="+", action="extend", default=None, help="zoo entries (default: all; repeatable)"
+    )
+    parser.add_argument(
+        "--defenses",
+        nargs="+",
+        action="extend",
+        default=None,
+        help=f"defenses (default: the plan, see above): {', '.join(CELLS)}",
+    )
+    parser.add_argument(
+        "--cell", nargs="+", action="extend", default=None, help="ENTRY:DEFENSE cells to run (repeatable)"
+    )
     parser.add_argument("--redo", action="store_true", help="run cells again even if grid.json has them")
     parser.add_argument("--no-latency", action="store_true", help="skip ONNX export and latency")
     parser.add_argument("--tables-only", action="store_true", help="only rebuild the tables and plot")

@@ -1,8 +1,8 @@
 """The limit row: what the same compression reaches with *all* the labelled data (issue 14, item 4).
 
-    python benchmarks/limit.py                                       # selection models + clean, 0.75 and 0.5 MACs
-    python benchmarks/limit.py --entries cifar10-clean --macs 0.75 --epochs 3
-    python benchmarks/limit.py --tables-only
+    python -m benchmarks.limit                                       # selection models + clean, 0.75 and 0.5 MACs
+    python -m benchmarks.limit --entries cifar10-clean --macs 0.75 --epochs 3
+    python -m benchmarks.limit --tables-only
 
 For each zoo model and MACs target, the suspect model is pruned as the data-free default prunes it
 (``Prune(global_pruning=True, round_to=8, compensate=True)``), then fine-tuned with cross-entropy
@@ -22,16 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import numpy as np
+import torch
+from torch.nn import functional as F
 
-from ccpurify.data import get_spec, load_dataset  # noqa: E402
-from ccpurify.data.transforms import Augment, Normalize, to_float  # noqa: E402
-from ccpurify.passes import Prune  # noqa: E402
-from ccpurify.progress import TqdmProgress, report  # noqa: E402
+from benchmarks.common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report
+from ccpurify.data import get_spec, load_dataset
+from ccpurify.data.transforms import Augment, Normalize, to_float
+from ccpurify.passes import Prune
+from ccpurify.progress import TqdmProgress, report
 
 ENTRIES = ("cifar10-badnets", "cifar10-blended", "cifar10-wanet", "cifar10-clean")
 STORE = RESULTS / "limit_cells.json"
@@ -48,7 +47,9 @@ def clean_training_images(entry) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(train.labels[keep]).long()
 
 
-def fine_tune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0, progress=None) -> None:
+def fine_tune(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0, progress=None
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     augment = Augment(crop_padding=4, hflip=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -89,35 +90,52 @@ def main(argv: list[str] | None = None) -> int:
                 if x is None:
                     x, y = clean_training_images(entry)
                 started = time.perf_counter()
-                pruned, rep = Prune(macs=target, round_to=8, global_pruning=True, compensate=True)(entry.model, context_for(entry, "none"))
+                pruned, rep = Prune(macs=target, round_to=8, global_pruning=True, compensate=True)(
+                    entry.model, context_for(entry, "none")
+                )
                 progress = TqdmProgress(leave=False)
                 try:
                     fine_tune(pruned, x, y, args.epochs, progress=progress)
                 finally:
                     progress.close()
                 before, after = entry.test.score(entry.model).metrics, entry.test.score(pruned).metrics
-                cell = {"ca_before": before.ca, "asr_before": before.asr, "ca": after.ca, "asr": after.asr,
-                        "macs_ratio": rep.macs_after / rep.macs_before, "images": len(x), "epochs": args.epochs,
-                        "seconds": time.perf_counter() - started}  # fmt: skip
+                cell = {
+                    "ca_before": before.ca,
+                    "asr_before": before.asr,
+                    "ca": after.ca,
+                    "asr": after.asr,
+                    "macs_ratio": rep.macs_after / rep.macs_before,
+                    "images": len(x),
+                    "epochs": args.epochs,
+                    "seconds": time.perf_counter() - started,
+                }
                 store_result(STORE, {"cells": {}}, "cells", key, cell)
-                print(f"{key}: test CA {100 * before.ca:.1f} -> {100 * after.ca:.1f} (x{cell['macs_ratio']:.2f} MACs, "
-                      f"{cell['seconds']:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"{key}: test CA {100 * before.ca:.1f} -> {100 * after.ca:.1f} (x{cell['macs_ratio']:.2f} MACs, "
+                    f"{cell['seconds']:.0f} s)",
+                    flush=True,
+                )
     write_tables(read_json(STORE, {"cells": {}})["cells"])
     return 0
 
 
 def write_tables(cells: dict) -> None:
-    lines = ["# The limit: the default's compression fine-tuned on all the labelled clean data (test CA / ASR %)", "",
-             "| model | MACs target | MACs | epochs | images | dense CA / ASR | fine-tuned CA / ASR | CA drop |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# The limit: the default's compression fine-tuned on all the labelled clean data (test CA / ASR %)",
+        "",
+        "| model | MACs target | MACs | epochs | images | dense CA / ASR | fine-tuned CA / ASR | CA drop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def pct(v) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
     for key, c in sorted(cells.items()):
         name, target, _ = key.split("|")
-        lines.append(f"| {name} | {target} | {c['macs_ratio']:.2f} | {c['epochs']} | {c['images']:,} | {pct(c['ca_before'])} / "
-                     f"{pct(c['asr_before'])} | {pct(c['ca'])} / {pct(c['asr'])} | {pct(c['ca_before'] - c['ca'])} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {target} | {c['macs_ratio']:.2f} | {c['epochs']} | {c['images']:,} | {pct(c['ca_before'])} / "
+            f"{pct(c['asr_before'])} | {pct(c['ca'])} / {pct(c['asr'])} | {pct(c['ca_before'] - c['ca'])} |"
+        )
     write_report("limit", [{"cell": k, **v} for k, v in sorted(cells.items())], lines)
 
 

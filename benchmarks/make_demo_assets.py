@@ -1,6 +1,6 @@
 """Build the demo's embedded assets (ccpurify/assets/demo/) from the zoo and the CIFAR-10 archive.
 
-    python benchmarks/make_demo_assets.py [--entry cifar10-badnets] [--per-class 100]
+    python -m benchmarks.make_demo_assets [--entry cifar10-badnets] [--per-class 100]
 
 Copies the zoo entry's model, trigger recipe and trigger tensors, and writes a zip of
 ``per_class`` original JPEG files per class from the CIFAR-10 *test* split (bytes copied, not
@@ -47,13 +47,23 @@ def main(argv: list[str] | None = None) -> int:
                 for n in sorted(rng.choice(members, size=args.per_class, replace=False)):
                     dst.writestr(f"test/{cls}/{n.split('/')[-1]}", src.read(n))
     manifest = json.loads((run / "manifest.json").read_text())
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ASSETS.iterdir()) if p.name != "manifest.json"}
-    write_json(ASSETS / "manifest.json", {
-        "zoo_entry": args.entry, "zoo_metrics": manifest["metrics"], "zoo_config": manifest["config"],
-        "zoo_git_commit": manifest.get("git_commit"), "test_images": args.per_class * len(CIFAR10.class_names),
-        "test_sample_source": "CIFAR-10 test split (shared/data/cifar10-jpeg.zip), seeded draw, original JPEG bytes",
-        "files": files,
-    })  # fmt: skip
+    files = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(ASSETS.iterdir())
+        if p.name != "manifest.json"
+    }
+    write_json(
+        ASSETS / "manifest.json",
+        {
+            "zoo_entry": args.entry,
+            "zoo_metrics": manifest["metrics"],
+            "zoo_config": manifest["config"],
+            "zoo_git_commit": manifest.get("git_commit"),
+            "test_images": args.per_class * len(CIFAR10.class_names),
+            "test_sample_source": "CIFAR-10 test split (shared/data/cifar10-jpeg.zip), seeded draw, original JPEG bytes",
+            "files": files,
+        },
+    )
     total = sum((ASSETS / f).stat().st_size for f in files)
     print(f"wrote {len(files)} files, {total / 1e6:.2f} MB, to {ASSETS}")
     return 0

@@ -1,6 +1,6 @@
 """What channel rounding buys at the same MACs: ``Prune(round_to=...)`` inside the data-free pipeline.
 
-    python benchmarks/prune_rounding.py --entries cifar10-badnets --round-to none 8 16
+    python -m benchmarks.prune_rounding --entries cifar10-badnets --round-to none 8 16
 
 For each setting, CLP(u=2.25) -> OTBR -> Prune(50% MACs, round_to) -> Recover runs on the zoo model;
 validation DER decides (test CA/ASR reported), and the pruned models are timed in onnxruntime
@@ -16,13 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, ZOO, load_entry, score_pair, write_report  # noqa: E402
-
-from ccpurify.passes import CLP, OTBR, Pipeline, Prune, PurifyContext, Recover  # noqa: E402
-from ccpurify.passes.defaults import CLP_U  # noqa: E402
-from exporters.latency import BenchConfig, benchmark  # noqa: E402
-from exporters.onnx import export  # noqa: E402
+from benchmarks.common import CACHE, ZOO, load_entry, score_pair, write_report
+from ccpurify.passes import CLP, OTBR, Pipeline, Prune, PurifyContext, Recover
+from ccpurify.passes.defaults import CLP_U
+from exporters.latency import BenchConfig, benchmark
+from exporters.onnx import export
 
 SHAPES = [(1, 1), (1, 2), (32, 1), (32, 2)]
 
@@ -44,28 +42,48 @@ def main(argv: list[str] | None = None) -> int:
             paths = {"dense": export(entry.model, Path(tmp) / "dense.onnx", entry.example_inputs).path}
             found = {}
             for r in settings:
-                context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
+                context = PurifyContext(
+                    example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0
+                )
                 pipeline = Pipeline([CLP(u=CLP_U), OTBR(), Prune(macs=0.5, round_to=r), Recover(data="synthetic")])
                 out, report = pipeline(entry.model, context)
                 s = score_pair(entry, entry.model, out)
                 key = f"round_to={r}"
                 paths[key] = export(out, Path(tmp) / f"r{r}.onnx", entry.example_inputs).path
-                found[key] = {"entry": name, "round_to": r, "macs_ratio": report.macs_after / report.macs_before,
-                              "test": s["test"], "val": s["val"]}  # fmt: skip
-                print(f"{name} {key}: val DER {s['val']['der']:.3f} test CA {s['test']['ca']:.3f} ASR {s['test']['asr']:.3f}", flush=True)
-            timing = benchmark(paths, BenchConfig(batch_sizes=(1, 32), threads=(1, 2), runs=args.runs, rounds=3, torch_eager=False))
+                found[key] = {
+                    "entry": name,
+                    "round_to": r,
+                    "macs_ratio": report.macs_after / report.macs_before,
+                    "test": s["test"],
+                    "val": s["val"],
+                }
+                print(
+                    f"{name} {key}: val DER {s['val']['der']:.3f} test CA {s['test']['ca']:.3f} ASR {s['test']['asr']:.3f}",
+                    flush=True,
+                )
+            timing = benchmark(
+                paths, BenchConfig(batch_sizes=(1, 32), threads=(1, 2), runs=args.runs, rounds=3, torch_eager=False)
+            )
             for key, row in found.items():
                 row["latency_ratio"] = {f"b{b}_t{t}": timing.ratio(key, "dense", batch=b, threads=t) for b, t in SHAPES}
                 rows.append(row)
-    lines = ["# Channel rounding in the data-free pipeline (same 50% MACs target)", "",
-             "CLP(u=2.25) -> OTBR -> Prune(macs=0.5, round_to) -> Recover(synthetic). Latency: onnxruntime, ratio to the "
-             "dense model, measured interleaved in one run.", "",
-             "| entry | round_to | MACs | val DER | test CA | test ASR | " + " | ".join(f"latency b{b}/t{t}" for b, t in SHAPES) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(SHAPES)]  # fmt: skip
+    lines = [
+        "# Channel rounding in the data-free pipeline (same 50% MACs target)",
+        "",
+        "CLP(u=2.25) -> OTBR -> Prune(macs=0.5, round_to) -> Recover(synthetic). Latency: onnxruntime, ratio to the "
+        "dense model, measured interleaved in one run.",
+        "",
+        "| entry | round_to | MACs | val DER | test CA | test ASR | "
+        + " | ".join(f"latency b{b}/t{t}" for b, t in SHAPES)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(SHAPES),
+    ]
     for r in rows:
         lat = " | ".join(f"{r['latency_ratio'][f'b{b}_t{t}']:.2f}" for b, t in SHAPES)
-        lines.append(f"| {r['entry']} | {r['round_to'] or '-'} | {r['macs_ratio']:.2f} | {100 * r['val']['der']:.1f} | "
-                     f"{100 * r['test']['ca']:.1f} | {100 * r['test']['asr']:.1f} | {lat} |")  # fmt: skip
+        lines.append(
+            f"| {r['entry']} | {r['round_to'] or '-'} | {r['macs_ratio']:.2f} | {100 * r['val']['der']:.1f} | "
+            f"{100 * r['test']['ca']:.1f} | {100 * r['test']['asr']:.1f} | {lat} |"
+        )
     write_report("prune_rounding", rows, lines)
     return 0
 

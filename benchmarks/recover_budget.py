@@ -1,7 +1,7 @@
 """How much synthetic-data recovery the data-free pipeline needs: Recover's budget (synthetic images,
 synthesis steps, distillation epochs) inside CLP(u=2.25) -> OTBR -> Prune(50% MACs) -> Recover.
 
-    python benchmarks/recover_budget.py --entries cifar10-badnets cifar10-blended \\
+    python -m benchmarks.recover_budget --entries cifar10-badnets cifar10-blended \\
         --budgets 512,100,20 512,30,20 256,50,30 256,50,10 128,50,10
 
 Each budget is images,steps,epochs. Validation DER (training-split images no pass sees) decides;
@@ -19,25 +19,38 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ZOO, load_entry, read_json, score_pair  # noqa: E402
-
-from ccpurify.atomic import write_json, write_text  # noqa: E402
-from ccpurify.passes import CLP, OTBR, Pipeline, Prune, PurifyContext, Recover  # noqa: E402
-from ccpurify.passes.defaults import CLP_U  # noqa: E402
+from benchmarks.common import RESULTS, ZOO, load_entry, read_json, score_pair
+from ccpurify.atomic import write_json, write_text
+from ccpurify.passes import CLP, OTBR, Pipeline, Prune, PurifyContext, Recover
+from ccpurify.passes.defaults import CLP_U
 
 
-def run_budget(entry, images: int, steps: int, epochs: int, round_to: int | None = None, teacher: str = "pipeline") -> dict:
+def run_budget(
+    entry, images: int, steps: int, epochs: int, round_to: int | None = None, teacher: str = "pipeline"
+) -> dict:
     context = PurifyContext(example_inputs=entry.example_inputs, num_classes=entry.test.spec.num_classes, seed=0)
-    recover = Recover(data="synthetic", synthetic_images=images, synthetic_steps=steps, epochs=epochs,
-                      teacher=entry.model if teacher == "suspect" else None)  # fmt: skip
+    recover = Recover(
+        data="synthetic",
+        synthetic_images=images,
+        synthetic_steps=steps,
+        epochs=epochs,
+        teacher=entry.model if teacher == "suspect" else None,
+    )
     started = time.perf_counter()
     out, report = Pipeline([CLP(u=CLP_U), OTBR(), Prune(macs=0.5, round_to=round_to), recover])(entry.model, context)
     wall = time.perf_counter() - started
     s = score_pair(entry, entry.model, out)
-    return {"entry": entry.name, "size": [images, steps, epochs], "round_to": round_to, "teacher": teacher, "wall": round(wall), "recover_s": round(report.passes[-1].wall_time_s),
-            "test": [round(s["test"]["ca"], 4), round(s["test"]["asr"], 4)], "val_der": round(s["val"]["der"], 4),
-            "val": [round(s["val"]["ca"], 4), round(s["val"]["asr"], 4)]}  # fmt: skip
+    return {
+        "entry": entry.name,
+        "size": [images, steps, epochs],
+        "round_to": round_to,
+        "teacher": teacher,
+        "wall": round(wall),
+        "recover_s": round(report.passes[-1].wall_time_s),
+        "test": [round(s["test"]["ca"], 4), round(s["test"]["asr"], 4)],
+        "val_der": round(s["val"]["der"], 4),
+        "val": [round(s["val"]["ca"], 4), round(s["val"]["asr"], 4)],
+    }
 
 
 def setting(row: dict) -> tuple:
@@ -47,18 +60,33 @@ def setting(row: dict) -> tuple:
 def write_table(rows: list[dict]) -> None:
     entries = sorted({r["entry"] for r in rows})
     budgets = sorted({setting(r)[1:] for r in rows}, key=lambda b: (b[1] or 0, b[2], tuple(-x for x in b[0])))
-    lines = ["# Recover budget inside the data-free pipeline", "",
-             "CLP(u=2.25) -> OTBR -> Prune(50% MACs) -> Recover(synthetic images, synthesis steps, epochs). "
-             "Cells: validation DER / test CA / test ASR (%), Recover wall time at 1 thread (s).", "",
-             "| images, steps, epochs | round_to | teacher | " + " | ".join(entries) + " | mean val DER |",
-             "|---|---|---|" + "---|" * (len(entries) + 1)]  # fmt: skip
+    lines = [
+        "# Recover budget inside the data-free pipeline",
+        "",
+        "CLP(u=2.25) -> OTBR -> Prune(50% MACs) -> Recover(synthetic images, synthesis steps, epochs). "
+        "Cells: validation DER / test CA / test ASR (%), Recover wall time at 1 thread (s).",
+        "",
+        "| images, steps, epochs | round_to | teacher | " + " | ".join(entries) + " | mean val DER |",
+        "|---|---|---|" + "---|" * (len(entries) + 1),
+    ]
     for b in budgets:
         found = {r["entry"]: r for r in rows if setting(r)[1:] == b}
-        cells = [f"{100 * r['val_der']:.1f} / {100 * r['test'][0]:.1f} / {100 * r['test'][1]:.1f}, {r['recover_s'] or '?'} s"
-                 if (r := found.get(e)) else "" for e in entries]  # fmt: skip
+        cells = [
+            f"{100 * r['val_der']:.1f} / {100 * r['test'][0]:.1f} / {100 * r['test'][1]:.1f}, {r['recover_s'] or '?'} s"
+            if (r := found.get(e))
+            else ""
+            for e in entries
+        ]
         mean = np.mean([r["val_der"] for r in found.values()]) if len(found) == len(entries) else None
-        lines.append(f"| {', '.join(map(str, b[0]))} | {b[1] or '-'} | {b[2]} | " + " | ".join(cells) + f" | {'' if mean is None else f'{100 * mean:.1f}'} |")
-    lines += ["", "Generated by `python benchmarks/recover_budget.py` (seed 0, OMP_NUM_THREADS=1, the zoo training on the other core)."]
+        lines.append(
+            f"| {', '.join(map(str, b[0]))} | {b[1] or '-'} | {b[2]} | "
+            + " | ".join(cells)
+            + f" | {'' if mean is None else f'{100 * mean:.1f}'} |"
+        )
+    lines += [
+        "",
+        "Generated by `python -m benchmarks.recover_budget` (seed 0, OMP_NUM_THREADS=1, the zoo training on the other core).",
+    ]
     write_text(RESULTS / "recover_budget.md", "\n".join(lines) + "\n")
 
 
@@ -67,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", nargs="+", default=["cifar10-badnets", "cifar10-blended"])
     parser.add_argument("--budgets", nargs="+", default=["512,100,20", "512,30,20"], help="images,steps,epochs")
     parser.add_argument("--round-to", type=int, default=None, help="Prune's round_to (default: free widths)")
-    parser.add_argument("--teacher", choices=["pipeline", "suspect"], default="pipeline",
-                        help="distill from the defended model (Recover's default) or from the suspect one")
+    parser.add_argument(
+        "--teacher",
+        choices=["pipeline", "suspect"],
+        default="pipeline",
+        help="distill from the defended model (Recover's default) or from the suspect one",
+    )
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
     args = parser.parse_args(argv)

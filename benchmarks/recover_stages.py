@@ -1,6 +1,6 @@
 """Where the data-free default pipeline (OTBR -> Prune -> Recover) gains or loses accuracy, stage by stage.
 
-    python benchmarks/recover_stages.py --entries cifar10-wanet cifar10-badnets
+    python -m benchmarks.recover_stages --entries cifar10-wanet cifar10-badnets
 
 For each zoo model, validation CA and ASR (training-split images no pass sees) after: the suspect
 model; OTBR; OTBR + Prune(50% MACs, round_to=8); Prune alone; the pruned model with its BatchNorm
@@ -20,13 +20,11 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ZOO, load_entry, write_report  # noqa: E402
-
-from ccpurify.distill import recalibrate_bn  # noqa: E402
-from ccpurify.passes import OTBR, PurifyContext, Recover  # noqa: E402
-from ccpurify.passes.defaults import prune  # noqa: E402
-from ccpurify.synthesis import synthesize_bn_images  # noqa: E402
+from benchmarks.common import ZOO, load_entry, write_report
+from ccpurify.distill import recalibrate_bn
+from ccpurify.passes import OTBR, PurifyContext, Recover
+from ccpurify.passes.defaults import prune
+from ccpurify.synthesis import synthesize_bn_images
 
 
 def recalibrated(model, images):
@@ -40,8 +38,13 @@ def stages(entry) -> list[tuple[str, object]]:
     defended = OTBR().run(copy.deepcopy(entry.model), context).model
     pruned = prune(0.5).run(copy.deepcopy(defended), context).model
     recover = Recover(data="synthetic", teacher=defended)
-    synthetic = synthesize_bn_images(defended, recover.synthetic_images, tuple(entry.example_inputs.shape[1:]),
-                                     steps=recover.synthetic_steps, generator=context.generator(11))  # fmt: skip
+    synthetic = synthesize_bn_images(
+        defended,
+        recover.synthetic_images,
+        tuple(entry.example_inputs.shape[1:]),
+        steps=recover.synthetic_steps,
+        generator=context.generator(11),
+    )
     return [
         ("suspect", entry.model),
         ("OTBR", defended),
@@ -51,11 +54,18 @@ def stages(entry) -> list[tuple[str, object]]:
         ("OTBR + prune, BN re-estimated on 500 clean images", recalibrated(pruned, entry.clean_data().x)),
         ("OTBR (unpruned), BN re-estimated on synthetic images", recalibrated(defended, synthetic)),
         ("OTBR + prune + Recover (pass defaults, no hints)", recover.run(copy.deepcopy(pruned), context).model),
-        ("OTBR + prune + Recover(recalibrate=False)",
-         Recover(data="synthetic", teacher=defended, recalibrate=False).run(copy.deepcopy(pruned), context).model),
-        *[(f"OTBR + prune + Recover(feature_weight={w:g})",
-           Recover(data="synthetic", teacher=defended, feature_weight=w).run(copy.deepcopy(pruned), context).model) for w in (1.0, 10.0)],
-    ]  # fmt: skip
+        (
+            "OTBR + prune + Recover(recalibrate=False)",
+            Recover(data="synthetic", teacher=defended, recalibrate=False).run(copy.deepcopy(pruned), context).model,
+        ),
+        *[
+            (
+                f"OTBR + prune + Recover(feature_weight={w:g})",
+                Recover(data="synthetic", teacher=defended, feature_weight=w).run(copy.deepcopy(pruned), context).model,
+            )
+            for w in (1.0, 10.0)
+        ],
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             m = entry.val.score(model).metrics
             rows.append({"entry": name, "stage": stage, "val_ca": m.ca, "val_asr": m.asr})
             print(f"{name} | {stage}: val CA {100 * m.ca:.1f} ASR {100 * m.asr:.1f}", flush=True)
-    lines = ["# The data-free default, stage by stage (validation CA / ASR %)", "",
-             "| stage | " + " | ".join(args.entries) + " |", "|---|" + "---|" * len(args.entries)]  # fmt: skip
+    lines = [
+        "# The data-free default, stage by stage (validation CA / ASR %)",
+        "",
+        "| stage | " + " | ".join(args.entries) + " |",
+        "|---|" + "---|" * len(args.entries),
+    ]
     for stage in dict.fromkeys(r["stage"] for r in rows):
         cells = [next(r for r in rows if r["entry"] == e and r["stage"] == stage) for e in args.entries]
-        lines.append(f"| {stage} | " + " | ".join(f"{100 * c['val_ca']:.1f} / {100 * c['val_asr']:.1f}" for c in cells) + " |")
+        lines.append(
+            f"| {stage} | " + " | ".join(f"{100 * c['val_ca']:.1f} / {100 * c['val_asr']:.1f}" for c in cells) + " |"
+        )
     write_report("recover_stages", rows, lines, entries=args.entries)
     return 0
 

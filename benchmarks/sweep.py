@@ -1,7 +1,7 @@
 """Sweep one parameter of one pass over zoo models, to choose a default without the test split.
 
-    python benchmarks/sweep.py --pass otbr --param ratio --values 0.01 0.05 0.1 0.15 0.2
-    python benchmarks/sweep.py --pass clp --param u --values 2 2.5 3 --entries cifar10-badnets
+    python -m benchmarks.sweep --pass otbr --param ratio --values 0.01 0.05 0.1 0.15 0.2
+    python -m benchmarks.sweep --pass clp --param u --values 2 2.5 3 --entries cifar10-badnets
 
 For every value: validation metrics (training-split images; the basis of any choice), test metrics
 (reported only), MACs, wall time, and a data-free statistic: the mean prediction entropy of the
@@ -22,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ZOO, context_for, load_entry, read_json, score_pair, store_result  # noqa: E402
-from grid import CELLS  # noqa: E402
-
-from ccpurify import passes  # noqa: E402
-from ccpurify.atomic import write_text  # noqa: E402
-from ccpurify.data import get_spec  # noqa: E402
-from ccpurify.provenance import git_commit, now  # noqa: E402
-from ccpurify.train import open_run  # noqa: E402
+from benchmarks.common import RESULTS, ZOO, context_for, load_entry, read_json, score_pair, store_result
+from benchmarks.grid import CELLS
+from ccpurify import passes
+from ccpurify.atomic import write_text
+from ccpurify.data import get_spec
+from ccpurify.provenance import git_commit, now
+from ccpurify.train import open_run
 
 
 @torch.no_grad()
@@ -48,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--values", nargs="+", required=True, help="values (parsed as JSON when possible)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed options of the pass")
     parser.add_argument("--entries", nargs="*", default=["cifar10-badnets", "cifar10-blended", "cifar10-wanet"])
-    parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the stored results, run nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the Markdown from the stored results, run nothing"
+    )
     parser.add_argument(
         "--defender-data",
         choices=["none", "clean", "unlabeled", "unlabeled_ood"],
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     results = read_json(out_file, {})
     for name in [] if args.report_only else args.entries:
         entry = load_entry(name, Path(args.zoo), args.data)
-        context = context_for(entry, args.defender_data or (CELLS[args.pass_name].data if args.pass_name in CELLS else "none"))
+        context = context_for(
+            entry, args.defender_data or (CELLS[args.pass_name].data if args.pass_name in CELLS else "none")
+        )
         for value in values:
             key = f"{name}|{json.dumps(fixed, sort_keys=True)}|{value}"
             if key in results:
@@ -79,21 +81,34 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             out, report = passes.create(args.pass_name, **fixed, **{args.param: value})(entry.model, context)
             wall = time.perf_counter() - started
-            results[key] = {"entry": name, "value": value, "fixed": fixed, "wall_time_s": wall, "macs_ratio": report.macs_ratio,
-                            "noise_entropy": noise_entropy(out, tuple(entry.example_inputs.shape[1:])),
-                            "noise_entropy_before": noise_entropy(entry.model, tuple(entry.example_inputs.shape[1:])),
-                            **score_pair(entry, entry.model, out)}  # fmt: skip
+            results[key] = {
+                "entry": name,
+                "value": value,
+                "fixed": fixed,
+                "wall_time_s": wall,
+                "macs_ratio": report.macs_ratio,
+                "noise_entropy": noise_entropy(out, tuple(entry.example_inputs.shape[1:])),
+                "noise_entropy_before": noise_entropy(entry.model, tuple(entry.example_inputs.shape[1:])),
+                **score_pair(entry, entry.model, out),
+            }
             results = store_result(out_file, {}, None, key, results[key])  # locked: sweeps may run side by side
             r = results[key]
-            print(f"{name} {args.param}={value}: val DER {r['val']['der']:.3f} (CA {r['val']['ca']:.3f} ASR {r['val']['asr']:.3f}) "
-                  f"test CA {r['test']['ca']:.3f} ASR {r['test']['asr']:.3f} entropy {r['noise_entropy']:.2f} ({wall:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"{name} {args.param}={value}: val DER {r['val']['der']:.3f} (CA {r['val']['ca']:.3f} ASR {r['val']['asr']:.3f}) "
+                f"test CA {r['test']['ca']:.3f} ASR {r['test']['asr']:.3f} entropy {r['noise_entropy']:.2f} ({wall:.0f} s)",
+                flush=True,
+            )
     rows = [r for r in results.values() if r["fixed"] == fixed]
     entries = sorted({r["entry"] for r in rows})
-    lines = [f"# Sweep: `{args.pass_name}` {args.param} (fixed: {fixed or 'defaults'})", "",
-             "Cells: validation DER / test CA / test ASR (%); H = mean prediction entropy on uniform noise "
-             f"(nats, max {math.log(get_spec(open_run(Path(args.zoo) / entries[0]).config.dataset).num_classes):.2f}).", "",
-             f"| {args.param} | " + " | ".join(entries) + " | mean val DER | mean test DER | mean H | MACs |",
-             "|---|" + "---|" * (len(entries) + 4)]  # fmt: skip
+    lines = [
+        f"# Sweep: `{args.pass_name}` {args.param} (fixed: {fixed or 'defaults'})",
+        "",
+        "Cells: validation DER / test CA / test ASR (%); H = mean prediction entropy on uniform noise "
+        f"(nats, max {math.log(get_spec(open_run(Path(args.zoo) / entries[0]).config.dataset).num_classes):.2f}).",
+        "",
+        f"| {args.param} | " + " | ".join(entries) + " | mean val DER | mean test DER | mean H | MACs |",
+        "|---|" + "---|" * (len(entries) + 4),
+    ]
     best, best_val = None, -1.0
     for value in values:
         cells = [next((r for r in rows if r["entry"] == e and r["value"] == value), None) for e in entries]
@@ -103,12 +118,22 @@ def main(argv: list[str] | None = None) -> int:
         val = float(np.mean([c["val"]["der"] for c in done]))
         if val > best_val:
             best, best_val = value, val
-        lines.append(f"| {value} | " + " | ".join(
-            "" if c is None else f"{100 * c['val']['der']:.1f} / {100 * c['test']['ca']:.1f} / {100 * c['test']['asr']:.1f}" for c in cells
-        ) + f" | {100 * val:.1f} | {100 * np.mean([c['test']['der'] for c in done]):.1f} | "
-            f"{np.mean([c['noise_entropy'] for c in done]):.2f} | {np.mean([c['macs_ratio'] for c in done]):.2f} |")  # fmt: skip
-    lines += ["", f"Best mean validation DER: {args.param} = **{best}**. Generated {now()} at commit "
-              f"`{(git_commit() or 'unknown')[:10]}` by `python benchmarks/sweep.py --pass {args.pass_name} --param {args.param} ...`."]  # fmt: skip
+        lines.append(
+            f"| {value} | "
+            + " | ".join(
+                ""
+                if c is None
+                else f"{100 * c['val']['der']:.1f} / {100 * c['test']['ca']:.1f} / {100 * c['test']['asr']:.1f}"
+                for c in cells
+            )
+            + f" | {100 * val:.1f} | {100 * np.mean([c['test']['der'] for c in done]):.1f} | "
+            f"{np.mean([c['noise_entropy'] for c in done]):.2f} | {np.mean([c['macs_ratio'] for c in done]):.2f} |"
+        )
+    lines += [
+        "",
+        f"Best mean validation DER: {args.param} = **{best}**. Generated {now()} at commit "
+        f"`{(git_commit() or 'unknown')[:10]}` by `python -m benchmarks.sweep --pass {args.pass_name} --param {args.param} ...`.",
+    ]
     suffix = "" if not fixed else "-" + "-".join(f"{k}{v}" for k, v in sorted(fixed.items()))
     write_text(RESULTS / f"sweep-{args.pass_name}-{args.param}{suffix}.md", "\n".join(lines) + "\n")
     return 0

@@ -1,9 +1,9 @@
 """Train (or verify) the benchmark zoo: backdoored models for every dataset x attack, plus clean ones.
 
-    python benchmarks/zoo.py                       # train what is missing, cpu preset, into benchmarks/zoo/
-    python benchmarks/zoo.py --only cifar10-wanet  # one entry
-    python benchmarks/zoo.py --preset paper --device cuda --out runs/zoo-paper
-    python benchmarks/zoo.py --verify              # check the committed weights against zoo/SHA256SUMS
+    python -m benchmarks.zoo                       # train what is missing, cpu preset, into benchmarks/zoo/
+    python -m benchmarks.zoo --only cifar10-wanet  # one entry
+    python -m benchmarks.zoo --preset paper --device cuda --out runs/zoo-paper
+    python -m benchmarks.zoo --verify              # check the committed weights against zoo/SHA256SUMS
 
 Each entry is a run directory (manifest.json, metrics.json, model.safetensors, attack recipe,
 poison indices, defender subsets). Finished entries are skipped, interrupted ones resume.
@@ -27,10 +27,12 @@ HERE = Path(__file__).resolve().parent
 # The cpu preset's PreAct-ResNet18 x0.25 on every dataset x attack.
 ENTRIES: list[tuple[str, str | None, str | None]] = [
     (dataset, attack, None)
-    for dataset, attacks in (("cifar10", ("badnets", "blended", "wanet", "sig", "lf", "input_aware", None)),
-                             ("gtsrb", ("badnets", "blended", "wanet", "lf", "input_aware", None)))
+    for dataset, attacks in (
+        ("cifar10", ("badnets", "blended", "wanet", "sig", "lf", "input_aware", None)),
+        ("gtsrb", ("badnets", "blended", "wanet", "lf", "input_aware", None)),
+    )
     for attack in attacks
-]  # fmt: skip
+]
 
 # Other architecture families, so that a default chosen on one network is tested on others: a plain
 # VGG at half width (its first stage keeps 32 channels, so MACs targets between 0.75 and 1.0 can be
@@ -68,13 +70,19 @@ def write_index(out: Path) -> None:
         m = json.loads((d / "manifest.json").read_text())
         c, met = m["config"], m["metrics"]
         asr = "-" if met["asr"] is None else f"{100 * met['asr']:.2f}"
-        rows.append(f"| {d.name} | {c['arch']} x{c['width']} | {c['epochs']} | {100 * met['ca']:.2f} | {asr} | "
-                    f"{met['params']:,} | {met['macs']:,} | {m['wall_time_s'] / 60:.1f} |")  # fmt: skip
+        rows.append(
+            f"| {d.name} | {c['arch']} x{c['width']} | {c['epochs']} | {100 * met['ca']:.2f} | {asr} | "
+            f"{met['params']:,} | {met['macs']:,} | {m['wall_time_s'] / 60:.1f} |"
+        )
     write_text(out / "SHA256SUMS", "\n".join(sums) + "\n")
-    header = ("| entry | arch | epochs | CA % | ASR % | params | MACs | train minutes |\n"
-              "|---|---|---|---|---|---|---|---|")  # fmt: skip
-    write_text(out / "README.md", "# Benchmark zoo\n\nTrained by `python benchmarks/zoo.py` "
-               "(preset and recipe in each entry's manifest.json).\n\n" + header + "\n" + "\n".join(rows) + "\n")  # fmt: skip
+    header = (
+        "| entry | arch | epochs | CA % | ASR % | params | MACs | train minutes |\n|---|---|---|---|---|---|---|---|"
+    )
+    write_text(
+        out / "README.md",
+        "# Benchmark zoo\n\nTrained by `python -m benchmarks.zoo` "
+        "(preset and recipe in each entry's manifest.json).\n\n" + header + "\n" + "\n".join(rows) + "\n",
+    )
 
 
 def verify(out: Path) -> int:
@@ -94,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="cpu", help="training preset (default: cpu)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--out", default=str(HERE / "zoo"), help="zoo folder (default: benchmarks/zoo)")
-    parser.add_argument("--only", nargs="*", default=None, help="entry names to train, e.g. cifar10-badnets gtsrb-clean")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="entry names to train, e.g. cifar10-badnets gtsrb-clean"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every entry (default: 0)")
     parser.add_argument("--data", default=None, help="dataset location (default: $CCPURIFY_DATA, then ../shared/data)")
     parser.add_argument("--verify", action="store_true", help="only check the committed files against SHA256SUMS")
@@ -115,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         overrides = ARCHS[arch] if arch else {}
         config = preset_config(args.preset, dataset, attack, seed=args.seed, device=args.device, **overrides)
-        print(f"{time.strftime('%H:%M:%S')} {name}: training ({config.epochs} epochs, width {config.width})", flush=True)
+        print(
+            f"{time.strftime('%H:%M:%S')} {name}: training ({config.epochs} epochs, width {config.width})", flush=True
+        )
         result = train(config, run_dir, data_dir=args.data, progress=log_progress)
         m = result.metrics
         print(f"{name}: CA {m['ca']:.4f} ASR {m['asr']} in {m['train_wall_time_s'] / 60:.1f} min", flush=True)

@@ -22,16 +22,38 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (a module path alone: the name is that module)
 _EXPORTS = {
-    "ArchRef": "ccpurify.recipe", "ChannelGraph": "ccpurify.graph", "Coupling": "ccpurify.graph",
-    "Pass": "ccpurify.passes", "Pipeline": "ccpurify.passes", "PurifyContext": "ccpurify.passes",
-    "PurifyResult": "ccpurify.api", "RemovalPolicy": "ccpurify.graph", "load_model": "ccpurify.io",
-    "plan": "ccpurify.api", "purify": "ccpurify.api", "save_model": "ccpurify.io",
+    "ArchRef": "ccpurify.recipe",
+    "ChannelGraph": "ccpurify.graph",
+    "Coupling": "ccpurify.graph",
+    "Pass": "ccpurify.passes",
+    "Pipeline": "ccpurify.passes",
+    "PurifyContext": "ccpurify.passes",
+    "PurifyResult": "ccpurify.api",
+    "RemovalPolicy": "ccpurify.graph",
+    "load_model": "ccpurify.io",
+    "plan": "ccpurify.api",
+    "purify": "ccpurify.api",
+    "save_model": "ccpurify.io",
 }
 _MODULES = {"lowrank", "models", "passes"}
 
 __all__ = [
-    "ArchRef", "ChannelGraph", "Coupling", "Pass", "Pipeline", "PurifyContext", "PurifyResult", "RemovalPolicy", "__version__",
-    "load_model", "lowrank", "models", "passes", "plan", "purify", "save_model",
+    "ArchRef",
+    "ChannelGraph",
+    "Coupling",
+    "Pass",
+    "Pipeline",
+    "PurifyContext",
+    "PurifyResult",
+    "RemovalPolicy",
+    "__version__",
+    "load_model",
+    "lowrank",
+    "models",
+    "passes",
+    "plan",
+    "purify",
+    "save_model",
 ]
 assert set(__all__) == {*_EXPORTS, *_MODULES, "__version__"}
 

@@ -38,11 +38,22 @@ class PurifyResult:
         """Save the purified model (base architecture + edit recipe + safetensors weights + the input
         shape its edits are replayed on when loading), loaded back and compared before it appears
         (``ccpurify.io.save_model``). A model of your own class records its import path."""
-        norm = {"normalize": {"mean": list(self.normalize.mean), "std": list(self.normalize.std)}} if self.normalize else {}
-        return save_model(self.model, path, input_shape=self.input_shape, overwrite=overwrite,
-                          extra={"purify": self.report.to_dict(), **norm, **(extra or {})})  # fmt: skip
+        norm = (
+            {"normalize": {"mean": list(self.normalize.mean), "std": list(self.normalize.std)}}
+            if self.normalize
+            else {}
+        )
+        return save_model(
+            self.model,
+            path,
+            input_shape=self.input_shape,
+            overwrite=overwrite,
+            extra={"purify": self.report.to_dict(), **norm, **(extra or {})},
+        )
 
-    def export(self, path: str | os.PathLike, class_names: Sequence[str] | None = None, overwrite: bool = True, **options):
+    def export(
+        self, path: str | os.PathLike, class_names: Sequence[str] | None = None, overwrite: bool = True, **options
+    ):
         """Export the purified model to one verified ONNX file whose metadata holds the input shape,
         the normalisation (when given to ``purify``), ``class_names``, the recipe and a summary of
         this report (``exporters.onnx.export``; ``options`` go to it, e.g. ``opset``)."""
@@ -53,18 +64,29 @@ class PurifyResult:
         if not overwrite:
             refuse_existing(path, overwrite=False)
         norm = self.normalize
-        metadata = deployment_metadata(self.input_shape, mean=norm.mean if norm else None, std=norm.std if norm else None,
-                                       class_names=class_names, report=self.report.summary())  # fmt: skip
+        metadata = deployment_metadata(
+            self.input_shape,
+            mean=norm.mean if norm else None,
+            std=norm.std if norm else None,
+            class_names=class_names,
+            report=self.report.summary(),
+        )
         return export(self.model, path, torch.zeros(self.input_shape), metadata=metadata, **options)
 
 
 def resolve(
-    method: str | Pass | Pipeline | Sequence | None, options: dict, has_clean: bool, has_unlabeled: bool, macs: float | None = None,
-) -> Pipeline:  # fmt: skip
+    method: str | Pass | Pipeline | Sequence | None,
+    options: dict,
+    has_clean: bool,
+    has_unlabeled: bool,
+    macs: float | None = None,
+) -> Pipeline:
     """A pipeline from a pass name, a pass, a pipeline, a list of those, or None (the defaults).
     ``macs`` is the default pipeline's MACs target, or the ``macs`` option of a named pass."""
     if macs is not None and (isinstance(macs, bool) or not isinstance(macs, (int, float)) or not 0 < macs < 1):
-        raise InvalidInputError(f"macs must be the fraction of the dense model's MACs to keep, a number in (0, 1); got {macs!r}")
+        raise InvalidInputError(
+            f"macs must be the fraction of the dense model's MACs to keep, a number in (0, 1); got {macs!r}"
+        )
     if method is None:
         from ccpurify.passes.defaults import default_pipeline
 
@@ -73,9 +95,13 @@ def resolve(
         return default_pipeline(has_clean=has_clean, has_unlabeled=has_unlabeled, macs=macs)
     if macs is not None:
         if not isinstance(method, str):
-            raise InvalidInputError("macs= applies to the default pipeline or a named pass; set it on your Pass or Pipeline instead")
+            raise InvalidInputError(
+                "macs= applies to the default pipeline or a named pass; set it on your Pass or Pipeline instead"
+            )
         if method in PASSES and "macs" not in {f.name for f in fields(PASSES.get(method))}:
-            raise InvalidInputError(f"the {method!r} pass takes no MACs target; macs= applies to the default pipeline, prune, factorize or cc")
+            raise InvalidInputError(
+                f"the {method!r} pass takes no MACs target; macs= applies to the default pipeline, prune, factorize or cc"
+            )
         options = {**options, "macs": macs}
     if isinstance(method, Pipeline):
         return method
@@ -86,25 +112,42 @@ def resolve(
     if isinstance(method, Sequence):
         if options:
             raise InvalidInputError("options apply to a single named method; configure each pass of a list yourself")
-        return Pipeline([p for m in method for p in ([m] if isinstance(m, Pass) else resolve(m, {}, has_clean, has_unlabeled).passes)])
-    raise InvalidTypeError(f"method must be a pass name, a Pass, a Pipeline or a list of them; got {type(method).__name__}")
+        return Pipeline(
+            [
+                p
+                for m in method
+                for p in ([m] if isinstance(m, Pass) else resolve(m, {}, has_clean, has_unlabeled).passes)
+            ]
+        )
+    raise InvalidTypeError(
+        f"method must be a pass name, a Pass, a Pipeline or a list of them; got {type(method).__name__}"
+    )
 
 
 def check_single_float32_input(model: nn.Module) -> None:
     """Refuse, before any work, models the passes cannot trace: several inputs, or non-float32 weights."""
     try:
-        required = [p for p in inspect.signature(model.forward).parameters.values()
-                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+        required = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):  # a forward without a signature (C extension): let tracing decide
         required = []
     if len(required) > 1:
         names = ", ".join(p.name for p in required)
-        raise InvalidInputError(f"the model's forward takes {len(required)} inputs ({names}); ccpurify's passes trace models of one "
-                                "image tensor: wrap the model so that forward(images) supplies the others")  # fmt: skip
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.parameters() if t.is_floating_point()} - {"float32"})
+        raise InvalidInputError(
+            f"the model's forward takes {len(required)} inputs ({names}); ccpurify's passes trace models of one "
+            "image tensor: wrap the model so that forward(images) supplies the others"
+        )
+    dtypes = sorted(
+        {str(t.dtype).removeprefix("torch.") for t in model.parameters() if t.is_floating_point()} - {"float32"}
+    )
     if dtypes:
-        raise InvalidInputError(f"the model's parameters are {', '.join(dtypes)}; ccpurify's passes and exports work in float32: "
-                                "pass model.float() (the purified model and its ONNX file are float32)")  # fmt: skip
+        raise InvalidInputError(
+            f"the model's parameters are {', '.join(dtypes)}; ccpurify's passes and exports work in float32: "
+            "pass model.float() (the purified model and its ONNX file are float32)"
+        )
 
 
 def example_input_for(model: nn.Module, given: torch.Tensor | None, data=None) -> torch.Tensor:
@@ -114,10 +157,14 @@ def example_input_for(model: nn.Module, given: torch.Tensor | None, data=None) -
     synthetic images are all made at this size)."""
     if given is not None:
         if not isinstance(given, torch.Tensor):
-            raise InvalidTypeError(f"example_inputs must be one tensor (N, C, H, W), got {type(given).__name__}; models of "
-                                   "several inputs (tuples, dicts) are not supported")  # fmt: skip
+            raise InvalidTypeError(
+                f"example_inputs must be one tensor (N, C, H, W), got {type(given).__name__}; models of "
+                "several inputs (tuples, dicts) are not supported"
+            )
         if given.ndim < 2 or given.shape[0] < 1 or not given.is_floating_point():
-            raise InvalidInputError(f"example_inputs must be a float tensor with a batch dimension, got {given.dtype} {tuple(given.shape)}")
+            raise InvalidInputError(
+                f"example_inputs must be a float tensor with a batch dimension, got {given.dtype} {tuple(given.shape)}"
+            )
         return given.detach().float()
     if data is not None:
         return torch.zeros_like(data.x[:1])
@@ -128,8 +175,9 @@ def example_input_for(model: nn.Module, given: torch.Tensor | None, data=None) -
     channels = conv.in_channels if conv is not None else 3
     warnings.warn(
         f"example_inputs not given: assuming 1 x {channels} x 32 x 32 images (MACs, traced shapes and made-up images use it); "
-        f"pass example_inputs=torch.zeros(1, C, H, W) for another input size", stacklevel=3,
-    )  # fmt: skip
+        f"pass example_inputs=torch.zeros(1, C, H, W) for another input size",
+        stacklevel=3,
+    )
     return torch.zeros(1, channels, 32, 32)
 
 
@@ -178,9 +226,15 @@ def plan(
     unlabeled = as_unlabeled(unlabeled_data) if unlabeled_data is not None else None
     example = example_input_for(model, example_inputs, clean or unlabeled)
     context = PurifyContext(
-        example_inputs=example, num_classes=num_classes, device=device, seed=seed, clean_data=clean,
-        unlabeled_data=unlabeled, progress=progress, normalize=normalize,
-    )  # fmt: skip
+        example_inputs=example,
+        num_classes=num_classes,
+        device=device,
+        seed=seed,
+        clean_data=clean,
+        unlabeled_data=unlabeled,
+        progress=progress,
+        normalize=normalize,
+    )
     if context.num_classes is None:
         context.num_classes = output_classes(model, example.to(device))
     for data, who in ((context.clean_data, "clean_data"), (context.unlabeled_data, "unlabeled_data")):
@@ -188,7 +242,9 @@ def plan(
             data.check(example, who)
     if context.clean_data is not None:
         context.clean_data.check_classes(context.num_classes, "clean_data")
-    return Plan(resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None, macs), context)
+    return Plan(
+        resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None, macs), context
+    )
 
 
 def purify(
@@ -214,6 +270,16 @@ def purify(
     None; ``ccpurify.passes.defaults``), or a named pass's ``macs`` option. The input model is not
     modified."""
     return plan(
-        model, method, example_inputs=example_inputs, clean_data=clean_data, unlabeled_data=unlabeled_data,
-        num_classes=num_classes, normalize=normalize, macs=macs, seed=seed, device=device, progress=progress, **options,
-    ).run(model)  # fmt: skip
+        model,
+        method,
+        example_inputs=example_inputs,
+        clean_data=clean_data,
+        unlabeled_data=unlabeled_data,
+        num_classes=num_classes,
+        normalize=normalize,
+        macs=macs,
+        seed=seed,
+        device=device,
+        progress=progress,
+        **options,
+    ).run(model)

@@ -52,7 +52,9 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "the o
     if target.exists() and not target.is_dir() and folder:
         raise OutputExistsError(f"{what} {path} is a file; name a folder")
     if target.exists() and not empty_folder and not overwrite:
-        raise OutputExistsError(f"{what} {path} exists; choose another path or pass --overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(
+            f"{what} {path} exists; choose another path or pass --overwrite (overwrite=True) to replace it"
+        )
 
 
 @contextlib.contextmanager

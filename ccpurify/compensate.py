@@ -77,8 +77,13 @@ def gaussian_compensation(
 
     # Measure from the state compression left (each kept channel with the dense model's statistics),
     # so that the result does not depend on earlier changes to the student's statistics.
-    base = {n: (teacher_bns[n].running_mean[correspondence[n]].to(device), teacher_bns[n].running_var[correspondence[n]].to(device))
-            for n in names}  # fmt: skip
+    base = {
+        n: (
+            teacher_bns[n].running_mean[correspondence[n]].to(device),
+            teacher_bns[n].running_var[correspondence[n]].to(device),
+        )
+        for n in names
+    }
     saved = {n: (student_bns[n].running_mean.clone(), student_bns[n].running_var.clone()) for n in names}
     for n in names:
         student_bns[n].running_mean.copy_(base[n][0])
@@ -118,8 +123,11 @@ def gaussian_compensation(
 def _output_layer(model: nn.Module, x: torch.Tensor) -> nn.Linear | None:
     """The ``nn.Linear`` with a bias whose output is the model's output (the classifier), if any."""
     produced: list[tuple[torch.Tensor, nn.Linear]] = []
-    handles = [m.register_forward_hook(lambda mod, args, out: produced.append((out, mod)))
-               for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]  # fmt: skip
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: produced.append((out, mod)))
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m.bias is not None
+    ]
     was_training = model.training
     try:
         out = model.eval()(x[:1].to(next(model.parameters()).device))

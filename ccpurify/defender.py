@@ -76,12 +76,17 @@ def image_pool(source: str | os.PathLike, count: int, image_size: int, seed: int
             archive = zipfile.ZipFile(path)
         except zipfile.BadZipFile as exc:
             raise DataFormatError(f"{path}: not a readable zip archive") from exc
-        names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_SUFFIXES) and not _is_test_split(Path(n).parts))
+        names = sorted(
+            n for n in archive.namelist() if n.lower().endswith(IMAGE_SUFFIXES) and not _is_test_split(Path(n).parts)
+        )
         read = lambda name: read_member(archive, name, str(path))  # noqa: E731
     else:
         archive = None
-        names = sorted(str(p) for p in path.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not _is_test_split(p.relative_to(path).parts))  # fmt: skip
+        names = sorted(
+            str(p)
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and not _is_test_split(p.relative_to(path).parts)
+        )
         read = lambda name: Path(name).read_bytes()  # noqa: E731
     try:
         if not names:
@@ -93,7 +98,9 @@ def image_pool(source: str | os.PathLike, count: int, image_size: int, seed: int
             archive.close()
 
 
-def unlabeled_data(source: str | os.PathLike, dataset: str, *, count: int = 5000, seed: int = 0, data_dir=None) -> UnlabeledData:
+def unlabeled_data(
+    source: str | os.PathLike, dataset: str, *, count: int = 5000, seed: int = 0, data_dir=None
+) -> UnlabeledData:
     """Unlabelled images for a ``dataset`` model: a run's unlabelled pool, or any folder/zip."""
     path = Path(source)
     spec = get_spec(dataset)

@@ -50,12 +50,16 @@ class DemoResult:
 def verify_assets(folder: Path = ASSETS) -> dict:
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
-        raise DemoAssetError(f"{folder}: the demo assets are missing; reinstall ccpurify or run benchmarks/make_demo_assets.py")
+        raise DemoAssetError(
+            f"{folder}: the demo assets are missing; reinstall ccpurify or run benchmarks/make_demo_assets.py"
+        )
     manifest = json.loads(manifest_file.read_text())
     for name, digest in manifest["files"].items():
         path = folder / name
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise DemoAssetError(f"{path}: missing or altered (sha256 differs from the demo manifest); reinstall ccpurify")
+            raise DemoAssetError(
+                f"{path}: missing or altered (sha256 differs from the demo manifest); reinstall ccpurify"
+            )
     return manifest
 
 
@@ -72,15 +76,28 @@ def _is_demo_output(folder: Path) -> bool:
 
 def _row(label: str, score: Score, latency_ms: float, onnx_bytes: int) -> dict:
     m = score.metrics
-    return {"model": label, "ca": m.ca, "asr": m.asr, "ra": m.ra, "params": score.cost.params, "macs": score.cost.macs,
-            "latency_ms_bs1_t1": latency_ms, "onnx_bytes": onnx_bytes}  # fmt: skip
+    return {
+        "model": label,
+        "ca": m.ca,
+        "asr": m.asr,
+        "ra": m.ra,
+        "params": score.cost.params,
+        "macs": score.cost.macs,
+        "latency_ms_bs1_t1": latency_ms,
+        "onnx_bytes": onnx_bytes,
+    }
 
 
 def run_demo(
-    out_dir: str | os.PathLike, method: str | None = None, options: dict | None = None,
-    progress: ProgressCallback | None = None, runs: int = 100, macs: float | None = None, overwrite: bool = False,
+    out_dir: str | os.PathLike,
+    method: str | None = None,
+    options: dict | None = None,
+    progress: ProgressCallback | None = None,
+    runs: int = 100,
+    macs: float | None = None,
+    overwrite: bool = False,
     on_estimate: Callable[[Pipeline, float, int], None] | None = None,
-) -> DemoResult:  # fmt: skip
+) -> DemoResult:
     """Score, purify, export and benchmark the embedded model; write everything to ``out_dir``.
 
     ``out_dir`` is written as one folder, atomically. A previous demo's folder there is replaced;
@@ -96,7 +113,9 @@ def run_demo(
     refuse_existing(out, overwrite, "the output folder", folder=True)
     manifest = verify_assets()
     model = load_model(ASSETS / "model.safetensors")
-    attack = attacks.from_recipe(json.loads((ASSETS / "attack.json").read_text()), load_file(os.fspath(ASSETS / "attack.safetensors")))
+    attack = attacks.from_recipe(
+        json.loads((ASSETS / "attack.json").read_text()), load_file(os.fspath(ASSETS / "attack.safetensors"))
+    )
     images, labels, _ = read_image_folder_zip(ASSETS / "test-sample.zip", "test", 32, CIFAR10.class_names, workers=1)
     bd_images, bd_labels = attack.test_set(images, labels)
     bench = TestBench(CIFAR10, images, labels, bd_images, bd_labels, attack.target)
@@ -105,8 +124,15 @@ def run_demo(
     report(progress, "demo: score the suspect model", 1, 1)
 
     started = time.perf_counter()
-    planned = plan(model, method, example_inputs=torch.zeros(1, 3, 32, 32), progress=progress, normalize=(CIFAR10.mean, CIFAR10.std),
-                   macs=macs, **(options or {}))  # fmt: skip
+    planned = plan(
+        model,
+        method,
+        example_inputs=torch.zeros(1, 3, 32, 32),
+        progress=progress,
+        normalize=(CIFAR10.mean, CIFAR10.std),
+        macs=macs,
+        **(options or {}),
+    )
     if on_estimate is not None:
         on_estimate(planned.pipeline, *planned.estimate_seconds(model))
     result = planned.run(model)
@@ -116,31 +142,69 @@ def run_demo(
     example_inputs = torch.zeros(1, 3, *bench.images.shape[1:3])
     with atomic_directory(out, overwrite=overwrite) as tmp:
         report(progress, "demo: export ONNX", 0, 2)
-        meta = dict(input_shape=tuple(example_inputs.shape), mean=CIFAR10.mean, std=CIFAR10.std, class_names=CIFAR10.class_names)
+        meta = dict(
+            input_shape=tuple(example_inputs.shape), mean=CIFAR10.mean, std=CIFAR10.std, class_names=CIFAR10.class_names
+        )
         dense = export(model, tmp / "suspect.onnx", example_inputs, metadata=deployment_metadata(**meta))
         report(progress, "demo: export ONNX", 1, 2)
-        purified = export(result.model, tmp / "purified.onnx", example_inputs, metadata=deployment_metadata(**meta, report=result.report.summary()))
+        purified = export(
+            result.model,
+            tmp / "purified.onnx",
+            example_inputs,
+            metadata=deployment_metadata(**meta, report=result.report.summary()),
+        )
         report(progress, "demo: export ONNX", 2, 2)
-        timing = benchmark({"suspect": dense.path, "purified": purified.path},
-                           BenchConfig(batch_sizes=(1,), threads=(1,), runs=runs, rounds=3, torch_eager=False), progress=progress)  # fmt: skip
+        timing = benchmark(
+            {"suspect": dense.path, "purified": purified.path},
+            BenchConfig(batch_sizes=(1,), threads=(1,), runs=runs, rounds=3, torch_eager=False),
+            progress=progress,
+        )
         rows = [
-            _row("suspect (backdoored)", before, timing.timing("suspect", "onnxruntime", 1, 1).median_ms, dense.file_bytes),
-            _row(f"purified ({result.report.passes[0].name if method else 'default pipeline'})", after,
-                 timing.timing("purified", "onnxruntime", 1, 1).median_ms, purified.file_bytes),
-        ]  # fmt: skip
+            _row(
+                "suspect (backdoored)",
+                before,
+                timing.timing("suspect", "onnxruntime", 1, 1).median_ms,
+                dense.file_bytes,
+            ),
+            _row(
+                f"purified ({result.report.passes[0].name if method else 'default pipeline'})",
+                after,
+                timing.timing("purified", "onnxruntime", 1, 1).median_ms,
+                purified.file_bytes,
+            ),
+        ]
         purification_figure(
-            tmp / "report.png", f"demo: cifar10-badnets purified by {result.report.pipeline} (no data)",
-            scores={"suspect": (before.metrics.ca, before.metrics.asr), "purified": (after.metrics.ca, after.metrics.asr)},
+            tmp / "report.png",
+            f"demo: cifar10-badnets purified by {result.report.pipeline} (no data)",
+            scores={
+                "suspect": (before.metrics.ca, before.metrics.asr),
+                "purified": (after.metrics.ca, after.metrics.asr),
+            },
             kept=layer_weights_kept(model, result.model),
             latency_ms={k: timing.timing(k, "onnxruntime", 1, 1).samples_ms for k in ("suspect", "purified")},
-        )  # fmt: skip
+        )
         dense.path, purified.path = str(out / "suspect.onnx"), str(out / "purified.onnx")
         result.save(tmp / "purified.safetensors", extra={"dataset": "cifar10"})
-        details = {"pipeline": result.report.to_dict(), "benchmark": timing.to_dict(), "export": [dense.to_dict(), purified.to_dict()]}
+        details = {
+            "pipeline": result.report.to_dict(),
+            "benchmark": timing.to_dict(),
+            "export": [dense.to_dict(), purified.to_dict()],
+        }
         write_json(tmp / "report.json", {"rows": rows, **details})
-        write_json(tmp / "manifest.json", {
-            "kind": DEMO_KIND, "created": now(), "method": method or "default", "options": options or {},
-            "assets": manifest, "versions": versions(), "git_commit": git_commit(), "machine": machine(),
-            "purify_seconds": purify_seconds, "test_images": len(labels), "triggered_images": len(bd_labels),
-        })  # fmt: skip
+        write_json(
+            tmp / "manifest.json",
+            {
+                "kind": DEMO_KIND,
+                "created": now(),
+                "method": method or "default",
+                "options": options or {},
+                "assets": manifest,
+                "versions": versions(),
+                "git_commit": git_commit(),
+                "machine": machine(),
+                "purify_seconds": purify_seconds,
+                "test_images": len(labels),
+                "triggered_images": len(bd_labels),
+            },
+        )
     return DemoResult(rows, out, method or "default", purify_seconds, details, result.report.budget())

@@ -45,7 +45,9 @@ def _batches(images: torch.Tensor, batch_size: int, device: str | torch.device) 
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: str | torch.device = "cpu") -> None:
+def recalibrate_bn(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: str | torch.device = "cpu"
+) -> None:
     """Replace every BN's running statistics by their cumulative average over ``images`` (the
     model's train/eval mode is kept)."""
     update_bn(_batches(images, batch_size, device), model)
@@ -53,9 +55,12 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 128
 
 @torch.no_grad()
 def anchored_bn_update(
-    student: nn.Module, teacher: nn.Module, images: torch.Tensor, correspondence: dict[str, torch.Tensor],
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    correspondence: dict[str, torch.Tensor],
     device: str | torch.device = "cpu",
-) -> int:  # fmt: skip
+) -> int:
     """Set each student BatchNorm's running statistics to the teacher's (on the corresponding
     channels) corrected by what compression changed, measured on ``images``:
     ``mean_s = mean_t + (batch_mean_s - batch_mean_t)`` and ``var_s = var_t * batch_var_s / batch_var_t``.
@@ -112,7 +117,9 @@ def eval_forward_with_pre_hooks(model: nn.Module, x: torch.Tensor, hooks: dict[n
 
 
 @torch.no_grad()
-def correspondence_after_edits(model: nn.Module, edits: list[dict], example_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+def correspondence_after_edits(
+    model: nn.Module, edits: list[dict], example_inputs: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """For each BatchNorm of ``model`` after the structural ``edits``, the channel of ``model`` each
     of its channels was: the edits are replayed on a copy whose BN running means hold their own
     channel numbers, so every surviving channel carries the number it had."""
@@ -123,7 +130,9 @@ def correspondence_after_edits(model: nn.Module, edits: list[dict], example_inpu
     return {name: bn.running_mean.round().long() for name, bn in bn_layers(tagged)}
 
 
-def channel_correspondence(teacher: nn.Module, student: nn.Module, example_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+def channel_correspondence(
+    teacher: nn.Module, student: nn.Module, example_inputs: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """For each BatchNorm of ``student``, the index of the ``teacher`` channel each of its channels is.
 
     When the student's structural edits extend the teacher's (a Pipeline's Prune or C&C after a
@@ -137,9 +146,17 @@ def channel_correspondence(teacher: nn.Module, student: nn.Module, example_input
     if student_edits[: len(teacher_edits)] == teacher_edits and len(student_edits) > len(teacher_edits):
         numbers = correspondence_after_edits(teacher, student_edits[len(teacher_edits) :], example_inputs)
     else:
-        numbers = {name: _same_parameters(teacher_bns[name], bn) for name, bn in student_bns.items() if name in teacher_bns}
-    return {name: idx for name, idx in numbers.items() if idx is not None and name in student_bns and name in teacher_bns
-            and len(idx) == student_bns[name].num_features}  # fmt: skip
+        numbers = {
+            name: _same_parameters(teacher_bns[name], bn) for name, bn in student_bns.items() if name in teacher_bns
+        }
+    return {
+        name: idx
+        for name, idx in numbers.items()
+        if idx is not None
+        and name in student_bns
+        and name in teacher_bns
+        and len(idx) == student_bns[name].num_features
+    }
 
 
 def _same_parameters(teacher_bn: nn.Module, student_bn: nn.Module) -> torch.Tensor | None:
@@ -185,8 +202,12 @@ class FeatureHints:
             return torch.zeros(())
         terms = []
         for n, idx, scale in self.layers:
-            per_image = ((self._seen[("s", n)] - self._seen[("t", n)][:, idx].detach()) * scale).pow(2).flatten(1).mean(1)
-            terms.append(per_image.mean() if weights is None else (per_image * weights).sum() / weights.sum().clamp_min(1))
+            per_image = (
+                ((self._seen[("s", n)] - self._seen[("t", n)][:, idx].detach()) * scale).pow(2).flatten(1).mean(1)
+            )
+            terms.append(
+                per_image.mean() if weights is None else (per_image * weights).sum() / weights.sum().clamp_min(1)
+            )
         return torch.stack(terms).mean()
 
     def remove(self) -> None:
@@ -292,6 +313,8 @@ def distill(
 def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor, batch_size: int = 500) -> float:
     """Fraction of images on which two models predict the same class."""
     a.eval(), b.eval()
-    same = sum(int((a(images[i : i + batch_size]).argmax(1) == b(images[i : i + batch_size]).argmax(1)).sum())
-               for i in range(0, len(images), batch_size))  # fmt: skip
+    same = sum(
+        int((a(images[i : i + batch_size]).argmax(1) == b(images[i : i + batch_size]).argmax(1)).sum())
+        for i in range(0, len(images), batch_size)
+    )
     return same / max(1, len(images))

@@ -72,20 +72,19 @@ class TestBench:
     def score(self, model: nn.Module) -> Score:
         """CA/ASR/RA and cost; refuses a model whose output size is not the dataset's class count."""
         self.check_classes(model)
-        metrics = evaluate(
-            model, self.images, self.labels, self.bd_images, self.bd_labels, self.target, self.normalize
-        )
+        metrics = evaluate(model, self.images, self.labels, self.bd_images, self.bd_labels, self.target, self.normalize)
         size = self.spec.image_size
         cost = model.cost if isinstance(model, OnnxModel) else model_cost(model, (1, 3, size, size))
         return Score(metrics, cost)
-
 
     def check_classes(self, model: nn.Module) -> None:
         size = self.spec.image_size
         outputs = output_classes(model, torch.zeros(1, 3, size, size, device=device_of(model)))
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.spec.num_classes):
-            raise InvalidInputError(f"the test labels range {int(self.labels.min())}..{int(self.labels.max())}, outside "
-                                    f"{self.spec.name}'s {self.spec.num_classes} classes; the data is damaged")  # fmt: skip
+            raise InvalidInputError(
+                f"the test labels range {int(self.labels.min())}..{int(self.labels.max())}, outside "
+                f"{self.spec.name}'s {self.spec.num_classes} classes; the data is damaged"
+            )
         if outputs != self.spec.num_classes:
             raise InvalidInputError(
                 f"the model has {outputs} outputs but {self.spec.name} has {self.spec.num_classes} classes; "
@@ -121,7 +120,9 @@ class OnnxModel(nn.Module):
         x = x.detach().cpu().float().numpy()
         step = self.fixed_batch or len(x)
         if len(x) % step:
-            raise InvalidInputError(f"{self.path}: the file takes batches of exactly {step} images; re-export with a dynamic batch")
+            raise InvalidInputError(
+                f"{self.path}: the file takes batches of exactly {step} images; re-export with a dynamic batch"
+            )
         outs = [self.session.run(None, {self.input_name: x[i : i + step]})[0] for i in range(0, len(x), step)]
         return torch.from_numpy(np.concatenate(outs))
 

@@ -125,8 +125,13 @@ class RemovalReport:
         return {"op": "remove_channels", "history": self.history}
 
     def to_dict(self) -> dict:
-        return {"policy": self.policy, "removed": self.removed, "zeroed": self.zeroed,
-                "changes": [asdict(c) for c in self.changes], "history": self.history}  # fmt: skip
+        return {
+            "policy": self.policy,
+            "removed": self.removed,
+            "zeroed": self.zeroed,
+            "changes": [asdict(c) for c in self.changes],
+            "history": self.history,
+        }
 
 
 class GraphEditError(CcpurifyError, RuntimeError):
@@ -189,7 +194,9 @@ class ChannelGraph:
     The graph edits ``model`` in place; passes hand it a copy.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Iterable[nn.Module] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Iterable[nn.Module] = ()
+    ) -> None:
         self.model = model
         self.example_inputs = example_inputs
         self.unsupported = self._find_unsupported(model)
@@ -247,8 +254,9 @@ class ChannelGraph:
                 self.layers[name] = self._classify(name, module)
             else:
                 out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-                self.layers[name] = LayerInfo(name, type(module).__name__, out, None, Coupling.BLOCKED, (name,),
-                                              "not used in the forward pass")  # fmt: skip
+                self.layers[name] = LayerInfo(
+                    name, type(module).__name__, out, None, Coupling.BLOCKED, (name,), "not used in the forward pass"
+                )
 
     def _classify(self, name: str, module: nn.Module) -> LayerInfo:
         out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
@@ -260,9 +268,10 @@ class ChannelGraph:
         if name not in facts.writers:
             facts.writers.insert(0, name)
         consumers = [
-            item for item in group
+            item
+            for item in group
             if self.dg.is_in_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, WRITER_TYPES)
-        ]  # fmt: skip
+        ]
         facts.output |= not consumers  # nothing reads these channels but the model's caller
         coupling, reason = facts.coupling(module)
         return LayerInfo(name, type(module).__name__, out_channels, facts.bn, coupling, tuple(facts.writers), reason)
@@ -278,10 +287,16 @@ class ChannelGraph:
             if isinstance(tmod, NORM_TYPES) and dep.source.module is module and facts.bn is None:
                 facts.bn = self._names[tmod]
             facts.depthwise |= _is_depthwise(tmod) and tmod is not module
-            if isinstance(tmod, WRITER_TYPES) and self.dg.is_out_channel_pruning_fn(dep.handler) and self._names[tmod] not in facts.writers:
+            if (
+                isinstance(tmod, WRITER_TYPES)
+                and self.dg.is_out_channel_pruning_fn(dep.handler)
+                and self._names[tmod] not in facts.writers
+            ):
                 facts.writers.append(self._names[tmod])
             if tmod in self._ignored and tmod is not module:
-                facts.reason = f"coupled with {'grouped conv' if _is_grouped(tmod) else 'ignored layer'} {self._names.get(tmod)}"
+                facts.reason = (
+                    f"coupled with {'grouped conv' if _is_grouped(tmod) else 'ignored layer'} {self._names.get(tmod)}"
+                )
         return facts
 
     # --------------------------------------------------------------------------------- queries
@@ -293,8 +308,11 @@ class ChannelGraph:
         """Names of the conv/linear layers that read ``layer``'s output channels as their input channels."""
         module = self.module(self._name(layer))
         group = self.dg.get_pruning_group(module, self._out_fn(module), [0])
-        names = [self._names[item.dep.target.module] for item in group
-                 if self.dg.is_in_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, WRITER_TYPES)]  # fmt: skip
+        names = [
+            self._names[item.dep.target.module]
+            for item in group
+            if self.dg.is_in_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, WRITER_TYPES)
+        ]
         return list(dict.fromkeys(names))
 
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
@@ -317,8 +335,12 @@ class ChannelGraph:
         counts: dict[str, int] = defaultdict(int)
         for info in self.layers.values():
             counts[info.coupling.value] += 1
-        return {"layers": len(self.layers), "couplings": dict(counts), "bn_pairs": len(self.conv_bn_pairs()),
-                "unsupported": [asdict(u) for u in self.unsupported]}  # fmt: skip
+        return {
+            "layers": len(self.layers),
+            "couplings": dict(counts),
+            "bn_pairs": len(self.conv_bn_pairs()),
+            "unsupported": [asdict(u) for u in self.unsupported],
+        }
 
     # ------------------------------------------------------------------------------------ editing
     def zero_channels(self, layer: str | nn.Module, indices: Sequence[int]) -> None:
@@ -386,7 +408,11 @@ class ChannelGraph:
             single = len(writers) == 1 and self.layers[writers[0]].coupling in (Coupling.INTERNAL, Coupling.CONCAT)
             remove = []
             for ridx, selected_by in per_idx.items():
-                if single or policy is RemovalPolicy.HARD or (policy is RemovalPolicy.GROUP and set(writers) <= selected_by):
+                if (
+                    single
+                    or policy is RemovalPolicy.HARD
+                    or (policy is RemovalPolicy.GROUP and set(writers) <= selected_by)
+                ):
                     remove.append(ridx)
                     continue
                 for w in selected_by:  # soft: silence this writer's contribution only
@@ -397,7 +423,9 @@ class ChannelGraph:
                 to_remove[rid] = sorted(remove)
         return to_remove
 
-    def _prune_groups(self, to_remove: dict[int, list[int]], roots: dict[int, nn.Module], plan, changes: dict[str, LayerChange]) -> list[list]:
+    def _prune_groups(
+        self, to_remove: dict[int, list[int]], roots: dict[int, nn.Module], plan, changes: dict[str, LayerChange]
+    ) -> list[list]:
         """Remove the channels group by group through torch-pruning; a group that would leave a layer
         with no channels is skipped and reported. Returns the pruning history (replayable)."""
         history: list[list] = []

@@ -108,7 +108,9 @@ def save_model(
     edits = edits_of(model) if edits is None else edits
     input_shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
     if edits and input_shape is None:
-        raise InvalidInputError("the model carries structural edits: pass input_shape= (the example input they were traced on)")
+        raise InvalidInputError(
+            "the model carries structural edits: pass input_shape= (the example input they were traced on)"
+        )
     if verify and (name := non_finite_tensor(model.state_dict())) is not None:
         raise NonFiniteError(f"the model's {name!r} holds NaN or Inf; nothing was saved (a file of it would not load)")
     metadata = {
@@ -132,9 +134,11 @@ def save_model(
 
 def _verify_saved(model: nn.Module, path: Path, arch: ArchRef, input_shape: tuple[int, ...] | None) -> None:
     """Load the file just written and compare it with ``model``; a difference is an ``InvalidInputError``."""
-    fix = ("the saved file would not rebuild this model: {why}. If you changed the model's structure yourself "
-           "(outside ccpurify's passes), its recipe does not describe it; save the base model's architecture with "
-           "arch=..., or run the edits as ccpurify passes")  # fmt: skip
+    fix = (
+        "the saved file would not rebuild this model: {why}. If you changed the model's structure yourself "
+        "(outside ccpurify's passes), its recipe does not describe it; save the base model's architecture with "
+        "arch=..., or run the edits as ccpurify passes"
+    )
     try:
         loaded = load_model(path, allow_import=arch.import_path is not None)
     except ModelLoadError as exc:
@@ -148,8 +152,12 @@ def _verify_saved(model: nn.Module, path: Path, arch: ArchRef, input_shape: tupl
         x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected, got = original(x), loaded(x)
-        if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor) and expected.shape == got.shape
-                and torch.allclose(expected, got, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max())))):  # fmt: skip
+        if not (
+            isinstance(expected, torch.Tensor)
+            and isinstance(got, torch.Tensor)
+            and expected.shape == got.shape
+            and torch.allclose(expected, got, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max())))
+        ):
             raise InvalidInputError(fix.format(why="the rebuilt model computes different outputs"))
 
 
@@ -172,7 +180,9 @@ def read_metadata(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) 
     except (KeyError, ValueError, TypeError, RecursionError, ModelLoadError) as exc:
         raise ModelLoadError(f"{path}: damaged ccpurify metadata ({type(exc).__name__}: {str(exc)[:160]})") from exc
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{path}: ccpurify model format version {meta.get('format_version')!r}; this ccpurify reads {FORMAT_VERSION!r}")
+        raise ModelLoadError(
+            f"{path}: ccpurify model format version {meta.get('format_version')!r}; this ccpurify reads {FORMAT_VERSION!r}"
+        )
     if not isinstance(edits, list) or not all(isinstance(e, dict) and isinstance(e.get("op"), str) for e in edits):
         raise ModelLoadError(f"{path}: damaged ccpurify metadata (edits must be a list of {{'op': ...}} objects)")
     if not isinstance(extra, dict):
@@ -246,7 +256,9 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
             "Loading it could run code. Re-save a plain state_dict or safetensors on a machine you trust"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable PyTorch weights file ({str(exc)[:160]}); the file may be corrupt") from exc
+        raise ModelLoadError(
+            f"{path}: not a readable PyTorch weights file ({str(exc)[:160]}); the file may be corrupt"
+        ) from exc
     for key in _NESTED_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -296,9 +308,14 @@ def load_model(
         raise ModelLoadError(f"{path}: plain weights carry no architecture; pass arch= (--arch NAME) to load them")
     with torch.device("meta"):
         skeleton = arch_ref.build(allow_import=allow_import)
-    limits.check_params(sum(t.numel() for t in skeleton.state_dict().values()), f"{path}: architecture {arch_ref.name or arch_ref.import_path}{arch_ref.kwargs or ''}")  # fmt: skip
+    limits.check_params(
+        sum(t.numel() for t in skeleton.state_dict().values()),
+        f"{path}: architecture {arch_ref.name or arch_ref.import_path}{arch_ref.kwargs or ''}",
+    )
     if path.suffix == ".safetensors" and not (saved and saved.edits):
-        _check_fits(path, arch_ref, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, declared_shapes(path))
+        _check_fits(
+            path, arch_ref, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, declared_shapes(path)
+        )
     del skeleton
     state = load_weights(path, limits)
     model = arch_ref.build(allow_import=allow_import)
@@ -308,9 +325,16 @@ def load_model(
         except ModelLoadError:
             raise
         except Exception as exc:  # a damaged recipe fails inside the replayers in many ways
-            raise ModelLoadError(f"{path}: the recorded edits do not apply to {arch_ref.name or arch_ref.import_path} "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); the file is damaged") from exc  # fmt: skip
-    _check_fits(path, arch_ref, {k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()})  # fmt: skip
+            raise ModelLoadError(
+                f"{path}: the recorded edits do not apply to {arch_ref.name or arch_ref.import_path} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); the file is damaged"
+            ) from exc
+    _check_fits(
+        path,
+        arch_ref,
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+    )
     model.load_state_dict(state, strict=True)
     setattr(model, ARCH_ATTR, arch_ref.to_dict())
     setattr(model, EDITS_ATTR, list(saved.edits) if saved is not None else [])

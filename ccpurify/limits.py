@@ -37,9 +37,14 @@ class LoadLimits:
 
     def check_input_shape(self, shape: Sequence[int], what: str) -> tuple[int, ...]:
         """``shape`` as a tuple once it is a plausible single example input (N, C, ...)."""
-        if not (isinstance(shape, (list, tuple)) and 2 <= len(shape) <= 5
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):  # fmt: skip
-            raise InvalidInputError(f"{what}: input shape {shape!r} is not 2 to 5 positive integers (batch, channels, ...)")
+        if not (
+            isinstance(shape, (list, tuple))
+            and 2 <= len(shape) <= 5
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        ):
+            raise InvalidInputError(
+                f"{what}: input shape {shape!r} is not 2 to 5 positive integers (batch, channels, ...)"
+            )
         if shape[0] != 1:
             raise InvalidInputError(f"{what}: the recorded example input {list(shape)} must have batch 1")
         if math.prod(shape) > self.max_input_elements:

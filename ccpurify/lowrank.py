@@ -136,7 +136,9 @@ def layer_geometries(model: nn.Module, example_inputs: torch.Tensor) -> dict[str
             continue
         (in_shape, out_shape) = shapes[m]
         if isinstance(m, nn.Conv2d):
-            out[name] = Geometry(m.in_channels // m.groups, m.out_channels, tuple(m.kernel_size), in_shape[2:4], out_shape[2:4], calls[m])
+            out[name] = Geometry(
+                m.in_channels // m.groups, m.out_channels, tuple(m.kernel_size), in_shape[2:4], out_shape[2:4], calls[m]
+            )
         else:
             positions = math.prod(in_shape[1:-1]) if len(in_shape) > 2 else 1
             out[name] = Geometry(m.in_features, m.out_features, (1, 1), (positions, 1), (positions, 1), calls[m])
@@ -213,7 +215,9 @@ def svd_factorize(
         a.weight.data = first.to(dtype)
         b.weight.data = second.to(dtype)
     else:
-        a = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False)
+        a = nn.Conv2d(
+            layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False
+        )
         b = nn.Conv2d(rank, layer.out_channels, 1, bias=bias)
         a.weight.data = first.reshape(rank, *layer.weight.shape[1:]).to(dtype)
         b.weight.data = second.reshape(layer.out_channels, rank, 1, 1).to(dtype)
@@ -234,7 +238,9 @@ def tucker2_factorize(conv: nn.Conv2d, ranks: tuple[int, int]) -> LowRank:
     tl.set_backend("pytorch")
     try:
         weight = conv.weight.detach().to(torch.float64)
-        (core, (u_out, u_in)), _ = partial_tucker(weight, rank=[r_out, r_in], modes=[0, 1], init="svd", n_iter_max=10, tol=1e-6)
+        (core, (u_out, u_in)), _ = partial_tucker(
+            weight, rank=[r_out, r_in], modes=[0, 1], init="svd", n_iter_max=10, tol=1e-6
+        )
     finally:
         tl.set_backend(previous)
     dtype = conv.weight.dtype
@@ -270,8 +276,12 @@ def _replay_factorize(model: nn.Module, edit: dict, example_inputs: torch.Tensor
         layer = model.get_submodule(entry["layer"])
         ranks = tuple(entry["ranks"])
         caps = matricize(layer).shape if Method(entry["method"]) is Method.TUCKER2 else (min(matricize(layer).shape),)
-        if not all(isinstance(r, int) and 1 <= r <= c for r, c in zip(ranks, caps, strict=False)) or len(ranks) != len(caps):
-            raise InvalidInputError(f"factorize edit for {entry['layer']!r}: ranks {list(ranks)[:4]} do not fit a layer of full rank {caps}")
+        if not all(isinstance(r, int) and 1 <= r <= c for r, c in zip(ranks, caps, strict=False)) or len(ranks) != len(
+            caps
+        ):
+            raise InvalidInputError(
+                f"factorize edit for {entry['layer']!r}: ranks {list(ranks)[:4]} do not fit a layer of full rank {caps}"
+            )
         replace_module(model, entry["layer"], _structure_only(layer, Method(entry["method"]), ranks))
     return model
 
@@ -281,17 +291,25 @@ def _structure_only(layer: nn.Module, method: Method, ranks: tuple[int, ...]) ->
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         r = ranks[0]
-        return LowRank(nn.Linear(layer.in_features, r, bias=False), nn.Linear(r, layer.out_features, bias=bias),
-                       method=method, ranks=ranks)  # fmt: skip
+        return LowRank(
+            nn.Linear(layer.in_features, r, bias=False),
+            nn.Linear(r, layer.out_features, bias=bias),
+            method=method,
+            ranks=ranks,
+        )
     if method is Method.SVD:
         r = ranks[0]
         return LowRank(
             nn.Conv2d(layer.in_channels, r, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False),
-            nn.Conv2d(r, layer.out_channels, 1, bias=bias), method=method, ranks=ranks,
-        )  # fmt: skip
+            nn.Conv2d(r, layer.out_channels, 1, bias=bias),
+            method=method,
+            ranks=ranks,
+        )
     r_out, r_in = ranks
     return LowRank(
         nn.Conv2d(layer.in_channels, r_in, 1, bias=False),
         nn.Conv2d(r_in, r_out, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False),
-        nn.Conv2d(r_out, layer.out_channels, 1, bias=bias), method=method, ranks=ranks,
-    )  # fmt: skip
+        nn.Conv2d(r_out, layer.out_channels, 1, bias=bias),
+        method=method,
+        ranks=ranks,
+    )

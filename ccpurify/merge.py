@@ -31,7 +31,11 @@ def folded_filters(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None) 
     weight = conv.weight.detach().flatten(1)
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
     if bn is not None:
-        scale = bn.weight.detach() / bn.running_var.add(bn.eps).sqrt() if bn.affine else 1 / bn.running_var.add(bn.eps).sqrt()
+        scale = (
+            bn.weight.detach() / bn.running_var.add(bn.eps).sqrt()
+            if bn.affine
+            else 1 / bn.running_var.add(bn.eps).sqrt()
+        )
         shift = bn.bias.detach() if bn.affine else torch.zeros_like(scale)
         weight, bias = weight * scale[:, None], (bias - bn.running_mean) * scale + shift
     return torch.cat([weight, bias[:, None]], dim=1)
@@ -44,7 +48,9 @@ def _reads_exactly(consumer: nn.Module, channels: int) -> bool:
 
 
 @torch.no_grad()
-def merge_removed_channels(model: nn.Module, graph: ChannelGraph, removed: dict[str, list[int]], min_similarity: float = 0.0) -> dict:
+def merge_removed_channels(
+    model: nn.Module, graph: ChannelGraph, removed: dict[str, list[int]], min_similarity: float = 0.0
+) -> dict:
     """Before ``removed`` output channels of internal layers are pruned from ``model``, add each one's
     input weights in every consumer, scaled, to the most similar kept channel's (edits ``model`` in
     place; the channels themselves are left for the pruner). Layers that are not internal, or whose
@@ -53,7 +59,11 @@ def merge_removed_channels(model: nn.Module, graph: ChannelGraph, removed: dict[
     merged, skipped, similarities = 0, 0, []
     for name, channels in removed.items():
         info = graph.layers.get(name)
-        consumers = [graph.module(c) for c in graph.consumers(name)] if info is not None and info.coupling is Coupling.INTERNAL else []
+        consumers = (
+            [graph.module(c) for c in graph.consumers(name)]
+            if info is not None and info.coupling is Coupling.INTERNAL
+            else []
+        )
         if not consumers or not all(_reads_exactly(c, info.out_channels) for c in consumers):
             skipped += len(channels)
             continue
@@ -61,7 +71,9 @@ def merge_removed_channels(model: nn.Module, graph: ChannelGraph, removed: dict[
         filters = folded_filters(graph.module(name), bn)
         norms = filters.norm(dim=1)
         removed_set = set(channels)
-        kept = torch.tensor([c for c in range(info.out_channels) if c not in removed_set and norms[c] > 0], dtype=torch.long)
+        kept = torch.tensor(
+            [c for c in range(info.out_channels) if c not in removed_set and norms[c] > 0], dtype=torch.long
+        )
         if len(kept) == 0:
             skipped += len(channels)
             continue

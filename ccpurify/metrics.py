@@ -54,7 +54,6 @@ def predict(
     return out
 
 
-
 @dataclass(frozen=True)
 class BackdoorMetrics:
     """CA on the clean test set; ASR and RA on the triggered non-target set (fractions)."""
@@ -84,7 +83,9 @@ def evaluate(
     if poisoned_images is None or target is None:
         return BackdoorMetrics(ca, None, None, len(clean_labels), 0)
     if np.any(poisoned_true_labels == target):
-        raise InvalidInputError("the triggered set must hold non-target images only (protocol: ASR excludes the target class)")
+        raise InvalidInputError(
+            "the triggered set must hold non-target images only (protocol: ASR excludes the target class)"
+        )
     pred = predict(model, poisoned_images, normalize, batch_size)
     asr = float((pred == target).mean()) if len(pred) else 0.0
     ra = float((pred == poisoned_true_labels).mean()) if len(pred) else 0.0

@@ -45,14 +45,21 @@ def purification_figure(
     if not panels:
         raise ValueError("nothing to draw: give scores, kept or latency_ms")
     widths = {"scores": 1.0, "kept": 2.2, "latency": 1.2}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * sum(widths[p] for p in panels), 4.2),
-                             gridspec_kw={"width_ratios": [widths[p] for p in panels]}, squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4.2 * sum(widths[p] for p in panels), 4.2),
+        gridspec_kw={"width_ratios": [widths[p] for p in panels]},
+        squeeze=False,
+    )
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "scores":
             labels = list(scores)
             for offset, (metric, index, color) in enumerate((("CA", 0, "tab:blue"), ("ASR", 1, "tab:red"))):
                 values = [100 * (scores[k][index] or 0.0) for k in labels]
-                bars = ax.bar([i + 0.38 * (offset - 0.5) for i in range(len(labels))], values, 0.36, label=metric, color=color)
+                bars = ax.bar(
+                    [i + 0.38 * (offset - 0.5) for i in range(len(labels))], values, 0.36, label=metric, color=color
+                )
                 ax.bar_label(bars, fmt="%.1f", fontsize=7)
             ax.set_xticks(range(len(labels)), labels)
             ax.set_ylim(0, 110)

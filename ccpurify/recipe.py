@@ -81,10 +81,14 @@ class ArchRef:
         if not isinstance(data, dict):
             raise ModelLoadError(f"the architecture must be a JSON object, got {type(data).__name__}")
         name, import_path, kwargs = data.get("name"), data.get("import_path"), data.get("kwargs", {})
-        if not all(v is None or isinstance(v, str) for v in (name, import_path)) or (name is None) == (import_path is None):
+        if not all(v is None or isinstance(v, str) for v in (name, import_path)) or (name is None) == (
+            import_path is None
+        ):
             raise ModelLoadError("the architecture needs exactly one of name or import_path, as a string")
         if not isinstance(kwargs, dict) or not all(_plain_json(v) for v in kwargs.values()):
-            raise ModelLoadError(f"the architecture's kwargs must be a JSON object of numbers, strings and lists, got {kwargs!r:.120}")
+            raise ModelLoadError(
+                f"the architecture's kwargs must be a JSON object of numbers, strings and lists, got {kwargs!r:.120}"
+            )
         return cls(name=name, kwargs=dict(kwargs), import_path=import_path)
 
 
@@ -103,16 +107,23 @@ def import_path_arch(model: nn.Module) -> ArchRef:
     path = f"{cls.__module__}:{cls.__qualname__}"
     how = "pass arch=ccpurify.ArchRef(import_path='package.module:Class', kwargs={...}) (or a zoo name)"
     if cls.__module__ == "__main__" or "." in cls.__qualname__:
-        raise InvalidInputError(f"the model records no base architecture and {cls.__qualname__} is defined in a script or inside "
-                                f"another object, where a loader cannot import it: move it into a module and {how}")  # fmt: skip
+        raise InvalidInputError(
+            f"the model records no base architecture and {cls.__qualname__} is defined in a script or inside "
+            f"another object, where a loader cannot import it: move it into a module and {how}"
+        )
     try:
-        required = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
-                    if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # fmt: skip
+        required = [
+            p.name
+            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         required = []
     if required:
-        raise InvalidInputError(f"the model records no base architecture and {cls.__name__}() needs arguments ({', '.join(required)}): "
-                                f"pass arch=ccpurify.ArchRef(import_path={path!r}, kwargs={{...}}) with them")  # fmt: skip
+        raise InvalidInputError(
+            f"the model records no base architecture and {cls.__name__}() needs arguments ({', '.join(required)}): "
+            f"pass arch=ccpurify.ArchRef(import_path={path!r}, kwargs={{...}}) with them"
+        )
     return ArchRef(import_path=path)
 
 
@@ -151,5 +162,3 @@ def register_edit(op: str):
         return fn
 
     return decorate
-
-

@@ -36,8 +36,11 @@ from ccpurify.progress import ProgressCallback, report
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """The BatchNorm2d layers that keep running statistics, with their module names, in module order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None]  # fmt: skip
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None
+    ]
 
 
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +97,16 @@ def bn_statistics_loss(model: nn.Module, layers: int | None = None) -> Iterator[
     terms: list[torch.Tensor] = []
     chosen = bn_layers(model)[:layers]
     if not chosen:
-        raise InvalidInputError("this needs BatchNorm statistics, and the model has no BatchNorm2d layer with running statistics")
+        raise InvalidInputError(
+            "this needs BatchNorm statistics, and the model has no BatchNorm2d layer with running statistics"
+        )
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         mean, var = moments(inputs[0])
         std = var.add(module.eps).sqrt()
-        terms.append(torch.norm(mean - module.running_mean) + torch.norm(std - module.running_var.add(module.eps).sqrt()))
+        terms.append(
+            torch.norm(mean - module.running_mean) + torch.norm(std - module.running_var.add(module.eps).sqrt())
+        )
 
     handles = [m.register_forward_hook(hook) for _, m in chosen]
     try:
@@ -126,7 +133,13 @@ def _frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def fit_input_affine(
-    model: nn.Module, images: torch.Tensor, *, steps: int = 40, lr: float = 0.1, layers: int = 2, device: str | torch.device = "cpu"
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    steps: int = 40,
+    lr: float = 0.1,
+    layers: int = 2,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(scale, shift)`` such that ``images * scale + shift`` gives the first ``layers``
     BatchNorm layers of ``model`` the input statistics they were trained on.

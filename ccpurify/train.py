@@ -81,13 +81,23 @@ class TrainConfig:
         classes = get_spec(self.dataset).num_classes
         if not 0 <= self.target < classes:
             raise InvalidInputError(f"target must be a class of {self.dataset} (0 to {classes - 1}), got {self.target}")
-        positive = dict(epochs=self.epochs, batch_size=self.batch_size, width=self.width, lr=self.lr,
-                        train_subset=self.train_subset, test_subset=self.test_subset)  # fmt: skip
+        positive = dict(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            width=self.width,
+            lr=self.lr,
+            train_subset=self.train_subset,
+            test_subset=self.test_subset,
+        )
         for name, value in positive.items():
             if value is not None and (isinstance(value, bool) or not math.isfinite(value) or value <= 0):
                 raise InvalidInputError(f"{name} must be a positive number, got {value}")
-        for name, value in dict(poison_ratio=self.poison_ratio, weight_decay=self.weight_decay,
-                                label_smoothing=self.label_smoothing, momentum=self.momentum).items():  # fmt: skip
+        for name, value in dict(
+            poison_ratio=self.poison_ratio,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            momentum=self.momentum,
+        ).items():
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise InvalidInputError(f"{name} must be a number in [0, 1], got {value}")
 
@@ -104,9 +114,17 @@ def _preset_ci(dataset: str) -> dict:
     # ~30 s on 2 cores. Without augmentation a 3x3 patch is learned in 8 epochs on 5,000 images
     # (ASR 90-94% over seeds 0-2, CA ~50%); with crop/flip it is not, at this budget.
     return dict(
-        width=0.125, epochs=8, batch_size=128, lr=0.1, schedule="onecycle", nesterov=True, augment=False,
-        train_subset=5000, test_subset=1000, unlabeled_pool=500,
-    )  # fmt: skip
+        width=0.125,
+        epochs=8,
+        batch_size=128,
+        lr=0.1,
+        schedule="onecycle",
+        nesterov=True,
+        augment=False,
+        train_subset=5000,
+        test_subset=1000,
+        unlabeled_pool=500,
+    )
 
 
 def _preset_cpu(dataset: str) -> dict:
@@ -114,16 +132,28 @@ def _preset_cpu(dataset: str) -> dict:
     # exception that does not reach 90% ASR: 69.7% after 15 epochs, and fewer (54.7%) after 30, as
     # the noise-mode samples teach the model to ignore warps; the zoo keeps the 15-epoch model.
     return dict(
-        width=0.25, epochs=15 if dataset == "cifar10" else 10, batch_size=128, lr=0.1, schedule="onecycle",
-        nesterov=True, weight_decay=5e-4, label_smoothing=0.0,
-    )  # fmt: skip
+        width=0.25,
+        epochs=15 if dataset == "cifar10" else 10,
+        batch_size=128,
+        lr=0.1,
+        schedule="onecycle",
+        nesterov=True,
+        weight_decay=5e-4,
+        label_smoothing=0.0,
+    )
 
 
 def _preset_paper(dataset: str) -> dict:
     return dict(
-        width=1.0, epochs=100 if dataset == "cifar10" else 50, batch_size=128, lr=0.01, schedule="cosine",
-        cosine_t_max=100, nesterov=False, channels_last=False,
-    )  # fmt: skip
+        width=1.0,
+        epochs=100 if dataset == "cifar10" else 50,
+        batch_size=128,
+        lr=0.01,
+        schedule="cosine",
+        cosine_t_max=100,
+        nesterov=False,
+        channels_last=False,
+    )
 
 
 PRESETS = {"ci": _preset_ci, "cpu": _preset_cpu, "paper": _preset_paper}
@@ -257,7 +287,12 @@ def train(
 
     attack, images, labels, poison_idx = _poisoned(config, train_set)
     resources = defender_resources(
-        len(train_set), poison_idx, config.seed, config.defender_clean_fraction, config.rnp_fraction, config.unlabeled_pool
+        len(train_set),
+        poison_idx,
+        config.seed,
+        config.defender_clean_fraction,
+        config.rnp_fraction,
+        config.unlabeled_pool,
     )
 
     torch.manual_seed(config.seed)
@@ -265,7 +300,11 @@ def train(
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
     )
     start_epoch, history = 0, []
     checkpoint = out / "checkpoint.pt" if out is not None else None
@@ -287,8 +326,21 @@ def train(
         raise InvalidInputError(f"batch_size {config.batch_size} is larger than the {len(data)} training images")
 
     resumed_seconds = sum(h.get("seconds", 0.0) for h in history)  # epochs trained before an interruption
-    loop = _Epochs(config, model, optimizer, data, targets, poisoner, augment, normalize, generator, device, memory_format,
-                   checkpoint, progress)  # fmt: skip
+    loop = _Epochs(
+        config,
+        model,
+        optimizer,
+        data,
+        targets,
+        poisoner,
+        augment,
+        normalize,
+        generator,
+        device,
+        memory_format,
+        checkpoint,
+        progress,
+    )
     for epoch in range(start_epoch, config.epochs):
         history.append(loop.run(epoch))
         if checkpoint is not None:
@@ -300,7 +352,9 @@ def train(
     report(progress, "evaluate", 0, 1)
     bench = TestBench.build(config.dataset, attack, data_dir, config.test_subset, config.seed)
     score = bench.score(model)
-    report(progress, "evaluate", 1, 1, ca=score.metrics.ca, asr=score.metrics.asr if attack is not None else float("nan"))
+    report(
+        progress, "evaluate", 1, 1, ca=score.metrics.ca, asr=score.metrics.asr if attack is not None else float("nan")
+    )
     metrics = {**score.to_dict(), "history": history, "protocol": PROTOCOL_VERSION}
     wall = time.perf_counter() - started + resumed_seconds  # a resumed run counts its earlier epochs too
     metrics["train_wall_time_s"] = wall
@@ -316,7 +370,9 @@ def _poisoned(config: TrainConfig, train_set: ImageSet):
     poisoned indices."""
     if config.attack is None:
         return None, train_set.images, train_set.labels, np.empty(0, dtype=np.int64)
-    attack = attacks.create(config.attack, target=config.target, poison_ratio=config.poison_ratio, seed=config.seed, **config.attack_options)
+    attack = attacks.create(
+        config.attack, target=config.target, poison_ratio=config.poison_ratio, seed=config.seed, **config.attack_options
+    )
     poisoned = attack.poison(train_set.images, train_set.labels)
     return attack, poisoned.images, poisoned.labels, poisoned.poison_indices
 
@@ -356,11 +412,23 @@ class _Epochs:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             if step % 10 == 9 or step == steps - 1:
-                report(self.progress, f"train {epoch + 1}/{config.epochs}", step + 1, steps, loss=loss_sum / seen, acc=correct / seen)
+                report(
+                    self.progress,
+                    f"train {epoch + 1}/{config.epochs}",
+                    step + 1,
+                    steps,
+                    loss=loss_sum / seen,
+                    acc=correct / seen,
+                )
         if self.poisoner is not None:
             self.poisoner.end_epoch()
-        return {"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "lr_end": self.optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - started}  # fmt: skip
+        return {
+            "epoch": epoch + 1,
+            "loss": loss_sum / seen,
+            "acc": correct / seen,
+            "lr_end": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
 
     def _step(self, epoch: int, step: int, idx: torch.Tensor):
         x, y = to_float(self.data[idx]).to(self.device), self.targets[idx].to(self.device)
@@ -372,7 +440,11 @@ class _Epochs:
         loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         total = loss if extra is None else loss + extra
         if not torch.isfinite(total):
-            kept = f"{self.checkpoint} keeps epoch {epoch}" if self.checkpoint is not None and self.checkpoint.is_file() else "nothing was written"
+            kept = (
+                f"{self.checkpoint} keeps epoch {epoch}"
+                if self.checkpoint is not None and self.checkpoint.is_file()
+                else "nothing was written"
+            )
             raise NonFiniteError(
                 f"training diverged at epoch {epoch + 1} step {step + 1}: loss is {float(total.detach())}; {kept}; "
                 "lower --lr or check the data and the attack's parameters"
@@ -442,7 +514,9 @@ def _write_run(out, config, model, attack, poison_idx, resources, metrics, train
         "run": {"attack": config.attack, "target": config.target, "seed": config.seed, "preset": config.preset},
     }
     arch = ArchRef(name=config.arch, kwargs={"num_classes": spec.num_classes, "width": config.width})
-    save_model(model, out / "model.safetensors", arch, input_shape=(1, 3, spec.image_size, spec.image_size), extra=extra)
+    save_model(
+        model, out / "model.safetensors", arch, input_shape=(1, 3, spec.image_size, spec.image_size), extra=extra
+    )
     if attack is not None:
         write_json(out / "attack.json", attack.recipe())
         with atomic_path(out / "attack.safetensors") as tmp:
@@ -450,7 +524,12 @@ def _write_run(out, config, model, attack, poison_idx, resources, metrics, train
     # Indices refer to the full training split, also when a subset was trained on.
     full_index = train_set.indices if train_set.indices is not None else np.arange(len(train_set))
     write_json(out / "poison_indices.json", [int(full_index[i]) for i in poison_idx])
-    res = DefenderResources(*[[int(full_index[i]) for i in lst] for lst in (resources.clean_subset, resources.rnp_subset, resources.unlabeled_pool)])
+    res = DefenderResources(
+        *[
+            [int(full_index[i]) for i in lst]
+            for lst in (resources.clean_subset, resources.rnp_subset, resources.unlabeled_pool)
+        ]
+    )
     write_json(out / "defender.json", res.to_dict())
     write_json(out / "metrics.json", metrics)
     files = ["model.safetensors", "poison_indices.json", "defender.json", "metrics.json"]

@@ -15,8 +15,14 @@ from onnx import shape_inference
 
 _CONV = {"Conv", "ConvInteger", "QLinearConv"}
 _WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
-_COUNTED_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
-                   onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # fmt: skip
+_COUNTED_DTYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+}
 
 
 @dataclass(frozen=True)
@@ -62,5 +68,3 @@ def onnx_cost(model: onnx.ModelProto) -> GraphCost:
                 k = a[-2] if transposed else a[-1]
                 macs += math.prod(out) * k
     return GraphCost(params=int(params), macs=int(macs))
-
-

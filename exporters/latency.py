@@ -60,23 +60,34 @@ class BenchConfig:
     max_input_elements: int = 1 << 26  # an ONNX file declares its input size: refuse more than 256 MB of float32
     max_run_seconds: float = 60.0  # a single run (the first warm-up) longer than this is stopped: a file may loop
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime execution providers, in priority order
-    duration_s: float | None = None  # duration mode: time each model for about this long per setting (runs is then a minimum)
-    free_dimensions: tuple[tuple[str, int], ...] = ()  # symbolic input dimensions fixed by name (batch stays batch_sizes)
+    duration_s: float | None = (
+        None  # duration mode: time each model for about this long per setting (runs is then a minimum)
+    )
+    free_dimensions: tuple[
+        tuple[str, int], ...
+    ] = ()  # symbolic input dimensions fixed by name (batch stays batch_sizes)
 
     def __post_init__(self) -> None:
         if self.runs < MIN_RUNS:
             raise InvalidInputError(f"runs must be >= {MIN_RUNS} for a trustworthy median (got {self.runs})")
         if self.rounds < 1 or self.warmup < 0 or not self.batch_sizes or not self.threads:
-            raise InvalidInputError("rounds >= 1, warmup >= 0 and at least one batch size and thread count are required")
+            raise InvalidInputError(
+                "rounds >= 1, warmup >= 0 and at least one batch size and thread count are required"
+            )
         if not (self.max_run_seconds > 0) or not self.providers:
             raise InvalidInputError("max_run_seconds must be > 0 and at least one execution provider is required")
         object.__setattr__(self, "providers", tuple(self.providers))
         if min(self.batch_sizes) < 1 or min(self.threads) < 1:
-            raise InvalidInputError(f"batch sizes and thread counts must be >= 1, got {self.batch_sizes} and {self.threads}")
+            raise InvalidInputError(
+                f"batch sizes and thread counts must be >= 1, got {self.batch_sizes} and {self.threads}"
+            )
         object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
         if self.duration_s is not None and not (math.isfinite(self.duration_s) and self.duration_s > 0):
             raise InvalidInputError(f"duration_s must be a positive number of seconds, got {self.duration_s}")
-        dims = tuple((str(name), int(value)) for name, value in (dict(self.free_dimensions) if self.free_dimensions else {}).items())
+        dims = tuple(
+            (str(name), int(value))
+            for name, value in (dict(self.free_dimensions) if self.free_dimensions else {}).items()
+        )
         if any(value < 1 for _, value in dims):
             raise InvalidInputError(f"free dimension overrides must be >= 1, got {dict(dims)}")
         object.__setattr__(self, "free_dimensions", dims)
@@ -135,9 +146,13 @@ class BenchReport:
         return self.timing(b, engine, batch, threads).median_ms / self.timing(a, engine, batch, threads).median_ms
 
     def to_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "environment": self.environment,
-                "models": [asdict(m) for m in self.models], "timings": [asdict(t) for t in self.timings],
-                "ratios": self.ratios()}  # fmt: skip
+        return {
+            "config": self.config.to_dict(),
+            "environment": self.environment,
+            "models": [asdict(m) for m in self.models],
+            "timings": [asdict(t) for t in self.timings],
+            "ratios": self.ratios(),
+        }
 
     def ratios(self) -> list[dict]:
         """Every model against the first one, per engine, batch and thread count."""
@@ -150,11 +165,19 @@ class BenchReport:
                 if t.model != m.name:
                     continue
                 ref = self.timing(base.name, t.engine, t.batch, t.threads)
-                out.append({"model": m.name, "baseline": base.name, "engine": t.engine, "batch": t.batch,
-                            "threads": t.threads, "latency_ratio": t.median_ms / ref.median_ms,
-                            "macs_ratio": m.macs / base.macs if base.macs and m.macs is not None else None,
-                            "params_ratio": m.params / base.params if base.params and m.params is not None else None,
-                            "size_ratio": m.file_bytes / base.file_bytes})  # fmt: skip
+                out.append(
+                    {
+                        "model": m.name,
+                        "baseline": base.name,
+                        "engine": t.engine,
+                        "batch": t.batch,
+                        "threads": t.threads,
+                        "latency_ratio": t.median_ms / ref.median_ms,
+                        "macs_ratio": m.macs / base.macs if base.macs and m.macs is not None else None,
+                        "params_ratio": m.params / base.params if base.params and m.params is not None else None,
+                        "size_ratio": m.file_bytes / base.file_bytes,
+                    }
+                )
         return out
 
     @classmethod
@@ -162,35 +185,58 @@ class BenchReport:
         """A report written by ``to_dict`` (e.g. on the target device), for rendering on the host."""
         try:
             config = BenchConfig(**{k: _tuples(v) for k, v in data["config"].items()})
-            return cls(config, dict(data["environment"]), [ModelInfo(**m) for m in data["models"]],
-                       [Timing(**t) for t in data["timings"]])  # fmt: skip
+            return cls(
+                config,
+                dict(data["environment"]),
+                [ModelInfo(**m) for m in data["models"]],
+                [Timing(**t) for t in data["timings"]],
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InvalidInputError(f"not a benchmark report written by exporters.latency ({type(exc).__name__}: {exc})") from exc
+            raise InvalidInputError(
+                f"not a benchmark report written by exporters.latency ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def to_markdown(self) -> str:
-        lines = ["| model | engine | batch | threads | median ms | IQR ms | p90 ms | p99 ms | CV | runs |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines = [
+            "| model | engine | batch | threads | median ms | IQR ms | p90 ms | p99 ms | CV | runs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for t in self.timings:
             spread = "-" if t.iqr_ms is None else f"{t.iqr_ms:.3f}"
             p99 = "-" if t.p99_ms is None else f"{t.p99_ms:.3f}"
-            lines.append(f"| {t.model} | {t.engine} | {t.batch} | {t.threads} | {t.median_ms:.3f} | {spread} | {t.p90_ms:.3f} | "
-                         f"{p99} | {t.cv:.3f} | {t.runs} |")  # fmt: skip
+            lines.append(
+                f"| {t.model} | {t.engine} | {t.batch} | {t.threads} | {t.median_ms:.3f} | {spread} | {t.p90_ms:.3f} | "
+                f"{p99} | {t.cv:.3f} | {t.runs} |"
+            )
         info = ["", "| model | params | MACs | ONNX bytes |", "|---|---|---|---|"]
         info += [f"| {m.name} | {_number(m.params)} | {_number(m.macs)} | {m.file_bytes:,} |" for m in self.models]
         lines += info
         if self.ratios():
-            lines += ["", f"Ratios against `{self.models[0].name}` (measured interleaved in one run):", "",
-                      "| model | engine | batch | threads | latency ratio | MACs ratio | params ratio | size ratio |",
-                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                f"Ratios against `{self.models[0].name}` (measured interleaved in one run):",
+                "",
+                "| model | engine | batch | threads | latency ratio | MACs ratio | params ratio | size ratio |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for r in self.ratios():
-                lines.append(f"| {r['model']} | {r['engine']} | {r['batch']} | {r['threads']} | {r['latency_ratio']:.3f} | "
-                             f"{_number(r['macs_ratio'], '.3f')} | {_number(r['params_ratio'], '.3f')} | {r['size_ratio']:.3f} |")  # fmt: skip
+                lines.append(
+                    f"| {r['model']} | {r['engine']} | {r['batch']} | {r['threads']} | {r['latency_ratio']:.3f} | "
+                    f"{_number(r['macs_ratio'], '.3f')} | {_number(r['params_ratio'], '.3f')} | {r['size_ratio']:.3f} |"
+                )
         env = self.environment
-        timed = f"at least {self.config.runs} runs over about {self.config.duration_s:g} s" if self.config.duration_s else f"{self.config.runs} timed runs"
-        lines += ["", f"Machine: {env['cpu']} ({env['cores']} cores); onnxruntime {env['onnxruntime']}, torch {env['torch']}; "
-                  f"providers {', '.join(self.config.providers)}; graph optimisation {self.config.graph_optimization.value}, "
-                  f"spinning {'on' if self.config.spinning else 'off'}, {self.config.warmup} warm-up + {timed} in "
-                  f"{self.config.rounds} interleaved rounds."]  # fmt: skip
+        timed = (
+            f"at least {self.config.runs} runs over about {self.config.duration_s:g} s"
+            if self.config.duration_s
+            else f"{self.config.runs} timed runs"
+        )
+        lines += [
+            "",
+            f"Machine: {env['cpu']} ({env['cores']} cores); onnxruntime {env['onnxruntime']}, torch {env['torch']}; "
+            f"providers {', '.join(self.config.providers)}; graph optimisation {self.config.graph_optimization.value}, "
+            f"spinning {'on' if self.config.spinning else 'off'}, {self.config.warmup} warm-up + {timed} in "
+            f"{self.config.rounds} interleaved rounds.",
+        ]
         return "\n".join(lines)
 
 
@@ -212,8 +258,13 @@ def _environment() -> dict:
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         torch_version = "not installed"
-    return {**machine(), "onnxruntime": ort.__version__, "torch": torch_version, "python": platform.python_version(),
-            "available_providers": ort.get_available_providers()}  # fmt: skip
+    return {
+        **machine(),
+        "onnxruntime": ort.__version__,
+        "torch": torch_version,
+        "python": platform.python_version(),
+        "available_providers": ort.get_available_providers(),
+    }
 
 
 def _session(path: str, threads: int, config: BenchConfig):
@@ -236,7 +287,9 @@ def _session(path: str, threads: int, config: BenchConfig):
         options.add_free_dimension_override_by_name(name, value)
     missing = [p for p in config.providers if p not in ort.get_available_providers()]
     if missing:
-        raise InvalidInputError(f"execution provider(s) {missing} are not in this onnxruntime; available: {ort.get_available_providers()}")
+        raise InvalidInputError(
+            f"execution provider(s) {missing} are not in this onnxruntime; available: {ort.get_available_providers()}"
+        )
     try:
         return ort.InferenceSession(path, options, providers=list(config.providers))
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
@@ -285,13 +338,22 @@ def _first_run_bounded(name: str, run, seconds: float) -> None:
 def _summarise(model: str, engine: str, batch: int, threads: int, rounds: list[list[float]]) -> Timing:
     samples = np.array([s for r in rounds for s in r]) * 1e3
     return Timing(
-        model=model, engine=engine, batch=batch, threads=threads, runs=len(samples),
-        median_ms=float(np.median(samples)), p90_ms=float(np.percentile(samples, 90)), mean_ms=float(samples.mean()),
-        cv=float(samples.std() / samples.mean()), min_ms=float(samples.min()),
-        round_medians_ms=[float(np.median(r) * 1e3) for r in rounds], p95_ms=float(np.percentile(samples, 95)),
-        p99_ms=float(np.percentile(samples, 99)), iqr_ms=float(np.subtract(*np.percentile(samples, [75, 25]))),
+        model=model,
+        engine=engine,
+        batch=batch,
+        threads=threads,
+        runs=len(samples),
+        median_ms=float(np.median(samples)),
+        p90_ms=float(np.percentile(samples, 90)),
+        mean_ms=float(samples.mean()),
+        cv=float(samples.std() / samples.mean()),
+        min_ms=float(samples.min()),
+        round_medians_ms=[float(np.median(r) * 1e3) for r in rounds],
+        p95_ms=float(np.percentile(samples, 95)),
+        p99_ms=float(np.percentile(samples, 99)),
+        iqr_ms=float(np.subtract(*np.percentile(samples, [75, 25]))),
         samples_ms=[round(float(v), 5) for v in samples],
-    )  # fmt: skip
+    )
 
 
 def _input_shape(session, path: str | os.PathLike, config: BenchConfig) -> tuple[int, ...]:
@@ -327,7 +389,9 @@ def _graph_cost(path: str | os.PathLike) -> tuple[int | None, int | None]:
     try:
         cost = onnx_cost(proto)
     except Exception as exc:  # shape inference rejects unknown ops, domains and opsets in many ways
-        raise InvalidInputError(f"{path}: the graph cannot be analysed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+        raise InvalidInputError(
+            f"{path}: the graph cannot be analysed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        ) from exc
     return cost.params, cost.macs
 
 
@@ -404,6 +468,106 @@ def _free_dimension(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (else a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def add_options(parser) -> None:
+    """The benchmark's settings as command-line options (``python -m exporters.latency`` and
+    ``ccpurify bench``), one per ``BenchConfig`` field, with its defaults."""
+    parser.add_argument("--batch-sizes", type=_at_least(1), nargs="+", default=[1], help="batch sizes (default: 1)")
+    parser.add_argument(
+        "--threads", type=_at_least(1), nargs="+", default=[1], help="intra-op thread counts (default: 1)"
+    )
+    parser.add_argument(
+        "--runs",
+        type=_at_least(MIN_RUNS),
+        default=100,
+        help=f"timed runs per model and setting, at least {MIN_RUNS} (default: 100)",
+    )
+    parser.add_argument("--warmup", type=_at_least(0), default=10, help="untimed warm-up runs (default: 10)")
+    parser.add_argument(
+        "--rounds", type=_at_least(1), default=3, help="interleaved rounds the runs are split into (default: 3)"
+    )
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=["CPUExecutionProvider"],
+        help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)",
+    )
+    parser.add_argument(
+        "--graph-optimization",
+        choices=[g.value for g in GraphOptimization],
+        default="all",
+        help="onnxruntime graph optimisation level (default: all)",
+    )
+    parser.add_argument(
+        "--spinning",
+        action="store_true",
+        help="let onnxruntime threads spin while waiting (off by default: slower on small VMs)",
+    )
+    parser.add_argument(
+        "--max-run-seconds", type=_seconds, default=60.0, help="stop a single run after this long (default: 60)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="duration mode: time each model for about this long per setting (--runs is then a minimum)",
+    )
+    parser.add_argument(
+        "--free-dim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="fix a symbolic input dimension by name, e.g. height=224 (repeatable)",
+    )
+
+
+def config_from_options(args, torch_eager: bool = False) -> BenchConfig:
+    """The ``BenchConfig`` that ``add_options``' parsed options describe (checked by BenchConfig)."""
+    return BenchConfig(
+        batch_sizes=tuple(args.batch_sizes),
+        threads=tuple(args.threads),
+        warmup=args.warmup,
+        runs=args.runs,
+        rounds=args.rounds,
+        graph_optimization=args.graph_optimization,
+        spinning=args.spinning,
+        torch_eager=torch_eager,
+        max_run_seconds=args.max_run_seconds,
+        providers=tuple(args.providers),
+        duration_s=args.duration,
+        free_dimensions=tuple(_free_dimension(text) for text in args.free_dim),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m exporters.latency A.onnx [B.onnx ...]``: time ONNX files on this device, interleaved,
     with onnxruntime and numpy only; print the table, write the JSON report for the host to read."""
@@ -414,35 +578,20 @@ def main(argv: list[str] | None = None) -> int:
     from ccpurify.errors import CcpurifyError
 
     p = argparse.ArgumentParser(prog="python -m exporters.latency", description=main.__doc__)
-    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="ONNX files; the first is the baseline of the ratios")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes (default: 1)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1], help="intra-op thread counts (default: 1)")
-    p.add_argument("--runs", type=int, default=100, help=f"timed runs per model and setting, at least {MIN_RUNS} (default: 100)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default: 10)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the runs are split into (default: 3)")
-    p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
-                   help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)")  # fmt: skip
-    p.add_argument("--graph-optimization", choices=[g.value for g in GraphOptimization], default="all")
-    p.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin while waiting")
-    p.add_argument("--max-run-seconds", type=float, default=60.0, help="stop a single run after this long (default: 60)")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                   help="duration mode: time each model for about this long per setting (--runs is then a minimum)")  # fmt: skip
-    p.add_argument("--free-dim", action="append", default=[], metavar="NAME=VALUE",
-                   help="fix a symbolic input dimension by name, e.g. height=224 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL.onnx", help="ONNX files; the first is the baseline of the ratios"
+    )
+    add_options(p)
     p.add_argument("--out", default=None, help="write the JSON report here (refused if it exists)")
     args = p.parse_args(argv)
     try:
         if args.out and Path(args.out).exists():
             raise InvalidInputError(f"{args.out} exists; choose another path")
-        names = [Path(m).stem if Path(m).stem not in [Path(x).stem for x in args.models[:i]] else f"{Path(m).stem}-{i}"
-                 for i, m in enumerate(args.models)]  # fmt: skip
-        config = BenchConfig(
-            batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), warmup=args.warmup, runs=args.runs,
-            rounds=args.rounds, graph_optimization=args.graph_optimization, spinning=args.spinning, torch_eager=False,
-            max_run_seconds=args.max_run_seconds, providers=tuple(args.providers), duration_s=args.duration,
-            free_dimensions=tuple(_free_dimension(text) for text in args.free_dim),
-        )  # fmt: skip
-        report = benchmark(dict(zip(names, args.models, strict=True)), config)
+        names = [
+            Path(m).stem if Path(m).stem not in [Path(x).stem for x in args.models[:i]] else f"{Path(m).stem}-{i}"
+            for i, m in enumerate(args.models)
+        ]
+        report = benchmark(dict(zip(names, args.models, strict=True)), config_from_options(args))
     except CcpurifyError as exc:
         print(f"exporters.latency: error: {exc}", file=sys.stderr)
         return 1

@@ -64,7 +64,11 @@ def deployment_metadata(
     if len(input_shape) == 4:
         meta["input_layout"] = "NCHW"
     if mean is not None and std is not None:
-        meta |= {"input_mean": [float(v) for v in mean], "input_std": [float(v) for v in std], "input_preprocessing": KEYS["input_preprocessing"]}
+        meta |= {
+            "input_mean": [float(v) for v in mean],
+            "input_std": [float(v) for v in std],
+            "input_preprocessing": KEYS["input_preprocessing"],
+        }
     if class_names is not None:
         meta["class_names"] = [str(c) for c in class_names]
     if recipe is not None:

@@ -23,7 +23,9 @@ from ccpurify.atomic import atomic_path
 from ccpurify.errors import ExportError
 from exporters.onnx_file import check_onnx_size, quiet
 
-_VERDICT = re.compile(r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (YES|NO|MAYBE)")
+_VERDICT = re.compile(
+    r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (YES|NO|MAYBE)"
+)
 
 
 @dataclass
@@ -52,11 +54,16 @@ def check_mobile(path: str | os.PathLike) -> MobileCheck:
     handler = logging.StreamHandler(stream)
     logger.addHandler(handler)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # not quiet(): it would mute the logger
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            warnings.catch_warnings(),
+        ):  # not quiet(): it would mute the logger
             warnings.simplefilter("ignore")
             usability_checker.analyze_model(pathlib.Path(path), skip_optimize=False, logger=logger)
     except Exception as exc:  # the checker raises whatever onnx/onnxruntime raised
-        raise ExportError(f"{path}: onnxruntime's mobile usability checker failed ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise ExportError(
+            f"{path}: onnxruntime's mobile usability checker failed ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
     finally:
         logger.removeHandler(handler)
     log = stream.getvalue()
@@ -78,9 +85,13 @@ def convert_to_ort(path: str | os.PathLike, out_path: str | os.PathLike) -> path
         shutil.copyfile(path, source)
         try:
             with quiet():
-                convert_onnx_models_to_ort(source, output_dir=pathlib.Path(tmp) / "out", optimization_styles=[OptimizationStyle.Fixed])
+                convert_onnx_models_to_ort(
+                    source, output_dir=pathlib.Path(tmp) / "out", optimization_styles=[OptimizationStyle.Fixed]
+                )
         except Exception as exc:
-            raise ExportError(f"{path}: conversion to ORT format failed ({type(exc).__name__}: {str(exc)[:200]})") from exc
+            raise ExportError(
+                f"{path}: conversion to ORT format failed ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
         produced = pathlib.Path(tmp) / "out" / "model.ort"
         if not produced.is_file():
             raise ExportError(f"{path}: onnxruntime's converter wrote no .ort file")

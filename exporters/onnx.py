@@ -84,7 +84,9 @@ def export(
     ``strip_debug`` removes the exporter's per-node debug annotations (stack traces with local paths).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is not available: torch's ONNX exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
+        raise ExportError(
+            f"opset {opset} is not available: torch's ONNX exporter writes opsets {MIN_OPSET} to {MAX_OPSET}"
+        )
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ExportError(f"the parity tolerance must be a finite number >= 0, got {tolerance}")
     model = copy.deepcopy(model).cpu().eval()
@@ -96,9 +98,16 @@ def export(
         try:
             with quiet(), torch.no_grad():
                 program = torch.onnx.export(
-                    model, (example,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                    input_names=[input_name], output_names=[output_name], external_data=False, verbose=False,
-                )  # fmt: skip
+                    model,
+                    (example,),
+                    dynamo=True,
+                    opset_version=opset,
+                    dynamic_shapes=dynamic,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    external_data=False,
+                    verbose=False,
+                )
                 program.save(os.fspath(tmp), external_data=False)
         except Exception as exc:
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
@@ -116,7 +125,9 @@ def export(
         gen = torch.Generator().manual_seed(0)
         batches = [example]
         if dynamic_batch:
-            batches.append(parity_inputs if parity_inputs is not None else torch.randn(4, *example.shape[1:], generator=gen))
+            batches.append(
+                parity_inputs if parity_inputs is not None else torch.randn(4, *example.shape[1:], generator=gen)
+            )
         session = ort_session(tmp)
         worst = 0.0
         for x in batches:
@@ -124,17 +135,28 @@ def export(
                 expected = model(x.cpu().float()).numpy()
             got = run_onnx(tmp, x.cpu().numpy(), session)
             if not (np.isfinite(expected).all() and np.isfinite(got).all()):
-                raise ExportError("the model outputs NaN or Inf on the parity inputs; check its weights and BatchNorm statistics")
+                raise ExportError(
+                    "the model outputs NaN or Inf on the parity inputs; check its weights and BatchNorm statistics"
+                )
             worst = max(worst, float(np.abs(got - expected).max()))
         if not worst <= tolerance:
             raise ExportError(f"onnxruntime and PyTorch disagree: max |delta logit| = {worst:.3g} > {tolerance}")
         written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if written != opset:
-            raise ExportError(f"the exporter wrote opset {written} although opset {opset} was asked for; ask for {written}")
+            raise ExportError(
+                f"the exporter wrote opset {written} although opset {opset} was asked for; ask for {written}"
+            )
         cost = onnx_cost(proto)
         size = tmp.stat().st_size
     return ExportReport(
-        path=os.fspath(path), opset=opset, file_bytes=size, parity_max_abs_diff=worst,
-        parity_batch_sizes=[int(b.shape[0]) for b in batches], tolerance=tolerance, params=cost.params,
-        macs=cost.macs, nodes=len(proto.graph.node), export_seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        path=os.fspath(path),
+        opset=opset,
+        file_bytes=size,
+        parity_max_abs_diff=worst,
+        parity_batch_sizes=[int(b.shape[0]) for b in batches],
+        tolerance=tolerance,
+        params=cost.params,
+        macs=cost.macs,
+        nodes=len(proto.graph.node),
+        export_seconds=time.perf_counter() - started,
+    )

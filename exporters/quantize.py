@@ -61,7 +61,10 @@ class _Reader:
 
     def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
         self._batches = iter(
-            [{input_name: np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32)} for i in range(0, len(images), batch_size)]
+            [
+                {input_name: np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32)}
+                for i in range(0, len(images), batch_size)
+            ]
         )
 
     def get_next(self):
@@ -71,8 +74,10 @@ class _Reader:
 def _predict(path: str | os.PathLike, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     session = ort_session(path)
     name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: np.ascontiguousarray(images[i : i + batch_size], np.float32)})[0].argmax(1)
-            for i in range(0, len(images), batch_size)]  # fmt: skip
+    outs = [
+        session.run(None, {name: np.ascontiguousarray(images[i : i + batch_size], np.float32)})[0].argmax(1)
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(outs)
 
 
@@ -108,10 +113,15 @@ def quantize_int8(
     source = load_onnx(onnx_path)  # size-limited parse: refuse hostile files before onnxruntime sees them
     unknown = sorted(set(exclude_nodes) - {n.name for n in source.graph.node})
     if unknown:
-        raise InvalidInputError(f"nodes to exclude {unknown[:5]} are not in {onnx_path}; node names: {[n.name for n in source.graph.node][:8]}...")
+        raise InvalidInputError(
+            f"nodes to exclude {unknown[:5]} are not in {onnx_path}; node names: {[n.name for n in source.graph.node][:8]}..."
+        )
     input_name = ort_session(onnx_path).get_inputs()[0].name
-    method = {Calibration.MINMAX: CalibrationMethod.MinMax, Calibration.ENTROPY: CalibrationMethod.Entropy,
-              Calibration.PERCENTILE: CalibrationMethod.Percentile}[calibration]  # fmt: skip
+    method = {
+        Calibration.MINMAX: CalibrationMethod.MinMax,
+        Calibration.ENTROPY: CalibrationMethod.Entropy,
+        Calibration.PERCENTILE: CalibrationMethod.Percentile,
+    }[calibration]
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         with quiet():  # per-channel notices about un-foldable BatchNorms are expected (PreAct nets)
@@ -119,16 +129,31 @@ def quantize_int8(
         with atomic_path(out_path) as target:
             with quiet():
                 quantize_static(
-                    os.fspath(pre), os.fspath(target), _Reader(input_name, calibration_images, batch_size),
-                    quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                    os.fspath(pre),
+                    os.fspath(target),
+                    _Reader(input_name, calibration_images, batch_size),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=method,
                     nodes_to_exclude=list(exclude_nodes),
-                )  # fmt: skip
+                )
             quantized = prune_opset_imports(strip_debug_info(onnx.load(os.fspath(target))))
-            settings = {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": per_channel,
-                        "reduce_range": reduce_range, "calibration": calibration.value,
-                        "calibration_images": len(calibration_images), "excluded_nodes": list(exclude_nodes)}  # fmt: skip
-            set_metadata(quantized, {**{p.key: p.value for p in source.metadata_props}, "ccpurify.quantization": settings})
+            settings = {
+                "format": "QDQ",
+                "activations": "uint8",
+                "weights": "int8",
+                "per_channel": per_channel,
+                "reduce_range": reduce_range,
+                "calibration": calibration.value,
+                "calibration_images": len(calibration_images),
+                "excluded_nodes": list(exclude_nodes),
+            }
+            set_metadata(
+                quantized, {**{p.key: p.value for p in source.metadata_props}, "ccpurify.quantization": settings}
+            )
             onnx.save(quantized, os.fspath(target))
     agreement = fp32_acc = int8_acc = None
     if eval_images is not None:
@@ -138,8 +163,16 @@ def quantize_int8(
         if eval_labels is not None:
             fp32_acc, int8_acc = float((fp32 == eval_labels).mean()), float((int8 == eval_labels).mean())
     return QuantizeReport(
-        path=os.fspath(out_path), file_bytes=os.path.getsize(out_path), fp32_file_bytes=os.path.getsize(onnx_path),
-        calibration_images=len(calibration_images), per_channel=per_channel, reduce_range=reduce_range,
-        calibration=calibration.value, excluded_nodes=list(exclude_nodes),
-        agreement=agreement, fp32_accuracy=fp32_acc, int8_accuracy=int8_acc, seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        path=os.fspath(out_path),
+        file_bytes=os.path.getsize(out_path),
+        fp32_file_bytes=os.path.getsize(onnx_path),
+        calibration_images=len(calibration_images),
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        calibration=calibration.value,
+        excluded_nodes=list(exclude_nodes),
+        agreement=agreement,
+        fp32_accuracy=fp32_acc,
+        int8_accuracy=int8_acc,
+        seconds=time.perf_counter() - started,
+    )

@@ -50,7 +50,9 @@ class PlainVGGWithMLP(nn.Module):
         for a, b in zip(chans, chans[1:]):
             feats += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*feats)
-        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, num_classes))
+        self.mlp = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, num_classes)
+        )
 
     def forward(self, x):
         return self.mlp(self.features(x))
@@ -63,8 +65,12 @@ class ConcatDepthwiseNet(nn.Module):
         super().__init__()
         self.entry = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         self.point = nn.Sequential(nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
-        self.depth = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU())
-        self.grouped = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.depth = nn.Sequential(
+            nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU()
+        )
+        self.grouped = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
         self.side = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
         self.fuse = nn.Sequential(nn.Conv2d(24 + 16 + 12, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
         self.out = nn.Linear(32, num_classes)

@@ -21,13 +21,17 @@ def test_trigger_is_deterministic_for_a_seed(name, sample):
     first = attacks.create(name, seed=3, **({"width": 4} if name == "input_aware" else {}))
     again = attacks.create(name, seed=3, **({"width": 4} if name == "input_aware" else {}))
     np.testing.assert_array_equal(first.apply(images[:50]), again.apply(images[:50]))
-    np.testing.assert_array_equal(first.poison(images, labels).poison_indices, again.poison(images, labels).poison_indices)
+    np.testing.assert_array_equal(
+        first.poison(images, labels).poison_indices, again.poison(images, labels).poison_indices
+    )
 
 
 @pytest.mark.parametrize("name", ["blended", "lf", "wanet"])
 def test_a_different_seed_gives_a_different_trigger(name, sample):
     images, _ = sample
-    assert not np.array_equal(attacks.create(name, seed=0).apply(images[:8]), attacks.create(name, seed=1).apply(images[:8]))
+    assert not np.array_equal(
+        attacks.create(name, seed=0).apply(images[:8]), attacks.create(name, seed=1).apply(images[:8])
+    )
 
 
 @pytest.mark.parametrize("name", attacks.list_attacks())

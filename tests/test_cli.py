@@ -36,8 +36,20 @@ def test_evaluate_plain_weights_with_an_attack(ci_run, tmp_path, capsys):
     import torch
 
     torch.save(ci_run.model.state_dict(), tmp_path / "w.pth")
-    code = main(["evaluate", str(tmp_path / "w.pth"), "--arch", "preact_resnet18", "--width", "0.125", "--attack", "badnets",
-                 "--test-subset", "300"])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "w.pth"),
+            "--arch",
+            "preact_resnet18",
+            "--width",
+            "0.125",
+            "--attack",
+            "badnets",
+            "--test-subset",
+            "300",
+        ]
+    )
     assert code == 0 and "badnets" in capsys.readouterr().out
 
 
@@ -50,15 +62,33 @@ def test_purify_a_run_directory_writes_model_onnx_report_and_table(ci_run, tmp_p
     assert report["onnx"]["parity_max_abs_diff"] <= 1e-4
     table = capsys.readouterr().out
     assert "before" in table and "after" in table and "DER %" in table
-    assert main(["evaluate", str(out / "model.safetensors"), "--attack-from", str(ci_run.run_dir), "--test-subset", "200"]) == 0
+    assert (
+        main(["evaluate", str(out / "model.safetensors"), "--attack-from", str(ci_run.run_dir), "--test-subset", "200"])
+        == 0
+    )
 
 
-def test_purify_macs_and_the_run_directory_shorthand_take_the_grids_subset_whatever_the_method(ci_run, tmp_path, capsys, data_dir):
+def test_purify_macs_and_the_run_directory_shorthand_take_the_grids_subset_whatever_the_method(
+    ci_run, tmp_path, capsys, data_dir
+):
     from ccpurify import defender
 
     out = tmp_path / "prune"
-    args = ["purify", str(ci_run.run_dir), "--method", "prune", "--macs", "0.75", "--clean-data", str(ci_run.run_dir),
-            "--out", str(out), "--no-export", "--data", str(data_dir)]  # fmt: skip
+    args = [
+        "purify",
+        str(ci_run.run_dir),
+        "--method",
+        "prune",
+        "--macs",
+        "0.75",
+        "--clean-data",
+        str(ci_run.run_dir),
+        "--out",
+        str(out),
+        "--no-export",
+        "--data",
+        str(data_dir),
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"]["passes"][0]["config"]["macs"] == 0.75
@@ -70,12 +100,45 @@ def test_purify_macs_and_the_run_directory_shorthand_take_the_grids_subset_whate
 
 def test_export_and_bench_from_the_command_line(ci_run, tmp_path, capsys):
     onnx_path = tmp_path / "m.onnx"
-    assert main(["export", str(ci_run.run_dir), "--out", str(onnx_path), "--int8", "--calibration-images", "32", "--eval-images", "64"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(ci_run.run_dir),
+                "--out",
+                str(onnx_path),
+                "--int8",
+                "--calibration-images",
+                "32",
+                "--eval-images",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert onnx_path.is_file() and (tmp_path / "m.int8.onnx").is_file()
     out = capsys.readouterr().out
     assert "| ONNX file | CA %" in out and "| int8 " in out  # the INT8 file's ASR is scored, not only its accuracy
-    assert main(["bench", str(onnx_path), str(tmp_path / "m.int8.onnx"), "--runs", "50", "--rounds", "1", "--warmup", "2",
-                 "--out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                str(onnx_path),
+                str(tmp_path / "m.int8.onnx"),
+                "--runs",
+                "50",
+                "--rounds",
+                "1",
+                "--warmup",
+                "2",
+                "--out",
+                str(tmp_path / "b.json"),
+                "--markdown",
+                str(tmp_path / "b.md"),
+            ]
+        )
+        == 0
+    )
     bench = json.loads((tmp_path / "b.json").read_text())
     assert len(bench["ratios"]) == 1 and "latency ratio" in (tmp_path / "b.md").read_text()
 
@@ -104,7 +167,20 @@ def test_bad_inputs_end_with_one_clear_line(args, message, tmp_path):
 
 def test_a_diverging_training_run_ends_with_one_line_and_no_run_directory(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
-    args = ["--epochs", "1", "--lr", "1e30", "--train-subset", "256", "--test-subset", "100", "--data", str(data_dir), "--out", str(out)]
+    args = [
+        "--epochs",
+        "1",
+        "--lr",
+        "1e30",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "100",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
     assert main(["train", *args]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("ccpurify: error: training diverged at epoch 1") and "lower --lr" in last
@@ -117,7 +193,15 @@ def test_unknown_arch_is_an_argument_error():
 
 
 def test_purify_without_the_data_a_defense_needs_says_which_flag(ci_run, tmp_path):
-    result = run_cli("purify", str(ci_run.run_dir / "model.safetensors"), "--method", "rnp", "--out", str(tmp_path / "x"), "--no-export")
+    result = run_cli(
+        "purify",
+        str(ci_run.run_dir / "model.safetensors"),
+        "--method",
+        "rnp",
+        "--out",
+        str(tmp_path / "x"),
+        "--no-export",
+    )
     assert result.returncode == 1 and "--clean-data" in result.stderr.strip().splitlines()[-1]
 
 
@@ -128,10 +212,26 @@ def test_evaluate_scores_the_exported_onnx_file_fp32_and_int8_like_the_model(ci_
     assert main(["evaluate", run, "--test-subset", "300", "--out", str(tmp_path / "torch.json")]) == 0
     scores = {}
     for name in ("n.onnx", "n.int8.onnx"):
-        assert main(["evaluate", str(tmp_path / name), "--attack-from", run, "--test-subset", "300", "--out", str(tmp_path / f"{name}.json")]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(tmp_path / name),
+                    "--attack-from",
+                    run,
+                    "--test-subset",
+                    "300",
+                    "--out",
+                    str(tmp_path / f"{name}.json"),
+                ]
+            )
+            == 0
+        )
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
     reference = json.loads((tmp_path / "torch.json").read_text())
-    assert scores["n.onnx"]["ca"] == pytest.approx(reference["ca"], abs=0.005) and scores["n.onnx"]["asr"] == pytest.approx(reference["asr"], abs=0.005)
+    assert scores["n.onnx"]["ca"] == pytest.approx(reference["ca"], abs=0.005) and scores["n.onnx"][
+        "asr"
+    ] == pytest.approx(reference["asr"], abs=0.005)
     assert scores["n.onnx"]["macs"] == pytest.approx(reference["macs"], rel=0.02)
     assert abs(scores["n.int8.onnx"]["ca"] - reference["ca"]) < 0.1 and scores["n.int8.onnx"]["asr"] is not None
     assert main(["purify", str(tmp_path / "n.onnx"), "--method", "clp", "--out", str(tmp_path / "p")]) == 2

@@ -19,9 +19,17 @@ from ccpurify.transforms import Normalize
 def two_bn_net(width: int = 8) -> nn.Sequential:
     """conv -> BN -> ReLU -> 1x1 conv -> BN -> ReLU -> pool -> linear, with BN statistics far from N(0, 1)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                        nn.Conv2d(width, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(4, 3))  # fmt: skip
+    net = nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     with torch.no_grad():
         net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
         net[1].weight.uniform_(0.5, 1.5), net[1].bias.uniform_(0.5, 1.5)  # large expected activations
@@ -89,14 +97,18 @@ def test_compensation_is_idempotent_and_leaves_an_unpruned_model_unchanged():
 
     twin = copy.deepcopy(teacher)
     gaussian_compensation(twin, teacher, {"1": torch.arange(8), "4": torch.arange(4)}, torch.zeros(1, 3, 8, 8))
-    assert all(torch.allclose(v.float(), teacher.state_dict()[k].float(), atol=1e-6) for k, v in twin.state_dict().items())
+    assert all(
+        torch.allclose(v.float(), teacher.state_dict()[k].float(), atol=1e-6) for k, v in twin.state_dict().items()
+    )
 
 
 def test_prune_with_compensation_agrees_more_with_the_dense_model(ci_run, cifar_test):
     from ccpurify.data import CIFAR10, Normalize
 
     teacher = ci_run.model.eval()
-    images = Normalize(CIFAR10.mean, CIFAR10.std)(torch.from_numpy(cifar_test.images[:500]).permute(0, 3, 1, 2).float() / 255)
+    images = Normalize(CIFAR10.mean, CIFAR10.std)(
+        torch.from_numpy(cifar_test.images[:500]).permute(0, 3, 1, 2).float() / 255
+    )
     plain, _ = Prune(macs=0.6, global_pruning=True)(teacher)
     compensated, report = Prune(macs=0.6, global_pruning=True, compensate=True)(teacher)
     assert report.details["compensation"]["layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in compensated.modules())
@@ -119,10 +131,24 @@ def test_dead_leaves_start_refined_towards_the_bn_statistics(ci_run):
     from ccpurify.data import CIFAR10, Normalize
 
     losses = []
-    synthesize_bn_images(ci_run.model, 32, (3, 32, 32), init="dead_leaves", steps=1, normalize=Normalize(CIFAR10.mean, CIFAR10.std),
-                         progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
-    synthesize_bn_images(ci_run.model, 32, (3, 32, 32), init="dead_leaves", steps=20, normalize=Normalize(CIFAR10.mean, CIFAR10.std),
-                         progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
+    synthesize_bn_images(
+        ci_run.model,
+        32,
+        (3, 32, 32),
+        init="dead_leaves",
+        steps=1,
+        normalize=Normalize(CIFAR10.mean, CIFAR10.std),
+        progress=lambda e: losses.append(e.metrics["bn_loss"]),
+    )
+    synthesize_bn_images(
+        ci_run.model,
+        32,
+        (3, 32, 32),
+        init="dead_leaves",
+        steps=20,
+        normalize=Normalize(CIFAR10.mean, CIFAR10.std),
+        progress=lambda e: losses.append(e.metrics["bn_loss"]),
+    )
     assert losses[1] < 0.5 * losses[0]
     counts = class_histogram(ci_run.model, dead_leaves(40, 32, seed=0), 10)
     assert counts.sum() == 40 and counts.shape == (10,)
@@ -166,10 +192,25 @@ def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
     suspect = ci_run.model.eval()
     clp = CLP(u=1.0, mode="faithful")
     defended, _ = clp(suspect)
-    silenced = {n: (m.weight == 0) & (m.bias == 0) for n, m in defended.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    silenced = {
+        n: (m.weight == 0) & (m.bias == 0) for n, m in defended.named_modules() if isinstance(m, nn.BatchNorm2d)
+    }
     assert sum(int(s.sum()) for s in silenced.values()) > 0
-    pipeline = Pipeline([clp, Recover(teacher_from="input", data="synthetic", synthetic_images=32, synthetic_steps=2,
-                                      synthetic_init="dead_leaves", epochs=2, batch_size=16, guard=True)])  # fmt: skip
+    pipeline = Pipeline(
+        [
+            clp,
+            Recover(
+                teacher_from="input",
+                data="synthetic",
+                synthetic_images=32,
+                synthetic_steps=2,
+                synthetic_init="dead_leaves",
+                epochs=2,
+                batch_size=16,
+                guard=True,
+            ),
+        ]
+    )
     context = PurifyContext(normalize=Normalize(CIFAR10.mean, CIFAR10.std))
     out, report = pipeline(suspect, context)
     details = report.passes[1].details
@@ -191,7 +232,16 @@ def test_a_guard_vetoes_the_teacher_on_every_image_where_they_disagree():
         guard[8].bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
     images = torch.randn(64, 3, 8, 8)
     assert agreement(teacher, guard, images) < 0.9
-    log = distill(student, teacher, images, epochs=30, batch_size=32, lr=0.05, guard=guard, generator=torch.Generator().manual_seed(0))
+    log = distill(
+        student,
+        teacher,
+        images,
+        epochs=30,
+        batch_size=32,
+        lr=0.05,
+        guard=guard,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert log["guard_vetoed_fraction"] > 0.1
     assert agreement(student, guard, images) > agreement(student, teacher, images)
 
@@ -212,10 +262,18 @@ def test_feature_hints_ignore_images_of_weight_zero():
 
 def test_the_class_term_aims_synthetic_images_at_round_robin_classes():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(8, 3)).eval()  # fmt: skip
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
     plain = synthesize_bn_images(net, 30, (3, 8, 8), steps=40, generator=torch.Generator().manual_seed(0))
-    aimed = synthesize_bn_images(net, 30, (3, 8, 8), steps=40, class_weight=5.0, generator=torch.Generator().manual_seed(0))
+    aimed = synthesize_bn_images(
+        net, 30, (3, 8, 8), steps=40, class_weight=5.0, generator=torch.Generator().manual_seed(0)
+    )
     targets = torch.arange(30) % 3
     with torch.no_grad():
         hit_plain = (net(plain).argmax(1) == targets).float().mean()
@@ -225,8 +283,9 @@ def test_the_class_term_aims_synthetic_images_at_round_robin_classes():
 
 def test_a_guarded_recover_needs_a_defense_before_it():
     with pytest.raises(ValueError, match="guard"):
-        Pipeline([Recover(teacher_from="input", guard=True, synthetic_images=8, synthetic_steps=0, epochs=1)])(two_bn_net(), PurifyContext(
-            example_inputs=torch.zeros(1, 3, 8, 8)))
+        Pipeline([Recover(teacher_from="input", guard=True, synthetic_images=8, synthetic_steps=0, epochs=1)])(
+            two_bn_net(), PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8))
+        )
 
 
 # ------------------------------------------------------------------------------------ merging
@@ -242,7 +301,11 @@ class TwinNet(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
         self.fc = nn.Linear(16, 10)
         with torch.no_grad():
-            self.bn1.running_mean.uniform_(-0.5, 0.5), self.bn1.running_var.uniform_(0.5, 2), self.bn1.bias.uniform_(-0.5, 0.5)
+            (
+                self.bn1.running_mean.uniform_(-0.5, 0.5),
+                self.bn1.running_var.uniform_(0.5, 2),
+                self.bn1.bias.uniform_(-0.5, 0.5),
+            )
             self.conv1.weight[8:] = self.conv1.weight[:8]
             for t in (self.bn1.weight, self.bn1.bias, self.bn1.running_mean, self.bn1.running_var):
                 t[8:] = t[:8]

@@ -25,7 +25,12 @@ from ccpurify.data import (
 
 @pytest.mark.parametrize(
     "name, split, count, classes",
-    [("cifar10", "train", 50_000, 10), ("cifar10", "test", 10_000, 10), ("gtsrb", "train", 39_209, 43), ("gtsrb", "test", 12_630, 43)],
+    [
+        ("cifar10", "train", 50_000, 10),
+        ("cifar10", "test", 10_000, 10),
+        ("gtsrb", "train", 39_209, 43),
+        ("gtsrb", "test", 12_630, 43),
+    ],
 )
 def test_shared_archives_load_as_uint8_nhwc_with_all_labels(data_dir, name, split, count, classes):
     data = load_dataset(name, split, data_dir)
@@ -109,9 +114,16 @@ def test_cifar10_python_pickle_folder_loads(tmp_path):
     assert data.labels.tolist() == batches["test_batch"][b"labels"]
 
 
-@pytest.mark.parametrize("batch", [{}, [1, 2], {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]},
-                                   {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}],
-                         ids=["empty dict", "a list", "wrong image size", "labels short"])  # fmt: skip
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {},
+        [1, 2],
+        {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]},
+        {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]},
+    ],
+    ids=["empty dict", "a list", "wrong image size", "labels short"],
+)
 def test_a_damaged_cifar_pickle_batch_is_one_clear_error(batch, tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()

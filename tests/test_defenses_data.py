@@ -49,7 +49,9 @@ def test_rnp_physical_prune_matches_the_masked_model(ci_run, rnp_data):
 
 
 def test_rnp_faithful_zeroes_gamma_only(ci_run, rnp_data):
-    out, report = RNP(mode="faithful", threshold=0.9, recover_epochs=3)(ci_run.model, PurifyContext(clean_data=rnp_data))
+    out, report = RNP(mode="faithful", threshold=0.9, recover_epochs=3)(
+        ci_run.model, PurifyContext(clean_data=rnp_data)
+    )
     name, idx = next(iter(below({k: torch.tensor(v) for k, v in report.details["masks"].items()}, 0.9).items()))
     bn = out.get_submodule(name)
     assert torch.all(bn.weight[idx] == 0) and torch.equal(bn.bias, ci_run.model.get_submodule(name).bias)
@@ -205,7 +207,9 @@ def test_image_pools_never_read_test_folders(tmp_path):
 
     for split in ("train", "test"):
         (tmp_path / split / "a").mkdir(parents=True)
-        Image.new("RGB", (32, 32), (0, 0, 0) if split == "train" else (255, 255, 255)).save(tmp_path / split / "a" / "x.png")
+        Image.new("RGB", (32, 32), (0, 0, 0) if split == "train" else (255, 255, 255)).save(
+            tmp_path / split / "a" / "x.png"
+        )
     pool = defender.image_pool(tmp_path, 10, 32)
     assert len(pool) == 1 and pool.max() == 0
 
@@ -263,3 +267,24 @@ def test_the_data_free_default_removes_otbrs_neurons_compensates_and_distils_fro
     assert otbr.compact and prune.macs == 0.75 and prune.round_to == 8 and prune.global_pruning and prune.compensate
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
     assert recover.feature_weight == HINT_WEIGHT == 10.0 and recover.anchor_bn and recover.budget == 10240
+
+
+def test_rnp_never_prunes_a_channel_whose_removal_alone_collapses_the_model():
+    """Given a network whose only informative BN channel has the lowest mask, the ranked rule keeps
+    that channel (its removal alone takes accuracy to chance) and prunes the harmless ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1, 1))
+        model[3].weight.copy_(torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+        model[3].bias.zero_()
+    x = torch.randn(64, 1, 1, 1)
+    data = LabeledData(x, (x.flatten() > 0).long())
+    masks = {"1": torch.tensor([0.0, 0.1, 0.2])}  # the informative channel ranks lowest
+    context = PurifyContext(example_inputs=torch.zeros(1, 1, 1, 1))
+    selected, seen = RNP(prune_fraction=0.5, collapse_guard=0.8).guarded_lowest(model, masks, 3, data, context)
+    assert selected == {"1": [1, 2]} and seen["kept_alone"] == [["1", 0]] and seen["base_accuracy"] == 1.0
+    assert RNP(prune_fraction=0.5, collapse_guard=None).guarded_lowest(model, masks, 3, data, context) == (
+        {"1": [0, 1, 2]},
+        None,
+    )

@@ -163,7 +163,9 @@ def test_otbr_is_deterministic_and_keeps_bn_and_classifier():
     a, ra = OTBR(ratio=0.05, steps=3, batch_size=32)(model)
     b, _ = OTBR(ratio=0.05, steps=3, batch_size=32)(model)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert torch.equal(a.layer3[0].bn2.running_var, model.layer3[0].bn2.running_var) and torch.equal(a.linear.weight, model.linear.weight)
+    assert torch.equal(a.layer3[0].bn2.running_var, model.layer3[0].bn2.running_var) and torch.equal(
+        a.linear.weight, model.linear.weight
+    )
     assert ra.details["fused_layers"]
 
 
@@ -184,7 +186,9 @@ def test_recover_raises_a_pruned_models_agreement_with_its_teacher(ci_run, data_
     pool, held_out = images[:2500], images[2500:]
     pruned, _ = Prune(macs=0.4)(teacher)
     before = agreement(pruned, teacher, held_out)
-    recovered, report = Recover(teacher=teacher, epochs=3, augment=False)(pruned, PurifyContext(unlabeled_data=UnlabeledData(pool)))
+    recovered, report = Recover(teacher=teacher, epochs=3, augment=False)(
+        pruned, PurifyContext(unlabeled_data=UnlabeledData(pool))
+    )
     assert report.details["data"] == "unlabeled"
     assert agreement(recovered, teacher, held_out) > before + 0.05
 
@@ -198,7 +202,9 @@ def test_channel_correspondence_names_the_teacher_channel_each_pruned_channel_ke
     pruned_somewhere = False
     for name, idx in correspondence.items():
         kept, original = student_modules[name], teacher_modules[name]
-        assert torch.equal(kept.weight, original.weight[idx]) and torch.equal(kept.running_var, original.running_var[idx])
+        assert torch.equal(kept.weight, original.weight[idx]) and torch.equal(
+            kept.running_var, original.running_var[idx]
+        )
         pruned_somewhere |= len(idx) < original.num_features
     assert pruned_somewhere
     # no edits between them: equal widths correspond one to one
@@ -227,7 +233,9 @@ def test_recover_with_feature_hints_brings_the_students_bn_inputs_closer_to_the_
         return loss
 
     plain, _ = Recover(teacher=teacher, epochs=5, batch_size=16, augment=False)(pruned, context)
-    hinted, report = Recover(teacher=teacher, epochs=5, batch_size=16, augment=False, feature_weight=10.0)(pruned, context)
+    hinted, report = Recover(teacher=teacher, epochs=5, batch_size=16, augment=False, feature_weight=10.0)(
+        pruned, context
+    )
     assert report.details["feature_layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in pruned.modules())
     assert mismatch(hinted) < 0.8 * mismatch(plain)
     assert not any(m._forward_hooks for m in teacher.modules())  # hooks removed after recovery
@@ -247,10 +255,22 @@ def test_recover_prefers_labelled_data_and_needs_a_teacher():
 def test_synthetic_images_match_a_trained_models_bn_statistics(ci_run):
     model = copy.deepcopy(ci_run.model).eval()
     losses = []
-    synthesize_bn_images(model, 32, (3, 32, 32), steps=1, generator=torch.Generator().manual_seed(0),
-                         progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
-    images = synthesize_bn_images(model, 32, (3, 32, 32), steps=50, generator=torch.Generator().manual_seed(0),
-                                  progress=lambda e: losses.append(e.metrics["bn_loss"]))  # fmt: skip
+    synthesize_bn_images(
+        model,
+        32,
+        (3, 32, 32),
+        steps=1,
+        generator=torch.Generator().manual_seed(0),
+        progress=lambda e: losses.append(e.metrics["bn_loss"]),
+    )
+    images = synthesize_bn_images(
+        model,
+        32,
+        (3, 32, 32),
+        steps=50,
+        generator=torch.Generator().manual_seed(0),
+        progress=lambda e: losses.append(e.metrics["bn_loss"]),
+    )
     assert losses[1] < 0.2 * losses[0]
     with torch.no_grad():
         assert len(model(images).argmax(1).unique()) >= 5  # not collapsed onto one class

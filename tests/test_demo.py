@@ -32,11 +32,15 @@ def test_demo_purifies_exports_benchmarks_and_prints_the_table(tmp_path, capsys)
     report = json.loads((tmp_path / "report.json").read_text())
     suspect, purified = report["rows"]
     assert suspect["asr"] > 0.9 and purified["asr"] < suspect["asr"] and purified["macs"] <= suspect["macs"]
-    assert {"suspect.onnx", "purified.onnx", "purified.safetensors", "manifest.json", "report.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"suspect.onnx", "purified.onnx", "purified.safetensors", "manifest.json", "report.png"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(len(t["samples_ms"]) == t["runs"] for t in report["benchmark"]["timings"])  # the distribution drawn
     from exporters.metadata import read_metadata
 
     meta = read_metadata(tmp_path / "purified.onnx")
-    assert meta["class_names"][0] == "airplane" and meta["input_mean"] == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-3)
+    assert meta["class_names"][0] == "airplane" and meta["input_mean"] == pytest.approx(
+        [0.4914, 0.4822, 0.4465], abs=1e-3
+    )
     assert meta["ccpurify.report"]["pipeline"] == "clp"

@@ -62,7 +62,9 @@ def conv_and_linear_macs(model: nn.Module, example: torch.Tensor) -> int:
     def hook(module, inputs, output):
         nonlocal total
         if isinstance(module, nn.Conv2d):
-            total += output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += (
+                output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            )
         else:
             total += output.numel() * module.in_features
 
@@ -80,7 +82,9 @@ def test_a_custom_64px_grayscale_model_is_purified_saved_loaded_and_exported(use
     result = ccpurify.purify(model, "prune", example_inputs=GRAY, macs=0.5, normalize=((0.5,), (0.25,)))
     assert result.input_shape == (1, 1, 64, 64)
     dense_macs = conv_and_linear_macs(model, GRAY)
-    assert dense_macs == 64 * 64 * 16 * 9 + 32 * 32 * 32 * 16 * 9 + 16 * 16 * 32 * 32 * 9 + 4 * 8192  # 64 x 64, not 32 x 32
+    assert (
+        dense_macs == 64 * 64 * 16 * 9 + 32 * 32 * 32 * 16 * 9 + 16 * 16 * 32 * 32 * 9 + 4 * 8192
+    )  # 64 x 64, not 32 x 32
     assert result.report.macs_before >= dense_macs and result.report.macs_after < 0.6 * result.report.macs_before
 
     saved = result.save(tmp_path / "gray.safetensors")
@@ -99,11 +103,16 @@ def test_a_custom_64px_grayscale_model_is_purified_saved_loaded_and_exported(use
     assert meta["input_mean"] == [0.5] and meta["input_std"] == [0.25] and meta["class_names"] == ["a", "b", "c", "d"]
     assert meta["ccpurify.recipe"]["arch"] == {"import_path": "usernet:GrayNet", "kwargs": {}}
     assert meta["ccpurify.recipe"]["edits"][0]["op"] == "remove_channels"
-    assert meta["ccpurify.report"]["pipeline"] == "prune" and meta["ccpurify.report"]["macs"] == [result.report.macs_before, result.report.macs_after]
+    assert meta["ccpurify.report"]["pipeline"] == "prune" and meta["ccpurify.report"]["macs"] == [
+        result.report.macs_before,
+        result.report.macs_after,
+    ]
 
 
 def test_a_model_that_cannot_be_rebuilt_is_not_saved(user_module, tmp_path):
-    with pytest.raises(InvalidInputError, match=r"NeedsArgs\(\) needs arguments \(depth\).*import_path='usernet:NeedsArgs'"):
+    with pytest.raises(
+        InvalidInputError, match=r"NeedsArgs\(\) needs arguments \(depth\).*import_path='usernet:NeedsArgs'"
+    ):
         ccpurify.save_model(user_module.NeedsArgs(2), tmp_path / "a.safetensors")
 
     class Local(nn.Module):
@@ -158,8 +167,15 @@ def test_a_pass_that_cannot_apply_is_refused_before_the_pipeline_starts():
     """A model without BatchNorm: the data-free default ends in Recover, which makes its images from
     BN statistics; it is refused before OTBR and Prune spend their time."""
     ran = []
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
     with pytest.raises(InvalidInputError, match="no BatchNorm2d layer: give it images"):
         ccpurify.purify(model, example_inputs=torch.zeros(1, 3, 32, 32), progress=lambda event: ran.append(event.task))
     assert ran == []
@@ -180,14 +196,31 @@ def test_exported_files_carry_no_debug_annotations_and_are_smaller(tmp_path):
     assert clean.file_bytes < debug.file_bytes
     assert onnx_cost(proto) == onnx_cost(onnx.load(debug.path))  # the same network
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(meta["ccpurify.recipe"])["arch"]["name"] == "preact_resnet18" and meta["input_shape"] == "[1, 3, 32, 32]"
+    assert (
+        json.loads(meta["ccpurify.recipe"])["arch"]["name"] == "preact_resnet18"
+        and meta["input_shape"] == "[1, 3, 32, 32]"
+    )
 
 
 def test_the_cli_takes_a_custom_models_recorded_input_size(user_module, tmp_path, capsys):
     from ccpurify.cli import main
 
     ccpurify.purify(user_module.GrayNet(), "clp", example_inputs=GRAY).save(tmp_path / "m.safetensors")
-    assert main(["purify", str(tmp_path / "m.safetensors"), "--method", "cc", "--allow-import", "--out", str(tmp_path / "run"), "--plot"]) == 0
+    assert (
+        main(
+            [
+                "purify",
+                str(tmp_path / "m.safetensors"),
+                "--method",
+                "cc",
+                "--allow-import",
+                "--out",
+                str(tmp_path / "run"),
+                "--plot",
+            ]
+        )
+        == 0
+    )
     assert "latency (onnxruntime, batch 1, 1 thread, interleaved)" in capsys.readouterr().out
     assert (tmp_path / "run" / "report.png").read_bytes()[:4] == b"\x89PNG"
     meta = read_metadata(tmp_path / "run" / "model.onnx")
@@ -195,11 +228,35 @@ def test_the_cli_takes_a_custom_models_recorded_input_size(user_module, tmp_path
     assert "class_names" not in meta  # no dataset was named: no guessed class names
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["ran"] == "cc" and report["latency"]["ratio"] > 0 and report["latency"]["runs"] >= 150
-    assert main(["export", str(tmp_path / "run" / "model.safetensors"), "--allow-import", "--out", str(tmp_path / "m.onnx"),
-                 "--input-shape", "1,64,64"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "run" / "model.safetensors"),
+                "--allow-import",
+                "--out",
+                str(tmp_path / "m.onnx"),
+                "--input-shape",
+                "1,64,64",
+            ]
+        )
+        == 0
+    )
     assert read_metadata(tmp_path / "m.onnx")["ccpurify.report"]["pipeline"] == "cc"  # the saved report's summary
-    assert main(["export", str(tmp_path / "run" / "model.safetensors"), "--allow-import", "--out", str(tmp_path / "x.onnx"),
-                 "--input-shape", "3,x"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "run" / "model.safetensors"),
+                "--allow-import",
+                "--out",
+                str(tmp_path / "x.onnx"),
+                "--input-shape",
+                "3,x",
+            ]
+        )
+        == 2
+    )
     assert "--input-shape takes" in capsys.readouterr().err
 
 
@@ -221,10 +278,21 @@ def test_a_plan_estimates_the_time_of_the_training_passes_before_anything_runs()
 
     model = ccpurify.models.create("preact_resnet18", width=0.125).eval()
     example = torch.zeros(1, 3, 32, 32)
-    planned = ccpurify.plan(model, Pipeline([OTBR(steps=3, batch_size=8), Recover(synthetic_images=16, synthetic_steps=2, epochs=2)]),
-                            example_inputs=example)  # fmt: skip
+    planned = ccpurify.plan(
+        model,
+        Pipeline([OTBR(steps=3, batch_size=8), Recover(synthetic_images=16, synthetic_steps=2, epochs=2)]),
+        example_inputs=example,
+    )
     seconds, steps = planned.estimate_seconds(model)
     assert steps == 3 * 8 + 16 * 2 + int(1.5 * 2 * 16) and seconds > 0
-    labelled = ccpurify.plan(model, Recover(epochs=3), example_inputs=example, clean_data=(torch.zeros(10, 3, 32, 32), torch.zeros(10, dtype=torch.long)))
+    labelled = ccpurify.plan(
+        model,
+        Recover(epochs=3),
+        example_inputs=example,
+        clean_data=(torch.zeros(10, 3, 32, 32), torch.zeros(10, dtype=torch.long)),
+    )
     assert labelled.estimate_seconds(model)[1] == int(1.5 * 3 * 10)  # no synthesis when images are given
-    assert ccpurify.plan(model, CLP(), example_inputs=example).estimate_seconds(model) == (0.0, 0)  # weights only: nothing to time
+    assert ccpurify.plan(model, CLP(), example_inputs=example).estimate_seconds(model) == (
+        0.0,
+        0,
+    )  # weights only: nothing to time

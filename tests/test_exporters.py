@@ -1,6 +1,5 @@
 """ONNX export (parity, one file, dynamic batch), graph cost, INT8 quantization, latency benchmark."""
 
-
 import json
 from pathlib import Path
 
@@ -39,7 +38,9 @@ def test_pruned_and_factorized_zoo_models_export_with_parity(name, tmp_path):
 
 
 def test_graph_cost_counts_conv_and_gemm_macs(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)
+    ).eval()
     export(model, tmp_path / "m.onnx", EXAMPLE)
     cost = onnx_cost(onnx.load(tmp_path / "m.onnx"))
     assert cost.macs == 8 * 16 * 16 * 27 + 10 * 8 * 16 * 16
@@ -61,7 +62,9 @@ def test_export_leaves_the_callers_model_in_its_mode_and_refuses_nan_outputs(tmp
     export(model, tmp_path / "m.onnx", torch.zeros(1, 3, 32, 32))
     assert model.training  # the caller's model is not switched to eval mode
     with torch.no_grad():
-        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(-1.0)  # finite weights, NaN outputs
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(
+            -1.0
+        )  # finite weights, NaN outputs
     with pytest.raises(ExportError, match="NaN or Inf"):
         export(model.eval(), tmp_path / "nan.onnx", torch.zeros(1, 3, 32, 32))
     assert not (tmp_path / "nan.onnx").exists()
@@ -80,8 +83,12 @@ def test_int8_static_quantization_shrinks_the_file_and_reports_accuracy(tmp_path
 
     model = zoo("vgg16_bn")
     fp32 = export(model, tmp_path / "fp32.onnx", EXAMPLE)
-    x = Normalize(CIFAR10.mean, CIFAR10.std)(torch.from_numpy(cifar_test.images[:96]).permute(0, 3, 1, 2).float() / 255).numpy()
-    report = quantize_int8(fp32.path, tmp_path / "int8.onnx", x[:32], eval_images=x[32:], eval_labels=cifar_test.labels[32:96])
+    x = Normalize(CIFAR10.mean, CIFAR10.std)(
+        torch.from_numpy(cifar_test.images[:96]).permute(0, 3, 1, 2).float() / 255
+    ).numpy()
+    report = quantize_int8(
+        fp32.path, tmp_path / "int8.onnx", x[:32], eval_images=x[32:], eval_labels=cifar_test.labels[32:96]
+    )
     assert report.file_bytes < 0.4 * report.fp32_file_bytes
     assert 0.0 <= report.agreement <= 1.0 and report.accuracy_change is not None
     quantized = onnx.load(report.path)
@@ -91,7 +98,9 @@ def test_int8_static_quantization_shrinks_the_file_and_reports_accuracy(tmp_path
     meta = {p.key: p.value for p in quantized.metadata_props}
     assert meta["input_shape"] == "[1, 3, 32, 32]" and "vgg16_bn" in meta["ccpurify.recipe"]
     settings = json.loads(meta["ccpurify.quantization"])
-    assert settings["per_channel"] is True and settings["calibration"] == "minmax" and settings["calibration_images"] == 32
+    assert (
+        settings["per_channel"] is True and settings["calibration"] == "minmax" and settings["calibration_images"] == 32
+    )
     assert not any(n.metadata_props for n in quantized.graph.node)
 
 
@@ -100,12 +109,26 @@ def test_int8_options_that_matter_on_arm_are_applied(tmp_path):
     fp32 = export(model, tmp_path / "fp32.onnx", EXAMPLE)
     first_conv = next(n.name for n in onnx.load(fp32.path).graph.node if n.op_type == "Conv")
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    report = quantize_int8(fp32.path, tmp_path / "int8.onnx", x, reduce_range=False, per_channel=False,
-                           calibration="percentile", exclude_nodes=[first_conv])  # fmt: skip
-    assert (report.reduce_range, report.per_channel, report.calibration, report.excluded_nodes) == (False, False, "percentile", [first_conv])
+    report = quantize_int8(
+        fp32.path,
+        tmp_path / "int8.onnx",
+        x,
+        reduce_range=False,
+        per_channel=False,
+        calibration="percentile",
+        exclude_nodes=[first_conv],
+    )
+    assert (report.reduce_range, report.per_channel, report.calibration, report.excluded_nodes) == (
+        False,
+        False,
+        "percentile",
+        [first_conv],
+    )
     graph = onnx.load(report.path).graph
     assert next(n for n in graph.node if n.name == first_conv).op_type == "Conv"
-    weight = next(n.input[1] for n in graph.node if n.name == first_conv)  # the excluded conv reads float weights directly
+    weight = next(
+        n.input[1] for n in graph.node if n.name == first_conv
+    )  # the excluded conv reads float weights directly
     assert weight in {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     with pytest.raises(ValueError, match="not in"):
         quantize_int8(fp32.path, tmp_path / "bad.onnx", x, exclude_nodes=["no-such-node"])
@@ -114,7 +137,10 @@ def test_int8_options_that_matter_on_arm_are_applied(tmp_path):
 def test_benchmark_interleaves_models_and_reports_ratios(tmp_path):
     dense = zoo("preact_resnet18")
     small, _ = Prune(macs=0.5)(dense)
-    paths = {"dense": export(dense, tmp_path / "a.onnx", EXAMPLE).path, "pruned": export(small, tmp_path / "b.onnx", EXAMPLE).path}
+    paths = {
+        "dense": export(dense, tmp_path / "a.onnx", EXAMPLE).path,
+        "pruned": export(small, tmp_path / "b.onnx", EXAMPLE).path,
+    }
     config = BenchConfig(batch_sizes=(1, 2), threads=(1,), warmup=2, runs=50, rounds=2)
     report = benchmark(paths, config, torch_models={"dense": dense, "pruned": small})
     assert {(t.model, t.engine, t.batch) for t in report.timings} == {
@@ -138,13 +164,20 @@ def _tiny_onnx(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 4], np.random.default_rng(0).standard_normal(12).astype(np.float32).tolist())
+    w = helper.make_tensor(
+        "w", TensorProto.FLOAT, [3, 4], np.random.default_rng(0).standard_normal(12).astype(np.float32).tolist()
+    )
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
-        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], [w],
-    )  # fmt: skip
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [w],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
     return path
 
@@ -162,29 +195,59 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
         "print(json.dumps({'torch': 'torch' in sys.modules and sys.modules['torch'] is not None, 'n': len(r.timings), "
         "'ratio': r.ratio('b', 'a'), 'providers': r.config.providers}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["torch"] is False and result["n"] == 2 and result["ratio"] > 0 and result["providers"] == ["CPUExecutionProvider"]
+    assert (
+        result["torch"] is False
+        and result["n"] == 2
+        and result["ratio"] > 0
+        and result["providers"] == ["CPUExecutionProvider"]
+    )
     # the device's command line: python -m exporters.latency, torch still blocked; the JSON comes back
-    cli = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\nfrom exporters.latency import main\n"
-           f"raise SystemExit(main([{str(model)!r}, {str(model)!r}, '--runs', '50', '--warmup', '1', '--duration', '0.3', "
-           f"'--free-dim', 'batch=1', '--out', {str(tmp_path / 'r.json')!r}]))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    cli = (
+        "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\nfrom exporters.latency import main\n"
+        f"raise SystemExit(main([{str(model)!r}, {str(model)!r}, '--runs', '50', '--warmup', '1', '--duration', '0.3', "
+        f"'--free-dim', 'batch=1', '--out', {str(tmp_path / 'r.json')!r}]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", cli],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "Ratios against `tiny`" in out.stdout
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert [m["name"] for m in saved["models"]] == ["tiny", "tiny-1"] and saved["config"]["providers"] == ["CPUExecutionProvider"]
+    assert [m["name"] for m in saved["models"]] == ["tiny", "tiny-1"] and saved["config"]["providers"] == [
+        "CPUExecutionProvider"
+    ]
     assert all(t["p99_ms"] >= t["median_ms"] and t["iqr_ms"] >= 0 for t in saved["timings"])
     assert saved["models"][0]["macs"] is None  # no onnx package on the device: not counted rather than guessed
     assert saved["config"]["duration_s"] == 0.3 and saved["config"]["free_dimensions"] == [["batch", 1]]
     # back on the host: the CLI renders the device's report
     from ccpurify.cli import main
 
-    render = subprocess.run([sys.executable, "-m", "ccpurify.cli", "bench", str(tmp_path / "r.json")], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=120)  # fmt: skip
+    render = subprocess.run(
+        [sys.executable, "-m", "ccpurify.cli", "bench", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert render.returncode == 0, render.stderr
-    assert "measured on" in render.stdout and "| tiny-1 | onnxruntime | 1 | 1 |" in render.stdout and "Ratios against `tiny`" in render.stdout
+    assert (
+        "measured on" in render.stdout
+        and "| tiny-1 | onnxruntime | 1 | 1 |" in render.stdout
+        and "Ratios against `tiny`" in render.stdout
+    )
     (tmp_path / "bad.json").write_text('{"config": {}}')
     assert main(["bench", str(tmp_path / "bad.json")]) == 1  # one line: not a benchmark report
 
@@ -194,7 +257,10 @@ def test_a_provider_this_onnxruntime_lacks_is_refused_by_name(tmp_path):
     from exporters.latency import BenchConfig, benchmark
 
     with pytest.raises(InvalidInputError, match="'NoSuchExecutionProvider'.*available"):
-        benchmark({"a": _tiny_onnx(tmp_path / "t.onnx")}, BenchConfig(torch_eager=False, providers=("NoSuchExecutionProvider",)))
+        benchmark(
+            {"a": _tiny_onnx(tmp_path / "t.onnx")},
+            BenchConfig(torch_eager=False, providers=("NoSuchExecutionProvider",)),
+        )
 
 
 def test_a_run_that_does_not_end_is_stopped(tmp_path):
@@ -207,17 +273,28 @@ def test_a_run_that_does_not_end_is_stopped(tmp_path):
 
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "one"], ["x_out"])],
-        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-                 helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+        ],
         [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
-    )  # fmt: skip
+    )
     graph = helper.make_graph(
-        [helper.make_node("Loop", ["trips", "cond", "input"], ["output"], body=body)], "loop",
+        [helper.make_node("Loop", ["trips", "cond", "input"], ["output"], body=body)],
+        "loop",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor("trips", TensorProto.INT64, [], [2**62]), helper.make_tensor("cond", TensorProto.BOOL, [], [True])],
-    )  # fmt: skip
+        [
+            helper.make_tensor("trips", TensorProto.INT64, [], [2**62]),
+            helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+        ],
+    )
     path = tmp_path / "loop.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
     with pytest.raises(LimitExceededError, match="took more than 0.5 s and was stopped"):
@@ -236,4 +313,6 @@ def test_a_static_export_passes_the_mobile_check_and_converts_to_ort_format(tmp_
     ort_file = convert_to_ort(static.path, tmp_path / "static.ort")
     assert (tmp_path / "static.required_operators.config").read_text().count("Conv") >= 1
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    assert np.abs(run_onnx(ort_file, x) - run_onnx(static.path, x)).max() <= 1e-4  # onnxruntime runs the .ort file alike
+    assert (
+        np.abs(run_onnx(ort_file, x) - run_onnx(static.path, x)).max() <= 1e-4
+    )  # onnxruntime runs the .ort file alike

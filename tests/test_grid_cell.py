@@ -1,27 +1,34 @@
 """One benchmark-grid cell end to end on a ci-preset model: train (the session's ci run), purify,
 score on test and validation images, export to ONNX, INT8, and time against the undefended model."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.mark.parametrize("defense", ["clp", "pipeline:clp+prune+recover@0.5"])
 def test_one_grid_cell_end_to_end(ci_run, data_dir, defense, tmp_path, monkeypatch):
-    import common
-    from grid import CELLS, run_cell
+    from benchmarks import common
+    from benchmarks.grid import CELLS, run_cell
 
     monkeypatch.setattr(common, "CACHE", tmp_path)
     entry = common.load_entry(ci_run.run_dir.name, ci_run.run_dir.parent, str(data_dir))
     if defense.startswith("pipeline"):  # the same recipe, at a size that keeps CI fast
         from ccpurify.passes import CLP, Pipeline, Prune, Recover
 
-        monkeypatch.setitem(CELLS, defense, CELLS[defense].__class__(
-            "none", lambda: Pipeline([CLP(u=2.25), Prune(macs=0.5), Recover(data="synthetic", synthetic_images=64,
-                                                                            synthetic_steps=10, epochs=2)]), "small"))  # fmt: skip
+        monkeypatch.setitem(
+            CELLS,
+            defense,
+            CELLS[defense].__class__(
+                "none",
+                lambda: Pipeline(
+                    [
+                        CLP(u=2.25),
+                        Prune(macs=0.5),
+                        Recover(data="synthetic", synthetic_images=64, synthetic_steps=10, epochs=2),
+                    ]
+                ),
+                "small",
+            ),
+        )
     result = run_cell(entry, defense, latency=True)
     for split in ("test", "val"):
         assert 0 <= result[split]["ca"] <= 1 and result[split]["der"] is not None
@@ -34,8 +41,7 @@ def test_one_grid_cell_end_to_end(ci_run, data_dir, defense, tmp_path, monkeypat
 
 
 def test_the_plan_runs_candidates_only_where_the_defaults_are_chosen():
-    from grid import CELLS, SELECTION_ENTRIES, planned_cells
-
+    from benchmarks.grid import CELLS, SELECTION_ENTRIES, planned_cells
     from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, MACS_TARGETS
 
     plan = planned_cells([SELECTION_ENTRIES[0], "gtsrb-badnets"])
@@ -49,7 +55,7 @@ def test_the_plan_runs_candidates_only_where_the_defaults_are_chosen():
 
 
 def test_a_stored_cell_is_rerun_only_when_its_recipe_changed():
-    from grid import CELLS, as_pipeline, is_stale, recipe
+    from benchmarks.grid import CELLS, as_pipeline, is_stale, recipe
 
     def stored(defense, drop=None, **changes):
         steps = recipe(as_pipeline(CELLS[defense].build()))
@@ -60,51 +66,73 @@ def test_a_stored_cell_is_rerun_only_when_its_recipe_changed():
 
     plain, hints = "pipeline:otbr+prune+recover@0.5", "pipeline:otbr+prune+recover-hints@0.5"
     assert not is_stale(stored(plain), plain) and is_stale(None, plain)
-    assert not is_stale(stored(plain, drop="feature_weight"), plain)  # stored before the option existed; default = old behaviour
+    assert not is_stale(
+        stored(plain, drop="feature_weight"), plain
+    )  # stored before the option existed; default = old behaviour
     assert is_stale(stored(hints, drop="feature_weight"), hints)  # the option is on now: rerun
     assert is_stale(stored(plain, epochs=3), plain)
 
 
 def test_a_nested_pass_option_added_since_a_cell_ran_keeps_it_fresh_at_its_default():
-    from grid import CELLS, as_pipeline, is_stale, recipe
+    from benchmarks.grid import CELLS, as_pipeline, is_stale, recipe
 
     bcu = "pipeline:bcu-compact@0.5"
     steps = recipe(as_pipeline(CELLS[bcu].build()))
     compact = steps[0]["config"]["compact"]
     stored_before_compensate = {k: v for k, v in compact.items() if k != "compensate"}
-    assert not is_stale({"recipe": [{"name": "bcu", "config": {**steps[0]["config"], "compact": stored_before_compensate}}]}, bcu)
-    assert is_stale({"recipe": [{"name": "bcu", "config": {**steps[0]["config"], "compact": {**compact, "macs": 0.75}}}]}, bcu)
+    assert not is_stale(
+        {"recipe": [{"name": "bcu", "config": {**steps[0]["config"], "compact": stored_before_compensate}}]}, bcu
+    )
+    assert is_stale(
+        {"recipe": [{"name": "bcu", "config": {**steps[0]["config"], "compact": {**compact, "macs": 0.75}}}]}, bcu
+    )
 
 
 def test_the_headline_averages_over_backdoored_models_and_reports_the_clean_models_ca_cost_apart():
-    from grid import summary
+    from benchmarks.grid import summary
 
     def cell(ca_before, ca, asr_before, asr, der):
         test = {"ca_before": ca_before, "ca": ca, "asr_before": asr_before, "asr": asr, "der": der}
         return {"test": test, "val": test, "macs_ratio": 0.5, "latency": {"latency_ratio_bs1_t1": 0.8}}
 
-    baselines = {"c-badnets": {"dataset": "cifar10", "attack": "badnets"}, "c-blended": {"dataset": "cifar10", "attack": "blended"},
-                 "c-clean": {"dataset": "cifar10", "attack": "clean"}}  # fmt: skip
-    cells = {"c-badnets|otbr": cell(0.85, 0.80, 0.95, 0.05, 0.9), "c-blended|otbr": cell(0.85, 0.84, 0.99, 0.99, 0.5),
-             "c-clean|otbr": cell(0.86, 0.83, None, None, None)}  # fmt: skip
+    baselines = {
+        "c-badnets": {"dataset": "cifar10", "attack": "badnets"},
+        "c-blended": {"dataset": "cifar10", "attack": "blended"},
+        "c-clean": {"dataset": "cifar10", "attack": "clean"},
+    }
+    cells = {
+        "c-badnets|otbr": cell(0.85, 0.80, 0.95, 0.05, 0.9),
+        "c-blended|otbr": cell(0.85, 0.84, 0.99, 0.99, 0.5),
+        "c-clean|otbr": cell(0.86, 0.83, None, None, None),
+    }
     row = summary(cells, baselines, ["otbr"])["per_dataset"]["cifar10"]["otbr"]
-    assert row["attacks"] == 2 and row["mean_der_test"] == pytest.approx(0.7) and row["max_asr_test"] == pytest.approx(0.99)
+    assert (
+        row["attacks"] == 2
+        and row["mean_der_test"] == pytest.approx(0.7)
+        and row["max_asr_test"] == pytest.approx(0.99)
+    )
     assert row["mean_ca_drop_test"] == pytest.approx(0.03) and row["clean_model_ca_drop_test"] == pytest.approx(0.03)
 
 
 def test_cells_entries_and_defenses_accumulate_over_repeated_flags():
-    from grid import build_parser
+    from benchmarks.grid import build_parser
 
-    args = build_parser().parse_args(["--cell", "a:clp", "b:otbr", "--cell", "c:pipeline:bcu-compact", "--entries", "x", "--entries", "y"])
-    assert args.cell == ["a:clp", "b:otbr", "c:pipeline:bcu-compact"] and args.entries == ["x", "y"] and args.defenses is None
+    args = build_parser().parse_args(
+        ["--cell", "a:clp", "b:otbr", "--cell", "c:pipeline:bcu-compact", "--entries", "x", "--entries", "y"]
+    )
+    assert (
+        args.cell == ["a:clp", "b:otbr", "c:pipeline:bcu-compact"]
+        and args.entries == ["x", "y"]
+        and args.defenses is None
+    )
 
 
 def test_the_baseline_cache_key_follows_the_weights_not_the_object():
     import copy
 
     import torch
-    from common import model_fingerprint
 
+    from benchmarks.common import model_fingerprint
     from ccpurify import models
 
     a = models.create("preact_resnet18", width=0.125)

@@ -39,8 +39,14 @@ def files(tiny, tmp_path_factory) -> dict[str, Path]:
     """A good model file and hostile variants of it, each differing in one declared thing."""
     root = tmp_path_factory.mktemp("hostile")
     state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": json.dumps(ARCH), "edits": "[]",
-            "input_shape": "[1, 3, 32, 32]", "extra": json.dumps({"dataset": "cifar10"})}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": json.dumps(ARCH),
+        "edits": "[]",
+        "input_shape": "[1, 3, 32, 32]",
+        "extra": json.dumps({"dataset": "cifar10"}),
+    }
 
     def write(name: str, tensors=None, **changes) -> Path:
         path = root / name
@@ -48,7 +54,9 @@ def files(tiny, tmp_path_factory) -> dict[str, Path]:
         return path
 
     out = {"good": save_model(tiny, root / "good.safetensors", "preact_resnet18", arch_kwargs=ARCH["kwargs"])}
-    out["classes_30M"] = write("c.safetensors", arch=json.dumps({**ARCH, "kwargs": {"num_classes": 30_000_000, "width": 0.125}}))
+    out["classes_30M"] = write(
+        "c.safetensors", arch=json.dumps({**ARCH, "kwargs": {"num_classes": 30_000_000, "width": 0.125}})
+    )
     out["width_1000"] = write("w.safetensors", arch=json.dumps({**ARCH, "kwargs": {"width": 1000.0}}))
     out["input_40000"] = write("i.safetensors", input_shape="[1, 3, 40000, 40000]")
     out["input_text"] = write("it.safetensors", input_shape='"abc"')
@@ -65,9 +73,15 @@ def files(tiny, tmp_path_factory) -> dict[str, Path]:
     out["arch_import"] = write("ai.safetensors", arch=json.dumps({"import_path": "os:system"}))
     out["arch_not_json"] = write("aj.safetensors", arch="{not json")
     out["extra_list"] = write("x.safetensors", extra="[1]")
-    out["nan_weight"] = write("n.safetensors", {**state, "conv1.weight": torch.full_like(state["conv1.weight"], float("nan"))})
-    out["negative_var"] = write("v.safetensors", {**state, "layer1.0.bn1.running_var": -torch.ones_like(state["layer1.0.bn1.running_var"])})
-    out["wrong_shapes"] = write("s.safetensors", arch=json.dumps({**ARCH, "kwargs": {"num_classes": 43, "width": 0.125}}))
+    out["nan_weight"] = write(
+        "n.safetensors", {**state, "conv1.weight": torch.full_like(state["conv1.weight"], float("nan"))}
+    )
+    out["negative_var"] = write(
+        "v.safetensors", {**state, "layer1.0.bn1.running_var": -torch.ones_like(state["layer1.0.bn1.running_var"])}
+    )
+    out["wrong_shapes"] = write(
+        "s.safetensors", arch=json.dumps({**ARCH, "kwargs": {"num_classes": 43, "width": 0.125}})
+    )
     raw = out["good"].read_bytes()
     (root / "header.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + raw[8:])
     (root / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
@@ -89,7 +103,12 @@ class _RunsCode:
 
 # (case, file key, expected error class, message pattern): loading refuses before allocating.
 LOAD_CASES = [
-    ("num_classes=30M is refused before the 7.9 GB head is built", "classes_30M", LimitExceededError, "parameters, above the limit"),
+    (
+        "num_classes=30M is refused before the 7.9 GB head is built",
+        "classes_30M",
+        LimitExceededError,
+        "parameters, above the limit",
+    ),
     ("a 1000x width is refused before it is built", "width_1000", LimitExceededError, "parameters, above the limit"),
     ("a 40000x40000 recorded input is refused", "input_40000", LimitExceededError, "elements, above the limit"),
     ("an input shape that is text is refused", "input_text", ModelLoadError, "not 2 to 5 positive integers"),
@@ -101,13 +120,28 @@ LOAD_CASES = [
     ("an architecture that is a list is refused", "arch_list", ModelLoadError, "must be a JSON object"),
     ("an architecture with a name and an import path is refused", "arch_both", ModelLoadError, "exactly one of name"),
     ("an unknown architecture is refused", "arch_unknown", ModelLoadError, "cannot build resnet9000"),
-    ("a keyword the architecture does not take is refused", "arch_bogus_kwarg", ModelLoadError, "cannot build preact_resnet18"),
-    ("a keyword that is an object is refused", "arch_dict_kwarg", ModelLoadError, "kwargs must be a JSON object of numbers"),
+    (
+        "a keyword the architecture does not take is refused",
+        "arch_bogus_kwarg",
+        ModelLoadError,
+        "cannot build preact_resnet18",
+    ),
+    (
+        "a keyword that is an object is refused",
+        "arch_dict_kwarg",
+        ModelLoadError,
+        "kwargs must be a JSON object of numbers",
+    ),
     ("an import path is refused by default", "arch_import", ModelLoadError, "importing code named by a file is off"),
     ("architecture metadata that is not JSON is refused", "arch_not_json", ModelLoadError, "damaged ccpurify metadata"),
     ("extra metadata that is not an object is refused", "extra_list", ModelLoadError, "extra must be a JSON object"),
     ("NaN weights are refused", "nan_weight", ModelLoadError, "holds NaN or Inf"),
-    ("a negative BatchNorm variance is refused", "negative_var", ModelLoadError, "variance 'layer1.0.bn1.running_var' is negative"),
+    (
+        "a negative BatchNorm variance is refused",
+        "negative_var",
+        ModelLoadError,
+        "variance 'layer1.0.bn1.running_var' is negative",
+    ),
     ("weights of another shape are refused", "wrong_shapes", ModelLoadError, "shape mismatches"),
     ("a header declaring 1 TB is refused", "header", ModelLoadError, "header declares"),
     ("a truncated file is refused", "truncated", ModelLoadError, "not a readable safetensors file"),
@@ -153,26 +187,115 @@ def one_line_error(code: int, err: str, message: str) -> None:
 
 # (case, argv builder, message): the CLI ends with one line and exit code != 0.
 CLI_CASES: list[tuple[str, Callable[[dict, Path], list[str]], str]] = [
-    ("export onto its own input", lambda f, t: ["export", str(f["good"]), "--out", str(f["good"])], "must name an .onnx file"),
-    ("export to a file that is not .onnx", lambda f, t: ["export", str(f["good"]), "--out", str(t / "m.bin")], "must name an .onnx file"),
-    ("export over an existing file", lambda f, t: ["export", str(f["good"]), "--out", str(_existing(t / "old.onnx"))], "exists; choose another path or pass --overwrite"),
-    ("export at opset 13", lambda f, t: ["export", str(f["good"]), "--out", str(t / "m.onnx"), "--opset", "13"], "opset 13 is not available"),
-    ("export a file declaring 30M classes", lambda f, t: ["export", str(f["classes_30M"]), "--out", str(t / "m.onnx")], "above the limit"),
-    ("export a negative-variance model", lambda f, t: ["export", str(f["negative_var"]), "--out", str(t / "m.onnx")], "is negative"),
-    ("purify into its input's folder", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--out", str(f["good"].parent)], "would replace the input"),
-    ("purify into an existing folder", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--out", str(_existing(t / "done" / "x").parent)], "exists; choose another path"),
-    ("purify with a text option", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=abc", "--out", str(t / "o")], "option u of pass 'clp' takes float"),
-    ("purify with an unknown option", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "bogus=1", "--out", str(t / "o")], "has no option bogus"),
-    ("purify with a NaN option", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=NaN", "--out", str(t / "o")], "not a finite number"),
-    ("purify with an enum option out of range", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "mode=xx", "--out", str(t / "o")], "one of faithful/compress"),
-    ("purify an import-path model without opting in", lambda f, t: ["purify", str(f["arch_import"]), "--out", str(t / "o")], "off by default"),
-    ("purify a missing file", lambda f, t: ["purify", str(t / "nope.safetensors"), "--out", str(t / "o")], "no such file"),
-    ("purify with an empty unlabelled folder", lambda f, t: ["purify", str(f["good"]), "--method", "bcu", "--unlabeled-data", str(_empty_zip(t)), "--out", str(t / "o")], "no images|empty|found no"),
-    ("evaluate with a target outside the classes", lambda f, t: ["evaluate", str(f["good"]), "--attack", "badnets", "--target", "99", "--out", str(t / "e.json")], "--target must be a class"),
-    ("evaluate over an existing report", lambda f, t: ["evaluate", str(f["good"]), "--out", str(_existing(t / "e.json"))], "exists; choose another path"),
-    ("train with a target outside the classes", lambda f, t: ["train", "--target", "99", "--out", str(t / "run")], "target must be a class of cifar10"),
-    ("train for zero epochs", lambda f, t: ["train", "--epochs", "0", "--out", str(t / "run")], "epochs must be a positive number"),
-    ("bench over an existing JSON report", lambda f, t: ["bench", str(f["good"]), "--out", str(_existing(t / "b.json"))], "exists; choose another path"),
+    (
+        "export onto its own input",
+        lambda f, t: ["export", str(f["good"]), "--out", str(f["good"])],
+        "must name an .onnx file",
+    ),
+    (
+        "export to a file that is not .onnx",
+        lambda f, t: ["export", str(f["good"]), "--out", str(t / "m.bin")],
+        "must name an .onnx file",
+    ),
+    (
+        "export over an existing file",
+        lambda f, t: ["export", str(f["good"]), "--out", str(_existing(t / "old.onnx"))],
+        "exists; choose another path or pass --overwrite",
+    ),
+    (
+        "export at opset 13",
+        lambda f, t: ["export", str(f["good"]), "--out", str(t / "m.onnx"), "--opset", "13"],
+        "opset 13 is not available",
+    ),
+    (
+        "export a file declaring 30M classes",
+        lambda f, t: ["export", str(f["classes_30M"]), "--out", str(t / "m.onnx")],
+        "above the limit",
+    ),
+    (
+        "export a negative-variance model",
+        lambda f, t: ["export", str(f["negative_var"]), "--out", str(t / "m.onnx")],
+        "is negative",
+    ),
+    (
+        "purify into its input's folder",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--out", str(f["good"].parent)],
+        "would replace the input",
+    ),
+    (
+        "purify into an existing folder",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--out", str(_existing(t / "done" / "x").parent)],
+        "exists; choose another path",
+    ),
+    (
+        "purify with a text option",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=abc", "--out", str(t / "o")],
+        "option u of pass 'clp' takes float",
+    ),
+    (
+        "purify with an unknown option",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "bogus=1", "--out", str(t / "o")],
+        "has no option bogus",
+    ),
+    (
+        "purify with a NaN option",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=NaN", "--out", str(t / "o")],
+        "not a finite number",
+    ),
+    (
+        "purify with an enum option out of range",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "mode=xx", "--out", str(t / "o")],
+        "one of faithful/compress",
+    ),
+    (
+        "purify an import-path model without opting in",
+        lambda f, t: ["purify", str(f["arch_import"]), "--out", str(t / "o")],
+        "off by default",
+    ),
+    (
+        "purify a missing file",
+        lambda f, t: ["purify", str(t / "nope.safetensors"), "--out", str(t / "o")],
+        "no such file",
+    ),
+    (
+        "purify with an empty unlabelled folder",
+        lambda f, t: [
+            "purify",
+            str(f["good"]),
+            "--method",
+            "bcu",
+            "--unlabeled-data",
+            str(_empty_zip(t)),
+            "--out",
+            str(t / "o"),
+        ],
+        "no images|empty|found no",
+    ),
+    (
+        "evaluate with a target outside the classes",
+        lambda f, t: ["evaluate", str(f["good"]), "--attack", "badnets", "--target", "99", "--out", str(t / "e.json")],
+        "--target must be a class",
+    ),
+    (
+        "evaluate over an existing report",
+        lambda f, t: ["evaluate", str(f["good"]), "--out", str(_existing(t / "e.json"))],
+        "exists; choose another path",
+    ),
+    (
+        "train with a target outside the classes",
+        lambda f, t: ["train", "--target", "99", "--out", str(t / "run")],
+        "target must be a class of cifar10",
+    ),
+    (
+        "train for zero epochs",
+        lambda f, t: ["train", "--epochs", "0", "--out", str(t / "run")],
+        "epochs must be a positive number",
+    ),
+    (
+        "bench over an existing JSON report",
+        lambda f, t: ["bench", str(f["good"]), "--out", str(_existing(t / "b.json"))],
+        "exists; choose another path",
+    ),
 ]
 
 
@@ -254,19 +377,83 @@ def _negative_variance(tiny: nn.Module) -> nn.Module:
 
 # (case, call, error, message): the API refuses with a CcpurifyError subclass.
 API_CASES = [
-    ("pruning a data-dependent forward is refused", lambda m: ccpurify.purify(DataDependent().eval(), "prune"), InvalidInputError, "data-dependent control flow"),
-    ("a model returning a tuple is refused", lambda m: ccpurify.purify(ReturnsTuple().eval(), "clp"), InvalidInputError, "returns tuple, not one tensor"),
-    ("a model computing NaN is refused before any pass", lambda m: ccpurify.purify(_negative_variance(m), "clp"), NonFiniteError, "computes NaN or Inf"),
-    ("a model computing NaN is not exported", lambda m: __import__("exporters.onnx").onnx.export(_negative_variance(m), "/tmp/never.onnx", torch.zeros(1, 3, 32, 32)), CcpurifyError, "NaN or Inf"),
-    ("BCU with no images is refused", lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.zeros(0, 3, 32, 32)), InvalidInputError, "no images"),
-    ("labels outside the classes are refused", lambda m: ccpurify.purify(m, "rnp", clean_data=(torch.zeros(4, 3, 32, 32), torch.tensor([99, 0, 1, -1]))), InvalidInputError, "labels range -1..99"),
-    ("float labels are refused", lambda m: ccpurify.purify(m, "rnp", clean_data=(torch.zeros(4, 3, 32, 32), torch.zeros(4))), InvalidInputError, "integer class indices"),
-    ("images with NaN are refused", lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.full((2, 3, 32, 32), float("nan"))), InvalidInputError, "NaN or Inf"),
-    ("images of another size are refused", lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.zeros(2, 3, 16, 16), example_inputs=torch.zeros(1, 3, 32, 32)), InvalidInputError, "images are \\(3, 16, 16\\)"),
-    ("an example input the model cannot take is refused", lambda m: ccpurify.purify(m, "clp", example_inputs=torch.zeros(1, 1, 32, 32)), InvalidInputError, "fails on an example input"),
-    ("a NaN MACs target is refused", lambda m: ccpurify.purify(m, macs=float("nan")), InvalidInputError, "macs must be the fraction"),
+    (
+        "pruning a data-dependent forward is refused",
+        lambda m: ccpurify.purify(DataDependent().eval(), "prune"),
+        InvalidInputError,
+        "data-dependent control flow",
+    ),
+    (
+        "a model returning a tuple is refused",
+        lambda m: ccpurify.purify(ReturnsTuple().eval(), "clp"),
+        InvalidInputError,
+        "returns tuple, not one tensor",
+    ),
+    (
+        "a model computing NaN is refused before any pass",
+        lambda m: ccpurify.purify(_negative_variance(m), "clp"),
+        NonFiniteError,
+        "computes NaN or Inf",
+    ),
+    (
+        "a model computing NaN is not exported",
+        lambda m: __import__("exporters.onnx").onnx.export(
+            _negative_variance(m), "/tmp/never.onnx", torch.zeros(1, 3, 32, 32)
+        ),
+        CcpurifyError,
+        "NaN or Inf",
+    ),
+    (
+        "BCU with no images is refused",
+        lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.zeros(0, 3, 32, 32)),
+        InvalidInputError,
+        "no images",
+    ),
+    (
+        "labels outside the classes are refused",
+        lambda m: ccpurify.purify(m, "rnp", clean_data=(torch.zeros(4, 3, 32, 32), torch.tensor([99, 0, 1, -1]))),
+        InvalidInputError,
+        "labels range -1..99",
+    ),
+    (
+        "float labels are refused",
+        lambda m: ccpurify.purify(m, "rnp", clean_data=(torch.zeros(4, 3, 32, 32), torch.zeros(4))),
+        InvalidInputError,
+        "integer class indices",
+    ),
+    (
+        "images with NaN are refused",
+        lambda m: ccpurify.purify(m, "bcu", unlabeled_data=torch.full((2, 3, 32, 32), float("nan"))),
+        InvalidInputError,
+        "NaN or Inf",
+    ),
+    (
+        "images of another size are refused",
+        lambda m: ccpurify.purify(
+            m, "bcu", unlabeled_data=torch.zeros(2, 3, 16, 16), example_inputs=torch.zeros(1, 3, 32, 32)
+        ),
+        InvalidInputError,
+        "images are \\(3, 16, 16\\)",
+    ),
+    (
+        "an example input the model cannot take is refused",
+        lambda m: ccpurify.purify(m, "clp", example_inputs=torch.zeros(1, 1, 32, 32)),
+        InvalidInputError,
+        "fails on an example input",
+    ),
+    (
+        "a NaN MACs target is refused",
+        lambda m: ccpurify.purify(m, macs=float("nan")),
+        InvalidInputError,
+        "macs must be the fraction",
+    ),
     ("an unknown pass is refused", lambda m: passes.create("unknown-pass"), CcpurifyError, "unknown-pass"),
-    ("a text option is refused", lambda m: passes.create("prune", macs="half"), InvalidInputError, "takes float or null"),
+    (
+        "a text option is refused",
+        lambda m: passes.create("prune", macs="half"),
+        InvalidInputError,
+        "takes float or null",
+    ),
 ]
 
 
@@ -314,8 +501,19 @@ def _damaged_deflate_zip(tmp: Path) -> Path:
 
 
 def test_a_damaged_deflate_stream_in_an_image_zip_is_one_line(files, tmp_path, capsys):
-    code, err = run_cli(["purify", str(files["good"]), "--method", "bcu", "--unlabeled-data", str(_damaged_deflate_zip(tmp_path)),
-                         "--out", str(tmp_path / "o")], capsys)  # fmt: skip
+    code, err = run_cli(
+        [
+            "purify",
+            str(files["good"]),
+            "--method",
+            "bcu",
+            "--unlabeled-data",
+            str(_damaged_deflate_zip(tmp_path)),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     one_line_error(code, err, "damaged|cannot decode")
     assert not (tmp_path / "o").exists()
 
@@ -405,15 +603,30 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
 # ----------------------------------------------------------- cases found by a hostile-input audit
 def _meta_file(tmp: Path, tiny: nn.Module, **changes) -> Path:
     state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": json.dumps(ARCH), "edits": "[]",
-            "input_shape": "[1, 3, 32, 32]", "extra": "{}", **changes}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": json.dumps(ARCH),
+        "edits": "[]",
+        "input_shape": "[1, 3, 32, 32]",
+        "extra": "{}",
+        **changes,
+    }
     path = tmp / "m.safetensors"
     save_file(state, str(path), metadata=meta)
     return path
 
 
 AUDIT_FILES = [
-    ("a factorize edit with a rank of 12 million", dict(edits=json.dumps([{"op": "factorize", "layers": [{"layer": "linear", "method": "svd", "ranks": [12_000_000]}]}])), "do not fit"),
+    (
+        "a factorize edit with a rank of 12 million",
+        dict(
+            edits=json.dumps(
+                [{"op": "factorize", "layers": [{"layer": "linear", "method": "svd", "ranks": [12_000_000]}]}]
+            )
+        ),
+        "do not fit",
+    ),
     ("metadata nested 100,000 levels deep", dict(extra="[" * 100_000 + "]" * 100_000), "damaged ccpurify metadata"),
     ("an unknown format version", dict(format_version="999"), "format version '999'"),
 ]
@@ -427,8 +640,11 @@ def test_audited_model_files_are_refused_before_allocating(case, changes, messag
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before < 2 << 30
 
 
-@pytest.mark.parametrize("content", [{1: torch.zeros(2)}, {"w": torch.zeros(3, 3).to_sparse()}, {"w": torch.zeros(2, dtype=torch.complex64)}],
-                         ids=["integer keys", "sparse tensor", "complex tensor"])  # fmt: skip
+@pytest.mark.parametrize(
+    "content",
+    [{1: torch.zeros(2)}, {"w": torch.zeros(3, 3).to_sparse()}, {"w": torch.zeros(2, dtype=torch.complex64)}],
+    ids=["integer keys", "sparse tensor", "complex tensor"],
+)
 def test_odd_pytorch_files_are_refused(content, tmp_path):
     torch.save(content, tmp_path / "odd.pt")
     with pytest.raises(ModelLoadError):
@@ -437,7 +653,10 @@ def test_odd_pytorch_files_are_refused(content, tmp_path):
 
 def test_a_frozen_model_is_defended_like_a_trainable_one(tiny):
     frozen = __import__("copy").deepcopy(tiny).requires_grad_(False)
-    scored = [ccpurify.purify(m, "otbr", steps=2, batch_size=8).report.passes[0].details.get("target_layers") for m in (tiny, frozen)]
+    scored = [
+        ccpurify.purify(m, "otbr", steps=2, batch_size=8).report.passes[0].details.get("target_layers")
+        for m in (tiny, frozen)
+    ]
     assert scored[0] and scored[0] == scored[1]
     assert not any(p.requires_grad for p in frozen.parameters())
 
@@ -458,13 +677,61 @@ def test_a_damaged_run_directory_is_one_line(tmp_path, capsys):
 
 
 AUDIT_CLI = [
-    ("a 5000-digit --set value", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=1" + "0" * 5000, "--out", str(t / "o")], "cannot read the value"),
-    ("a 400-digit --set value", lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=1" + "0" * 400, "--out", str(t / "o")], "not a finite number"),
-    ("a number for a list option", lambda f, t: ["purify", str(f["good"]), "--method", "prune", "--set", "ignored=5", "--out", str(t / "o")], "option ignored of pass 'prune' takes"),
-    ("--macs and --set macs", lambda f, t: ["purify", str(f["good"]), "--method", "prune", "--macs", "0.5", "--set", "macs=0.9", "--out", str(t / "o")], "give the MACs target once"),
-    ("otbr with zero steps", lambda f, t: ["purify", str(f["good"]), "--method", "otbr", "--set", "steps=0", "--out", str(t / "o")], "OTBR needs steps >= 1"),
-    ("a missing --clean-data path", lambda f, t: ["purify", str(f["good"]), "--method", "rnp", "--clean-data", str(t / "nowhere"), "--out", str(t / "o")], "nowhere"),
-    ("export onto a folder named .onnx", lambda f, t: ["export", str(f["good"]), "--out", str(_folder(t / "d.onnx"))], "is a folder; name a file"),
+    (
+        "a 5000-digit --set value",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=1" + "0" * 5000, "--out", str(t / "o")],
+        "cannot read the value",
+    ),
+    (
+        "a 400-digit --set value",
+        lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=1" + "0" * 400, "--out", str(t / "o")],
+        "not a finite number",
+    ),
+    (
+        "a number for a list option",
+        lambda f, t: ["purify", str(f["good"]), "--method", "prune", "--set", "ignored=5", "--out", str(t / "o")],
+        "option ignored of pass 'prune' takes",
+    ),
+    (
+        "--macs and --set macs",
+        lambda f, t: [
+            "purify",
+            str(f["good"]),
+            "--method",
+            "prune",
+            "--macs",
+            "0.5",
+            "--set",
+            "macs=0.9",
+            "--out",
+            str(t / "o"),
+        ],
+        "give the MACs target once",
+    ),
+    (
+        "otbr with zero steps",
+        lambda f, t: ["purify", str(f["good"]), "--method", "otbr", "--set", "steps=0", "--out", str(t / "o")],
+        "OTBR needs steps >= 1",
+    ),
+    (
+        "a missing --clean-data path",
+        lambda f, t: [
+            "purify",
+            str(f["good"]),
+            "--method",
+            "rnp",
+            "--clean-data",
+            str(t / "nowhere"),
+            "--out",
+            str(t / "o"),
+        ],
+        "nowhere",
+    ),
+    (
+        "export onto a folder named .onnx",
+        lambda f, t: ["export", str(f["good"]), "--out", str(_folder(t / "d.onnx"))],
+        "is a folder; name a file",
+    ),
 ]
 
 
@@ -511,9 +778,12 @@ def test_bench_refuses_an_integer_input_model(tmp_path):
 
     from exporters.latency import BenchConfig, benchmark
 
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["out"])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.INT64, [1, 4])],
-                              [helper.make_tensor_value_info("out", TensorProto.INT64, [1, 4])])  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["out"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.INT64, [1, 4])],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), tmp_path / "int.onnx")
     with pytest.raises(InvalidInputError, match="float32"):
         benchmark({"m": tmp_path / "int.onnx"}, BenchConfig(torch_eager=False))

@@ -19,8 +19,13 @@ def model():
 
 
 def test_save_load_round_trip_gives_identical_logits(model, tmp_path):
-    path = save_model(model, tmp_path / "m.safetensors", "preact_resnet18", arch_kwargs={"num_classes": 10, "width": 0.25},
-                      extra={"dataset": "cifar10"})
+    path = save_model(
+        model,
+        tmp_path / "m.safetensors",
+        "preact_resnet18",
+        arch_kwargs={"num_classes": 10, "width": 0.25},
+        extra={"dataset": "cifar10"},
+    )
     loaded = load_model(path)
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(model(x), loaded(x))
@@ -80,7 +85,9 @@ def test_nan_weights_are_refused(model, tmp_path):
     with pytest.raises(NonFiniteError, match="linear.weight.*NaN.*nothing was saved"):
         save_model(model, tmp_path / "nan.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25})
     assert not list(tmp_path.iterdir())
-    path = save_model(model, tmp_path / "nan.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25}, verify=False)  # a hostile file
+    path = save_model(
+        model, tmp_path / "nan.safetensors", "preact_resnet18", arch_kwargs={"width": 0.25}, verify=False
+    )  # a hostile file
     with pytest.raises(ModelLoadError, match="linear.weight.*NaN"):
         load_model(path)
 
@@ -94,14 +101,18 @@ def test_weights_of_another_architecture_are_reported(model, tmp_path):
 
 
 def test_import_path_architectures_need_an_explicit_opt_in(model, tmp_path):
-    arch = ArchRef(import_path="ccpurify.models.preact_resnet:PreActResNet", kwargs={"num_blocks": [2, 2, 2, 2], "width": 0.25})
+    arch = ArchRef(
+        import_path="ccpurify.models.preact_resnet:PreActResNet", kwargs={"num_blocks": [2, 2, 2, 2], "width": 0.25}
+    )
     path = save_model(model, tmp_path / "m.safetensors", arch)
     with pytest.raises(ModelLoadError, match="allow_import=True"):
         load_model(path)
     assert isinstance(load_model(path, allow_import=True), torch.nn.Module)
     with pytest.raises(InvalidInputError, match="would not rebuild this model: os:system is not an nn.Module class"):
         save_model(model, tmp_path / "os.safetensors", ArchRef(import_path="os:system", kwargs={"command": "true"}))
-    bad = save_model(model, tmp_path / "os.safetensors", ArchRef(import_path="os:system", kwargs={"command": "true"}), verify=False)
+    bad = save_model(
+        model, tmp_path / "os.safetensors", ArchRef(import_path="os:system", kwargs={"command": "true"}), verify=False
+    )
     with pytest.raises(ModelLoadError, match="not an nn.Module class"):
         load_model(bad, allow_import=True)
 
@@ -138,6 +149,13 @@ class Flat64(torch.nn.Sequential):
     """A 64-px network whose head flattens the feature map, so its edits replay only at 64x64."""
 
     def __init__(self) -> None:
-        super().__init__(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                         torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-                         torch.nn.Flatten(), torch.nn.Linear(16 * 32 * 32, 10))  # fmt: skip
+        super().__init__(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(16 * 32 * 32, 10),
+        )

@@ -16,8 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ccpurify", "exporters")
 
 # The evaluation harness (docs/design.md, "Layout"): what measures backdoors, not what removes them.
-HARNESS = {"ccpurify.models", "ccpurify.data", "ccpurify.attacks", "ccpurify.train", "ccpurify.metrics",
-           "ccpurify.evaluation", "ccpurify.defender", "ccpurify.demo", "ccpurify.cli"}  # fmt: skip
+HARNESS = {
+    "ccpurify.models",
+    "ccpurify.data",
+    "ccpurify.attacks",
+    "ccpurify.train",
+    "ccpurify.metrics",
+    "ccpurify.evaluation",
+    "ccpurify.defender",
+    "ccpurify.demo",
+    "ccpurify.cli",
+}
 # The package's front door re-exports both layers; it is neither.
 FRONT = {"ccpurify"}
 
@@ -46,7 +55,9 @@ def imports(name: str, top_level_only: bool = False) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
     return {m for m in found if m in MODULES and m != name}
@@ -56,8 +67,16 @@ CORE = sorted(m for m in MODULES if not in_layer(m, HARNESS) and m not in FRONT)
 
 
 def test_the_layers_are_what_the_design_says():
-    assert {"ccpurify.graph", "ccpurify.lowrank", "ccpurify.recipe", "ccpurify.cost", "ccpurify.distill", "ccpurify.passes.base",
-            "ccpurify.io", "exporters.onnx"} <= set(CORE)  # fmt: skip
+    assert {
+        "ccpurify.graph",
+        "ccpurify.lowrank",
+        "ccpurify.recipe",
+        "ccpurify.cost",
+        "ccpurify.distill",
+        "ccpurify.passes.base",
+        "ccpurify.io",
+        "exporters.onnx",
+    } <= set(CORE)
     assert "ccpurify.metrics" not in CORE and "ccpurify.models" not in CORE
 
 

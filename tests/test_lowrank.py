@@ -103,8 +103,17 @@ def test_grouped_convs_are_refused():
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    ).eval()
 
 
 def test_a_second_factorize_leaves_the_factors_of_the_first_alone():
@@ -116,7 +125,9 @@ def test_a_second_factorize_leaves_the_factors_of_the_first_alone():
     twice = ccpurify.purify(once, "factorize", macs=0.9, num_classes=10)
     refactored = [e["layer"] for e in twice.report.passes[0].details["factorized"]]
     assert not any(name.startswith(tuple(f + "." for f in factor_names)) for name in refactored)
-    assert not any(isinstance(m, lowrank.LowRank) for f in factor_names for m in twice.model.get_submodule(f).children())
+    assert not any(
+        isinstance(m, lowrank.LowRank) for f in factor_names for m in twice.model.get_submodule(f).children()
+    )
 
 
 def test_an_unreachable_macs_target_is_reported_not_hidden():
@@ -127,4 +138,7 @@ def test_an_unreachable_macs_target_is_reported_not_hidden():
     details = result.report.passes[0].details
     assert details["target_reached"] is False
     assert result.report.macs_after > 0.01 * result.report.macs_before
-    assert ccpurify.purify(_net(), "factorize", macs=0.6, num_classes=10).report.passes[0].details["target_reached"] is True
+    assert (
+        ccpurify.purify(_net(), "factorize", macs=0.6, num_classes=10).report.passes[0].details["target_reached"]
+        is True
+    )

@@ -33,7 +33,11 @@ def analytic_macs(model: nn.Module) -> int:
 
     def hook(m, inp, out):
         nonlocal total
-        per_output = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
+        per_output = (
+            m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            if isinstance(m, nn.Conv2d)
+            else m.in_features
+        )
         total += out[0].numel() * (per_output + (m.bias is not None))
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -173,6 +177,13 @@ def test_registry_and_purify_entry_point():
     with pytest.raises(ValueError, match="labels range"):
         ccpurify.purify(build("vgg16_bn"), "prune", clean_data=(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 99])))
     with pytest.raises(ValueError, match="model takes"):
-        ccpurify.purify(build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16), example_inputs=torch.zeros(1, 3, 32, 32))
+        ccpurify.purify(
+            build("vgg16_bn"),
+            "prune",
+            unlabeled_data=torch.randn(4, 3, 16, 16),
+            example_inputs=torch.zeros(1, 3, 32, 32),
+        )
     with pytest.raises(ValueError, match=r"fails on an example input of shape \(1, 3, 16, 16\).*--input-shape"):
-        ccpurify.purify(build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16))  # the images' size, when none is given
+        ccpurify.purify(
+            build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16)
+        )  # the images' size, when none is given

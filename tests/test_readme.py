@@ -22,14 +22,25 @@ def test_the_python_api_examples_run(tmp_path):
     assert len(first.strip().splitlines()) <= 12  # the first screen's example stays short
     for i, block in enumerate([first, *others]):
         (tmp_path / f"readme_example_{i}.py").write_text(block)
-        run = subprocess.run([sys.executable, "-c", f"import readme_example_{i}"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", f"import readme_example_{i}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"},
+        )
         assert run.returncode == 0, f"README python block {i}:\n{run.stderr[-2000:]}"
     assert (tmp_path / "gray.onnx").exists() and (tmp_path / "gray.safetensors").exists()
 
 
 def test_ci_runs_the_readme_test_command():
-    commands = [line.strip() for block in code_blocks("bash") for line in block.splitlines() if line.startswith("python3 -m venv")]
+    commands = [
+        line.strip()
+        for block in code_blocks("bash")
+        for line in block.splitlines()
+        if line.startswith("python3 -m venv")
+    ]
     assert len(commands) == 2, "the README names exactly two set-up commands"
     demo, tests = commands
     assert demo.endswith("ccpurify demo") and "pytest" in tests
@@ -40,7 +51,10 @@ def test_every_document_the_code_cites_is_in_the_repository():
     """Docstrings cite the protocol and method notes by path (``docs/...``): a user who has only the
     repository can open each of them."""
     cited = set()
-    for path in [ROOT / "README.md", *(p for d in ("ccpurify", "exporters", "benchmarks", "docs") for p in (ROOT / d).rglob("*.*"))]:
+    for path in [
+        ROOT / "README.md",
+        *(p for d in ("ccpurify", "exporters", "benchmarks", "docs") for p in (ROOT / d).rglob("*.*")),
+    ]:
         if path.suffix in (".py", ".md"):
             cited |= set(re.findall(r"\bdocs/[\w/.-]+\.md", path.read_text()))
     assert len(cited) >= 5

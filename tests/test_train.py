@@ -17,8 +17,15 @@ def test_ci_badnets_learns_the_backdoor_and_keeps_clean_accuracy(ci_run):
 
 def test_run_directory_holds_everything_the_protocol_asks_for(ci_run):
     run_dir = ci_run.run_dir
-    for name in ["manifest.json", "model.safetensors", "attack.json", "attack.safetensors", "poison_indices.json",
-                 "defender.json", "metrics.json"]:
+    for name in [
+        "manifest.json",
+        "model.safetensors",
+        "attack.json",
+        "attack.safetensors",
+        "poison_indices.json",
+        "defender.json",
+        "metrics.json",
+    ]:
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "checkpoint.pt").exists()
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -28,7 +28,9 @@ def list_attacks(pattern: str = "*") -> list[str]:
 def from_recipe(recipe: dict, tensors: dict[str, torch.Tensor]):
     """Rebuild an attack from ``attack.recipe()`` and ``attack.tensors()``."""
     cls = ATTACKS.get(recipe["name"])
-    kwargs = dict(target=recipe["target"], poison_ratio=recipe["poison_ratio"], seed=recipe["seed"], **recipe.get("params", {}))
+    kwargs = dict(
+        target=recipe["target"], poison_ratio=recipe["poison_ratio"], seed=recipe["seed"], **recipe.get("params", {})
+    )
     return cls.from_tensors(tensors, **kwargs)
 
 
@@ -41,6 +43,19 @@ from ccpurify.attacks.input_aware import InputAware  # noqa: E402
 from ccpurify.attacks.wanet import WaNet  # noqa: E402
 
 __all__ = [
-    "ATTACKS", "LF", "SIG", "Attack", "BadNets", "BatchPoisoner", "Blended", "InputAware", "PoisonedSet",
-    "UnknownNameError", "WaNet", "create", "from_recipe", "list_attacks", "register_attack",
+    "ATTACKS",
+    "LF",
+    "SIG",
+    "Attack",
+    "BadNets",
+    "BatchPoisoner",
+    "Blended",
+    "InputAware",
+    "PoisonedSet",
+    "UnknownNameError",
+    "WaNet",
+    "create",
+    "from_recipe",
+    "list_attacks",
+    "register_attack",
 ]

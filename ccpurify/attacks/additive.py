@@ -62,14 +62,15 @@ class SIG(AdditiveAttack):
         return {"delta": self.delta, "frequency": self.frequency}
 
 
-
 def gaussian_kernel(sigma: float, taps: int) -> torch.Tensor:
     x = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2.0
     k = torch.exp(-(x**2) / (2.0 * sigma**2))
     return (k / k.sum()).float()
 
 
-def low_frequency_pattern(seed: int, image_size: int = 32, sigma: float = 6.0, taps: int = 30, peak: float = 0.2) -> np.ndarray:
+def low_frequency_pattern(
+    seed: int, image_size: int = 32, sigma: float = 6.0, taps: int = 30, peak: float = 0.2
+) -> np.ndarray:
     """A smooth random (S, S, 3) float pattern in [0, peak * 255] (separable Gaussian, zero padding)."""
     g = torch.Generator().manual_seed(seed)
     field = torch.randn(3, 1, image_size, image_size, generator=g)
@@ -100,9 +101,10 @@ class LF(AdditiveAttack):
         super().__init__(target, poison_ratio, seed)
         self.sigma, self.peak = float(sigma), float(peak)
         self.pattern = (
-            low_frequency_pattern(seed, image_size, sigma, peak=peak) if pattern is None else np.asarray(pattern, np.float32)
+            low_frequency_pattern(seed, image_size, sigma, peak=peak)
+            if pattern is None
+            else np.asarray(pattern, np.float32)
         )
 
     def params(self) -> dict:
         return {"sigma": self.sigma, "peak": self.peak}
-

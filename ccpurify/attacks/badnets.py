@@ -67,4 +67,3 @@ class BadNets(Attack):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"patch": torch.from_numpy(self.patch.copy()), "mask": torch.from_numpy(self.mask.astype(np.uint8))}
-

@@ -57,7 +57,9 @@ class BatchPoisoner(ABC):
 def _validate_images(images: np.ndarray) -> np.ndarray:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         shape = getattr(images, "shape", None)
-        raise InvalidInputError(f"attacks take uint8 images of shape (N, H, W, 3); got {getattr(images, 'dtype', type(images))} {shape}")
+        raise InvalidInputError(
+            f"attacks take uint8 images of shape (N, H, W, 3); got {getattr(images, 'dtype', type(images))} {shape}"
+        )
     return images
 
 
@@ -119,7 +121,9 @@ class Attack(ABC):
         keep = labels != self.target
         return self.apply(images[keep]), labels[keep]
 
-    def prepare(self, images: np.ndarray, batch_size: int = 128, device: str | torch.device = "cpu", progress=None) -> None:
+    def prepare(
+        self, images: np.ndarray, batch_size: int = 128, device: str | torch.device = "cpu", progress=None
+    ) -> None:
         """Work an attack does on the training images before training (Input-aware's mask stage)."""
 
     def batch_poisoner(self, device: torch.device | str = "cpu") -> BatchPoisoner | None:

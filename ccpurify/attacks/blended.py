@@ -54,4 +54,3 @@ class Blended(Attack):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"key": torch.from_numpy(self.key.copy())}
-

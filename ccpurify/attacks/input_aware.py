@@ -42,14 +42,26 @@ class TriggerGenerator(nn.Module):
         super().__init__()
         c1, c2, c3 = width, 2 * width, 4 * width
         self.net = nn.Sequential(
-            *_block(3, c1), *_block(c1, c1), nn.MaxPool2d(2),
-            *_block(c1, c2), *_block(c2, c2), nn.MaxPool2d(2),
-            *_block(c2, c3), *_block(c3, c3), nn.MaxPool2d(2),
+            *_block(3, c1),
+            *_block(c1, c1),
+            nn.MaxPool2d(2),
+            *_block(c1, c2),
+            *_block(c2, c2),
+            nn.MaxPool2d(2),
+            *_block(c2, c3),
             *_block(c3, c3),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), *_block(c3, c3), *_block(c3, c2),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), *_block(c2, c2), *_block(c2, c1),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), *_block(c1, c1), *_block(c1, out_channels, relu=False),
-        )  # fmt: skip
+            nn.MaxPool2d(2),
+            *_block(c3, c3),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            *_block(c3, c3),
+            *_block(c3, c2),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            *_block(c2, c2),
+            *_block(c2, c1),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            *_block(c1, c1),
+            *_block(c1, out_channels, relu=False),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(x)) / (2 + EPS) + 0.5
@@ -91,7 +103,11 @@ class InputAware(Attack):
     ) -> None:
         super().__init__(target, poison_ratio, seed)
         self.width, self.cross_ratio = int(width), float(cross_ratio)
-        self.mask_density, self.lambda_norm, self.lambda_div = float(mask_density), float(lambda_norm), float(lambda_div)
+        self.mask_density, self.lambda_norm, self.lambda_div = (
+            float(mask_density),
+            float(lambda_norm),
+            float(lambda_div),
+        )
         self.lr, self.mask_epochs = float(lr), int(mask_epochs)
         with torch.random.fork_rng():  # generator initialisation is part of the seeded recipe
             torch.manual_seed(seed)
@@ -99,7 +115,9 @@ class InputAware(Attack):
             self.mask_net = TriggerGenerator(1, self.width)
 
     # -- stage 1 ---------------------------------------------------------------------------------
-    def prepare(self, images: np.ndarray, batch_size: int = 128, device: str | torch.device = "cpu", progress=None) -> None:
+    def prepare(
+        self, images: np.ndarray, batch_size: int = 128, device: str | torch.device = "cpu", progress=None
+    ) -> None:
         """Train the mask generator alone for ``mask_epochs`` epochs on the training images."""
         from ccpurify.progress import report  # local: keeps attacks importable without progress users
 
@@ -117,7 +135,9 @@ class InputAware(Attack):
                 x1 = data[perm1[sl]].to(device).permute(0, 3, 1, 2).float() / 255
                 x2 = data[perm2[sl]].to(device).permute(0, 3, 1, 2).float() / 255
                 m1, m2 = net(x1), net(x2)
-                loss = self.lambda_norm * F.relu(m1 - self.mask_density).mean() + self.lambda_div * diversity_loss(x1, x2, m1, m2)
+                loss = self.lambda_norm * F.relu(m1 - self.mask_density).mean() + self.lambda_div * diversity_loss(
+                    x1, x2, m1, m2
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -150,9 +170,14 @@ class InputAware(Attack):
     # -- serialisation ---------------------------------------------------------------------------
     def params(self) -> dict:
         return {
-            "width": self.width, "cross_ratio": self.cross_ratio, "mask_density": self.mask_density,
-            "lambda_norm": self.lambda_norm, "lambda_div": self.lambda_div, "lr": self.lr, "mask_epochs": self.mask_epochs,
-        }  # fmt: skip
+            "width": self.width,
+            "cross_ratio": self.cross_ratio,
+            "mask_density": self.mask_density,
+            "lambda_norm": self.lambda_norm,
+            "lambda_div": self.lambda_div,
+            "lr": self.lr,
+            "mask_epochs": self.mask_epochs,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"pattern.{k}": v.detach().cpu().contiguous() for k, v in self.pattern_net.state_dict().items()}
@@ -165,12 +190,17 @@ class InputAware(Attack):
         # compare their shapes with the stored tensors before allocating anything (width=1500...).
         with torch.device("meta"):
             skeleton = cls(**kwargs)
-        expected = {f"{prefix}{k}": tuple(v.shape) for prefix, net in (("pattern.", skeleton.pattern_net), ("mask.", skeleton.mask_net))
-                    for k, v in net.state_dict().items()}  # fmt: skip
+        expected = {
+            f"{prefix}{k}": tuple(v.shape)
+            for prefix, net in (("pattern.", skeleton.pattern_net), ("mask.", skeleton.mask_net))
+            for k, v in net.state_dict().items()
+        }
         got = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(("pattern.", "mask."))}
         if expected != got:
-            raise InvalidInputError(f"the input-aware attack's parameters {kwargs} do not fit its stored generator tensors; "
-                                    "the run directory is damaged")  # fmt: skip
+            raise InvalidInputError(
+                f"the input-aware attack's parameters {kwargs} do not fit its stored generator tensors; "
+                "the run directory is damaged"
+            )
         attack = cls(**kwargs)
         for prefix, net in (("pattern.", attack.pattern_net), ("mask.", attack.mask_net)):
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

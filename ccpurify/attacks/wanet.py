@@ -21,7 +21,9 @@ from ccpurify.attacks.registry import register_attack
 from ccpurify.errors import InvalidInputError
 
 
-def warping_field(seed: int, image_size: int = 32, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0) -> torch.Tensor:
+def warping_field(
+    seed: int, image_size: int = 32, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0
+) -> torch.Tensor:
     """The (1, H, W, 2) sampling grid of WaNet for ``grid_sample``."""
     g = torch.Generator().manual_seed(seed)
     ins = torch.rand(1, 2, k, k, generator=g) * 2 - 1
@@ -69,7 +71,9 @@ class WaNet(Attack):
 
     def _apply(self, images: np.ndarray) -> np.ndarray:
         if images.shape[1:3] != tuple(self.grid.shape[1:3]):
-            raise InvalidInputError(f"the warping field is {tuple(self.grid.shape[1:3])}, the images {images.shape[1:3]}")
+            raise InvalidInputError(
+                f"the warping field is {tuple(self.grid.shape[1:3])}, the images {images.shape[1:3]}"
+            )
         out = np.empty_like(images)
         for start in range(0, len(images), 1024):
             x = torch.from_numpy(images[start : start + 1024]).permute(0, 3, 1, 2).float() / 255.0

@@ -25,7 +25,24 @@ from ccpurify.data.readers import DataFormatError
 from ccpurify.data.transforms import Augment, Normalize, random_crop, random_hflip, to_float, to_uint8
 
 __all__ = [
-    "CACHE_ENV", "CIFAR10", "DATASETS", "DATA_ENV", "GTSRB", "Augment", "ChecksumError",
-    "DataFormatError", "DataNotFoundError", "DatasetSpec", "ImageSet", "Normalize", "SourceInfo",
-    "get_spec", "load_dataset", "locate", "random_crop", "random_hflip", "to_float", "to_uint8",
+    "CACHE_ENV",
+    "CIFAR10",
+    "DATASETS",
+    "DATA_ENV",
+    "GTSRB",
+    "Augment",
+    "ChecksumError",
+    "DataFormatError",
+    "DataNotFoundError",
+    "DatasetSpec",
+    "ImageSet",
+    "Normalize",
+    "SourceInfo",
+    "get_spec",
+    "load_dataset",
+    "locate",
+    "random_crop",
+    "random_hflip",
+    "to_float",
+    "to_uint8",
 ]

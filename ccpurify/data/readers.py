@@ -36,7 +36,9 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                raise DataFormatError(f"{name}: {img.mode} pixels (16-bit or float) are not 8-bit images; convert them to 8-bit first")
+                raise DataFormatError(
+                    f"{name}: {img.mode} pixels (16-bit or float) are not 8-bit images; convert them to 8-bit first"
+                )
             img = img.convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
@@ -60,10 +62,19 @@ def read_member(zf: zipfile.ZipFile, name: str, zip_path: str) -> bytes:
     """One member's bytes; a declared size over ``MAX_IMAGE_BYTES`` or a damaged stream is a ``DataFormatError``."""
     declared = zf.getinfo(name).file_size
     if declared > MAX_IMAGE_BYTES:
-        raise DataFormatError(f"{zip_path}:{name}: declares {declared:,} bytes, more than an image may ({MAX_IMAGE_BYTES:,})")
+        raise DataFormatError(
+            f"{zip_path}:{name}: declares {declared:,} bytes, more than an image may ({MAX_IMAGE_BYTES:,})"
+        )
     try:
         return zf.read(name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:  # RuntimeError: encrypted
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:  # RuntimeError: encrypted
         raise DataFormatError(f"{zip_path}:{name}: damaged in the archive ({exc}); re-copy the file") from exc
 
 
@@ -95,7 +106,9 @@ def _parallel(fn, source: str, items: list[str], size: int, workers: int) -> np.
     chunks = np.array_split(np.arange(len(items)), workers)
     with ProcessPoolExecutor(workers) as pool:
         futures = [
-            pool.submit(fn, source, [items[i] for i in c], size) if source else pool.submit(fn, [items[i] for i in c], size)
+            pool.submit(fn, source, [items[i] for i in c], size)
+            if source
+            else pool.submit(fn, [items[i] for i in c], size)
             for c in chunks
         ]
         return np.concatenate([f.result() for f in futures])
@@ -170,9 +183,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name} from a CIFAR batch file: it may run code"
-        )
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file: it may run code")
 
 
 def read_cifar_pickle_folder(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +204,9 @@ def read_cifar_pickle_folder(root: Path, split: str) -> tuple[np.ndarray, np.nda
             batch_images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             batch_labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise DataFormatError(f"{path}: not a CIFAR-10 batch (expected {{b'data': N x 3072 uint8, b'labels': N ints}}; {exc})") from exc
+            raise DataFormatError(
+                f"{path}: not a CIFAR-10 batch (expected {{b'data': N x 3072 uint8, b'labels': N ints}}; {exc})"
+            ) from exc
         if len(batch_labels) != len(batch_images):
             raise DataFormatError(f"{path}: {len(batch_images)} images but {len(batch_labels)} labels")
         images.append(batch_images)

@@ -51,7 +51,9 @@ def resolution_levels(model: nn.Module, example_inputs: torch.Tensor) -> dict[st
 
         return hook
 
-    hooks = [m.register_forward_hook(remember(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [
+        m.register_forward_hook(remember(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     was_training = model.training
     with torch.no_grad():
         model.eval()(example_inputs[:1])
@@ -81,7 +83,9 @@ def fresh_like(layer: nn.Module, generator: torch.Generator) -> dict[str, torch.
     out = {"weight": w}
     if layer.bias is not None:
         fan_in = layer.weight[0].numel()
-        out["bias"] = torch.empty_like(layer.bias, device="cpu").uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
+        out["bias"] = torch.empty_like(layer.bias, device="cpu").uniform_(
+            -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator
+        )
     return out
 
 
@@ -157,7 +161,9 @@ class BCU(Pass):
         out = {}
         for name, level in levels.items():
             info = graph.layers.get(name)
-            out[name] = self.classifier_ratio if info is not None and info.coupling is Coupling.OUTPUT else per_level[level]
+            out[name] = (
+                self.classifier_ratio if info is not None and info.coupling is Coupling.OUTPUT else per_level[level]
+            )
         return out
 
     def sample_steps(self, context: PurifyContext) -> int:
@@ -181,10 +187,21 @@ class BCU(Pass):
         replaced = reinitialize(student, ratios, context.generator(31))
         epochs = self.epochs_for(len(data))
         log = distill(
-            student, teacher, data.x, epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay, temperature=lambda e: self.temperature(e, epochs), scale_by_t_squared=False,
-            augment=Augment(4, self.hflip) if self.augment else None, generator=context.generator(32),
-            device=context.device, progress=context.progress, task="bcu: distill",
-        )  # fmt: skip
+            student,
+            teacher,
+            data.x,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            temperature=lambda e: self.temperature(e, epochs),
+            scale_by_t_squared=False,
+            augment=Augment(4, self.hflip) if self.augment else None,
+            generator=context.generator(32),
+            device=context.device,
+            progress=context.progress,
+            task="bcu: distill",
+        )
         details.update(ratios=ratios, replaced=replaced, distill=log, unlabeled_images=len(data), data="unlabeled")
         return PassResult(student, details, details["compact"]["edits"] if self.compact is not None else [])

@@ -110,8 +110,12 @@ class CleanCompact(Pass):
             w = lowrank.matricize(model.get_submodule(name))
             s = torch.linalg.svdvals(w if scales[name] is None else scales[name][:, None] * w)
             purified[name] = purify_spectrum(s, self.tau, self.normalization, self.purify)
-            per_layer[name] = {"bn_folded": bn_name, "sensitive_ranks": int((purified[name] != s).sum()),
-                               "full_rank": len(s), "energy_kept": float((purified[name] ** 2).sum() / (s**2).sum())}  # fmt: skip
+            per_layer[name] = {
+                "bn_folded": bn_name,
+                "sensitive_ranks": int((purified[name] != s).sum()),
+                "full_rank": len(s),
+                "energy_kept": float((purified[name] ** 2).sum() / (s**2).sum()),
+            }
         ranks = self._ranks(model, context, geometries, purified)
         teacher = None
         if self.recover:
@@ -127,16 +131,24 @@ class CleanCompact(Pass):
                 return target.to(full.dtype)
 
             if teacher is not None:
-                _set_dense(teacher.get_submodule(name), lowrank.svd_factorize(layer, len(target), scales[name], transform))
+                _set_dense(
+                    teacher.get_submodule(name), lowrank.svd_factorize(layer, len(target), scales[name], transform)
+                )
             if name in ranks:
-                lowrank.replace_module(model, name, lowrank.svd_factorize(layer, ranks[name][0], scales[name], transform))
+                lowrank.replace_module(
+                    model, name, lowrank.svd_factorize(layer, ranks[name][0], scales[name], transform)
+                )
                 per_layer[name]["rank"] = ranks[name][0]
                 edits_layers.append({"layer": name, "method": Method.SVD.value, "ranks": list(ranks[name])})
             elif self.purify is not RankPurification.NONE:
                 _set_dense(layer, lowrank.svd_factorize(layer, len(target), scales[name], transform))
                 per_layer[name]["rank"] = None
             report(context.progress, "cc: layers", i + 1, len(geometries))
-        details = {"layers": per_layer, "factorized": len(edits_layers), "sensitive_ranks": sum(v["sensitive_ranks"] for v in per_layer.values())}
+        details = {
+            "layers": per_layer,
+            "factorized": len(edits_layers),
+            "sensitive_ranks": sum(v["sensitive_ranks"] for v in per_layer.values()),
+        }
         if teacher is not None:
             from ccpurify.passes.recover import recover_data_free
 
@@ -148,9 +160,17 @@ class CleanCompact(Pass):
         if self.macs is None and self.energy is None:
             return {}
         if self.energy is not None:
-            return plan_ranks(geometries, Method.SVD, energy=self.energy, spectra=spectra, only_if_cheaper=self.only_if_cheaper,
-                              round_to=self.round_to).ranks  # fmt: skip
-        return plan_for_macs(model, context, geometries, Method.SVD, self.macs, self.allocation, spectra, self.round_to).ranks
+            return plan_ranks(
+                geometries,
+                Method.SVD,
+                energy=self.energy,
+                spectra=spectra,
+                only_if_cheaper=self.only_if_cheaper,
+                round_to=self.round_to,
+            ).ranks
+        return plan_for_macs(
+            model, context, geometries, Method.SVD, self.macs, self.allocation, spectra, self.round_to
+        ).ranks
 
 
 def _set_dense(layer: nn.Module, factors: lowrank.LowRank) -> None:

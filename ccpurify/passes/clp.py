@@ -90,9 +90,15 @@ class CLP(Pass):
     unpaired: Unpaired = Unpaired.SKIP
 
     def __post_init__(self) -> None:
-        self.mode, self.residual_policy, self.unpaired = Mode(self.mode), RemovalPolicy(self.residual_policy), Unpaired(self.unpaired)
+        self.mode, self.residual_policy, self.unpaired = (
+            Mode(self.mode),
+            RemovalPolicy(self.residual_policy),
+            Unpaired(self.unpaired),
+        )
         if self.reference_pairing and self.mode is not Mode.FAITHFUL:
-            raise InvalidInputError("reference_pairing reproduces the reference's BN zeroing; use it with mode='faithful'")
+            raise InvalidInputError(
+                "reference_pairing reproduces the reference's BN zeroing; use it with mode='faithful'"
+            )
         if self.u <= 0:
             raise InvalidInputError(f"u must be > 0, got {self.u}")
 
@@ -101,8 +107,12 @@ class CLP(Pass):
         if self.reference_pairing:
             for conv_name, bn_name in module_order_pairs(model):
                 flagged = outliers(uclc(model.get_submodule(conv_name), model.get_submodule(bn_name)), self.u)
-                layers[bn_name] = {"conv": conv_name, "bn": bn_name, "channels": model.get_submodule(bn_name).num_features,
-                                   "flagged": flagged}  # fmt: skip
+                layers[bn_name] = {
+                    "conv": conv_name,
+                    "bn": bn_name,
+                    "channels": model.get_submodule(bn_name).num_features,
+                    "flagged": flagged,
+                }
                 _zero_bn(model.get_submodule(bn_name), flagged)
             return PassResult(model, self._details(layers, None, None))
 
@@ -115,8 +125,13 @@ class CLP(Pass):
             if info.bn is None and self.unpaired is Unpaired.SKIP:
                 continue
             flagged = outliers(uclc(conv, graph.module(info.bn) if info.bn else None), self.u)
-            layers[name] = {"conv": name, "bn": info.bn, "coupling": info.coupling.value, "channels": info.out_channels,
-                            "flagged": flagged}  # fmt: skip
+            layers[name] = {
+                "conv": name,
+                "bn": info.bn,
+                "coupling": info.coupling.value,
+                "channels": info.out_channels,
+                "flagged": flagged,
+            }
             if flagged:
                 selection[name] = flagged
         if self.mode is Mode.FAITHFUL:

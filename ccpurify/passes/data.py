@@ -24,10 +24,14 @@ class UnlabeledData:
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or self.x.ndim != 4 or not self.x.is_floating_point():
-            raise InvalidInputError(f"images must be a float tensor (N, C, H, W); got {getattr(self.x, 'dtype', type(self.x))} "
-                             f"{tuple(getattr(self.x, 'shape', ()))}")  # fmt: skip
+            raise InvalidInputError(
+                f"images must be a float tensor (N, C, H, W); got {getattr(self.x, 'dtype', type(self.x))} "
+                f"{tuple(getattr(self.x, 'shape', ()))}"
+            )
         if len(self.x) == 0:
-            raise InvalidInputError("no images were given (an empty set); pass at least one image or use a data-free method")
+            raise InvalidInputError(
+                "no images were given (an empty set); pass at least one image or use a data-free method"
+            )
         if not torch.isfinite(self.x).all():
             raise InvalidInputError("images contain NaN or Inf")
         # NCHW memory order: a channels-last tensor (what permuting NHWC image arrays gives) makes
@@ -38,7 +42,11 @@ class UnlabeledData:
         return len(self.x)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, augment: Augment | None = None, drop_last: bool = False
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        augment: Augment | None = None,
+        drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(indices, images) batches; shuffled when a generator is given."""
         n = len(self.x)
@@ -51,7 +59,9 @@ class UnlabeledData:
 
     def check(self, example_inputs: torch.Tensor, who: str) -> None:
         if tuple(self.x.shape[1:]) != tuple(example_inputs.shape[1:]):
-            raise InvalidInputError(f"{who}: images are {tuple(self.x.shape[1:])} but the model takes {tuple(example_inputs.shape[1:])}")
+            raise InvalidInputError(
+                f"{who}: images are {tuple(self.x.shape[1:])} but the model takes {tuple(example_inputs.shape[1:])}"
+            )
 
 
 @dataclass
@@ -68,7 +78,9 @@ class LabeledData(UnlabeledData):
 
     def check_classes(self, num_classes: int, who: str) -> None:
         if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= num_classes):
-            raise InvalidInputError(f"{who}: labels range {int(self.y.min())}..{int(self.y.max())} but the model has {num_classes} classes")
+            raise InvalidInputError(
+                f"{who}: labels range {int(self.y.min())}..{int(self.y.max())} but the model has {num_classes} classes"
+            )
 
 
 def _from_uint8(images: np.ndarray | torch.Tensor, normalize: Normalize | None) -> torch.Tensor:
@@ -117,7 +129,9 @@ def _split(data, normalize):
     if isinstance(data, torch.Tensor) or isinstance(data, np.ndarray):
         return _from_uint8(data, normalize), None
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return _from_uint8(data[0], normalize), torch.as_tensor(np.asarray(data[1]) if isinstance(data[1], np.ndarray) else data[1])
+        return _from_uint8(data[0], normalize), torch.as_tensor(
+            np.asarray(data[1]) if isinstance(data[1], np.ndarray) else data[1]
+        )
     if isinstance(data, TensorDataset):
         tensors = data.tensors
         return _from_uint8(tensors[0], normalize), (tensors[1] if len(tensors) > 1 else None)

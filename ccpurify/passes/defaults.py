@@ -91,9 +91,17 @@ def guarded_recover() -> Recover:
     guard that vetoes every image on which the two disagree (``ccpurify.distill.distill``'s
     ``guard``), for a fixed budget of 10,240 sample-steps."""
     return Recover(
-        data="synthetic", teacher_from="input", guard=True, synthetic_init="dead_leaves", synthetic_images=256,
-        synthetic_steps=30, synthetic_class_weight=1.0, feature_weight=HINT_WEIGHT, budget=10240, anchor_bn=True,
-    )  # fmt: skip
+        data="synthetic",
+        teacher_from="input",
+        guard=True,
+        synthetic_init="dead_leaves",
+        synthetic_images=256,
+        synthetic_steps=30,
+        synthetic_class_weight=1.0,
+        feature_weight=HINT_WEIGHT,
+        budget=10240,
+        anchor_bn=True,
+    )
 
 
 # A pipeline for a MACs target (the fraction of the dense model's MACs to keep).
@@ -105,14 +113,20 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     "clp+prune+recover": ("none", lambda m: Pipeline([CLP(u=CLP_U), prune(m), Recover(data="synthetic")])),
     "otbr+prune+recover": ("none", lambda m: Pipeline([OTBR(), prune(m), Recover(data="synthetic")])),
     "clp+otbr+prune+recover": ("none", lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m), Recover(data="synthetic")])),
-    "clp+otbr+prune+recover-unrounded": ("none", lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m, None), Recover(data="synthetic")])),
+    "clp+otbr+prune+recover-unrounded": (
+        "none",
+        lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m, None), Recover(data="synthetic")]),
+    ),
     "otbr+prune+recover-hints": ("none", lambda m: Pipeline([OTBR(), prune(m), hinted_recover()])),
     "clp+otbr+prune+recover-hints": ("none", lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m), hinted_recover()])),
     "otbr+prune-comp+recover-guarded": ("none", lambda m: Pipeline([OTBR(), compensated_prune(m), guarded_recover()])),
     # OTBR's compact variant removes the flagged neurons, so distillation cannot revive them: after
     # OTBR's in-place repair, distilling even from OTBR's own output raised CIFAR-10 WaNet's
     # validation ASR from 8.5 to 26.7%; with compact OTBR it stayed at 0.8% (issue 14 notes).
-    "otbr-compact+prune-comp+recover-guarded": ("none", lambda m: Pipeline([OTBR(compact=True), compensated_prune(m), guarded_recover()])),
+    "otbr-compact+prune-comp+recover-guarded": (
+        "none",
+        lambda m: Pipeline([OTBR(compact=True), compensated_prune(m), guarded_recover()]),
+    ),
     "cc+recover": ("none", lambda m: Pipeline([CleanCompact(macs=m, recover=True, round_to=8)])),
     "otbr+cc+recover": ("none", lambda m: Pipeline([OTBR(), CleanCompact(macs=m, recover=True, round_to=8)])),
     # A few hundred labelled images.
@@ -121,12 +135,18 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     "clp+otbr+prune+recover-clean": ("clean", lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m), clean_recover()])),
     # The same with RNP on at most RNP_IMAGES images and a fixed distillation budget: CA does not
     # fall as the defender's data grows.
-    "rnp-ranked+prune+recover-budget": ("clean", lambda m: Pipeline([ranked_rnp(RNP_IMAGES), prune(m), clean_recover(CLEAN_RECOVER_BUDGET)])),
+    "rnp-ranked+prune+recover-budget": (
+        "clean",
+        lambda m: Pipeline([ranked_rnp(RNP_IMAGES), prune(m), clean_recover(CLEAN_RECOVER_BUDGET)]),
+    ),
     # Unlabelled images.
     "bcu-compact": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m))])),
     # The same for a fixed UNLABELED_BUDGET sample-steps, whatever the number of images.
     "bcu-compact-budget": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m), budget=UNLABELED_BUDGET)])),
-    "clp+otbr+prune+recover-unlabeled": ("unlabeled", lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m), Recover(data="unlabeled")])),
+    "clp+otbr+prune+recover-unlabeled": (
+        "unlabeled",
+        lambda m: Pipeline([CLP(u=CLP_U), OTBR(), prune(m), Recover(data="unlabeled")]),
+    ),
 }
 
 # Every candidate runs at each of these MACs targets; the target is part of the choice.

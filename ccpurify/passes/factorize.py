@@ -158,13 +158,28 @@ class Factorize(Pass):
         for i, (name, ranks) in enumerate(plan.ranks.items()):
             geo, method = geometries[name], method_for(geometries[name], self.method)
             lowrank.replace_module(model, name, lowrank.factorize(model.get_submodule(name), method, ranks))
-            layers.append({"layer": name, "method": method.value, "ranks": list(ranks),
-                           "macs_before": geo.dense_macs, "macs_after": geo.macs(method, ranks)})  # fmt: skip
+            layers.append(
+                {
+                    "layer": name,
+                    "method": method.value,
+                    "ranks": list(ranks),
+                    "macs_before": geo.dense_macs,
+                    "macs_after": geo.macs(method, ranks),
+                }
+            )
             report(context.progress, "factorize", i + 1, len(plan.ranks))
         skipped = sorted(set(geometries) - set(plan.ranks))
-        details = {"factorized": layers, "skipped_no_gain": skipped, "unsupported": [u.name for u in graph.unsupported],
-                   "target_reached": plan.reached}  # fmt: skip
-        edits = [{"op": "factorize", "layers": [{k: e[k] for k in ("layer", "method", "ranks")} for e in layers]}] if layers else []
+        details = {
+            "factorized": layers,
+            "skipped_no_gain": skipped,
+            "unsupported": [u.name for u in graph.unsupported],
+            "target_reached": plan.reached,
+        }
+        edits = (
+            [{"op": "factorize", "layers": [{k: e[k] for k in ("layer", "method", "ranks")} for e in layers]}]
+            if layers
+            else []
+        )
         return PassResult(model, details, edits)
 
     def _needs_spectra(self) -> bool:
@@ -172,11 +187,21 @@ class Factorize(Pass):
 
     def _plan(self, model, context, geometries, spectra) -> RankPlan:
         if self.rank is not None:
-            return plan_ranks(geometries, self.method, rank=self.rank, only_if_cheaper=self.only_if_cheaper, round_to=self.round_to)
+            return plan_ranks(
+                geometries, self.method, rank=self.rank, only_if_cheaper=self.only_if_cheaper, round_to=self.round_to
+            )
         if self.energy is not None:
-            return plan_ranks(geometries, self.method, energy=self.energy, spectra=spectra, only_if_cheaper=self.only_if_cheaper,
-                              round_to=self.round_to)  # fmt: skip
-        return plan_for_macs(model, context, geometries, self.method, self.macs, self.allocation, spectra, self.round_to)
+            return plan_ranks(
+                geometries,
+                self.method,
+                energy=self.energy,
+                spectra=spectra,
+                only_if_cheaper=self.only_if_cheaper,
+                round_to=self.round_to,
+            )
+        return plan_for_macs(
+            model, context, geometries, self.method, self.macs, self.allocation, spectra, self.round_to
+        )
 
 
 def plan_for_macs(

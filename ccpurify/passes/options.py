@@ -24,7 +24,9 @@ def check_options(cls: type, options: dict[str, Any], name: str) -> None:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise InvalidInputError(f"pass {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}")
+        raise InvalidInputError(
+            f"pass {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}"
+        )
     hints = typing.get_type_hints(cls)
     for key, value in options.items():
         _check_value(name, key, value, hints.get(key, Any))

@@ -67,16 +67,25 @@ def target_convs(model: nn.Module, graph: ChannelGraph, example_inputs: torch.Te
         conv = graph.module(name)
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or info.coupling in (Coupling.BLOCKED, Coupling.OUTPUT):
             continue
-        projection = conv.kernel_size == (1, 1) and info.coupling is Coupling.RESIDUAL and id(inputs.get(name)) in shared
+        projection = (
+            conv.kernel_size == (1, 1) and info.coupling is Coupling.RESIDUAL and id(inputs.get(name)) in shared
+        )
         if not projection:
             out.append(name)
     return out
 
 
 def random_unlearning(
-    model: nn.Module, num_classes: int, input_shape: tuple[int, ...], context: PurifyContext,
-    steps: int, batch_size: int, lr: float, momentum: float, skip_last_class: bool,
-) -> nn.Module:  # fmt: skip
+    model: nn.Module,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    context: PurifyContext,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    skip_last_class: bool,
+) -> nn.Module:
     """Gradient ascent on cross-entropy with uniform noise and random labels (train-mode copy)."""
     unlearned = copy.deepcopy(model).train()
     opt = torch.optim.SGD(unlearned.parameters(), lr=lr, momentum=momentum)
@@ -93,8 +102,9 @@ def random_unlearning(
     return unlearned.eval()
 
 
-def fuse_layer(pruned: torch.Tensor, original: torch.Tensor, nwc: torch.Tensor, align: torch.Tensor | None,
-               lam: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def fuse_layer(
+    pruned: torch.Tensor, original: torch.Tensor, nwc: torch.Tensor, align: torch.Tensor | None, lam: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One OTBR fusion step. Returns the fused weight and the column-normalised plan for the next layer.
 
     ``pruned``/``original``: (n, m, kh, kw); ``align``: (m_pruned, m_original) or None (identity).
@@ -136,7 +146,9 @@ class OTBR(Pass):
     def __post_init__(self) -> None:
         self.residual_policy = RemovalPolicy(self.residual_policy)
         if self.steps < 1 or self.batch_size < 1 or not 0 < self.lr <= 1.0:
-            raise InvalidInputError(f"OTBR needs steps >= 1, batch_size >= 1 and 0 < lr <= 1; got {self.steps}, {self.batch_size}, {self.lr}")
+            raise InvalidInputError(
+                f"OTBR needs steps >= 1, batch_size >= 1 and 0 < lr <= 1; got {self.steps}, {self.batch_size}, {self.lr}"
+            )
         if not 0.0 <= self.ratio < 1.0:
             raise InvalidInputError(f"ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 <= self.lam <= 1.0:
@@ -150,13 +162,22 @@ class OTBR(Pass):
         graph = ChannelGraph(model, example)
         targets = target_convs(model, graph, example)
         if not targets:
-            return PassResult(model, {"skipped": "no conv layers OTBR can score", "unsupported": [u.name for u in graph.unsupported]})
+            return PassResult(
+                model, {"skipped": "no conv layers OTBR can score", "unsupported": [u.name for u in graph.unsupported]}
+            )
         num_classes = context.num_classes or int(model(example).shape[1])
         started = time.perf_counter()
         unlearned = random_unlearning(
-            model, num_classes, tuple(example.shape[1:]), context, self.steps, self.batch_size, self.lr, self.momentum,
+            model,
+            num_classes,
+            tuple(example.shape[1:]),
+            context,
+            self.steps,
+            self.batch_size,
+            self.lr,
+            self.momentum,
             self.reference_label_quirk,
-        )  # fmt: skip
+        )
         unlearn_s = time.perf_counter() - started
         nwc = {}
         for name in targets:
@@ -176,12 +197,17 @@ class OTBR(Pass):
         started = time.perf_counter()
         fused_layers, aligned_layers = self._fuse(model, graph, targets, nwc, selected)
         details = {
-            "unlearn_s": unlearn_s, "fusion_s": time.perf_counter() - started,
-            "target_layers": len(targets), "neurons": len(flat), "pruned": top,
-            "pruned_per_layer": {n: len(v) for n, v in selected.items()}, "fused_layers": fused_layers,
+            "unlearn_s": unlearn_s,
+            "fusion_s": time.perf_counter() - started,
+            "target_layers": len(targets),
+            "neurons": len(flat),
+            "pruned": top,
+            "pruned_per_layer": {n: len(v) for n, v in selected.items()},
+            "fused_layers": fused_layers,
             "input_aligned_layers": aligned_layers,
-            "nwc_total": float(flat.sum()), "unsupported": [u.name for u in graph.unsupported],
-        }  # fmt: skip
+            "nwc_total": float(flat.sum()),
+            "unsupported": [u.name for u in graph.unsupported],
+        }
         edits = []
         if self.compact and selected:
             removal = ChannelGraph(model, example).remove_channels(selected, self.residual_policy)
@@ -189,7 +215,9 @@ class OTBR(Pass):
             edits = [removal.edit()] if removal.history else []
         return PassResult(model, details, edits)
 
-    def _fuse(self, model: nn.Module, graph: ChannelGraph, targets: list[str], nwc: dict, selected: dict[str, list[int]]) -> tuple[list[str], list[str]]:
+    def _fuse(
+        self, model: nn.Module, graph: ChannelGraph, targets: list[str], nwc: dict, selected: dict[str, list[int]]
+    ) -> tuple[list[str], list[str]]:
         """Transport every target layer from the first pruned one on (fused, aligned layer names).
 
         A layer's input side is aligned with the transport of the layer that writes its input only

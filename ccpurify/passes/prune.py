@@ -91,7 +91,9 @@ class Prune(Pass):
         model.zero_grad(set_to_none=True)
         for idx, x in data.batches(128):
             logits = model(x.to(context.device))
-            labels = context.clean_data.y[idx].to(context.device) if context.clean_data is not None else logits.argmax(1)
+            labels = (
+                context.clean_data.y[idx].to(context.device) if context.clean_data is not None else logits.argmax(1)
+            )
             F.cross_entropy(logits, labels).backward()
 
     def _trial(
@@ -102,17 +104,26 @@ class Prune(Pass):
             self._accumulate_gradients(trial, context)
         with torch.enable_grad():
             pruner = tp.pruner.BasePruner(
-                trial, context.example_inputs, importance=self._importance(), pruning_ratio=ratio,
-                global_pruning=self.global_pruning, max_pruning_ratio=self.max_layer_ratio,
-                ignored_layers=[trial.get_submodule(n) for n in protected], round_to=self.round_to,
-            )  # fmt: skip
+                trial,
+                context.example_inputs,
+                importance=self._importance(),
+                pruning_ratio=ratio,
+                global_pruning=self.global_pruning,
+                max_pruning_ratio=self.max_layer_ratio,
+                ignored_layers=[trial.get_submodule(n) for n in protected],
+                round_to=self.round_to,
+            )
             pruner.step()
         trial.zero_grad(set_to_none=True)
         return trial.eval(), pruner
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         example = context.example_inputs
-        measure = (lambda m: model_cost(m, example).macs) if self.macs is not None else (lambda m: model_cost(m, example).params)
+        measure = (
+            (lambda m: model_cost(m, example).macs)
+            if self.macs is not None
+            else (lambda m: model_cost(m, example).params)
+        )
         start = measure(model)
         goal = (self.macs if self.macs is not None else self.params) * start
         protected = protected_layers(ChannelGraph(model, example), self.ignored)
@@ -123,7 +134,9 @@ class Prune(Pass):
             mid = (lo + hi) / 2
             trial, pruner = self._trial(model, mid, context, protected)
             cost = measure(trial)
-            report(context.progress, "prune: search ratio", step + 1, self.search_steps, ratio=mid, cost_ratio=cost / start)
+            report(
+                context.progress, "prune: search ratio", step + 1, self.search_steps, ratio=mid, cost_ratio=cost / start
+            )
             if smallest is None or cost < smallest[0]:
                 smallest = (cost, trial, pruner, mid)
             if cost <= goal:
@@ -131,15 +144,31 @@ class Prune(Pass):
             else:
                 lo = mid
             if cost <= goal and (goal - cost) / start < 0.01:  # within one percent of the target
-                report(context.progress, "prune: search ratio", self.search_steps, self.search_steps, ratio=mid, cost_ratio=cost / start)
+                report(
+                    context.progress,
+                    "prune: search ratio",
+                    self.search_steps,
+                    self.search_steps,
+                    ratio=mid,
+                    cost_ratio=cost / start,
+                )
                 break
         if best_pruner is None and smallest is not None:  # the goal is out of reach: prune as far as the search went
             _, best, best_pruner, best_ratio = smallest
         history = best_pruner.pruning_history() if best_pruner is not None else []
         achieved = measure(best) / start
-        details = {"ratio": best_ratio, "target": goal / start, "achieved": achieved, "groups_pruned": len(history),
-                   "reached": achieved <= goal / start + 1e-9}  # fmt: skip
-        edits = [{"op": "remove_channels", "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in history]}] if history else []
+        details = {
+            "ratio": best_ratio,
+            "target": goal / start,
+            "achieved": achieved,
+            "groups_pruned": len(history),
+            "reached": achieved <= goal / start + 1e-9,
+        }
+        edits = (
+            [{"op": "remove_channels", "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in history]}]
+            if history
+            else []
+        )
         if self.merge and history:
             merged = copy.deepcopy(model)
             graph = ChannelGraph(merged, example)

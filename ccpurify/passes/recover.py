@@ -123,7 +123,9 @@ class Recover(Pass):
             images, made = len(context.unlabeled_data), 0
         else:
             images, made = self.synthetic_images, self.synthetic_images * self.synthetic_steps
-        return made + math.ceil(1.5 * epochs_for_budget(self.epochs, self.budget, images) * images)  # the teacher's forward too
+        return made + math.ceil(
+            1.5 * epochs_for_budget(self.epochs, self.budget, images) * images
+        )  # the teacher's forward too
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         synthetic = self.data is RecoverData.SYNTHETIC or (
@@ -150,8 +152,14 @@ class Recover(Pass):
     def _guard(self, context: PurifyContext) -> nn.Module | None:
         if not self.guard:
             return None
-        if self.teacher_from is not TeacherSource.INPUT or context.teacher is None or context.teacher is context.pipeline_input:
-            raise InvalidInputError("Recover(guard=True) needs teacher_from='input' and a defense earlier in the Pipeline")
+        if (
+            self.teacher_from is not TeacherSource.INPUT
+            or context.teacher is None
+            or context.teacher is context.pipeline_input
+        ):
+            raise InvalidInputError(
+                "Recover(guard=True) needs teacher_from='input' and a defense earlier in the Pipeline"
+            )
         return context.teacher.to(context.device).eval()
 
     def recover(self, student: nn.Module, context: PurifyContext) -> dict:
@@ -162,7 +170,9 @@ class Recover(Pass):
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
         needs_correspondence = self.feature_weight > 0 or (self.recalibrate and self.anchor_bn)
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
-        correspondence = channel_correspondence(teacher, student, context.example_inputs) if needs_correspondence else {}
+        correspondence = (
+            channel_correspondence(teacher, student, context.example_inputs) if needs_correspondence else {}
+        )
         hints = FeatureHints(teacher, student, correspondence) if self.feature_weight > 0 else None
         if self.recalibrate and self.anchor_bn:
             anchored_bn_update(student, teacher, images[:256], correspondence, context.device)
@@ -172,12 +182,24 @@ class Recover(Pass):
         epochs = epochs_for_budget(self.epochs, self.budget, len(images))
         try:
             log = distill(
-                student, teacher, images, labels=labels, epochs=epochs, batch_size=self.batch_size, lr=self.lr,
-                temperature=self.temperature, hard_label_weight=self.hard_label_weight, hints=hints,
-                feature_weight=self.feature_weight, augment=augment, guard=guard,
-                generator=context.generator(7), device=context.device,
-                progress=context.progress, task="recover",
-            )  # fmt: skip
+                student,
+                teacher,
+                images,
+                labels=labels,
+                epochs=epochs,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                temperature=self.temperature,
+                hard_label_weight=self.hard_label_weight,
+                hints=hints,
+                feature_weight=self.feature_weight,
+                augment=augment,
+                guard=guard,
+                generator=context.generator(7),
+                device=context.device,
+                progress=context.progress,
+                task="recover",
+            )
         finally:
             if hints is not None:
                 hints.remove()
@@ -187,8 +209,13 @@ class Recover(Pass):
             log["feature_layers"] = len(hints.layers)
             log["bn_layers"] = len(bn_layers(student))
         log["frozen_silenced_channels"] = frozen
-        return {"data": source.value, "teacher": "given" if self.teacher is not None else self.teacher_from.value,
-                "bn_recalibrated": self.recalibrate, "bn_anchored": self.recalibrate and self.anchor_bn, **log}  # fmt: skip
+        return {
+            "data": source.value,
+            "teacher": "given" if self.teacher is not None else self.teacher_from.value,
+            "bn_recalibrated": self.recalibrate,
+            "bn_anchored": self.recalibrate and self.anchor_bn,
+            **log,
+        }
 
     def _data(self, teacher: nn.Module, context: PurifyContext):
         want = self.data
@@ -201,10 +228,18 @@ class Recover(Pass):
         if want is RecoverData.UNLABELED:
             context.require_unlabeled_data("Recover(data='unlabeled')")
         images = synthesize_bn_images(
-            teacher, self.synthetic_images, tuple(context.example_inputs.shape[1:]), init=self.synthetic_init.value,
-            steps=self.synthetic_steps, class_weight=self.synthetic_class_weight, normalize=context.normalize, generator=context.generator(11),
-            seed=context.seed, device=context.device, progress=context.progress,
-        )  # fmt: skip
+            teacher,
+            self.synthetic_images,
+            tuple(context.example_inputs.shape[1:]),
+            init=self.synthetic_init.value,
+            steps=self.synthetic_steps,
+            class_weight=self.synthetic_class_weight,
+            normalize=context.normalize,
+            generator=context.generator(11),
+            seed=context.seed,
+            device=context.device,
+            progress=context.progress,
+        )
         return RecoverData.SYNTHETIC, images.cpu(), None
 
 
@@ -216,7 +251,11 @@ def freeze_silenced_channels(model: nn.Module) -> tuple[list[torch.utils.hooks.R
     them when training ends) and the number of frozen channels."""
     handles, channels = [], 0
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None and module.bias is not None:
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.weight is not None
+            and module.bias is not None
+        ):
             dead = (module.weight == 0) & (module.bias == 0)
             params = (module.weight, module.bias)
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):

@@ -65,7 +65,9 @@ class BNMasks:
     def __init__(self, model: nn.Module) -> None:
         self.layers = bn_layers(model)
         ref = next(iter(self.layers.values())).weight if self.layers else torch.zeros(0)
-        self.masks = {n: torch.ones(m.num_features, device=ref.device, requires_grad=True) for n, m in self.layers.items()}
+        self.masks = {
+            n: torch.ones(m.num_features, device=ref.device, requires_grad=True) for n, m in self.layers.items()
+        }
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
 
     def _hook(self, name: str):
@@ -94,8 +96,10 @@ class BNMasks:
 @torch.no_grad()
 def accuracy(model: nn.Module, data: LabeledData, device, batch_size: int = 500) -> float:
     model.eval()
-    correct = sum(int((model(data.x[i : i + batch_size].to(device)).argmax(1).cpu() == data.y[i : i + batch_size]).sum())
-                  for i in range(0, len(data), batch_size))  # fmt: skip
+    correct = sum(
+        int((model(data.x[i : i + batch_size].to(device)).argmax(1).cpu() == data.y[i : i + batch_size]).sum())
+        for i in range(0, len(data), batch_size)
+    )
     return correct / max(1, len(data))
 
 
@@ -129,6 +133,11 @@ def lowest(scores: dict[str, torch.Tensor], count: int) -> dict[str, list[int]]:
     return out
 
 
+def _lowest_of(channels: list[tuple[str, int]], masks: dict[str, torch.Tensor], count: int) -> list[tuple[str, int]]:
+    """The ``count`` channels of ``channels`` with the lowest masks."""
+    return sorted(channels, key=lambda c: float(masks[c[0]][c[1]]))[:count]
+
+
 @register_pass
 @dataclass
 class RNP(Pass):
@@ -158,9 +167,17 @@ class RNP(Pass):
     # stages run for fixed *epochs*, so more images means more gradient-ascent steps per epoch and
     # a deeper unlearning: the paper's setting is 500 images (1% of CIFAR-10).
     max_images: int | None = None
+    # With prune_fraction (ccpurify's ranked rule, not the paper's): a channel whose removal alone
+    # leaves the model below this fraction of its accuracy on the defender's images is kept, and
+    # while the rest still does, half as many are pruned. On CIFAR-10 WaNet, the ranked rule on a
+    # different 500-image draw pruned the model into a constant classifier (accuracy 10.8%, ASR
+    # 100%; benchmarks/experiments/wanet_data_amount.py). None turns the guard off.
+    collapse_guard: float | None = 0.8
 
     def __post_init__(self) -> None:
         self.mode, self.residual_policy = Mode(self.mode), RemovalPolicy(self.residual_policy)
+        if self.collapse_guard is not None and not 0 < self.collapse_guard <= 1:
+            raise InvalidInputError(f"collapse_guard must be in (0, 1] or None, got {self.collapse_guard}")
         if self.max_images is not None and self.max_images < 1:
             raise InvalidInputError(f"max_images must be a positive number of images, got {self.max_images}")
         self.mask_score = MaskScore(self.mask_score)
@@ -178,7 +195,9 @@ class RNP(Pass):
     def unlearn(self, model: nn.Module, data: LabeledData, context: PurifyContext) -> tuple[nn.Module, list[float]]:
         """Stage 1: gradient ascent on clean cross-entropy until accuracy <= clean_threshold."""
         unlearned = copy.deepcopy(model).train()
-        opt = torch.optim.SGD(unlearned.parameters(), lr=self.unlearn_lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            unlearned.parameters(), lr=self.unlearn_lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
         augment = Augment(4, self.hflip) if self.augment else None
         gen = context.generator(21)
         history = []
@@ -237,7 +256,9 @@ class RNP(Pass):
             return {n: (t / steps).cpu() for n, t in trajectory.items()}
         return masks.values()
 
-    def choose_threshold(self, model: nn.Module, masks: dict[str, torch.Tensor], held_out: LabeledData, context) -> tuple[float, list]:
+    def choose_threshold(
+        self, model: nn.Module, masks: dict[str, torch.Tensor], held_out: LabeledData, context
+    ) -> tuple[float, list]:
         """Largest grid threshold whose pruned model keeps held-out accuracy within the allowed drop."""
         base = accuracy(model, held_out, context.device)
         chosen, sweep = THRESHOLD_GRID[0], []
@@ -245,10 +266,46 @@ class RNP(Pass):
             trial = copy.deepcopy(model)
             zero_bn_channels(trial, below(masks, tau), beta=self.mode is Mode.COMPRESS)
             acc = accuracy(trial, held_out, context.device)
-            sweep.append({"threshold": tau, "channels": sum(len(v) for v in below(masks, tau).values()), "heldout_acc": acc})
+            sweep.append(
+                {"threshold": tau, "channels": sum(len(v) for v in below(masks, tau).values()), "heldout_acc": acc}
+            )
             if acc >= base - self.max_accuracy_drop:
                 chosen = tau
         return chosen, sweep
+
+    def guarded_lowest(
+        self, model: nn.Module, masks: dict[str, torch.Tensor], count: int, data: LabeledData, context: PurifyContext
+    ):
+        """The ``count`` lowest-mask channels, minus any channel that by itself leaves the model
+        below ``collapse_guard`` times its accuracy on ``data`` (the defender's own images); then,
+        while the rest still does, half as many. Returns the selection and what the guard saw."""
+        selected = lowest(masks, count)
+        if self.collapse_guard is None or count == 0:
+            return selected, None
+        base = accuracy(model, data, context.device)
+        floor = self.collapse_guard * base
+
+        def accuracy_without(channels: dict[str, list[int]]) -> float:
+            trial = copy.deepcopy(model)
+            zero_bn_channels(trial, channels, beta=True)
+            return accuracy(trial, data, context.device)
+
+        seen = {"base_accuracy": base, "accuracy": accuracy_without(selected), "kept_alone": [], "halved": 0}
+        if seen["accuracy"] >= floor:
+            return selected, seen
+        for name, idx in selected.items():
+            seen["kept_alone"] += [[name, i] for i in idx if accuracy_without({name: [i]}) < floor]
+        culprits = {(n, i) for n, i in seen["kept_alone"]}
+        ranked = [(n, i) for n, idx in lowest(masks, count).items() for i in idx if (n, i) not in culprits]
+        while True:
+            selected = {}
+            for n, i in ranked:
+                selected.setdefault(n, []).append(i)
+            seen["accuracy"] = accuracy_without(selected)
+            if seen["accuracy"] >= floor or not ranked:
+                return selected, seen
+            ranked = _lowest_of(ranked, masks, len(ranked) // 2)
+            seen["halved"] += 1
 
     # -- pass ----------------------------------------------------------------------------------
     def sample_steps(self, context: PurifyContext) -> int:
@@ -259,7 +316,9 @@ class RNP(Pass):
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         context.require_clean_data("RNP")
         if not bn_layers(model):
-            raise InvalidInputError("RNP masks BatchNorm channels, and this model has no BatchNorm2d layer; choose a data-free method (e.g. 'clp')")
+            raise InvalidInputError(
+                "RNP masks BatchNorm channels, and this model has no BatchNorm2d layer; choose a data-free method (e.g. 'clp')"
+            )
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         data = context.require_clean_data("RNP")
@@ -276,13 +335,21 @@ class RNP(Pass):
             train_data = LabeledData(data.x[order[n_val:]], data.y[order[n_val:]])
         unlearned, unlearn_history = self.unlearn(model, train_data, context)
         masks = self.recover_masks(unlearned, train_data, context)
-        details = {"unlearn_epochs": len(unlearn_history), "unlearn_acc": unlearn_history, "clean_images": len(data),
-                   "clean_images_given": given}
+        details = {
+            "unlearn_epochs": len(unlearn_history),
+            "unlearn_acc": unlearn_history,
+            "clean_images": len(data),
+            "clean_images_given": given,
+        }
         if self.prune_fraction is not None:
             count = round(self.prune_fraction * sum(len(m) for m in masks.values()))
-            selected = lowest(masks, count)
-            details.update(threshold_rule="fraction", prune_fraction=self.prune_fraction,
-                           threshold=max((float(masks[n][i]) for n, idx in selected.items() for i in idx), default=0.0))  # fmt: skip
+            selected, guard = self.guarded_lowest(model, masks, count, data, context)
+            details.update(
+                threshold_rule="fraction",
+                prune_fraction=self.prune_fraction,
+                threshold=max((float(masks[n][i]) for n, idx in selected.items() for i in idx), default=0.0),
+                collapse_guard=guard,
+            )
         else:
             if held_out is not None:
                 tau, sweep = self.choose_threshold(model, masks, held_out, context)
@@ -292,10 +359,13 @@ class RNP(Pass):
                 details["threshold_rule"] = "fixed"
             selected = below(masks, tau)
             details["threshold"] = tau
-        details.update(mask_score=self.mask_score.value, pruned_channels=sum(len(v) for v in selected.values()),
-                       channels={n: [int(i) for i in idx] for n, idx in selected.items()},
-                       total_channels=sum(len(m) for m in masks.values()),
-                       masks={n: [round(float(v), 4) for v in m] for n, m in masks.items()})  # fmt: skip
+        details.update(
+            mask_score=self.mask_score.value,
+            pruned_channels=sum(len(v) for v in selected.values()),
+            channels={n: [int(i) for i in idx] for n, idx in selected.items()},
+            total_channels=sum(len(m) for m in masks.values()),
+            masks={n: [round(float(v), 4) for v in m] for n, m in masks.items()},
+        )
         if self.mode is Mode.FAITHFUL:
             zero_bn_channels(model, selected, beta=False)
             return PassResult(model, details)
