@@ -287,7 +287,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if attack is not None and not 0 <= attack.target < classes:
         raise CliError(f"--target must be a class of {dataset} (0 to {classes - 1}), got {attack.target}")
     bench = TestBench.build(dataset, attack, args.data, test_subset, seed)
-    score = bench.score(model)
+    progress = TqdmProgress(leave=False)
+    try:
+        score = bench.score(model, progress)
+    finally:
+        progress.close()
     m, c = score.metrics, score.cost
     print(
         format_table(
@@ -474,7 +478,11 @@ def cmd_purify(args: argparse.Namespace) -> int:
         bench = TestBench.build(
             source.dataset, source.run.attack, args.data, source.run.config.test_subset, source.run.config.seed
         )
-        before, after = bench.score(source.model), bench.score(result.model)
+        progress = TqdmProgress(leave=False)
+        try:
+            before, after = bench.score(source.model, progress), bench.score(result.model, progress)
+        finally:
+            progress.close()
         report["evaluation"] = compare(before, after)
         for label, sc in (("before", before), ("after", after)):
             m = sc.metrics
@@ -735,10 +743,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ccpurify.evaluation import OnnxModel, TestBench
 
         bench = TestBench.build(source.dataset, source.run.attack, args.data, args.eval_images, source.run.config.seed)
-        scores = {
-            name: bench.score(OnnxModel(path)).metrics
-            for name, path in (("fp32", out), ("int8", out.with_suffix(".int8.onnx")))
-        }
+        progress = TqdmProgress(leave=False)
+        try:
+            scores = {
+                name: bench.score(OnnxModel(path), progress).metrics
+                for name, path in (("fp32", out), ("int8", out.with_suffix(".int8.onnx")))
+            }
+        finally:
+            progress.close()
         print(format_table([[k, pct(m.ca), pct(m.asr)] for k, m in scores.items()], ["ONNX file", "CA %", "ASR %"]))
         for warning in _outcome_warnings(scores["fp32"], scores["int8"], "INT8 quantization"):
             print(f"ccpurify: warning: {warning}", file=sys.stderr)

@@ -19,6 +19,7 @@ from ccpurify.data import DatasetSpec, Normalize, SourceInfo, get_spec, load_dat
 from ccpurify.errors import InvalidInputError
 from ccpurify.metrics import BackdoorMetrics, der, evaluate
 from ccpurify.probes import output_classes
+from ccpurify.progress import ProgressCallback
 
 
 @dataclass
@@ -69,10 +70,20 @@ class TestBench:
     def normalize(self) -> Normalize:
         return Normalize(self.spec.mean, self.spec.std)
 
-    def score(self, model: nn.Module) -> Score:
-        """CA/ASR/RA and cost; refuses a model whose output size is not the dataset's class count."""
+    def score(self, model: nn.Module, progress: ProgressCallback | None = None) -> Score:
+        """CA/ASR/RA and cost; refuses a model whose output size is not the dataset's class count.
+        ``progress`` hears each batch scored (a full test split takes a while on a CPU)."""
         self.check_classes(model)
-        metrics = evaluate(model, self.images, self.labels, self.bd_images, self.bd_labels, self.target, self.normalize)
+        metrics = evaluate(
+            model,
+            self.images,
+            self.labels,
+            self.bd_images,
+            self.bd_labels,
+            self.target,
+            self.normalize,
+            progress=progress,
+        )
         size = self.spec.image_size
         cost = model.cost if isinstance(model, OnnxModel) else model_cost(model, (1, 3, size, size))
         return Score(metrics, cost)

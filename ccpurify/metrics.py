@@ -21,6 +21,7 @@ from torch import nn
 from ccpurify.cost import ModelCost, device_of, model_cost  # noqa: F401  (re-exported: the harness's cost API)
 from ccpurify.data.transforms import Normalize
 from ccpurify.errors import InvalidInputError, NonFiniteError
+from ccpurify.progress import ProgressCallback, report
 
 
 @torch.no_grad()
@@ -30,8 +31,10 @@ def predict(
     normalize: Normalize | None = None,
     batch_size: int = 500,
     device: str | torch.device | None = None,
+    progress: ProgressCallback | None = None,
+    task: str = "predict",
 ) -> np.ndarray:
-    """Class predictions (N,) for uint8 NHWC ``images``, in eval mode."""
+    """Class predictions (N,) for uint8 NHWC ``images``, in eval mode; ``progress`` hears each batch."""
     device = torch.device(device) if device is not None else device_of(model)
     was_training = model.training
     model.eval()
@@ -49,6 +52,7 @@ def predict(
                     "negative BatchNorm variance); its scores would be meaningless, so nothing was scored"
                 )
             out[start : start + len(x)] = logits.argmax(1).cpu().numpy()
+            report(progress, task, min(start + batch_size, len(images)), len(images))
     finally:
         model.train(was_training)
     return out
@@ -77,16 +81,18 @@ def evaluate(
     target: int | None = None,
     normalize: Normalize | None = None,
     batch_size: int = 500,
+    progress: ProgressCallback | None = None,
 ) -> BackdoorMetrics:
     """CA, and ASR/RA when the triggered set and the target class are given."""
-    ca = float((predict(model, clean_images, normalize, batch_size) == clean_labels).mean())
+    predicted = predict(model, clean_images, normalize, batch_size, progress=progress, task="score: clean images")
+    ca = float((predicted == clean_labels).mean())
     if poisoned_images is None or target is None:
         return BackdoorMetrics(ca, None, None, len(clean_labels), 0)
     if np.any(poisoned_true_labels == target):
         raise InvalidInputError(
             "the triggered set must hold non-target images only (protocol: ASR excludes the target class)"
         )
-    pred = predict(model, poisoned_images, normalize, batch_size)
+    pred = predict(model, poisoned_images, normalize, batch_size, progress=progress, task="score: triggered images")
     asr = float((pred == target).mean()) if len(pred) else 0.0
     ra = float((pred == poisoned_true_labels).mean()) if len(pred) else 0.0
     return BackdoorMetrics(ca, asr, ra, len(clean_labels), len(pred))

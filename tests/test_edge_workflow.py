@@ -296,3 +296,24 @@ def test_a_plan_estimates_the_time_of_the_training_passes_before_anything_runs()
         0.0,
         0,
     )  # weights only: nothing to time
+
+
+def test_scoring_reports_its_progress_batch_by_batch():
+    import numpy as np
+
+    from ccpurify.data import CIFAR10
+    from ccpurify.evaluation import TestBench
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (1200, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(1, 10, 1200)
+    bench = TestBench(CIFAR10, images, labels, images[:600], labels[:600], 0)
+    events = []
+    bench.score(ccpurify.models.create("preact_resnet18", width=0.125), progress=events.append)
+    assert [(e.task, e.step, e.total) for e in events] == [
+        ("score: clean images", 500, 1200),
+        ("score: clean images", 1000, 1200),
+        ("score: clean images", 1200, 1200),
+        ("score: triggered images", 500, 600),
+        ("score: triggered images", 600, 600),
+    ]
