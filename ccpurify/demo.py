@@ -156,7 +156,7 @@ def run_demo(
         report(progress, "demo: export ONNX", 2, 2)
         timing = benchmark(
             {"suspect": dense.path, "purified": purified.path},
-            BenchConfig(batch_sizes=(1,), threads=(1,), runs=runs, rounds=3, torch_eager=False),
+            BenchConfig(batch_sizes=(1,), threads=(1,), runs=runs, torch_eager=False),
             progress=progress,
         )
         rows = [

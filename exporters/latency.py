@@ -52,7 +52,7 @@ class BenchConfig:
     threads: tuple[int, ...] = (1,)
     warmup: int = 10
     runs: int = 100
-    rounds: int = 3
+    rounds: int = 10  # interleaved rounds (A B, B A, ...): drift within a run hits every model alike
     graph_optimization: GraphOptimization = GraphOptimization.ALL
     spinning: bool = False
     torch_eager: bool = True
@@ -173,6 +173,7 @@ class BenchReport:
                         "batch": t.batch,
                         "threads": t.threads,
                         "latency_ratio": t.median_ms / ref.median_ms,
+                        "latency_ratio_ci95": ratio_interval(t.samples_ms, ref.samples_ms, seed=self.config.seed),
                         "macs_ratio": m.macs / base.macs if base.macs and m.macs is not None else None,
                         "params_ratio": m.params / base.params if base.params and m.params is not None else None,
                         "size_ratio": m.file_bytes / base.file_bytes,
@@ -216,12 +217,12 @@ class BenchReport:
                 "",
                 f"Ratios against `{self.models[0].name}` (measured interleaved in one run):",
                 "",
-                "| model | engine | batch | threads | latency ratio | MACs ratio | params ratio | size ratio |",
+                "| model | engine | batch | threads | latency ratio (95% CI) | MACs ratio | params ratio | size ratio |",
                 "|---|---|---|---|---|---|---|---|",
             ]
             for r in self.ratios():
                 lines.append(
-                    f"| {r['model']} | {r['engine']} | {r['batch']} | {r['threads']} | {r['latency_ratio']:.3f} | "
+                    f"| {r['model']} | {r['engine']} | {r['batch']} | {r['threads']} | {r['latency_ratio']:.3f}{_interval(r)} | "
                     f"{_number(r['macs_ratio'], '.3f')} | {_number(r['params_ratio'], '.3f')} | {r['size_ratio']:.3f} |"
                 )
         env = self.environment
@@ -238,6 +239,27 @@ class BenchReport:
             f"{self.config.rounds} interleaved rounds.",
         ]
         return "\n".join(lines)
+
+
+def ratio_interval(
+    samples: list[float] | None, baseline: list[float] | None, resamples: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """A 95% bootstrap interval of the ratio of median latencies (``samples`` over ``baseline``):
+    both sets of timed runs are resampled with replacement and the ratio's 2.5th and 97.5th
+    percentiles taken. None for reports written without the samples."""
+    if not samples or not baseline:
+        return None
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(samples), np.asarray(baseline)
+    ratios = np.median(rng.choice(a, (resamples, len(a))), axis=1) / np.median(
+        rng.choice(b, (resamples, len(b))), axis=1
+    )
+    return [float(v) for v in np.percentile(ratios, [2.5, 97.5])]
+
+
+def _interval(ratio: dict) -> str:
+    ci = ratio.get("latency_ratio_ci95")
+    return "" if ci is None else f" ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
 def _tuples(value):
