@@ -161,6 +161,14 @@ def example_input_for(model: nn.Module, given: torch.Tensor | None, data=None) -
                 f"example_inputs must be one tensor (N, C, H, W), got {type(given).__name__}; models of "
                 "several inputs (tuples, dicts) are not supported"
             )
+        if given.ndim >= 2 and given.shape[0] == 0:
+            raise InvalidInputError(
+                f"example_inputs has an empty batch {tuple(given.shape)}; give one example, e.g. torch.zeros(1, C, H, W)"
+            )
+        if given.is_floating_point() and not torch.isfinite(given).all():
+            raise InvalidInputError(
+                "example_inputs holds NaN or Inf; give a finite example (its values are traced, its shape sets the size)"
+            )
         if given.ndim < 2 or given.shape[0] < 1 or not given.is_floating_point():
             raise InvalidInputError(
                 f"example_inputs must be a float tensor with a batch dimension, got {given.dtype} {tuple(given.shape)}"
@@ -242,9 +250,10 @@ def plan(
             data.check(example, who)
     if context.clean_data is not None:
         context.clean_data.check_classes(context.num_classes, "clean_data")
-    return Plan(
-        resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None, macs), context
-    )
+    pipeline = resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None, macs)
+    for p in pipeline.passes:  # a plan that cannot run is refused here, not after its estimate
+        p.check(model, context)
+    return Plan(pipeline, context)
 
 
 def purify(

@@ -195,16 +195,32 @@ class ModelSource:
         names = get_spec(self.dataset).class_names if self.dataset_given else None
         if names is not None and output_classes(self.model, self.example_inputs) != len(names):
             names = None
-        norm = self.normalize
+        # Normalisation only where it is known (recorded in the file, or the model's dataset named)
+        # and fits the input's channels: a guessed one in a shipped file would be worse than none.
+        recorded = self.saved is not None and isinstance(self.saved.extra.get("normalize"), dict)
+        norm = self.normalize if recorded or self.dataset_given else None
+        if norm is not None and len(norm.mean) != self.example_inputs.shape[1]:
+            norm = None
         return deployment_metadata(
-            tuple(self.example_inputs.shape), mean=norm.mean, std=norm.std, class_names=names, report=report
+            tuple(self.example_inputs.shape),
+            mean=norm.mean if norm else None,
+            std=norm.std if norm else None,
+            class_names=names,
+            report=report,
         )
 
 
 def _summary_of(pipeline: dict) -> dict:
-    """A report summary from a saved pipeline report (``PipelineReport.to_dict``)."""
-    keys = ("pipeline", "params_before", "params_after", "macs_before", "macs_after", "wall_time_s")
-    return {k: pipeline[k] for k in keys if k in pipeline and isinstance(pipeline[k], (int, float, str))}
+    """The summary ``PipelineReport.summary`` gives, from a saved pipeline report (``to_dict``)."""
+    summary = {
+        "pipeline": pipeline.get("pipeline") or " -> ".join(p.get("name", "?") for p in pipeline.get("passes", []))
+    }
+    for key in ("params", "macs"):
+        if isinstance(pipeline.get(f"{key}_before"), int) and isinstance(pipeline.get(f"{key}_after"), int):
+            summary[key] = [pipeline[f"{key}_before"], pipeline[f"{key}_after"]]
+    if isinstance(pipeline.get("wall_time_s"), (int, float)):
+        summary["wall_time_s"] = round(pipeline["wall_time_s"], 1)
+    return summary
 
 
 def _input_shape_option(text: str | None) -> tuple[int, ...] | None:
@@ -217,8 +233,8 @@ def _input_shape_option(text: str | None) -> tuple[int, ...] | None:
         dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
     except ValueError:
         raise CliError(f"--input-shape takes C,H,W (e.g. 1,64,64), got {text!r}") from None
-    if len(dims) != 3:
-        raise CliError(f"--input-shape takes three numbers C,H,W (e.g. 1,64,64), got {text!r}")
+    if len(dims) != 3 or min(dims) < 1:
+        raise CliError(f"--input-shape takes three positive numbers C,H,W (e.g. 1,64,64), got {text!r}")
     return DEFAULT_LIMITS.check_input_shape([1, *dims], "--input-shape")
 
 
@@ -681,6 +697,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     ]:
         refuse_existing(path, args.overwrite)
     source = ModelSource(args.model, args)
+    if args.int8:
+        from ccpurify.data import get_spec
+        from ccpurify.errors import InvalidInputError
+
+        size = get_spec(source.dataset).image_size
+        if tuple(source.example_inputs.shape[1:]) != (3, size, size):
+            raise InvalidInputError(
+                f"--int8 calibrates on {source.dataset} training images (3x{size}x{size}) but the model takes "
+                f"{'x'.join(map(str, source.example_inputs.shape[1:]))}; export without --int8 and quantize with "
+                "exporters.quantize.quantize_int8 on images of your own"
+            )
     report = export(
         source.model,
         out,
@@ -801,6 +828,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if all(m.endswith(".json") for m in args.models):
         return _render_reports(args.models)
+    if any(m.endswith(".json") for m in args.models):
+        raise CliError("give either JSON reports (to print) or models (to time), not both")
     for path in (args.out, args.markdown):
         if path:
             refuse_existing(path, args.overwrite)
@@ -830,13 +859,14 @@ def _render_reports(paths: list[str]) -> int:
     """Print reports measured elsewhere (``python -m exporters.latency --out``, e.g. on the board)."""
     import json
 
+    from ccpurify.errors import InvalidInputError
     from exporters.latency import BenchReport
 
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
-            raise CliError(f"{path}: not a readable JSON report ({exc})") from exc
+            raise InvalidInputError(f"{path}: not a readable JSON report ({exc})") from exc
         report = BenchReport.from_dict(data)
         print(f"## {path}: measured on {report.environment.get('cpu', '?')}\n")
         print(report.to_markdown())

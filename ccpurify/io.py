@@ -350,7 +350,7 @@ def _check_fits(path: Path, arch_ref: ArchRef, expected: dict[str, tuple], got: 
         raise ModelLoadError(
             f"{path}: weights do not fit {arch_ref.name or arch_ref.import_path}{arch_ref.kwargs or ''}: "
             f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches {bad[:3]}; "
-            "check --arch, --num-classes and --width"
+            "check the architecture and its arguments (CLI: --arch, --num-classes, --width)"
         )
 
 

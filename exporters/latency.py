@@ -24,7 +24,7 @@ import platform
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -184,6 +184,15 @@ class BenchReport:
     @classmethod
     def from_dict(cls, data: dict) -> BenchReport:
         """A report written by ``to_dict`` (e.g. on the target device), for rendering on the host."""
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), t)
+            for k, t in (("config", dict), ("environment", dict), ("models", list), ("timings", list))
+        ):
+            raise InvalidInputError(
+                "not a benchmark report written by exporters.latency (it needs config, environment, models and timings)"
+            )
+        if not data["models"] or not data["timings"]:
+            raise InvalidInputError("the benchmark report holds no models or no timings")
         try:
             config = BenchConfig(**{k: _tuples(v) for k, v in data["config"].items()})
             return cls(
@@ -233,7 +242,7 @@ class BenchReport:
         )
         lines += [
             "",
-            f"Machine: {env['cpu']} ({env['cores']} cores); onnxruntime {env['onnxruntime']}, torch {env['torch']}; "
+            f"Machine: {env.get('cpu', '?')} ({env.get('cores', '?')} cores); onnxruntime {env.get('onnxruntime', '?')}, torch {env.get('torch', '?')}; "
             f"providers {', '.join(self.config.providers)}; graph optimisation {self.config.graph_optimization.value}, "
             f"spinning {'on' if self.config.spinning else 'off'}, {self.config.warmup} warm-up + {timed} in "
             f"{self.config.rounds} interleaved rounds.",
@@ -388,6 +397,11 @@ def _input_shape(session, path: str | os.PathLike, config: BenchConfig) -> tuple
     if inputs[0].type != "tensor(float)":
         raise InvalidInputError(f"{path}: the benchmark feeds float32 images; this model's input is {inputs[0].type}")
     overrides = dict(config.free_dimensions)
+    batch = inputs[0].shape[0] if inputs[0].shape else None
+    if isinstance(batch, str) and batch in overrides:
+        raise InvalidInputError(
+            f"{path}: {batch!r} is the batch dimension; set it with batch_sizes (--batch-sizes), not a free-dimension override"
+        )
     shape = tuple(d if isinstance(d, int) else overrides.get(d, 1) for d in inputs[0].shape[1:])
     if any(d < 1 for d in shape):
         raise InvalidInputError(f"{path}: the input declares a non-positive dimension {shape}")
@@ -448,7 +462,8 @@ def benchmark(
     config = config or BenchConfig()
     infos, shapes = [], {}
     for name, path in models.items():
-        shapes[name] = _input_shape(_session(os.fspath(path), 1, config), path, config)
+        probe = _session(os.fspath(path), 1, replace(config, free_dimensions=()))  # sees the symbolic names
+        shapes[name] = _input_shape(probe, path, config)
         params, macs = _graph_cost(path)
         infos.append(ModelInfo(name, os.fspath(path), check_onnx_size(path), params, macs))
     report = BenchReport(config, _environment(), infos)

@@ -89,8 +89,16 @@ def export(
         )
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ExportError(f"the parity tolerance must be a finite number >= 0, got {tolerance}")
-    model = copy.deepcopy(model).cpu().eval()
+    model = copy.deepcopy(model).cpu().float().eval()
     example = example_inputs[:1].detach().cpu().float()
+    try:  # the model's own error is clearer than the exporter's (and the exporter logs pages of it)
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        raise ExportError(
+            f"the model fails on an example input of shape {tuple(example.shape)} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); give its input size (CLI: --input-shape C,H,W)"
+        ) from exc
     path = Path(path)
     started = time.perf_counter()
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None

@@ -225,7 +225,8 @@ def test_the_cli_takes_a_custom_models_recorded_input_size(user_module, tmp_path
     assert (tmp_path / "run" / "report.png").read_bytes()[:4] == b"\x89PNG"
     meta = read_metadata(tmp_path / "run" / "model.onnx")
     assert meta["input_shape"] == [1, 1, 64, 64] and meta["ccpurify.report"]["pipeline"] == "cc"
-    assert "class_names" not in meta  # no dataset was named: no guessed class names
+    assert "class_names" not in meta and "input_mean" not in meta  # no dataset named: nothing guessed
+    assert meta["ccpurify.report"]["macs"][1] < meta["ccpurify.report"]["macs"][0]  # the API's summary format
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["ran"] == "cc" and report["latency"]["ratio"] > 0 and report["latency"]["runs"] >= 150
     assert (
@@ -258,6 +259,14 @@ def test_the_cli_takes_a_custom_models_recorded_input_size(user_module, tmp_path
         == 2
     )
     assert "--input-shape takes" in capsys.readouterr().err
+    saved = str(tmp_path / "run" / "model.safetensors")
+    assert main(["export", saved, "--allow-import", "--out", str(tmp_path / "y.onnx"), "--input-shape", "1,32,32"]) == 1
+    assert "fails on an example input of shape (1, 1, 32, 32)" in capsys.readouterr().err
+    assert main(["export", saved, "--allow-import", "--out", str(tmp_path / "q.onnx"), "--int8"]) == 1
+    assert (
+        "--int8 calibrates on cifar10 training images (3x32x32) but the model takes 1x64x64" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "y.onnx").exists()
 
 
 def test_layer_weights_kept_sees_pruned_channels_and_factorized_layers(user_module):

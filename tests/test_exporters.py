@@ -166,7 +166,7 @@ def test_benchmark_refuses_too_few_runs():
 
 
 def _tiny_onnx(path: Path) -> Path:
-    """A two-node ONNX classifier built with the onnx helper alone (no torch)."""
+    """A two-node ONNX classifier built with the onnx helper alone (no torch); its height is symbolic."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -180,7 +180,7 @@ def _tiny_onnx(path: Path) -> Path:
             helper.make_node("MatMul", ["flat", "w"], ["logits"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, "height", 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
         [w],
     )
@@ -220,7 +220,7 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
     cli = (
         "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\nfrom exporters.latency import main\n"
         f"raise SystemExit(main([{str(model)!r}, {str(model)!r}, '--runs', '50', '--warmup', '1', '--duration', '0.3', "
-        f"'--free-dim', 'batch=1', '--out', {str(tmp_path / 'r.json')!r}]))"
+        f"'--free-dim', 'height=8', '--out', {str(tmp_path / 'r.json')!r}]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", cli],
@@ -237,7 +237,7 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
     ]
     assert all(t["p99_ms"] >= t["median_ms"] and t["iqr_ms"] >= 0 for t in saved["timings"])
     assert saved["models"][0]["macs"] is None  # no onnx package on the device: not counted rather than guessed
-    assert saved["config"]["duration_s"] == 0.3 and saved["config"]["free_dimensions"] == [["batch", 1]]
+    assert saved["config"]["duration_s"] == 0.3 and saved["config"]["free_dimensions"] == [["height", 8]]
     # back on the host: the CLI renders the device's report
     from ccpurify.cli import main
 
@@ -254,8 +254,18 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
         and "| tiny-1 | onnxruntime | 1 | 1 |" in render.stdout
         and "Ratios against `tiny`" in render.stdout
     )
-    (tmp_path / "bad.json").write_text('{"config": {}}')
-    assert main(["bench", str(tmp_path / "bad.json")]) == 1  # one line: not a benchmark report
+    for bad in (
+        '{"config": {}}',
+        '{"config": {}, "environment": {}, "models": [], "timings": [], "ratios": []}',
+        "[1]",
+        "{oops",
+    ):
+        (tmp_path / "bad.json").write_text(bad)
+        assert main(["bench", str(tmp_path / "bad.json")]) == 1  # one line: not a benchmark report
+    from exporters.latency import BenchConfig, benchmark
+
+    with pytest.raises(ValueError, match="'batch' is the batch dimension; set it with batch_sizes"):
+        benchmark({"a": model}, BenchConfig(torch_eager=False, free_dimensions=(("batch", 4),)))
 
 
 def test_a_provider_this_onnxruntime_lacks_is_refused_by_name(tmp_path):
