@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -118,7 +119,10 @@ def export(
                 )
                 program.save(os.fspath(tmp), external_data=False)
         except Exception as exc:
-            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+            first_line = re.sub(
+                r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0] if str(exc) else ""
+            )  # no terminal colours
+            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line[:300]}") from exc
         if Path(f"{tmp}.data").exists():
             raise ExportError("the exporter wrote external data; the artefact must be one file")
         proto = load_onnx(tmp)

@@ -67,7 +67,7 @@ def run_onnx(path: str | os.PathLike, x: np.ndarray, session=None) -> np.ndarray
 def quiet():
     """The exporter prints progress and logs torchvision-op notices; keep the caller's output clean."""
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    logging.disable(logging.CRITICAL)  # the exporter logs errors it recovers from, pages of them
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")

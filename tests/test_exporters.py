@@ -52,8 +52,17 @@ def test_failed_export_leaves_no_file(tmp_path):
         def forward(self, x):
             raise RuntimeError("cannot run")
 
-    with pytest.raises(ExportError, match="export failed"):
+    class NotExportable(nn.Module):
+        """Runs eagerly, but branches on a tensor's value: torch.export cannot trace it."""
+
+        def forward(self, x):
+            return x.mean((2, 3)) if x.sum() > 0 else x.amax((2, 3))
+
+    with pytest.raises(ExportError, match=r"the model fails on an example input of shape \(1, 3, 32, 32\).*cannot run"):
         export(Broken(), tmp_path / "broken.onnx", EXAMPLE)
+    with pytest.raises(ExportError, match="ONNX export failed: TorchExportError: Failed to export") as failure:
+        export(NotExportable(), tmp_path / "branch.onnx", EXAMPLE)
+    assert "\x1b[" not in str(failure.value)  # no terminal colour codes in the one-line error
     assert not list(tmp_path.iterdir())
 
 
