@@ -549,7 +549,7 @@ def add_options(parser) -> None:
     )
     parser.add_argument("--warmup", type=_at_least(0), default=10, help="untimed warm-up runs (default: 10)")
     parser.add_argument(
-        "--rounds", type=_at_least(1), default=3, help="interleaved rounds the runs are split into (default: 3)"
+        "--rounds", type=_at_least(1), default=10, help="interleaved rounds the runs are split into (default: 10)"
     )
     parser.add_argument(
         "--providers",
