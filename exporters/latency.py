@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ccpurify.argtypes import at_least, positive_seconds
 from ccpurify.errors import InvalidInputError, LimitExceededError
 from exporters.onnx_file import check_onnx_size
 
@@ -505,51 +506,22 @@ def _free_dimension(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
-def _at_least(minimum: int):
-    """An argparse type: a whole number >= ``minimum`` (else a usage error, exit 2)."""
-
-    def parse(text: str) -> int:
-        import argparse
-
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
 def add_options(parser) -> None:
     """The benchmark's settings as command-line options (``python -m exporters.latency`` and
     ``ccpurify bench``), one per ``BenchConfig`` field, with its defaults."""
-    parser.add_argument("--batch-sizes", type=_at_least(1), nargs="+", default=[1], help="batch sizes (default: 1)")
+    parser.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[1], help="batch sizes (default: 1)")
     parser.add_argument(
-        "--threads", type=_at_least(1), nargs="+", default=[1], help="intra-op thread counts (default: 1)"
+        "--threads", type=at_least(1), nargs="+", default=[1], help="intra-op thread counts (default: 1)"
     )
     parser.add_argument(
         "--runs",
-        type=_at_least(MIN_RUNS),
+        type=at_least(MIN_RUNS),
         default=100,
         help=f"timed runs per model and setting, at least {MIN_RUNS} (default: 100)",
     )
-    parser.add_argument("--warmup", type=_at_least(0), default=10, help="untimed warm-up runs (default: 10)")
+    parser.add_argument("--warmup", type=at_least(0), default=10, help="untimed warm-up runs (default: 10)")
     parser.add_argument(
-        "--rounds", type=_at_least(1), default=10, help="interleaved rounds the runs are split into (default: 10)"
+        "--rounds", type=at_least(1), default=10, help="interleaved rounds the runs are split into (default: 10)"
     )
     parser.add_argument(
         "--providers",
@@ -569,11 +541,11 @@ def add_options(parser) -> None:
         help="let onnxruntime threads spin while waiting (off by default: slower on small VMs)",
     )
     parser.add_argument(
-        "--max-run-seconds", type=_seconds, default=60.0, help="stop a single run after this long (default: 60)"
+        "--max-run-seconds", type=positive_seconds, default=60.0, help="stop a single run after this long (default: 60)"
     )
     parser.add_argument(
         "--duration",
-        type=_seconds,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help="duration mode: time each model for about this long per setting (--runs is then a minimum)",
