@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                     model, report = candidate(pipeline, macs)(entry.model, context)
                     seconds = time.perf_counter() - started
                     m = entry.test.score(model).metrics
-                    used = {p.name: p.details.get("clean_images", p.details.get("images")) for p in report.passes}
+                    used = {p.name: t.images for p in report.passes if (t := p.details.training()) is not None}
                     store_result(
                         STORE,
                         {"cells": {}},

@@ -41,7 +41,7 @@ def time_pass(p: Pass, width: float) -> dict:
     _, report = p(model, context)
     return {
         "wall_time_s": time.perf_counter() - started,
-        "details": {k: v for k, v in report.details.items() if k in ("unlearn_s", "fusion_s", "ranking_s")},
+        "details": {k: v for k, v in report.details.to_dict().items() if k in ("unlearn_s", "fusion_s", "ranking_s")},
     }
 
 

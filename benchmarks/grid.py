@@ -140,7 +140,9 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
                 "config": p.config,
                 "wall_time_s": p.wall_time_s,
                 "details": {
-                    k: v for k, v in p.details.items() if k not in ("layers", "masks", "removal", "ratios", "replaced")
+                    k: v
+                    for k, v in p.details.to_dict().items()
+                    if k not in ("layers", "masks", "removal", "ratios", "replaced")
                 },
             }
             for p in report.passes

@@ -441,7 +441,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
         progress.close()
     wall = time.perf_counter() - started
     for p in result.report.passes:
-        if p.details.get("reached") is False or p.details.get("target_reached") is False:
+        if p.details.target_reached() is False:
             print(
                 f"ccpurify: warning: {p.name} could not reach its target; it kept {p.macs_ratio:.2f} of the MACs "
                 "(see the report)",

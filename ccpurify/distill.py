@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -216,6 +217,22 @@ class FeatureHints:
         self._seen.clear()
 
 
+@dataclass
+class DistillLog:
+    """What ``distill`` did: epochs over how many images, the mean loss of each epoch, and with a
+    guard the fraction of images on which it overruled the teacher."""
+
+    epochs: int
+    loss_per_epoch: list[float]
+    images: int
+    guard_vetoed_fraction: float | None = None
+
+    @property
+    def sample_steps(self) -> int:
+        """Images the student saw (each augmented anew)."""
+        return self.epochs * self.images
+
+
 def epochs_for_budget(epochs: int, budget: int | None, images: int) -> int:
     """Epochs to run: ``epochs``, or, with a ``budget`` in sample-steps (images seen, augmented),
     ``ceil(budget / images)``, so the cost does not grow with the number of images."""
@@ -240,11 +257,12 @@ def distill(
     feature_weight: float = 0.0,
     augment: Augment | None = None,
     guard: nn.Module | None = None,
+    vetoed: str = "guard",
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     progress: ProgressCallback | None = None,
     task: str = "distill",
-) -> dict:
+) -> DistillLog:
     """Train ``student`` to match ``teacher``'s softened outputs on ``images``; returns the loss curve.
 
     ``temperature`` may be a function of the epoch (BCU's rising schedule); ``scale_by_t_squared``
@@ -252,13 +270,17 @@ def distill(
     ``hints`` (recording both models' BN inputs) adds ``feature_weight`` times their mismatch.
 
     ``guard`` (a model trusted not to carry the backdoor, e.g. a defense's output) vetoes the teacher
-    image by image: where the two predict different classes the target is the guard's output and the
-    image's feature hints do not count. A backdoored teacher can then only pass on behaviour that the
-    guard shares (the agreement mask of ``ccpurify.passes.recover``'s trigger-leak guard)."""
+    image by image: where the two predict different classes the image's feature hints do not count,
+    and its target is the guard's output (``vetoed="guard"``) or nothing (``vetoed="skip"``: the image
+    does not count at all, so a guard that is often wrong on clean images does not teach its errors).
+    A backdoored teacher can then only pass on behaviour that the guard shares (the agreement mask of
+    ``ccpurify.passes.recover``'s trigger-leak guard)."""
+    if vetoed not in ("guard", "skip"):
+        raise ValueError(f"vetoed must be 'guard' or 'skip', got {vetoed!r}")
     teacher.eval()
     if guard is not None:
         guard.eval()
-    vetoed = seen = 0
+    overruled = seen = 0
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
     total = epochs * steps_per_epoch
@@ -285,10 +307,14 @@ def distill(
                     agree = t.argmax(1) == g.argmax(1)
                     t = torch.where(agree[:, None], t, g)
                     weights = agree.to(t.dtype)
-                    vetoed += int((~agree).sum())
+                    overruled += int((~agree).sum())
                     seen += len(x)
             s = student(x)
-            loss = F.kl_div(F.log_softmax(s / t_epoch, 1), F.softmax(t / t_epoch, 1), reduction="batchmean")
+            if weights is not None and vetoed == "skip":
+                per_image = F.kl_div(F.log_softmax(s / t_epoch, 1), F.softmax(t / t_epoch, 1), reduction="none").sum(1)
+                loss = (per_image * weights).sum() / weights.sum().clamp_min(1)
+            else:
+                loss = F.kl_div(F.log_softmax(s / t_epoch, 1), F.softmax(t / t_epoch, 1), reduction="batchmean")
             if scale_by_t_squared:
                 loss = loss * t_epoch**2
             if labels is not None and hard_label_weight > 0:
@@ -303,10 +329,7 @@ def distill(
         losses.append(running / steps_per_epoch)
         report(progress, task, epoch + 1, epochs, loss=losses[-1])
     student.eval()
-    out = {"epochs": epochs, "loss_per_epoch": losses, "images": len(images)}
-    if guard is not None:
-        out["guard_vetoed_fraction"] = vetoed / max(1, seen)
-    return out
+    return DistillLog(epochs, losses, len(images), overruled / max(1, seen) if guard is not None else None)
 
 
 @torch.no_grad()

@@ -7,6 +7,13 @@ runs; median, p90, mean and coefficient of variation. Several models are measure
 rounds (A B, B A, A B...) so drift hits all of them alike; ratios are the headline, absolute times
 belong to the machine that measured them.
 
+What a timing holds: each onnxruntime run goes through an ``IOBinding`` whose input and outputs
+are bound once to preallocated buffers, so no numpy conversion or output allocation is timed. What
+is left of Python's call into onnxruntime is measured on the same footing, on a graph that only
+copies the input (``call_overhead_ms`` per batch and thread count, in the report's environment),
+and ratios are given both as measured and with that overhead taken off both sides
+(``latency_ratio_net``), which matters for small models at batch 1.
+
 Needs only onnxruntime and numpy: torch is imported only to time PyTorch eager models
 (``torch_models``), and the ``onnx`` package only to count params and MACs (left out, as None, where
 it is not installed), so the same code runs on the target device. Conventions follow
@@ -146,6 +153,22 @@ class BenchReport:
         """Median latency of ``b`` over that of ``a`` (measured interleaved in the same run)."""
         return self.timing(b, engine, batch, threads).median_ms / self.timing(a, engine, batch, threads).median_ms
 
+    def call_overhead_ms(self, engine: str, batch: int, threads: int) -> float | None:
+        """The median time of an onnxruntime call that does nothing but copy the input, at this batch
+        size and thread count; None for PyTorch timings and where it was not measured."""
+        if engine != "onnxruntime":
+            return None
+        return (self.environment.get("call_overhead_ms") or {}).get(_cell_key(batch, threads))
+
+    def net_ratio(self, b: str, a: str, engine: str = "onnxruntime", batch: int = 1, threads: int = 1) -> float | None:
+        """``ratio`` with the call overhead taken off both medians (None where it was not measured
+        or is not below both)."""
+        overhead = self.call_overhead_ms(engine, batch, threads)
+        tb, ta = self.timing(b, engine, batch, threads).median_ms, self.timing(a, engine, batch, threads).median_ms
+        if overhead is None or overhead >= min(ta, tb):
+            return None
+        return (tb - overhead) / (ta - overhead)
+
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
@@ -175,6 +198,7 @@ class BenchReport:
                         "threads": t.threads,
                         "latency_ratio": t.median_ms / ref.median_ms,
                         "latency_ratio_ci95": ratio_interval(t.samples_ms, ref.samples_ms, seed=self.config.seed),
+                        "latency_ratio_net": self.net_ratio(m.name, base.name, t.engine, t.batch, t.threads),
                         "macs_ratio": m.macs / base.macs if base.macs and m.macs is not None else None,
                         "params_ratio": m.params / base.params if base.params and m.params is not None else None,
                         "size_ratio": m.file_bytes / base.file_bytes,
@@ -227,13 +251,14 @@ class BenchReport:
                 "",
                 f"Ratios against `{self.models[0].name}` (measured interleaved in one run):",
                 "",
-                "| model | engine | batch | threads | latency ratio (95% CI) | MACs ratio | params ratio | size ratio |",
-                "|---|---|---|---|---|---|---|---|",
+                "| model | engine | batch | threads | latency ratio (95% CI) | net of call overhead | MACs ratio | params ratio | size ratio |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for r in self.ratios():
                 lines.append(
                     f"| {r['model']} | {r['engine']} | {r['batch']} | {r['threads']} | {r['latency_ratio']:.3f}{_interval(r)} | "
-                    f"{_number(r['macs_ratio'], '.3f')} | {_number(r['params_ratio'], '.3f')} | {r['size_ratio']:.3f} |"
+                    f"{_number(r.get('latency_ratio_net'), '.3f')} | {_number(r['macs_ratio'], '.3f')} | "
+                    f"{_number(r['params_ratio'], '.3f')} | {r['size_ratio']:.3f} |"
                 )
         env = self.environment
         timed = (
@@ -241,6 +266,10 @@ class BenchReport:
             if self.config.duration_s
             else f"{self.config.runs} timed runs"
         )
+        overhead = env.get("call_overhead_ms") or {}
+        if overhead:
+            cells = ", ".join(f"{k}: {v:.4f} ms" for k, v in overhead.items())
+            lines += ["", f"onnxruntime call overhead (a graph that only copies the input; batch x threads): {cells}."]
         lines += [
             "",
             f"Machine: {env.get('cpu', '?')} ({env.get('cores', '?')} cores); onnxruntime {env.get('onnxruntime', '?')}, torch {env.get('torch', '?')}; "
@@ -272,6 +301,10 @@ def _interval(ratio: dict) -> str:
     return "" if ci is None else f" ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
+def _cell_key(batch: int, threads: int) -> str:
+    return f"{batch}x{threads}"
+
+
 def _tuples(value):
     """JSON lists back to the tuples ``BenchConfig`` holds (nested for free-dimension pairs)."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -299,7 +332,7 @@ def _environment() -> dict:
     }
 
 
-def _session(path: str, threads: int, config: BenchConfig):
+def _session(path: str | bytes, threads: int, config: BenchConfig):
     import onnxruntime as ort
 
     level = {
@@ -365,6 +398,38 @@ def _first_run_bounded(name: str, run, seconds: float) -> None:
         raise InvalidInputError(f"{name}: onnxruntime cannot run it ({str(exc).splitlines()[0][:200]})") from exc
     finally:
         timer.cancel()
+
+
+def _bound_run(session, x: np.ndarray):
+    """A zero-argument call running ``session`` on ``x`` through an IOBinding: the input and every
+    output are bound once to preallocated buffers (shaped by one plain run), so a call times
+    onnxruntime and not numpy conversion or output allocation."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    binding.bind_cpu_input(session.get_inputs()[0].name, x)
+    outputs = session.run(None, {session.get_inputs()[0].name: x})
+    buffers = [np.empty_like(o) for o in outputs]
+    for meta, buffer in zip(session.get_outputs(), buffers):
+        binding.bind_ortvalue_output(meta.name, ort.OrtValue.ortvalue_from_numpy(buffer))
+    return lambda: session.run_with_iobinding(binding)
+
+
+def _copy_graph(shape: tuple[int, ...]) -> bytes | None:
+    """A serialized ONNX graph whose one float input (batch, *shape) is copied to its output: what
+    an onnxruntime call costs when the model does nothing. None without the onnx package."""
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    dims = ["batch", *shape]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "call_overhead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
 
 
 def _summarise(model: str, engine: str, batch: int, threads: int, rounds: list[list[float]]) -> Timing:
@@ -450,6 +515,19 @@ def _timed_rounds(fns: Mapping[str, callable], config: BenchConfig) -> dict[str,
     return samples
 
 
+def _call_overhead(x: np.ndarray, threads: int, config: BenchConfig) -> float | None:
+    """Median milliseconds of a bound onnxruntime call on a graph that only copies ``x`` (as many
+    calls as one model gets), or None without the onnx package."""
+    graph = _copy_graph(x.shape[1:])
+    if graph is None:
+        return None
+    run = _bound_run(_session(graph, threads, replace(config, free_dimensions=())), x)
+    for _ in range(config.warmup):
+        run()
+    (rounds,) = _timed_rounds({"overhead": run}, replace(config, duration_s=None)).values()
+    return float(np.median([s for r in rounds for s in r]) * 1e3)
+
+
 def benchmark(
     models: Mapping[str, str | os.PathLike],
     config: BenchConfig | None = None,
@@ -478,7 +556,10 @@ def benchmark(
             sess = _session(os.fspath(models[n]), threads, config)
             feed = {sess.get_inputs()[0].name: inputs[n]}
             _first_run_bounded(n, lambda o, s=sess, f=feed: s.run(None, f, o), config.max_run_seconds)
-            engines["onnxruntime"][n] = lambda s=sess, f=feed: s.run(None, f)
+            engines["onnxruntime"][n] = _bound_run(sess, inputs[n])
+        overhead = _call_overhead(inputs[names[0]], threads, config)
+        if overhead is not None:
+            report.environment.setdefault("call_overhead_ms", {})[_cell_key(batch, threads)] = overhead
         with _torch_threads(threads if config.torch_eager and torch_models else None) as torch:
             if torch is not None:
                 engines["torch"] = {}

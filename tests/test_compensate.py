@@ -111,7 +111,7 @@ def test_prune_with_compensation_agrees_more_with_the_dense_model(ci_run, cifar_
     )
     plain, _ = Prune(macs=0.6, global_pruning=True)(teacher)
     compensated, report = Prune(macs=0.6, global_pruning=True, compensate=True)(teacher)
-    assert report.details["compensation"]["layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in compensated.modules())
+    assert report.details.compensation["layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in compensated.modules())
     assert agreement(compensated, teacher, images) > agreement(plain, teacher, images) + 0.05
     assert torch.equal(plain.conv1.weight, compensated.conv1.weight)  # same channels, only statistics moved
 
@@ -214,8 +214,8 @@ def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
     context = PurifyContext(normalize=Normalize(CIFAR10.mean, CIFAR10.std))
     out, report = pipeline(suspect, context)
     details = report.passes[1].details
-    assert details["teacher"] == "input" and details["frozen_silenced_channels"] > 0
-    assert "guard_vetoed_fraction" in details  # CLP's output guarded the suspect teacher
+    assert details.teacher == "input" and details.frozen_silenced_channels > 0
+    assert details.distill.guard_vetoed_fraction is not None  # CLP's output guarded the suspect teacher
     assert "recover" in report.budget() and "(32 synthetic images, 64 sample-steps)" in report.budget()
     for name, module in out.named_modules():
         if name in silenced and silenced[name].any():
@@ -242,8 +242,33 @@ def test_a_guard_vetoes_the_teacher_on_every_image_where_they_disagree():
         guard=guard,
         generator=torch.Generator().manual_seed(0),
     )
-    assert log["guard_vetoed_fraction"] > 0.1
+    assert log.guard_vetoed_fraction > 0.1
     assert agreement(student, guard, images) > agreement(student, teacher, images)
+
+
+def test_a_guard_that_skips_vetoed_images_teaches_nothing_on_them():
+    """With ``vetoed="skip"``, an image on which the guard overrules the teacher adds nothing to the
+    loss: where the two disagree everywhere, the student's weights do not move at all (no weight
+    decay); with ``vetoed="guard"`` the student learns the guard's classes instead."""
+    from ccpurify.distill import distill
+
+    teacher = two_bn_net()
+    guard = copy.deepcopy(teacher)
+    images = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():  # the guard's class is never the teacher's
+        top = teacher.eval()(images).argmax(1)
+        guard[8].bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
+    images = images[top != 2]
+    options = dict(epochs=5, batch_size=16, lr=0.05, weight_decay=0.0, guard=guard)
+    skipped, replaced = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    before = [p.detach().clone() for p in skipped.parameters()]
+    log = distill(skipped, teacher, images, vetoed="skip", generator=torch.Generator().manual_seed(0), **options)
+    assert log.guard_vetoed_fraction == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, skipped.parameters()))  # BN running statistics do move
+    distill(replaced, teacher, images, vetoed="guard", generator=torch.Generator().manual_seed(0), **options)
+    assert agreement(replaced, guard, images) > agreement(skipped, guard, images)
+    with pytest.raises(ValueError, match="vetoed"):
+        distill(skipped, teacher, images, vetoed="drop")
 
 
 def test_feature_hints_ignore_images_of_weight_zero():
@@ -324,8 +349,8 @@ def test_merging_a_duplicated_channel_into_its_twin_reproduces_the_logits():
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     merged, report = Prune(macs=0.53, ignored=("conv2",), merge=True)(net, context)
     dropped, _ = Prune(macs=0.53, ignored=("conv2",))(net, context)
-    assert merged.conv1.out_channels == 8 and report.details["merge"]["merged"] == 8
-    assert report.details["merge"]["mean_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert merged.conv1.out_channels == 8 and report.details.merge["merged"] == 8
+    assert report.details.merge["mean_similarity"] == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
         assert (merged(x) - net(x)).abs().max() < 1e-4
         assert (dropped(x) - net(x)).abs().max() > 1e-2

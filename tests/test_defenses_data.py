@@ -37,12 +37,12 @@ def test_rnp_physical_prune_matches_the_masked_model(ci_run, rnp_data):
     model = ci_run.model.eval()
     out, report = RNP(threshold=0.9, recover_epochs=5)(model, PurifyContext(clean_data=rnp_data))
     details = report.details
-    assert details["removed"] > 0 and report.params_after < report.params_before
+    assert details.removed > 0 and report.params_after < report.params_before
     masked = copy.deepcopy(model)
     # the channels the pass chose, as it reports them (its masks are reported rounded, so recomputing
     # the selection from them can miss a mask just under the threshold)
-    assert sum(len(v) for v in details["channels"].values()) == details["pruned_channels"]
-    zero_bn_channels(masked, details["channels"], beta=True)
+    assert sum(len(v) for v in details.channels.values()) == details.pruned_channels
+    zero_bn_channels(masked, details.channels, beta=True)
     x = rnp_data.x[:64]
     with torch.no_grad():
         assert (out(x) - masked(x)).abs().max() <= 1e-5
@@ -52,7 +52,7 @@ def test_rnp_faithful_zeroes_gamma_only(ci_run, rnp_data):
     out, report = RNP(mode="faithful", threshold=0.9, recover_epochs=3)(
         ci_run.model, PurifyContext(clean_data=rnp_data)
     )
-    name, idx = next(iter(below({k: torch.tensor(v) for k, v in report.details["masks"].items()}, 0.9).items()))
+    name, idx = next(iter(below({k: torch.tensor(v) for k, v in report.details.masks.items()}, 0.9).items()))
     bn = out.get_submodule(name)
     assert torch.all(bn.weight[idx] == 0) and torch.equal(bn.bias, ci_run.model.get_submodule(name).bias)
     assert report.params_after == report.params_before
@@ -61,16 +61,16 @@ def test_rnp_faithful_zeroes_gamma_only(ci_run, rnp_data):
 def test_rnp_auto_threshold_uses_held_out_clean_images_only(ci_run, rnp_data):
     _, report = RNP(threshold="auto", recover_epochs=3)(ci_run.model, PurifyContext(clean_data=rnp_data))
     d = report.details
-    assert d["threshold_rule"] == "auto" and d["heldout_images"] == int(0.2 * len(rnp_data))
-    assert [s["threshold"] for s in d["sweep"]][:3] == [0.05, 0.1, 0.15]
+    assert d.threshold_rule.kind == "auto" and d.threshold_rule.heldout_images == int(0.2 * len(rnp_data))
+    assert [s["threshold"] for s in d.threshold_rule.sweep][:3] == [0.05, 0.1, 0.15]
 
 
 def test_rnp_with_max_images_unlearns_on_a_seeded_subset_of_that_size(ci_run, rnp_data):
     rnp = RNP(threshold=0.9, recover_epochs=1, unlearn_epochs=1, max_images=32)
     _, report = rnp(ci_run.model, PurifyContext(clean_data=rnp_data))
     _, again = rnp(ci_run.model, PurifyContext(clean_data=rnp_data))
-    assert report.details["clean_images"] == 32 and report.details["clean_images_given"] == len(rnp_data) > 32
-    assert report.details["channels"] == again.details["channels"]  # the same draw given the seed
+    assert report.details.clean_images == 32 and report.details.clean_images_given == len(rnp_data) > 32
+    assert report.details.channels == again.details.channels  # the same draw given the seed
     with pytest.raises(ValueError, match="max_images"):
         RNP(max_images=0)
 
@@ -85,8 +85,8 @@ def test_rnp_prunes_the_lowest_trajectory_scores_when_given_a_fraction(ci_run, r
     assert not torch.equal(values, torch.cat(list(final.values())))  # a mean over steps, not the last mask
     _, report = rnp(ci_run.model, PurifyContext(clean_data=rnp_data))
     d = report.details
-    assert d["threshold_rule"] == "fraction" and d["mask_score"] == "trajectory"
-    assert d["pruned_channels"] == round(0.05 * d["total_channels"])
+    assert d.threshold_rule.kind == "fraction" and d.mask_score == "trajectory"
+    assert d.pruned_channels == round(0.05 * d.total_channels)
 
 
 def test_lowest_ranks_all_layers_together_and_breaks_ties_in_layer_order():
@@ -146,11 +146,21 @@ def test_bcu_with_a_budget_runs_the_same_sample_steps_whatever_the_pool_size():
         BCU(budget=0)
 
 
-def test_the_budget_line_reads_the_distillation_log_of_a_pass_that_nests_it():
-    from ccpurify.passes.base import PassReport, PipelineReport
+def test_the_budget_line_reads_each_pass_s_typed_training_log():
+    from ccpurify.distill import DistillLog
+    from ccpurify.passes.base import PassDetails, PassReport, PipelineReport
+    from ccpurify.passes.bcu import BCUDetails
 
-    bcu = PassReport("bcu", {}, 1, 1, 1, 1, 3.0, {"distill": {"images": 5000, "epochs": 20}, "data": "unlabeled"})
-    assert PipelineReport([bcu]).budget() == "bcu 3 s (5,000 unlabelled images, 100,000 sample-steps)"
+    details = BCUDetails(ratios={}, replaced={}, distill=DistillLog(20, [0.0] * 20, 5000), unlabeled_images=5000)
+    bcu = PassReport("bcu", {}, 1, 1, 1, 1, 3.0, details)
+    clp = PassReport("clp", {}, 1, 1, 1, 1, 0.2, PassDetails())  # trains on nothing: no count
+    assert PipelineReport([clp, bcu]).budget() == "clp 0 s · bcu 3 s (5,000 unlabelled images, 100,000 sample-steps)"
+    assert bcu.to_dict()["details"]["distill"] == {
+        "epochs": 20,
+        "loss_per_epoch": [0.0] * 20,
+        "images": 5000,
+        "guard_vetoed_fraction": None,
+    }
     assert BCU.reference().epochs == 100 and BCU.reference().batch_size == 256
 
 
@@ -158,7 +168,7 @@ def test_bcu_distills_and_its_compact_variant_is_smaller(ci_run, data_dir):
     pool = defender.unlabeled_data(ci_run.run_dir, "cifar10", data_dir=data_dir)
     context = PurifyContext(unlabeled_data=UnlabeledData(pool.x[:256]))
     out, report = BCU(epochs=2)(ci_run.model, context)
-    assert len(report.details["distill"]["loss_per_epoch"]) == 2 and report.params_after == report.params_before
+    assert len(report.details.distill.loss_per_epoch) == 2 and report.params_after == report.params_before
     small, compact = BCU(epochs=1, compact=Prune(macs=0.5))(ci_run.model, context)
     assert compact.macs_ratio <= 0.5 and compact.edits and compact.config["compact"]["name"] == "prune"
 
@@ -215,21 +225,21 @@ def test_image_pools_never_read_test_folders(tmp_path):
 
 
 def test_the_default_pipeline_with_labelled_data_is_ranked_rnp_then_prune_then_recover():
-    from ccpurify.passes.defaults import default_pipeline
+    from ccpurify.passes.defaults import DEFAULTS, default_pipeline
 
     pipeline = default_pipeline(has_clean=True)
     rnp, prune, recover = pipeline.passes
     assert (rnp.name, prune.name, recover.name) == ("rnp", "prune", "recover")
-    assert rnp.mask_score.value == "trajectory" and rnp.prune_fraction == 0.05
-    assert prune.macs == 0.5 and recover.data.value == "clean"
+    assert rnp.mask_score.value == "trajectory" and rnp.prune_fraction is not None  # the ranked rule
+    assert prune.macs == DEFAULTS["clean"].macs and recover.data.value == "clean"
 
 
-def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_half_macs_student():
-    from ccpurify.passes.defaults import default_pipeline
+def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_compact_student():
+    from ccpurify.passes.defaults import DEFAULTS, default_pipeline
 
     (bcu,) = default_pipeline(has_unlabeled=True).passes
     assert bcu.name == "bcu" and bcu.compact is not None
-    assert bcu.compact.macs == 0.5 and bcu.compact.round_to == 8
+    assert bcu.compact.macs == DEFAULTS["unlabeled"].macs and bcu.compact.round_to == 8
     # labelled data wins when both are given
     assert default_pipeline(has_clean=True, has_unlabeled=True).passes[0].name == "rnp"
 
@@ -260,13 +270,13 @@ def test_purify_macs_sets_the_default_target_or_a_named_pass_option_and_is_refus
 
 
 def test_the_data_free_default_removes_otbrs_neurons_compensates_and_distils_from_the_guarded_suspect():
-    from ccpurify.passes.defaults import HINT_WEIGHT, default_pipeline
+    from ccpurify.passes.defaults import DEFAULTS, default_pipeline
 
     otbr, prune, recover = default_pipeline().passes
     assert (otbr.name, prune.name, recover.name) == ("otbr", "prune", "recover")
-    assert otbr.compact and prune.macs == 0.75 and prune.round_to == 8 and prune.global_pruning and prune.compensate
+    assert otbr.compact and prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
-    assert recover.feature_weight == HINT_WEIGHT == 10.0 and recover.anchor_bn and recover.budget == 10240
+    assert recover.feature_weight > 0 and recover.anchor_bn and recover.budget is not None
 
 
 def test_rnp_never_prunes_a_channel_whose_removal_alone_collapses_the_model():

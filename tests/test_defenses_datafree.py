@@ -54,8 +54,8 @@ def test_clp_compress_equals_faithful_zeroing_on_internal_channels():
     model = _with_planted_outlier("vgg16_bn", "features.7", 5)
     faithful, fr = CLP(mode="faithful")(model)
     compressed, cr = CLP(mode="compress")(model)
-    assert 5 in fr.details["layers"]["features.7"]["flagged"]
-    assert cr.details["removed"] == fr.details["flagged"] and cr.params_after < cr.params_before
+    assert 5 in fr.details.layers["features.7"]["flagged"]
+    assert cr.details.removed == fr.details.flagged and cr.params_after < cr.params_before
     with torch.no_grad():
         assert (faithful(X) - compressed(X)).abs().max() <= 1e-5
 
@@ -65,12 +65,12 @@ def test_clp_pairs_through_the_graph_not_module_order_on_preact():
     reference = dict((bn, conv) for conv, bn in module_order_pairs(model))
     assert reference["layer2.1.bn1"] == "layer2.0.shortcut.0"  # the reference's mis-pairing
     _, report = CLP(mode="faithful")(model)
-    assert "layer2.0.shortcut.0" not in report.details["layers"]  # unpaired: skipped by default
-    assert report.details["layers"]["layer2.0.conv1"]["bn"] == "layer2.0.bn2"
+    assert "layer2.0.shortcut.0" not in report.details.layers  # unpaired: skipped by default
+    assert report.details.layers["layer2.0.conv1"]["bn"] == "layer2.0.bn2"
     _, ref_report = CLP(mode="faithful", reference_pairing=True)(model)
-    assert ref_report.details["pairing"] == "module_order" and "layer2.1.bn1" in ref_report.details["layers"]
+    assert ref_report.details.pairing == "module_order" and "layer2.1.bn1" in ref_report.details.layers
     _, conv_only = CLP(mode="faithful", unpaired="conv_only")(model)
-    assert conv_only.details["layers"]["layer2.0.shortcut.0"]["bn"] is None
+    assert conv_only.details.layers["layer2.0.shortcut.0"]["bn"] is None
 
 
 def test_clp_leaves_layers_it_cannot_edit_alone_and_says_so():
@@ -78,7 +78,7 @@ def test_clp_leaves_layers_it_cannot_edit_alone_and_says_so():
     with torch.no_grad():
         model.b.weight[3] *= 50
     out, report = CLP(unpaired="conv_only", u=1.0)(model)
-    assert "b" not in report.details["layers"] and report.details["unsupported"] == ["scale"]
+    assert "b" not in report.details.layers and report.details.unsupported == ["scale"]
     # b's outputs feed the unknown layer: never scored or removed (its inputs may shrink with a's)
     assert out.b.out_channels == model.b.out_channels and torch.equal(out.scale.gain, model.scale.gain)
     out(X)
@@ -96,7 +96,7 @@ def test_cc_without_purification_at_full_rank_reproduces_the_logits():
     for name in ("preact_resnet18", "vgg_mlp"):
         model = build(name)
         out, report = CleanCompact(purify="none", macs=None, energy=1.0, only_if_cheaper=False)(model)
-        assert report.details["factorized"] > 0
+        assert report.details.factorized > 0
         with torch.no_grad():
             assert (out(X) - model(X)).abs().max() <= 1e-4
 
@@ -115,8 +115,8 @@ def test_spectrum_purification_rules():
 def test_cc_compacts_to_the_macs_target_and_clips_the_top_ranks():
     model = build("preact_resnet18")
     out, report = CleanCompact(tau=0.8, macs=0.5)(model)
-    assert report.macs_ratio <= 0.51 and report.details["sensitive_ranks"] > 0
-    layer = report.details["layers"]["layer1.0.conv1"]
+    assert report.macs_ratio <= 0.51 and report.details.sensitive_ranks > 0
+    layer = report.details.layers["layer1.0.conv1"]
     assert layer["bn_folded"] == "layer1.0.bn2" and layer["energy_kept"] < 1.0
 
 
@@ -136,7 +136,7 @@ def test_otbr_targets_skip_projection_shortcuts_found_from_the_graph():
 def test_otbr_with_lambda_zero_returns_the_original_model():
     model = build("preact_resnet18")
     out, report = OTBR(ratio=0.1, lam=0.0, steps=2, batch_size=16)(model)
-    assert report.details["pruned"] > 0
+    assert report.details.pruned > 0
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), out.state_dict().values()))
 
 
@@ -166,13 +166,13 @@ def test_otbr_is_deterministic_and_keeps_bn_and_classifier():
     assert torch.equal(a.layer3[0].bn2.running_var, model.layer3[0].bn2.running_var) and torch.equal(
         a.linear.weight, model.linear.weight
     )
-    assert ra.details["fused_layers"]
+    assert ra.details.fused_layers
 
 
 def test_otbr_compact_removes_neurons_physically():
     model = build("vgg16_bn")  # every conv channel is internal
     out, report = OTBR(ratio=0.05, steps=2, batch_size=32, compact=True)(model)
-    assert report.details["removed"] == report.details["pruned"] and report.params_after < report.params_before
+    assert report.details.removed == report.details.pruned and report.params_after < report.params_before
 
 
 # ---------------------------------------------------------------------------------------- Recover
@@ -189,7 +189,7 @@ def test_recover_raises_a_pruned_models_agreement_with_its_teacher(ci_run, data_
     recovered, report = Recover(teacher=teacher, epochs=3, augment=False)(
         pruned, PurifyContext(unlabeled_data=UnlabeledData(pool))
     )
-    assert report.details["data"] == "unlabeled"
+    assert report.details.data == "unlabeled"
     assert agreement(recovered, teacher, held_out) > before + 0.05
 
 
@@ -236,7 +236,7 @@ def test_recover_with_feature_hints_brings_the_students_bn_inputs_closer_to_the_
     hinted, report = Recover(teacher=teacher, epochs=5, batch_size=16, augment=False, feature_weight=10.0)(
         pruned, context
     )
-    assert report.details["feature_layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in pruned.modules())
+    assert report.details.feature_layers == sum(isinstance(m, nn.BatchNorm2d) for m in pruned.modules())
     assert mismatch(hinted) < 0.8 * mismatch(plain)
     assert not any(m._forward_hooks for m in teacher.modules())  # hooks removed after recovery
     with pytest.raises(ValueError, match="feature_weight"):
@@ -247,7 +247,7 @@ def test_recover_prefers_labelled_data_and_needs_a_teacher():
     model = build("vgg16_bn")
     data = LabeledData(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
     _, report = Recover(teacher=copy.deepcopy(model), epochs=1)(model, PurifyContext(clean_data=data))
-    assert report.details["data"] == "clean"
+    assert report.details.data == "clean"
     with pytest.raises(ValueError, match="needs a teacher"):
         Recover()(model)
 
@@ -303,7 +303,7 @@ def test_otbr_aligns_a_layer_only_with_the_one_layer_it_reads():
     the previous block (not aligned: the shortcut was never transported), whatever the channel counts."""
     model = build("preact_resnet18")
     _, report = OTBR(ratio=0.2, steps=2, batch_size=16)(model)
-    fused, aligned = report.details["fused_layers"], set(report.details["input_aligned_layers"])
+    fused, aligned = report.details.fused_layers, set(report.details.input_aligned_layers)
     reads_a_sum = [n for n in fused if n.endswith(".conv1") and not n.startswith("layer1.0.")]
     reads_conv1 = [n for n in fused if n.endswith(".conv2")]
     assert reads_a_sum and reads_conv1

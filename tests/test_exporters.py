@@ -164,8 +164,16 @@ def test_benchmark_interleaves_models_and_reports_ratios(tmp_path):
     for r in ratios:  # the bootstrap interval brackets the measured ratio of medians
         low, high = r["latency_ratio_ci95"]
         assert low <= r["latency_ratio"] <= high and low < high
+    # the cost of a call that only copies the input is measured per cell, below every model's time,
+    # and taking it off both sides moves each onnxruntime ratio away from 1
+    for batch in (1, 2):
+        overhead = report.call_overhead_ms("onnxruntime", batch, 1)
+        assert 0 < overhead < min(report.timing(m, "onnxruntime", batch, 1).median_ms for m in paths)
+    for r in (r for r in ratios if r["engine"] == "onnxruntime"):
+        assert abs(r["latency_ratio_net"] - 1) > abs(r["latency_ratio"] - 1)
+    assert all(r["latency_ratio_net"] is None for r in ratios if r["engine"] == "torch")
     md = report.to_markdown()
-    assert "latency ratio" in md and "spinning off" in md
+    assert "latency ratio" in md and "spinning off" in md and "call overhead" in md
     assert report.to_dict()["config"]["runs"] == 50
 
 
@@ -208,7 +216,7 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
         "from exporters.latency import BenchConfig, benchmark\n"
         f"r = benchmark({{'a': {str(model)!r}, 'b': {str(model)!r}}}, BenchConfig(runs=50, warmup=1, torch_eager=False))\n"
         "print(json.dumps({'torch': 'torch' in sys.modules and sys.modules['torch'] is not None, 'n': len(r.timings), "
-        "'ratio': r.ratio('b', 'a'), 'providers': r.config.providers}))\n"
+        "'ratio': r.ratio('b', 'a'), 'providers': r.config.providers, 'net': r.ratios()[0]['latency_ratio_net']}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -224,6 +232,7 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
         and result["n"] == 2
         and result["ratio"] > 0
         and result["providers"] == ["CPUExecutionProvider"]
+        and result["net"] is None  # the call overhead needs onnx to build its graph
     )
     # the device's command line: python -m exporters.latency, torch still blocked; the JSON comes back
     cli = (

@@ -654,8 +654,7 @@ def test_odd_pytorch_files_are_refused(content, tmp_path):
 def test_a_frozen_model_is_defended_like_a_trainable_one(tiny):
     frozen = __import__("copy").deepcopy(tiny).requires_grad_(False)
     scored = [
-        ccpurify.purify(m, "otbr", steps=2, batch_size=8).report.passes[0].details.get("target_layers")
-        for m in (tiny, frozen)
+        ccpurify.purify(m, "otbr", steps=2, batch_size=8).report.passes[0].details.target_layers for m in (tiny, frozen)
     ]
     assert scored[0] and scored[0] == scored[1]
     assert not any(p.requires_grad for p in frozen.parameters())
@@ -663,7 +662,7 @@ def test_a_frozen_model_is_defended_like_a_trainable_one(tiny):
 
 def test_an_unreachable_pruning_target_prunes_as_far_as_it_can_and_says_so(tiny):
     report = ccpurify.purify(tiny, "prune", macs=0.01).report
-    assert report.passes[0].details["reached"] is False and report.macs_after < 0.8 * report.macs_before
+    assert report.passes[0].details.reached is False and report.macs_after < 0.8 * report.macs_before
 
 
 def test_a_damaged_run_directory_is_one_line(tmp_path, capsys):

@@ -123,7 +123,7 @@ def test_a_second_factorize_leaves_the_factors_of_the_first_alone():
     factor_names = {n for n, m in once.named_modules() if isinstance(m, lowrank.LowRank)}
     assert factor_names
     twice = ccpurify.purify(once, "factorize", macs=0.9, num_classes=10)
-    refactored = [e["layer"] for e in twice.report.passes[0].details["factorized"]]
+    refactored = [e["layer"] for e in twice.report.passes[0].details.factorized]
     assert not any(name.startswith(tuple(f + "." for f in factor_names)) for name in refactored)
     assert not any(
         isinstance(m, lowrank.LowRank) for f in factor_names for m in twice.model.get_submodule(f).children()
@@ -136,9 +136,6 @@ def test_an_unreachable_macs_target_is_reported_not_hidden():
     # The stem and the classifier stay dense, so 1% of the MACs cannot be reached.
     result = ccpurify.purify(_net(), "factorize", macs=0.01, num_classes=10)
     details = result.report.passes[0].details
-    assert details["target_reached"] is False
+    assert details.reached is False and details.target_reached() is False
     assert result.report.macs_after > 0.01 * result.report.macs_before
-    assert (
-        ccpurify.purify(_net(), "factorize", macs=0.6, num_classes=10).report.passes[0].details["target_reached"]
-        is True
-    )
+    assert ccpurify.purify(_net(), "factorize", macs=0.6, num_classes=10).report.passes[0].details.reached is True

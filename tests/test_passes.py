@@ -57,7 +57,7 @@ def counted_conv_linear_macs(model: nn.Module) -> int:
 def test_factorize_at_full_rank_reproduces_the_logits(name):
     model = build(name)
     full, report = Factorize(rank=10**6, only_if_cheaper=False)(model)
-    assert report.details["factorized"], name
+    assert report.details.factorized, name
     with torch.no_grad():
         assert (full(X) - model(X)).abs().max() <= 1e-4
 
@@ -71,7 +71,7 @@ def test_prune_and_factorize_hit_their_targets_with_analytic_macs(name, tmp_path
     assert fr.macs_ratio <= 0.52
     for m in (pruned, factored):
         assert analytic_macs(m) == counted_conv_linear_macs(m)
-    layer = fr.details["factorized"][0]
+    layer = fr.details.factorized[0]
     sub = factored.get_submodule(layer["layer"])
     assert layer["macs_after"] == sum(analytic_macs_of_layer(factored, s) for s in sub)
     # save -> load rebuilds the changed structure and gives identical logits
@@ -137,7 +137,7 @@ def test_prune_round_to_keeps_every_pruned_width_a_multiple():
 def test_factorize_round_to_gives_rank_multiples_within_the_budget():
     model = build("preact_resnet18")
     out, report = Factorize(macs=0.5, round_to=8)(model)
-    ranks = [r for layer in report.details["factorized"] for r in layer["ranks"]]
+    ranks = [r for layer in report.details.factorized for r in layer["ranks"]]
     assert ranks and all(r % 8 == 0 for r in ranks) and report.macs_ratio <= 0.5
 
 
@@ -187,3 +187,37 @@ def test_registry_and_purify_entry_point():
         ccpurify.purify(
             build("vgg16_bn"), "prune", unlabeled_data=torch.randn(4, 3, 16, 16)
         )  # the images' size, when none is given
+
+
+def test_every_pass_reports_typed_details_that_serialise_to_json(ci_run, data_dir):
+    """Each pass's report carries its own ``PassDetails`` dataclass: named fields in Python, plain
+    JSON in the report, and the training log the budget line reads."""
+    from ccpurify import defender
+    from ccpurify.passes import BCU, CLP, OTBR, RNP, CleanCompact, LabeledData, PassDetails, Recover, UnlabeledData
+
+    clean = defender.clean_data(ci_run.run_dir, "cifar10", data_dir=data_dir)
+    context = PurifyContext(
+        num_classes=10,
+        clean_data=LabeledData(clean.x[:64], clean.y[:64]),
+        unlabeled_data=UnlabeledData(clean.x[:64]),
+    )
+    runs = {
+        "clp": CLP(),
+        "otbr": OTBR(steps=2, batch_size=8),
+        "rnp": RNP(unlearn_epochs=1, recover_epochs=1, prune_fraction=0.05),
+        "prune": Prune(macs=0.8),
+        "factorize": Factorize(macs=0.8),
+        "cc": CleanCompact(macs=0.8),
+        "bcu": BCU(epochs=1),
+    }
+    trained = {}
+    for name, p in runs.items():
+        _, report = p(ci_run.model, context)
+        assert type(report.details) is not PassDetails and isinstance(report.details, PassDetails), name
+        json.dumps(report.to_dict())
+        trained[name] = report.details.training()
+    assert trained["rnp"].kind == "labelled" and trained["rnp"].images == 64
+    assert trained["bcu"].kind == "unlabelled" and trained["bcu"].sample_steps == 64
+    assert all(trained[n] is None for n in ("clp", "otbr", "prune", "factorize", "cc"))
+    _, recovered = Pipeline([CLP(), Recover(data="clean", epochs=1)])(ci_run.model, context)
+    assert recovered.passes[1].details.training().images == 64 and "64 labelled images" in recovered.budget()

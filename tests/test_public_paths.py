@@ -48,7 +48,7 @@ def test_cc_with_recovery_distills_the_low_rank_model_on_made_up_images():
         recover=True, recover_options={"synthetic_images": 32, "synthetic_steps": 2, "epochs": 1}
     )(model)
     assert report.macs_after == plain_report.macs_after  # the same compression
-    assert "recover" in report.details and report.details["recover"]["images"] == 32
+    assert report.details.recover.distill.images == 32 and report.details.training().images == 32
     changed = [k for k, v in recovered.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
     assert changed  # recovery trained the factors
 

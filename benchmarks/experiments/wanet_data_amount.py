@@ -33,7 +33,9 @@ def stages(entry, data) -> dict:
     row = {"input": score(entry, entry.model, data)}
     defended, rnp_report = ranked_rnp(RNP_IMAGES)(entry.model, context)
     row["rnp_details"] = {
-        k: v for k, v in rnp_report.details.items() if isinstance(v, (int, float, str)) or k == "collapse_guard"
+        k: v
+        for k, v in rnp_report.details.to_dict().items()
+        if isinstance(v, (int, float, str)) or k == "threshold_rule"
     }
     row["rnp"] = score(entry, defended, data)
     print(len(data), "rnp", row["rnp"], flush=True)

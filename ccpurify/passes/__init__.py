@@ -8,7 +8,16 @@
 
 from __future__ import annotations
 
-from ccpurify.passes.base import Pass, PassReport, PassResult, Pipeline, PipelineReport, PurifyContext
+from ccpurify.passes.base import (
+    Pass,
+    PassDetails,
+    PassReport,
+    PassResult,
+    Pipeline,
+    PipelineReport,
+    PurifyContext,
+    Training,
+)
 from ccpurify.passes.data import LabeledData, UnlabeledData, as_labeled, as_unlabeled
 from ccpurify.passes.options import check_options
 from ccpurify.passes.registry import PASSES, register_pass
@@ -47,12 +56,14 @@ __all__ = [
     "Recover",
     "LabeledData",
     "Pass",
+    "PassDetails",
     "PassReport",
     "PassResult",
     "Pipeline",
     "PipelineReport",
     "Prune",
     "PurifyContext",
+    "Training",
     "UnknownNameError",
     "UnlabeledData",
     "as_labeled",

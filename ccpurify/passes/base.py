@@ -2,8 +2,9 @@
 
 A pass never modifies the model it is given: it works on a copy and returns it. Every report
 carries params and MACs before and after (measured, not assumed), wall time, the pass's own
-details (per-layer changes), and the structural edits it made, so the result can be saved with
-``ccpurify.io.save_model`` and rebuilt without pickle.
+details (a typed ``PassDetails`` dataclass per pass: per-layer changes, counts, training logs), and
+the structural edits it made, so the result can be saved with ``ccpurify.io.save_model`` and rebuilt
+without pickle.
 """
 
 from __future__ import annotations
@@ -71,6 +72,32 @@ class PurifyContext:
         return self.unlabeled_data
 
 
+@dataclass(frozen=True)
+class Training:
+    """What a pass trained on: how many images of which kind, and how many sample-steps (images seen)."""
+
+    images: int
+    kind: str  # "labelled", "unlabelled" or "synthetic"
+    sample_steps: int | None = None
+
+
+@dataclass
+class PassDetails:
+    """What a pass found and did beyond sizes and time. Every pass declares its own subclass (e.g.
+    ``PruneDetails``), so a report's fields are named, typed and documented next to the pass."""
+
+    def training(self) -> Training | None:
+        """The images the pass trained on, for ``PipelineReport.budget``; None for passes that do not train."""
+        return None
+
+    def target_reached(self) -> bool | None:
+        """False when the pass had a size target it could not reach; None when it has no target."""
+        return None
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+
 @dataclass
 class PassReport:
     """What one pass did, in numbers (serialises to JSON)."""
@@ -82,7 +109,7 @@ class PassReport:
     macs_before: int
     macs_after: int
     wall_time_s: float
-    details: dict = field(default_factory=dict)
+    details: PassDetails = field(default_factory=PassDetails)
     edits: list[dict] = field(default_factory=list)
 
     @property
@@ -95,7 +122,7 @@ class PassReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(macs_ratio=self.macs_ratio, params_ratio=self.params_ratio)
+        d.update(details=self.details.to_dict(), macs_ratio=self.macs_ratio, params_ratio=self.params_ratio)
         return d
 
 
@@ -104,7 +131,7 @@ class PassResult:
     """What ``Pass.run`` returns: the edited model, details for the report, structural edits."""
 
     model: nn.Module
-    details: dict = field(default_factory=dict)
+    details: PassDetails = field(default_factory=PassDetails)
     edits: list[dict] = field(default_factory=list)
 
 
@@ -215,20 +242,15 @@ class PipelineReport:
 
     def budget(self) -> str:
         """What the run spent, pass by pass: wall time and, where a pass trained on images, how many
-        images of which kind and how many sample-steps (images seen, augmented). The counts are the
-        log of ``ccpurify.distill.distill`` (in the details, or under ``"distill"``), or RNP's."""
+        images of which kind and how many sample-steps (images seen, augmented): each pass's
+        ``details.training()``."""
         parts = []
         for p in self.passes:
-            d = p.details
-            trained = d.get("distill", d)
             text = f"{p.name} {p.wall_time_s:.0f} s"
-            images = trained.get("images", d.get("clean_images"))
-            if images is not None:
-                kind = {"synthetic": "synthetic", "clean": "labelled", "unlabeled": "unlabelled"}.get(
-                    d.get("data", ""), "clean"
-                )
-                steps = f", {images * trained['epochs']:,} sample-steps" if "epochs" in trained else ""
-                text += f" ({images:,} {kind} images{steps})"
+            trained = p.details.training()
+            if trained is not None:
+                steps = f", {trained.sample_steps:,} sample-steps" if trained.sample_steps is not None else ""
+                text += f" ({trained.images:,} {trained.kind} images{steps})"
             parts.append(text)
         return " · ".join(parts)
 

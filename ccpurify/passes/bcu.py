@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ccpurify.distill import distill, epochs_for_budget
+from ccpurify.distill import DistillLog, distill, epochs_for_budget
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Pass, PassDetails, PassReport, PassResult, PurifyContext, Training
 from ccpurify.passes.registry import register_pass
 from ccpurify.transforms import Augment
 
@@ -108,6 +108,30 @@ def reinitialize(model: nn.Module, ratios: dict[str, float], generator: torch.Ge
     return replaced
 
 
+@dataclass
+class BCUDetails(PassDetails):
+    """What BCU did: the compression pass's own report (when ``compact`` is set), the
+    re-initialisation probability of each layer and the fraction actually replaced, the
+    distillation log, and the unlabelled images it used."""
+
+    ratios: dict[str, float]
+    replaced: dict[str, float]
+    distill: DistillLog
+    unlabeled_images: int
+    compact: PassReport | None = None
+
+    def training(self) -> Training:
+        return Training(self.distill.images, "unlabelled", self.distill.sample_steps)
+
+    def target_reached(self) -> bool | None:
+        return self.compact.details.target_reached() if self.compact is not None else None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["compact"] = self.compact.to_dict() if self.compact is not None else None
+        return d
+
+
 @register_pass
 @dataclass
 class BCU(Pass):
@@ -177,11 +201,9 @@ class BCU(Pass):
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         data = context.require_unlabeled_data("BCU")
         teacher = copy.deepcopy(model).eval()
-        details = {}
-        student = model
+        student, compact_report = model, None
         if self.compact is not None:
             student, compact_report = self.compact(model, context)
-            details["compact"] = compact_report.to_dict()
         example = context.example_inputs.to(context.device)
         ratios = self.depth_ratios(student, example)
         replaced = reinitialize(student, ratios, context.generator(31))
@@ -203,5 +225,5 @@ class BCU(Pass):
             progress=context.progress,
             task="bcu: distill",
         )
-        details.update(ratios=ratios, replaced=replaced, distill=log, unlabeled_images=len(data), data="unlabeled")
-        return PassResult(student, details, details["compact"]["edits"] if self.compact is not None else [])
+        details = BCUDetails(ratios, replaced, log, len(data), compact_report)
+        return PassResult(student, details, compact_report.edits if compact_report is not None else [])

@@ -30,7 +30,7 @@ from torch import nn
 from ccpurify import lowrank
 from ccpurify.errors import InvalidInputError
 from ccpurify.lowrank import Method
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.factorize import Allocation, eligible_layers, plan_for_macs, plan_ranks
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
@@ -65,6 +65,20 @@ def purify_spectrum(s: torch.Tensor, tau: float, how: Normalization, action: Ran
         cap = tau * s[0] if how is Normalization.MAX else s.mean() + tau * s.std(unbiased=True)
         out[sensitive] = torch.minimum(out[sensitive], cap)
     return out
+
+
+@dataclass
+class CleanCompactDetails(PassDetails):
+    """What C&C did: per layer its sensitive ranks and chosen rank, how many layers it factorized,
+    the sensitive ranks in all, and the data-free recovery's report when ``recover=True``."""
+
+    layers: dict[str, dict]
+    factorized: int
+    sensitive_ranks: int
+    recover: PassDetails | None = None  # ccpurify.passes.recover.RecoverDetails
+
+    def training(self) -> Training | None:
+        return self.recover.training() if self.recover is not None else None
 
 
 @register_pass
@@ -144,15 +158,15 @@ class CleanCompact(Pass):
                 _set_dense(layer, lowrank.svd_factorize(layer, len(target), scales[name], transform))
                 per_layer[name]["rank"] = None
             report(context.progress, "cc: layers", i + 1, len(geometries))
-        details = {
-            "layers": per_layer,
-            "factorized": len(edits_layers),
-            "sensitive_ranks": sum(v["sensitive_ranks"] for v in per_layer.values()),
-        }
+        details = CleanCompactDetails(
+            layers=per_layer,
+            factorized=len(edits_layers),
+            sensitive_ranks=sum(v["sensitive_ranks"] for v in per_layer.values()),
+        )
         if teacher is not None:
             from ccpurify.passes.recover import recover_data_free
 
-            details["recover"] = recover_data_free(model, teacher.eval(), context, **self.recover_options)
+            details.recover = recover_data_free(model, teacher.eval(), context, **self.recover_options)
         edits = [{"op": "factorize", "layers": edits_layers}] if edits_layers else []
         return PassResult(model, details, edits)
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
-from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext
 from ccpurify.passes.registry import register_pass
 
 
@@ -74,6 +74,21 @@ def module_order_pairs(model: nn.Module) -> list[tuple[str, str]]:
         elif isinstance(m, nn.BatchNorm2d) and last_conv is not None and last_conv[1].out_channels == m.num_features:
             pairs.append((last_conv[0], name))
     return pairs
+
+
+@dataclass
+class CLPDetails(PassDetails):
+    """What CLP found: per scored layer its conv, BN, coupling, channel count and flagged channels;
+    the totals; how conv and BN were paired; and in compress mode what the graph removed."""
+
+    pairing: str  # "graph" or "module_order" (the reference code's pairing)
+    flagged: int
+    scored_channels: int
+    layers: dict[str, dict]
+    unsupported: list[str] | None = None  # layers the graph could not handle (None: no graph was built)
+    removed: int | None = None  # compress mode: channels removed physically ...
+    zeroed: int | None = None  # ... and channels only zeroed (a residual group the policy kept)
+    removal: dict | None = None
 
 
 @register_pass
@@ -142,18 +157,17 @@ class CLP(Pass):
         edits = [removal.edit()] if removal.history else []
         return PassResult(model, self._details(layers, graph, removal), edits)
 
-    def _details(self, layers: dict, graph: ChannelGraph | None, removal) -> dict:
-        out = {
-            "pairing": "module_order" if self.reference_pairing else "graph",
-            "flagged": sum(len(v["flagged"]) for v in layers.values()),
-            "scored_channels": sum(v["channels"] for v in layers.values()),
-            "layers": layers,
-        }
-        if graph is not None:
-            out["unsupported"] = [u.name for u in graph.unsupported]
-        if removal is not None:
-            out.update(removed=removal.removed, zeroed=removal.zeroed, removal=removal.to_dict())
-        return out
+    def _details(self, layers: dict, graph: ChannelGraph | None, removal) -> CLPDetails:
+        return CLPDetails(
+            pairing="module_order" if self.reference_pairing else "graph",
+            flagged=sum(len(v["flagged"]) for v in layers.values()),
+            scored_channels=sum(v["channels"] for v in layers.values()),
+            layers=layers,
+            unsupported=[u.name for u in graph.unsupported] if graph is not None else None,
+            removed=removal.removed if removal is not None else None,
+            zeroed=removal.zeroed if removal is not None else None,
+            removal=removal.to_dict() if removal is not None else None,
+        )
 
 
 def _zero_bn(bn: nn.Module, idx: list[int]) -> None:

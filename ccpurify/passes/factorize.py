@@ -22,7 +22,7 @@ from ccpurify import lowrank
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.lowrank import Geometry, Method
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
@@ -115,6 +115,21 @@ def plan_ranks(
     return RankPlan(ranks, total)
 
 
+@dataclass
+class FactorizeDetails(PassDetails):
+    """What ``Factorize`` did: each factorized layer (method, ranks, MACs before and after), the
+    layers a factorization would not have made cheaper, the layers the graph could not handle, and
+    whether the cost target was reached."""
+
+    factorized: list[dict]
+    skipped_no_gain: list[str]
+    unsupported: list[str]
+    reached: bool | None  # None without a cost target
+
+    def target_reached(self) -> bool | None:
+        return self.reached
+
+
 @register_pass
 @dataclass
 class Factorize(Pass):
@@ -169,12 +184,12 @@ class Factorize(Pass):
             )
             report(context.progress, "factorize", i + 1, len(plan.ranks))
         skipped = sorted(set(geometries) - set(plan.ranks))
-        details = {
-            "factorized": layers,
-            "skipped_no_gain": skipped,
-            "unsupported": [u.name for u in graph.unsupported],
-            "target_reached": plan.reached,
-        }
+        details = FactorizeDetails(
+            factorized=layers,
+            skipped_no_gain=skipped,
+            unsupported=[u.name for u in graph.unsupported],
+            reached=plan.reached,
+        )
         edits = (
             [{"op": "factorize", "layers": [{k: e[k] for k in ("layer", "method", "ranks")} for e in layers]}]
             if layers

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
@@ -124,6 +124,27 @@ def fuse_layer(
     return fused.to(original.dtype), plan / nu_t[None, :]
 
 
+@dataclass
+class OTBRDetails(PassDetails):
+    """What OTBR did: the time of its two stages, the layers it scored, how many neurons it scored
+    and pruned (per layer), the layers it fused and input-aligned, the total neuron weight change,
+    and in compact mode what the graph removed."""
+
+    unlearn_s: float
+    fusion_s: float
+    target_layers: int
+    neurons: int
+    pruned: int
+    pruned_per_layer: dict[str, int]
+    fused_layers: list[str]
+    input_aligned_layers: list[str]
+    nwc_total: float
+    unsupported: list[str]
+    removed: int | None = None  # compact: neurons removed physically ...
+    zeroed: int | None = None  # ... and only zeroed
+    skipped: str | None = None  # why nothing was scored
+
+
 @register_pass
 @dataclass
 class OTBR(Pass):
@@ -162,9 +183,9 @@ class OTBR(Pass):
         graph = ChannelGraph(model, example)
         targets = target_convs(model, graph, example)
         if not targets:
-            return PassResult(
-                model, {"skipped": "no conv layers OTBR can score", "unsupported": [u.name for u in graph.unsupported]}
-            )
+            unsupported = [u.name for u in graph.unsupported]
+            skipped = "no conv layers OTBR can score"
+            return PassResult(model, OTBRDetails(0.0, 0.0, 0, 0, 0, {}, [], [], 0.0, unsupported, skipped=skipped))
         num_classes = context.num_classes or int(model(example).shape[1])
         started = time.perf_counter()
         unlearned = random_unlearning(
@@ -196,22 +217,22 @@ class OTBR(Pass):
 
         started = time.perf_counter()
         fused_layers, aligned_layers = self._fuse(model, graph, targets, nwc, selected)
-        details = {
-            "unlearn_s": unlearn_s,
-            "fusion_s": time.perf_counter() - started,
-            "target_layers": len(targets),
-            "neurons": len(flat),
-            "pruned": top,
-            "pruned_per_layer": {n: len(v) for n, v in selected.items()},
-            "fused_layers": fused_layers,
-            "input_aligned_layers": aligned_layers,
-            "nwc_total": float(flat.sum()),
-            "unsupported": [u.name for u in graph.unsupported],
-        }
+        details = OTBRDetails(
+            unlearn_s=unlearn_s,
+            fusion_s=time.perf_counter() - started,
+            target_layers=len(targets),
+            neurons=len(flat),
+            pruned=top,
+            pruned_per_layer={n: len(v) for n, v in selected.items()},
+            fused_layers=fused_layers,
+            input_aligned_layers=aligned_layers,
+            nwc_total=float(flat.sum()),
+            unsupported=[u.name for u in graph.unsupported],
+        )
         edits = []
         if self.compact and selected:
             removal = ChannelGraph(model, example).remove_channels(selected, self.residual_policy)
-            details.update(removed=removal.removed, zeroed=removal.zeroed)
+            details.removed, details.zeroed = removal.removed, removal.zeroed
             edits = [removal.edit()] if removal.history else []
         return PassResult(model, details, edits)
 

@@ -21,7 +21,7 @@ from ccpurify.distill import correspondence_after_edits
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, apply_history
 from ccpurify.merge import merge_removed_channels
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
@@ -36,6 +36,24 @@ def protected_layers(graph: ChannelGraph, names: tuple[str, ...] = ()) -> list[s
     """Names of layers a pruner must not touch: outputs, blocked groups and ``names``."""
     keep = [n for n, info in graph.layers.items() if info.coupling in (Coupling.OUTPUT, Coupling.BLOCKED)]
     return keep + [n for n in names if n not in keep]
+
+
+@dataclass
+class PruneDetails(PassDetails):
+    """What ``Prune`` did: the per-layer ratio its search settled on, the cost target and what it
+    achieved (fractions of the input's MACs or params), how many channel groups it pruned, and the
+    merge / compensation summaries when those options were on."""
+
+    ratio: float
+    target: float
+    achieved: float
+    groups_pruned: int
+    reached: bool
+    merge: dict | None = None  # ccpurify.merge.merge_removed_channels
+    compensation: dict | None = None  # ccpurify.compensate.gaussian_compensation
+
+    def target_reached(self) -> bool:
+        return self.reached
 
 
 @register_pass
@@ -157,13 +175,13 @@ class Prune(Pass):
             _, best, best_pruner, best_ratio = smallest
         history = best_pruner.pruning_history() if best_pruner is not None else []
         achieved = measure(best) / start
-        details = {
-            "ratio": best_ratio,
-            "target": goal / start,
-            "achieved": achieved,
-            "groups_pruned": len(history),
-            "reached": achieved <= goal / start + 1e-9,
-        }
+        details = PruneDetails(
+            ratio=best_ratio,
+            target=goal / start,
+            achieved=achieved,
+            groups_pruned=len(history),
+            reached=achieved <= goal / start + 1e-9,
+        )
         edits = (
             [{"op": "remove_channels", "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in history]}]
             if history
@@ -173,9 +191,9 @@ class Prune(Pass):
             merged = copy.deepcopy(model)
             graph = ChannelGraph(merged, example)
             removed = {n: list(idx) for n, is_out, idx in history if is_out and n in graph.layers}
-            details["merge"] = merge_removed_channels(merged, graph, removed, self.merge_similarity)
+            details.merge = merge_removed_channels(merged, graph, removed, self.merge_similarity)
             best = apply_history(merged, edits[0]["history"], example).eval()
         if self.compensate and edits:
             correspondence = correspondence_after_edits(model, edits, example)
-            details["compensation"] = gaussian_compensation(best, model, correspondence, example, seed=context.seed)
+            details.compensation = gaussian_compensation(best, model, correspondence, example, seed=context.seed)
         return PassResult(best, details, edits)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ccpurify.distill import (
+    DistillLog,
     FeatureHints,
     anchored_bn_update,
     channel_correspondence,
@@ -33,7 +34,7 @@ from ccpurify.distill import (
     recalibrate_bn,
 )
 from ccpurify.errors import InvalidInputError
-from ccpurify.passes.base import Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.registry import register_pass
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
 from ccpurify.transforms import Augment
@@ -56,7 +57,27 @@ class SyntheticInit(str, Enum):
     DEAD_LEAVES = "dead_leaves"  # procedural natural-like images (ccpurify.synthesis.dead_leaves)
 
 
-def recover_data_free(student: nn.Module, teacher: nn.Module, context: PurifyContext, **options) -> dict:
+@dataclass
+class RecoverDetails(PassDetails):
+    """What ``Recover`` did: the data it distilled on and the teacher it used, how BN statistics
+    were re-estimated, the distillation log, the feature-hint layers and how many silenced
+    channels were kept frozen."""
+
+    data: str  # "clean", "unlabeled" or "synthetic"
+    teacher: str  # "given", "defense" or "input"
+    bn_recalibrated: bool
+    bn_anchored: bool
+    distill: DistillLog
+    frozen_silenced_channels: int
+    feature_layers: int | None = None  # BN layers matched by feature hints (None: no hints)
+    bn_layers: int | None = None
+
+    def training(self) -> Training:
+        kind = {"clean": "labelled", "unlabeled": "unlabelled"}.get(self.data, self.data)
+        return Training(self.distill.images, kind, self.distill.sample_steps)
+
+
+def recover_data_free(student: nn.Module, teacher: nn.Module, context: PurifyContext, **options) -> RecoverDetails:
     """Distill ``student`` from ``teacher`` on synthetic BN-statistics images (C&C's recovery)."""
     return Recover(teacher=teacher, data=RecoverData.SYNTHETIC, **options).recover(student, context)
 
@@ -94,6 +115,9 @@ class Recover(Pass):
     # With teacher_from="input": the latest defense's output vetoes the suspect teacher image by image
     # (distill's ``guard``), so a trigger feature present in the synthetic images cannot be passed on.
     guard: bool = False
+    # Where the guard overrules the teacher: "guard" distills the guard's output on that image,
+    # "skip" leaves the image out (distill's ``vetoed``).
+    guard_vetoed: str = "guard"
     # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
     # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
     synthetic_class_weight: float = 0.0
@@ -110,6 +134,8 @@ class Recover(Pass):
             raise InvalidInputError("synthetic_images must be >= 1 and synthetic_steps >= 0")
         if self.feature_weight < 0 or self.synthetic_class_weight < 0:
             raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
+        if self.guard_vetoed not in ("guard", "skip"):
+            raise InvalidInputError(f"guard_vetoed must be 'guard' or 'skip', got {self.guard_vetoed!r}")
 
     def config(self) -> dict:
         d = super().config()
@@ -162,7 +188,7 @@ class Recover(Pass):
             )
         return context.teacher.to(context.device).eval()
 
-    def recover(self, student: nn.Module, context: PurifyContext) -> dict:
+    def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
         teacher = self._teacher(context).to(context.device).eval()
         guard = self._guard(context)
         # Images are made from the guard when there is one: its class term cannot aim them at a trigger.
@@ -195,6 +221,7 @@ class Recover(Pass):
                 feature_weight=self.feature_weight,
                 augment=augment,
                 guard=guard,
+                vetoed=self.guard_vetoed,
                 generator=context.generator(7),
                 device=context.device,
                 progress=context.progress,
@@ -205,17 +232,16 @@ class Recover(Pass):
                 hints.remove()
             for handle in silenced:
                 handle.remove()
-        if hints is not None:
-            log["feature_layers"] = len(hints.layers)
-            log["bn_layers"] = len(bn_layers(student))
-        log["frozen_silenced_channels"] = frozen
-        return {
-            "data": source.value,
-            "teacher": "given" if self.teacher is not None else self.teacher_from.value,
-            "bn_recalibrated": self.recalibrate,
-            "bn_anchored": self.recalibrate and self.anchor_bn,
-            **log,
-        }
+        return RecoverDetails(
+            data=source.value,
+            teacher="given" if self.teacher is not None else self.teacher_from.value,
+            bn_recalibrated=self.recalibrate,
+            bn_anchored=self.recalibrate and self.anchor_bn,
+            distill=log,
+            frozen_silenced_channels=frozen,
+            feature_layers=len(hints.layers) if hints is not None else None,
+            bn_layers=len(bn_layers(student)) if hints is not None else None,
+        )
 
     def _data(self, teacher: nn.Module, context: PurifyContext):
         want = self.data

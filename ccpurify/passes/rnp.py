@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, RemovalPolicy
-from ccpurify.passes.base import Mode, Pass, PassResult, PurifyContext
+from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.data import LabeledData
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
@@ -136,6 +136,44 @@ def lowest(scores: dict[str, torch.Tensor], count: int) -> dict[str, list[int]]:
 def _lowest_of(channels: list[tuple[str, int]], masks: dict[str, torch.Tensor], count: int) -> list[tuple[str, int]]:
     """The ``count`` channels of ``channels`` with the lowest masks."""
     return sorted(channels, key=lambda c: float(masks[c[0]][c[1]]))[:count]
+
+
+@dataclass
+class RNPThreshold:
+    """How RNP turned mask values into a selection: ``"fixed"`` (the given threshold), ``"auto"``
+    (chosen on held-out images: the sweep it ran) or ``"fraction"`` (the lowest ``prune_fraction``
+    of the channels, with what the collapse guard saw)."""
+
+    kind: str
+    prune_fraction: float | None = None
+    collapse_guard: dict | None = None
+    heldout_images: int | None = None
+    sweep: list | None = None
+
+
+@dataclass
+class RNPDetails(PassDetails):
+    """What RNP did: its unlearning (epochs, accuracy per epoch), the images it used and was given,
+    the threshold and how it was chosen, the pruned channels per BN layer and every mask value, and in
+    compress mode how many channels were removed physically or only zeroed."""
+
+    unlearn_epochs: int
+    unlearn_acc: list[float]
+    clean_images: int
+    clean_images_given: int
+    sample_steps: int
+    threshold: float
+    threshold_rule: RNPThreshold
+    mask_score: str
+    pruned_channels: int
+    channels: dict[str, list[int]]
+    total_channels: int
+    masks: dict[str, list[float]]
+    removed: int | None = None
+    zeroed_only: int | None = None
+
+    def training(self) -> Training:
+        return Training(self.clean_images, "labelled", self.sample_steps)
 
 
 @register_pass
@@ -335,31 +373,27 @@ class RNP(Pass):
             train_data = LabeledData(data.x[order[n_val:]], data.y[order[n_val:]])
         unlearned, unlearn_history = self.unlearn(model, train_data, context)
         masks = self.recover_masks(unlearned, train_data, context)
-        details = {
-            "unlearn_epochs": len(unlearn_history),
-            "unlearn_acc": unlearn_history,
-            "clean_images": len(data),
-            "clean_images_given": given,
-        }
+        rule = RNPThreshold(kind="fixed")
         if self.prune_fraction is not None:
             count = round(self.prune_fraction * sum(len(m) for m in masks.values()))
             selected, guard = self.guarded_lowest(model, masks, count, data, context)
-            details.update(
-                threshold_rule="fraction",
-                prune_fraction=self.prune_fraction,
-                threshold=max((float(masks[n][i]) for n, idx in selected.items() for i in idx), default=0.0),
-                collapse_guard=guard,
-            )
-        else:
-            if held_out is not None:
-                tau, sweep = self.choose_threshold(model, masks, held_out, context)
-                details.update(threshold_rule="auto", heldout_images=len(held_out), sweep=sweep)
-            else:
-                tau = float(self.threshold)
-                details["threshold_rule"] = "fixed"
+            tau = max((float(masks[n][i]) for n, idx in selected.items() for i in idx), default=0.0)
+            rule = RNPThreshold(kind="fraction", prune_fraction=self.prune_fraction, collapse_guard=guard)
+        elif held_out is not None:
+            tau, sweep = self.choose_threshold(model, masks, held_out, context)
+            rule = RNPThreshold(kind="auto", heldout_images=len(held_out), sweep=sweep)
             selected = below(masks, tau)
-            details["threshold"] = tau
-        details.update(
+        else:
+            tau = float(self.threshold)
+            selected = below(masks, tau)
+        details = RNPDetails(
+            unlearn_epochs=len(unlearn_history),
+            unlearn_acc=unlearn_history,
+            clean_images=len(data),
+            clean_images_given=given,
+            sample_steps=(len(unlearn_history) + self.recover_epochs) * len(train_data),
+            threshold=tau,
+            threshold_rule=rule,
             mask_score=self.mask_score.value,
             pruned_channels=sum(len(v) for v in selected.values()),
             channels={n: [int(i) for i in idx] for n, idx in selected.items()},
@@ -374,5 +408,5 @@ class RNP(Pass):
         owner = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
         removable = {owner[bn]: idx for bn, idx in selected.items() if bn in owner}
         removal = graph.remove_channels(removable, self.residual_policy)
-        details.update(removed=removal.removed, zeroed_only=sum(len(v) for v in selected.values()) - removal.removed)
+        details.removed, details.zeroed_only = removal.removed, details.pruned_channels - removal.removed
         return PassResult(model, details, [removal.edit()] if removal.history else [])

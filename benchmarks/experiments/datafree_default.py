@@ -1,0 +1,77 @@
+"""Which distillation settings move the data-free default's CA without letting the backdoor back
+(issue 14, items 1-2)?
+
+    python -m benchmarks.experiments.datafree_default --entries cifar10-badnets cifar10-wanet
+
+The default's first two stages (``OTBR(compact=True)`` and ``compensated_prune``) run once per
+entry; each variant of its ``Recover`` stage (``guarded_recover`` with some options changed) then
+distills from the suspect, guarded by OTBR's output, as inside the pipeline. Scored on the
+validation split (training images no pass sees): CA and ASR, and the wall time of the stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+
+import torch
+
+from benchmarks.common import RESULTS, context_for, load_entry
+from ccpurify.passes import OTBR
+from ccpurify.passes.defaults import DEFAULTS, compensated_prune, guarded_recover
+
+# name: options changed from guarded_recover()
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "skip-vetoed": {"guard_vetoed": "skip"},
+    "b40k": {"budget": 40960},
+    "skip-vetoed-b40k": {"guard_vetoed": "skip", "budget": 40960},
+    "pool1024x10-b40k": {"synthetic_images": 1024, "synthetic_steps": 10, "budget": 40960},
+    "skip-pool1024x10-b40k": {"guard_vetoed": "skip", "synthetic_images": 1024, "synthetic_steps": 10, "budget": 40960},
+}
+
+
+def score(entry, model) -> dict:
+    m = entry.val.score(model).metrics
+    return {"val_ca": m.ca, "val_asr": m.asr}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", nargs="+", default=["cifar10-badnets", "cifar10-wanet", "cifar10-blended"])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--macs", type=float, default=DEFAULTS["none"].macs)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = RESULTS / "experiments" / "datafree_default.json"
+    rows = json.loads(out.read_text()) if out.is_file() else {}
+    for name in args.entries:
+        entry = load_entry(name)
+        context = context_for(entry, "none")
+        defended, _ = OTBR(compact=True)(entry.model, context)
+        pruned, _ = compensated_prune(args.macs)(defended, context)
+        context.pipeline_input, context.teacher = entry.model, defended  # what Pipeline sets for Recover
+        key = f"{name}@{args.macs:g}"
+        row = rows.setdefault(key, {})
+        row.update(suspect=score(entry, entry.model), otbr=score(entry, defended), pruned=score(entry, pruned))
+        print(key, {k: row[k] for k in ("suspect", "otbr", "pruned")}, flush=True)
+        for variant in args.variants:
+            recover = dataclasses.replace(guarded_recover(), **VARIANTS[variant])
+            started = time.perf_counter()
+            recovered, report = recover(copy.deepcopy(pruned), context)
+            row[variant] = {
+                **score(entry, recovered),
+                "seconds": round(time.perf_counter() - started, 1),
+                "vetoed": report.details.distill.guard_vetoed_fraction,
+            }
+            print(key, variant, row[variant], flush=True)
+            out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
