@@ -4,6 +4,7 @@
     python -m benchmarks.grid --cell cifar10-badnets:clp       # one cell
     python -m benchmarks.grid --entries cifar10-badnets --defenses clp cc otbr
     python -m benchmarks.grid --tables-only                    # rebuild tables and plot from grid.json
+    python -m benchmarks.grid --cell 'cifar10-badnets:sweep:otbr:ratio=0.05'   # one sweep point
 
 For each (zoo entry, defense) cell: the defense runs with the defender resources stored in the run
 directory (none; RNP's 500 labelled images; the 5,000-image unlabelled pool; or 5,000 images of
@@ -16,11 +17,17 @@ undefended model in the same run; and the pass's wall time. Results accumulate i
 The plan (``planned_cells``): every single defense and the three default pipelines on every zoo
 model; the other candidate pipelines only on the models the defaults are chosen on
 (``SELECTION_ENTRIES``), since a candidate matters only for that choice.
+
+A parameter sweep is a set of grid cells too (``sweep_cell``): ``sweep:PASS:KEY=VALUE;KEY=VALUE``
+builds pass PASS by name with those options, on the defender data of the cell named PASS. Sweep
+cells are stored in ``grid.json`` like any other (``python -m benchmarks.sweep`` runs them and
+writes their table) and stay out of the defense tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -30,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.common import (
     RESULTS,
@@ -42,6 +50,7 @@ from benchmarks.common import (
     store_result,
     zoo_entries,
 )
+from ccpurify import passes
 from ccpurify.atomic import write_json, write_text
 from ccpurify.passes import BCU, CLP, OTBR, PASSES, RNP, CleanCompact, Pass, Pipeline, Prune
 from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, MACS_TARGETS, key, ranked_rnp
@@ -85,6 +94,52 @@ CELLS: dict[str, Cell] = {
 }
 
 
+SWEEP_PREFIX = "sweep:"
+
+
+def sweep_cell(pass_name: str, options: dict) -> str:
+    """The grid name of pass ``pass_name`` run with ``options`` (values as JSON):
+    ``sweep:otbr:ratio=0.05``, options sorted by name."""
+    return SWEEP_PREFIX + pass_name + ":" + ";".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
+
+
+def parse_sweep_cell(defense: str) -> tuple[str, dict]:
+    """(pass name, options) of a ``sweep_cell`` name."""
+    pass_name, _, text = defense[len(SWEEP_PREFIX) :].partition(":")
+    options = {}
+    for item in filter(None, text.split(";")):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise KeyError(f"sweep cell {defense!r}: {item!r} is not KEY=VALUE")
+        try:
+            options[k] = json.loads(v)
+        except json.JSONDecodeError:
+            options[k] = v
+    return pass_name, options
+
+
+def cell_for(defense: str) -> Cell:
+    """A named cell of ``CELLS``, or a sweep cell: the pass built by name (``passes.create``, which
+    checks every option) with the defender data of the cell of the same name (else none)."""
+    if defense in CELLS:
+        return CELLS[defense]
+    if not defense.startswith(SWEEP_PREFIX):
+        raise KeyError(f"unknown defense {defense!r}; known: {', '.join(CELLS)}, or {SWEEP_PREFIX}PASS:KEY=VALUE")
+    pass_name, options = parse_sweep_cell(defense)
+    data = CELLS[pass_name].data if pass_name in CELLS else "none"
+    passes.create(pass_name, **options)  # an unknown pass or option fails here, before any work
+    return Cell(data, partial(passes.create, pass_name, **options), f"{pass_name} with {options}")
+
+
+@torch.no_grad()
+def noise_entropy(model: torch.nn.Module, shape: tuple[int, ...], count: int = 512, seed: int = 0) -> float:
+    """Mean prediction entropy (nats) on uniform noise in [0, 1), the input OTBR unlearns on (a
+    backdoored model tends to send noise to its target class)."""
+    x = torch.rand(count, *shape, generator=torch.Generator().manual_seed(seed))
+    p = model.eval()(x).softmax(1)
+    return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
+
+
 def default_cells() -> set[str]:
     """The grid's names of the default pipelines (ccpurify.passes.defaults.DEFAULTS)."""
     return {f"pipeline:{key(d.name, d.macs)}" for d in DEFAULTS.values()}
@@ -112,7 +167,7 @@ def recipe(pipeline: Pipeline) -> list[dict]:
 
 
 def run_cell(entry, defense: str, latency: bool) -> dict:
-    cell = CELLS[defense]
+    cell = cell_for(defense)
     context = context_for(entry, cell.data)
     pipeline = as_pipeline(cell.build())
     started = time.perf_counter()
@@ -134,6 +189,7 @@ def run_cell(entry, defense: str, latency: bool) -> dict:
         "macs_after": report.macs_after,
         "params_ratio": report.params_after / report.params_before,
         "macs_ratio": report.macs_after / report.macs_before,
+        "noise_entropy": noise_entropy(out, tuple(entry.example_inputs.shape[1:])),
         "passes": [
             {
                 "name": p.name,
@@ -186,14 +242,15 @@ def same_recipe(stored: list[dict], pipeline: Pipeline) -> bool:
 
 
 def is_stale(stored: dict | None, defense: str) -> bool:
-    return (
-        stored is None
-        or defense not in CELLS
-        or not same_recipe(stored.get("recipe", []), as_pipeline(CELLS[defense].build()))
-    )
+    try:
+        cell = cell_for(defense)
+    except (KeyError, ValueError):
+        return True
+    return stored is None or not same_recipe(stored.get("recipe", []), as_pipeline(cell.build()))
 
 
-def run(args) -> None:
+def run(args, tables: bool = True) -> dict:
+    """Run the cells ``args`` names (or the plan) that are missing or stale; returns the grid."""
     grid_file = RESULTS / "grid.json"
     grid = read_json(grid_file, EMPTY_GRID)
     entries = args.entries or zoo_entries(Path(args.zoo))
@@ -210,8 +267,10 @@ def run(args) -> None:
             baseline = {"dataset": entry.dataset, "attack": entry.attack, "test": s["test"], "val": s["val"]}
             grid = store_result(grid_file, EMPTY_GRID, "baselines", name, baseline)
         for defense in cells:
-            if defense not in CELLS:
-                raise SystemExit(f"unknown defense {defense!r}; known: {', '.join(CELLS)}")
+            try:
+                cell_for(defense)
+            except (KeyError, ValueError) as exc:
+                raise SystemExit(str(exc).strip('"')) from None
             if not args.redo and not is_stale(
                 read_json(grid_file, EMPTY_GRID)["cells"].get(f"{name}|{defense}"), defense
             ):
@@ -237,7 +296,9 @@ def run(args) -> None:
                 f"    CA {100 * t['ca']:.1f} ASR {asr} MACs x{result['macs_ratio']:.2f} ({result['wall_time_s']:.0f} s)",
                 flush=True,
             )
-    write_tables(grid)
+    if tables:
+        write_tables(grid)
+    return grid
 
 
 # ----------------------------------------------------------------------------------------- tables

@@ -3,11 +3,12 @@
     python -m benchmarks.sweep --pass otbr --param ratio --values 0.01 0.05 0.1 0.15 0.2
     python -m benchmarks.sweep --pass clp --param u --values 2 2.5 3 --entries cifar10-badnets
 
-For every value: validation metrics (training-split images; the basis of any choice), test metrics
-(reported only), MACs, wall time, and a data-free statistic: the mean prediction entropy of the
-defended model on uniform-noise images (a backdoored model tends to send noise to its target class).
-Writes results/sweep-<pass>-<param>.json and .md; the suggested default is the value with the best
-mean validation DER.
+Each value is a grid cell (``benchmarks.grid.sweep_cell``: ``sweep:otbr:ratio=0.05``), run and
+stored in ``results/grid.json`` by the grid's own harness, without latency. For every value:
+validation metrics (training-split images; the basis of any choice), test metrics (reported only),
+MACs, wall time, and a data-free statistic, the mean prediction entropy of the defended model on
+uniform-noise images. Writes results/sweep-<pass>-<param>.md; the suggested value is the one with
+the best mean validation DER. (Sweeps run before the grid held them are in results/sweep-*.json.)
 """
 
 from __future__ import annotations
@@ -16,27 +17,66 @@ import argparse
 import json
 import math
 import sys
-import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from benchmarks.common import RESULTS, ZOO, context_for, load_entry, read_json, score_pair, store_result
-from benchmarks.grid import CELLS
-from ccpurify import passes
+from benchmarks.common import RESULTS, ZOO, read_json
+from benchmarks.grid import EMPTY_GRID, run, sweep_cell
 from ccpurify.atomic import write_text
 from ccpurify.data import get_spec
 from ccpurify.provenance import git_commit, now
 from ccpurify.train import open_run
 
 
-@torch.no_grad()
-def noise_entropy(model: torch.nn.Module, shape: tuple[int, ...], count: int = 512, seed: int = 0) -> float:
-    """Mean prediction entropy (nats) on uniform noise in [0, 1), the input OTBR unlearns on."""
-    x = torch.rand(count, *shape, generator=torch.Generator().manual_seed(seed))
-    p = model.eval()(x).softmax(1)
-    return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
+def parse(value: str):
+    """A command-line value as JSON when it is JSON (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def table(pass_name: str, param: str, values: list, fixed: dict, entries: list[str], cells: dict, zoo: Path) -> str:
+    """The sweep's Markdown: one row per value, one column per entry (validation DER / test CA / test ASR)."""
+    classes = get_spec(open_run(zoo / entries[0]).config.dataset).num_classes
+    lines = [
+        f"# Sweep: `{pass_name}` {param} (fixed: {fixed or 'defaults'})",
+        "",
+        "Cells: validation DER / test CA / test ASR (%); H = mean prediction entropy on uniform noise "
+        f"(nats, max {math.log(classes):.2f}).",
+        "",
+        f"| {param} | " + " | ".join(entries) + " | mean val DER | mean test DER | mean H | MACs |",
+        "|---|" + "---|" * (len(entries) + 4),
+    ]
+    best, best_val = None, -1.0
+    for value in values:
+        name = sweep_cell(pass_name, {**fixed, param: value})
+        row = [cells.get(f"{e}|{name}") for e in entries]
+        done = [c for c in row if c is not None]
+        if not done:
+            continue
+        val = float(np.mean([c["val"]["der"] for c in done]))
+        if val > best_val:
+            best, best_val = value, val
+        lines.append(
+            f"| {value} | "
+            + " | ".join(
+                ""
+                if c is None
+                else f"{100 * c['val']['der']:.1f} / {100 * c['test']['ca']:.1f} / {100 * c['test']['asr']:.1f}"
+                for c in row
+            )
+            + f" | {100 * val:.1f} | {100 * np.mean([c['test']['der'] for c in done]):.1f} | "
+            f"{np.mean([c['noise_entropy'] for c in done]):.2f} | {np.mean([c['macs_ratio'] for c in done]):.2f} |"
+        )
+    lines += [
+        "",
+        f"Best mean validation DER: {param} = **{best}**. Generated {now()} at commit "
+        f"`{(git_commit() or 'unknown')[:10]}` by `python -m benchmarks.sweep --pass {pass_name} --param {param} ...`.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,93 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the Markdown from the stored results, run nothing"
     )
-    parser.add_argument(
-        "--defender-data",
-        choices=["none", "clean", "unlabeled", "unlabeled_ood"],
-        default=None,
-        help="what the defender holds (default: the data of the grid cell named after the pass: clean for rnp, unlabeled for bcu)",
-    )
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
     args = parser.parse_args(argv)
-
-    def parse(v: str):
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return v
-
     fixed = {k: parse(v) for k, _, v in (s.partition("=") for s in args.set)}
     values = [parse(v) for v in args.values]
-    out_file = RESULTS / f"sweep-{args.pass_name}-{args.param}.json"
-    results = read_json(out_file, {})
-    for name in [] if args.report_only else args.entries:
-        entry = load_entry(name, Path(args.zoo), args.data)
-        context = context_for(
-            entry, args.defender_data or (CELLS[args.pass_name].data if args.pass_name in CELLS else "none")
+    names = [sweep_cell(args.pass_name, {**fixed, args.param: v}) for v in values]
+    grid = read_json(RESULTS / "grid.json", EMPTY_GRID)
+    if not args.report_only:
+        cells = [f"{e}:{n}" for e in args.entries for n in names]
+        grid = run(
+            Namespace(
+                zoo=args.zoo, entries=None, defenses=None, cell=cells, redo=False, no_latency=True, data=args.data
+            ),
+            tables=False,
         )
-        for value in values:
-            key = f"{name}|{json.dumps(fixed, sort_keys=True)}|{value}"
-            if key in results:
-                continue
-            started = time.perf_counter()
-            out, report = passes.create(args.pass_name, **fixed, **{args.param: value})(entry.model, context)
-            wall = time.perf_counter() - started
-            results[key] = {
-                "entry": name,
-                "value": value,
-                "fixed": fixed,
-                "wall_time_s": wall,
-                "macs_ratio": report.macs_ratio,
-                "noise_entropy": noise_entropy(out, tuple(entry.example_inputs.shape[1:])),
-                "noise_entropy_before": noise_entropy(entry.model, tuple(entry.example_inputs.shape[1:])),
-                **score_pair(entry, entry.model, out),
-            }
-            results = store_result(out_file, {}, None, key, results[key])  # locked: sweeps may run side by side
-            r = results[key]
-            print(
-                f"{name} {args.param}={value}: val DER {r['val']['der']:.3f} (CA {r['val']['ca']:.3f} ASR {r['val']['asr']:.3f}) "
-                f"test CA {r['test']['ca']:.3f} ASR {r['test']['asr']:.3f} entropy {r['noise_entropy']:.2f} ({wall:.0f} s)",
-                flush=True,
-            )
-    rows = [r for r in results.values() if r["fixed"] == fixed]
-    entries = sorted({r["entry"] for r in rows})
-    lines = [
-        f"# Sweep: `{args.pass_name}` {args.param} (fixed: {fixed or 'defaults'})",
-        "",
-        "Cells: validation DER / test CA / test ASR (%); H = mean prediction entropy on uniform noise "
-        f"(nats, max {math.log(get_spec(open_run(Path(args.zoo) / entries[0]).config.dataset).num_classes):.2f}).",
-        "",
-        f"| {args.param} | " + " | ".join(entries) + " | mean val DER | mean test DER | mean H | MACs |",
-        "|---|" + "---|" * (len(entries) + 4),
-    ]
-    best, best_val = None, -1.0
-    for value in values:
-        cells = [next((r for r in rows if r["entry"] == e and r["value"] == value), None) for e in entries]
-        done = [c for c in cells if c is not None]
-        if not done:
-            continue
-        val = float(np.mean([c["val"]["der"] for c in done]))
-        if val > best_val:
-            best, best_val = value, val
-        lines.append(
-            f"| {value} | "
-            + " | ".join(
-                ""
-                if c is None
-                else f"{100 * c['val']['der']:.1f} / {100 * c['test']['ca']:.1f} / {100 * c['test']['asr']:.1f}"
-                for c in cells
-            )
-            + f" | {100 * val:.1f} | {100 * np.mean([c['test']['der'] for c in done]):.1f} | "
-            f"{np.mean([c['noise_entropy'] for c in done]):.2f} | {np.mean([c['macs_ratio'] for c in done]):.2f} |"
-        )
-    lines += [
-        "",
-        f"Best mean validation DER: {args.param} = **{best}**. Generated {now()} at commit "
-        f"`{(git_commit() or 'unknown')[:10]}` by `python -m benchmarks.sweep --pass {args.pass_name} --param {args.param} ...`.",
-    ]
     suffix = "" if not fixed else "-" + "-".join(f"{k}{v}" for k, v in sorted(fixed.items()))
-    write_text(RESULTS / f"sweep-{args.pass_name}-{args.param}{suffix}.md", "\n".join(lines) + "\n")
+    text = table(args.pass_name, args.param, values, fixed, args.entries, grid["cells"], Path(args.zoo))
+    write_text(RESULTS / f"sweep-{args.pass_name}-{args.param}{suffix}.md", text)
     return 0
 
 

@@ -141,3 +141,30 @@ def test_the_baseline_cache_key_follows_the_weights_not_the_object():
     with torch.no_grad():
         b.linear.bias.add_(1e-3)
     assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_a_sweep_point_is_a_grid_cell_with_the_named_pass_s_data(ci_run, data_dir, monkeypatch, tmp_path):
+    """``sweep:PASS:KEY=VALUE`` names a cell that builds the pass by name with those options, on the
+    defender data of the cell named PASS; it runs and is scored by the grid's harness, and a stored
+    point is stale once its options differ."""
+    from benchmarks import common
+    from benchmarks.grid import cell_for, is_stale, parse_sweep_cell, run_cell, sweep_cell
+
+    name = sweep_cell("rnp", {"prune_fraction": 0.1, "mode": "faithful"})
+    assert name == 'sweep:rnp:mode="faithful";prune_fraction=0.1'
+    assert parse_sweep_cell(name) == ("rnp", {"mode": "faithful", "prune_fraction": 0.1})
+    cell = cell_for(name)
+    rnp = cell.build()
+    assert cell.data == "clean" and rnp.prune_fraction == 0.1 and rnp.mode.value == "faithful"
+    with pytest.raises(ValueError, match="no_such_option"):
+        cell_for("sweep:clp:no_such_option=1")
+    with pytest.raises(KeyError):
+        cell_for("sweep:no-such-pass:u=1")
+
+    monkeypatch.setattr(common, "CACHE", tmp_path)
+    entry = common.load_entry(ci_run.run_dir.name, ci_run.run_dir.parent, str(data_dir))
+    point = sweep_cell("clp", {"u": 2.5})
+    result = run_cell(entry, point, latency=False)
+    assert result["recipe"][0]["config"]["u"] == 2.5 and result["val"]["der"] is not None
+    assert 0 <= result["noise_entropy"] <= 2.31  # at most log(10) nats
+    assert not is_stale(result, point) and is_stale(result, sweep_cell("clp", {"u": 3.0}))
