@@ -208,6 +208,7 @@ def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
                 epochs=2,
                 batch_size=16,
                 guard=True,
+                guard_scope="target",
             ),
         ]
     )
@@ -216,6 +217,8 @@ def test_recover_from_the_input_model_keeps_what_the_defense_silenced(ci_run):
     details = report.passes[1].details
     assert details.teacher == "input" and details.frozen_silenced_channels > 0
     assert details.distill.guard_vetoed_fraction is not None  # CLP's output guarded the suspect teacher
+    # the guard's scope: the class the suspect alone sends images to, counted on 4 views of the 32 images
+    assert len(details.suspected_target["counts"]) == 10 and details.suspected_target["disagreements"] <= 128
     assert "recover" in report.budget() and "(32 synthetic images, 64 sample-steps)" in report.budget()
     for name, module in out.named_modules():
         if name in silenced and silenced[name].any():
@@ -269,6 +272,48 @@ def test_a_guard_that_skips_vetoed_images_teaches_nothing_on_them():
     assert agreement(replaced, guard, images) > agreement(skipped, guard, images)
     with pytest.raises(ValueError, match="vetoed"):
         distill(skipped, teacher, images, vetoed="drop")
+
+
+def test_the_suspected_target_is_the_class_the_suspect_alone_sends_images_to():
+    """Given a guard that never predicts class c, every disagreement is an image the suspect sends
+    to c: that is the suspected target. A guard that disagrees evenly names no class."""
+    from ccpurify.distill import suspected_target
+
+    teacher = two_bn_net()
+    images = torch.randn(256, 3, 8, 8)
+    with torch.no_grad():
+        predicted = teacher.eval()(images).argmax(1)
+    c = int(predicted.mode().values)
+    never_c = copy.deepcopy(teacher)
+    with torch.no_grad():
+        never_c[8].bias[c] -= 100.0
+    target, seen = suspected_target(teacher, never_c, images, num_classes=3)
+    assert target == c and seen["share"] == 1.0 and seen["disagreements"] == int((predicted == c).sum()) > 0
+
+    class Shifted(nn.Module):  # predicts the teacher's class + 1: disagrees everywhere, evenly
+        def forward(self, x):
+            return teacher(x).roll(1, dims=1)
+
+    target, seen = suspected_target(teacher, Shifted(), images, num_classes=3)
+    assert seen["disagreements"] == len(images) and (target is None) == (seen["share"] < 2 / 3)
+
+
+def test_a_guard_scoped_to_one_class_overrules_the_teacher_only_there():
+    from ccpurify.distill import distill
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))  # classes vary with the image
+    images = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        teacher[2].bias.zero_()
+    always_two = copy.deepcopy(teacher)
+    with torch.no_grad():
+        always_two[2].bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
+        predicted = teacher.eval()(images).argmax(1)
+    c = int(predicted[predicted != 2].mode().values)
+    assert 0 < int((predicted == c).sum()) < int((predicted != 2).sum())  # the guard also disagrees elsewhere
+    log = distill(copy.deepcopy(teacher), teacher, images, epochs=1, lr=0.0, guard=always_two, veto_class=c)
+    assert log.guard_vetoed_fraction == pytest.approx(float((predicted == c).float().mean()))
 
 
 def test_feature_hints_ignore_images_of_weight_zero():

@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict] = {
     "skip-vetoed-b40k": {"guard_vetoed": "skip", "budget": 40960},
     "pool1024x10-b40k": {"synthetic_images": 1024, "synthetic_steps": 10, "budget": 40960},
     "skip-pool1024x10-b40k": {"guard_vetoed": "skip", "synthetic_images": 1024, "synthetic_steps": 10, "budget": 40960},
+    "target-scope": {"guard_scope": "target"},
+    "target-scope-skip": {"guard_scope": "target", "guard_vetoed": "skip"},
+    "target-scope-b40k": {"guard_scope": "target", "budget": 40960},
 }
 
 
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 **score(entry, recovered),
                 "seconds": round(time.perf_counter() - started, 1),
                 "vetoed": report.details.distill.guard_vetoed_fraction,
+                "suspected_target": report.details.suspected_target,
             }
             print(key, variant, row[variant], flush=True)
             out.write_text(json.dumps(rows, indent=1))

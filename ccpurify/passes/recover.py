@@ -32,6 +32,7 @@ from ccpurify.distill import (
     distill,
     epochs_for_budget,
     recalibrate_bn,
+    suspected_target,
 )
 from ccpurify.errors import InvalidInputError
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
@@ -69,6 +70,7 @@ class RecoverDetails(PassDetails):
     bn_anchored: bool
     distill: DistillLog
     frozen_silenced_channels: int
+    suspected_target: dict | None = None  # guard_scope="target": distill.suspected_target's class and counts
     feature_layers: int | None = None  # BN layers matched by feature hints (None: no hints)
     bn_layers: int | None = None
 
@@ -118,6 +120,10 @@ class Recover(Pass):
     # Where the guard overrules the teacher: "guard" distills the guard's output on that image,
     # "skip" leaves the image out (distill's ``vetoed``).
     guard_vetoed: str = "guard"
+    # "all": the guard overrules the teacher wherever they disagree; "target": only where the teacher
+    # predicts the suspected backdoor target (distill.suspected_target, found on the recovery
+    # images), so the suspect's clean knowledge passes on where the guard is merely less accurate.
+    guard_scope: str = "all"
     # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
     # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
     synthetic_class_weight: float = 0.0
@@ -136,6 +142,8 @@ class Recover(Pass):
             raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
         if self.guard_vetoed not in ("guard", "skip"):
             raise InvalidInputError(f"guard_vetoed must be 'guard' or 'skip', got {self.guard_vetoed!r}")
+        if self.guard_scope not in ("all", "target"):
+            raise InvalidInputError(f"guard_scope must be 'all' or 'target', got {self.guard_scope!r}")
 
     def config(self) -> dict:
         d = super().config()
@@ -194,6 +202,15 @@ class Recover(Pass):
         # Images are made from the guard when there is one: its class term cannot aim them at a trigger.
         source, images, labels = self._data(teacher if guard is None else guard, context)
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
+        target, suspicion = None, None
+        if guard is not None and self.guard_scope == "target":
+            num_classes = context.num_classes or int(teacher(context.example_inputs.to(context.device)).shape[1])
+            views = (
+                images
+                if augment is None
+                else torch.cat([images, *(augment(images, context.generator(13)) for _ in range(3))])
+            )
+            target, suspicion = suspected_target(teacher, guard, views, num_classes)
         needs_correspondence = self.feature_weight > 0 or (self.recalibrate and self.anchor_bn)
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
         correspondence = (
@@ -222,6 +239,7 @@ class Recover(Pass):
                 augment=augment,
                 guard=guard,
                 vetoed=self.guard_vetoed,
+                veto_class=target,
                 generator=context.generator(7),
                 device=context.device,
                 progress=context.progress,
@@ -239,6 +257,7 @@ class Recover(Pass):
             bn_anchored=self.recalibrate and self.anchor_bn,
             distill=log,
             frozen_silenced_channels=frozen,
+            suspected_target=suspicion,
             feature_layers=len(hints.layers) if hints is not None else None,
             bn_layers=len(bn_layers(student)) if hints is not None else None,
         )
