@@ -53,7 +53,16 @@ from benchmarks.common import (
 from ccpurify import passes
 from ccpurify.atomic import write_json, write_text
 from ccpurify.passes import BCU, CLP, OTBR, PASSES, RNP, CleanCompact, Pass, Pipeline, Prune
-from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, LATENCY_GOAL, MACS_GOAL, MACS_TARGETS, key, ranked_rnp
+from ccpurify.passes.defaults import (
+    CANDIDATES,
+    DEFAULTS,
+    FIXED_BUDGET,
+    LATENCY_GOAL,
+    MACS_GOAL,
+    MACS_TARGETS,
+    key,
+    ranked_rnp,
+)
 from ccpurify.provenance import PROTOCOL_VERSION, git_commit, machine, now, versions
 
 ATTACK_ORDER = ["badnets", "blended", "wanet", "sig", "lf", "input_aware", "clean"]
@@ -390,7 +399,8 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
                 "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL,
             }
         eligible = [c for c in rows if rows[c]["eligible"]]
-        chosen = max(eligible, key=lambda c: rows[c]["mean_der_val"]) if eligible else None
+        # the best validation DER; a tie goes to a candidate whose cost does not grow with the data
+        chosen = max(eligible, key=lambda c: (rows[c]["mean_der_val"], c.split("@")[0] in FIXED_BUDGET), default=None)
         not_run = [c for c in planned if c not in names]
         current = key(DEFAULTS[kind].name, DEFAULTS[kind].macs)
         out[kind] = {

@@ -168,3 +168,27 @@ def test_a_sweep_point_is_a_grid_cell_with_the_named_pass_s_data(ci_run, data_di
     assert result["recipe"][0]["config"]["u"] == 2.5 and result["val"]["der"] is not None
     assert 0 <= result["noise_entropy"] <= 2.31  # at most log(10) nats
     assert not is_stale(result, point) and is_stale(result, sweep_cell("clp", {"u": 3.0}))
+
+
+def test_the_default_is_the_best_eligible_validation_der_and_a_tie_goes_to_a_fixed_budget_candidate():
+    from benchmarks.grid import select_defaults
+
+    def cell(der, macs=0.5, latency=0.7):
+        scores = {"ca_before": 0.9, "ca": 0.8, "asr_before": 0.9, "asr": 0.05, "der": der}
+        return {"test": scores, "val": scores, "macs_ratio": macs, "latency": {"latency_ratio_bs1_t1": latency}}
+
+    baselines = {n: {"dataset": "cifar10", "attack": n.split("-")[1]} for n in ("c-badnets", "c-wanet")}
+    plain, budget, other = (
+        "rnp-ranked+prune+recover@0.5",
+        "rnp-ranked+prune+recover-budget@0.5",
+        "rnp+prune+recover@0.5",
+    )
+    cells = {}
+    for n in baselines:
+        cells[f"{n}|pipeline:{plain}"] = cell(0.88)
+        cells[f"{n}|pipeline:{budget}"] = cell(0.88)  # the same runs on the grid's data
+        cells[f"{n}|pipeline:{other}"] = cell(0.95, latency=0.9)  # better, but not faster enough
+    chosen = select_defaults(cells, baselines)["clean"]
+    assert chosen["chosen"] == budget and not chosen["candidates"][other]["eligible"]
+    cells["c-wanet|pipeline:" + plain] = cell(0.9)
+    assert select_defaults(cells, baselines)["clean"]["chosen"] == plain  # a real difference still wins
