@@ -178,7 +178,7 @@ class Default:
 # Chosen from the grid (see the module docstring); data-free is also what the demo runs.
 DEFAULTS = {
     "none": Default("otbr-compact+prune-comp+recover-guarded", 0.75),
-    "clean": Default("rnp-ranked+prune+recover", 0.5),
+    "clean": Default("rnp-ranked+prune+recover-budget", 0.5),
     "unlabeled": Default("bcu-compact", 0.5),
 }
 
