@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--macs", type=float, default=DEFAULTS["none"].macs)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--prune-first",
+        action="store_true",
+        help="prune (compensated) the suspect first, then OTBR on the pruned model",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = RESULTS / "experiments" / "datafree_default.json"
@@ -55,17 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.entries:
         entry = load_entry(name)
         context = context_for(entry, "none")
-        defended, _ = OTBR(compact=True)(entry.model, context)
-        pruned, _ = compensated_prune(args.macs)(defended, context)
+        if args.prune_first:  # the student is OTBR's output on the pruned suspect, which also guards
+            pruned, _ = compensated_prune(args.macs)(entry.model, context)
+            defended, _ = OTBR(compact=True)(pruned, context)
+            stages = {"pruned": pruned, "otbr": defended}
+            student = defended
+        else:
+            defended, _ = OTBR(compact=True)(entry.model, context)
+            pruned, _ = compensated_prune(args.macs)(defended, context)
+            stages = {"otbr": defended, "pruned": pruned}
+            student = pruned
         context.pipeline_input, context.teacher = entry.model, defended  # what Pipeline sets for Recover
-        key = f"{name}@{args.macs:g}"
+        key = f"{name}@{args.macs:g}" + ("-prune-first" if args.prune_first else "")
         row = rows.setdefault(key, {})
-        row.update(suspect=score(entry, entry.model), otbr=score(entry, defended), pruned=score(entry, pruned))
-        print(key, {k: row[k] for k in ("suspect", "otbr", "pruned")}, flush=True)
+        row.update(suspect=score(entry, entry.model), **{k: score(entry, m) for k, m in stages.items()})
+        print(key, {k: row[k] for k in ("suspect", *stages)}, flush=True)
         for variant in args.variants:
             recover = dataclasses.replace(guarded_recover(), **VARIANTS[variant])
             started = time.perf_counter()
-            recovered, report = recover(copy.deepcopy(pruned), context)
+            recovered, report = recover(copy.deepcopy(student), context)
             row[variant] = {
                 **score(entry, recovered),
                 "seconds": round(time.perf_counter() - started, 1),
