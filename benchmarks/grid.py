@@ -264,8 +264,20 @@ def run(args, tables: bool = True) -> dict:
     grid = read_json(grid_file, EMPTY_GRID)
     entries = args.entries or zoo_entries(Path(args.zoo))
     todo = [(e, d) for e in entries for d in args.defenses] if args.defenses else planned_cells(entries)
-    if args.cell:
+    if args.cell is not None:
+        if not args.cell:
+            raise SystemExit("no cells given: name them as ENTRY:DEFENSE")
+        if bad := [c for c in args.cell if ":" not in c]:
+            raise SystemExit(f"a cell is ENTRY:DEFENSE, got {bad[0]!r}")
         todo = [tuple(c.split(":", 1)) for c in args.cell]
+    known = set(zoo_entries(Path(args.zoo)))
+    for entry_name, defense in todo:  # every cell is checked before any work
+        if entry_name not in known:
+            raise SystemExit(f"no zoo entry {entry_name!r} in {args.zoo}; known: {', '.join(sorted(known))}")
+        try:
+            cell_for(defense)
+        except (KeyError, ValueError) as exc:
+            raise SystemExit(str(exc).strip('"')) from None
     for name in dict.fromkeys(e for e, _ in todo):
         cells = [d for e, d in todo if e == name and (args.redo or is_stale(grid["cells"].get(f"{e}|{d}"), d))]
         if not cells and name in grid["baselines"]:
@@ -276,10 +288,6 @@ def run(args, tables: bool = True) -> dict:
             baseline = {"dataset": entry.dataset, "attack": entry.attack, "test": s["test"], "val": s["val"]}
             grid = store_result(grid_file, EMPTY_GRID, "baselines", name, baseline)
         for defense in cells:
-            try:
-                cell_for(defense)
-            except (KeyError, ValueError) as exc:
-                raise SystemExit(str(exc).strip('"')) from None
             if not args.redo and not is_stale(
                 read_json(grid_file, EMPTY_GRID)["cells"].get(f"{name}|{defense}"), defense
             ):

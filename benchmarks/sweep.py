@@ -81,17 +81,24 @@ def table(pass_name: str, param: str, values: list, fixed: dict, entries: list[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pass", dest="pass_name", required=True)
-    parser.add_argument("--param", required=True)
+    parser.add_argument("--pass", dest="pass_name", required=True, help="the pass to sweep, by name (e.g. otbr)")
+    parser.add_argument("--param", required=True, help="the option of the pass that varies (e.g. ratio)")
     parser.add_argument("--values", nargs="+", required=True, help="values (parsed as JSON when possible)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed options of the pass")
-    parser.add_argument("--entries", nargs="*", default=["cifar10-badnets", "cifar10-blended", "cifar10-wanet"])
+    parser.add_argument(
+        "--entries",
+        nargs="+",
+        default=["cifar10-badnets", "cifar10-blended", "cifar10-wanet"],
+        help="zoo entries to sweep on (default: the three the defaults are chosen on)",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the Markdown from the stored results, run nothing"
     )
-    parser.add_argument("--zoo", default=str(ZOO))
-    parser.add_argument("--data", default=None)
+    parser.add_argument("--zoo", default=str(ZOO), help="zoo folder (default: benchmarks/zoo)")
+    parser.add_argument("--data", default=None, help="dataset location (default: $CCPURIFY_DATA, then ../shared/data)")
     args = parser.parse_args(argv)
+    if bad := [s for s in args.set if "=" not in s]:
+        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
     fixed = {k: parse(v) for k, _, v in (s.partition("=") for s in args.set)}
     values = [parse(v) for v in args.values]
     names = [sweep_cell(args.pass_name, {**fixed, args.param: v}) for v in values]

@@ -217,6 +217,30 @@ class FeatureHints:
         self._seen.clear()
 
 
+def _check_guard_options(guard: nn.Module | None, vetoed: str, veto_class: int | None) -> None:
+    if vetoed not in ("guard", "skip"):
+        raise ValueError(f"vetoed must be 'guard' or 'skip', got {vetoed!r}")
+    if veto_class is not None:
+        if guard is None:
+            raise ValueError("veto_class scopes a guard: pass guard= too")
+        if isinstance(veto_class, bool) or not isinstance(veto_class, int) or veto_class < 0:
+            raise ValueError(f"veto_class must be a class index (an int >= 0), got {veto_class!r}")
+
+
+def _guarded_targets(
+    teacher_logits: torch.Tensor, guard_logits: torch.Tensor, veto_class: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distillation targets under a guard (the guard's logits where it overrules the teacher)
+    and each image's weight: 1 where the teacher's target stands, 0 where the guard overruled it."""
+    predicted = teacher_logits.argmax(1)
+    agree = predicted == guard_logits.argmax(1)
+    if veto_class is not None:
+        if veto_class >= teacher_logits.shape[1]:
+            raise ValueError(f"veto_class {veto_class} is not a class of a {teacher_logits.shape[1]}-class model")
+        agree |= predicted != veto_class
+    return torch.where(agree[:, None], teacher_logits, guard_logits), agree.to(teacher_logits.dtype)
+
+
 @dataclass
 class DistillLog:
     """What ``distill`` did: epochs over how many images, the mean loss of each epoch, and with a
@@ -279,8 +303,7 @@ def distill(
     teacher only where the teacher predicts that class (the suspected backdoor target,
     ``suspected_target``): elsewhere the teacher's clean knowledge passes on even where the guard,
     which lost accuracy to the defense, disagrees."""
-    if vetoed not in ("guard", "skip"):
-        raise ValueError(f"vetoed must be 'guard' or 'skip', got {vetoed!r}")
+    _check_guard_options(guard, vetoed, veto_class)
     teacher.eval()
     if guard is not None:
         guard.eval()
@@ -307,13 +330,8 @@ def distill(
                 t = teacher(x)
                 weights = None
                 if guard is not None:
-                    g = guard(x)
-                    agree = t.argmax(1) == g.argmax(1)
-                    if veto_class is not None:
-                        agree |= t.argmax(1) != veto_class
-                    t = torch.where(agree[:, None], t, g)
-                    weights = agree.to(t.dtype)
-                    overruled += int((~agree).sum())
+                    t, weights = _guarded_targets(t, guard(x), veto_class)
+                    overruled += int((weights == 0).sum())
                     seen += len(x)
             s = student(x)
             if weights is not None and vetoed == "skip":
@@ -348,11 +366,18 @@ def suspected_target(
     above its share (on the zoo's CIFAR-10 BadNets, Blended and WaNet models after OTBR: 85%, 81%
     and 36% of the disagreements, the true target each time). None when no class reaches twice
     the uniform share (then every disagreement should be vetoed). Returns the class and the counts."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     counts = torch.zeros(num_classes, dtype=torch.long)
     teacher.eval(), guard.eval()
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(next(teacher.parameters()).device)
-        t, g = teacher(x).argmax(1), guard(x).argmax(1)
+        logits = teacher(x)
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"num_classes is {num_classes} but the model has {logits.shape[1]} outputs")
+        t, g = logits.argmax(1), guard(x).argmax(1)
         counts += torch.bincount(t[t != g].cpu(), minlength=num_classes)[:num_classes]
     total = int(counts.sum())
     top = int(counts.argmax())

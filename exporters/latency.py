@@ -188,7 +188,10 @@ class BenchReport:
             for t in self.timings:
                 if t.model != m.name:
                     continue
-                ref = self.timing(base.name, t.engine, t.batch, t.threads)
+                try:
+                    ref = self.timing(base.name, t.engine, t.batch, t.threads)
+                except KeyError:  # e.g. a PyTorch timing of a model whose baseline was timed in ONNX only
+                    continue
                 out.append(
                     {
                         "model": m.name,
@@ -218,6 +221,12 @@ class BenchReport:
             )
         if not data["models"] or not data["timings"]:
             raise InvalidInputError("the benchmark report holds no models or no timings")
+        overhead = data["environment"].get("call_overhead_ms")
+        if overhead is not None and not (
+            isinstance(overhead, dict)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in overhead.values())
+        ):
+            raise InvalidInputError("the benchmark report's call_overhead_ms is not a map of numbers")
         try:
             config = BenchConfig(**{k: _tuples(v) for k, v in data["config"].items()})
             return cls(
@@ -410,9 +419,14 @@ def _bound_run(session, x: np.ndarray):
     binding.bind_cpu_input(session.get_inputs()[0].name, x)
     outputs = session.run(None, {session.get_inputs()[0].name: x})
     buffers = [np.empty_like(o) for o in outputs]
-    for meta, buffer in zip(session.get_outputs(), buffers):
-        binding.bind_ortvalue_output(meta.name, ort.OrtValue.ortvalue_from_numpy(buffer))
-    return lambda: session.run_with_iobinding(binding)
+    values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+    for meta, value in zip(session.get_outputs(), values):
+        binding.bind_ortvalue_output(meta.name, value)
+
+    def run(keep=(x, buffers, values)) -> None:  # older onnxruntime keeps no reference: the call does
+        session.run_with_iobinding(binding)
+
+    return run
 
 
 def _copy_graph(shape: tuple[int, ...]) -> bytes | None:

@@ -314,6 +314,26 @@ def test_a_guard_scoped_to_one_class_overrules_the_teacher_only_there():
     assert 0 < int((predicted == c).sum()) < int((predicted != 2).sum())  # the guard also disagrees elsewhere
     log = distill(copy.deepcopy(teacher), teacher, images, epochs=1, lr=0.0, guard=always_two, veto_class=c)
     assert log.guard_vetoed_fraction == pytest.approx(float((predicted == c).float().mean()))
+    for bad in (3, -1, 2.5, True, "1"):  # a class the model does not have would silently veto nothing
+        with pytest.raises(ValueError, match="veto_class"):
+            distill(copy.deepcopy(teacher), teacher, images, epochs=1, guard=always_two, veto_class=bad)
+    with pytest.raises(ValueError, match="guard"):
+        distill(copy.deepcopy(teacher), teacher, images, epochs=1, veto_class=c)
+
+
+def test_guard_options_are_refused_where_they_cannot_apply():
+    from ccpurify.distill import suspected_target
+    from ccpurify.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="teacher_from='input'"):
+        Recover(guard=True)
+    with pytest.raises(InvalidInputError, match="need guard=True"):
+        Recover(guard_scope="target")
+    teacher = two_bn_net()
+    with pytest.raises(ValueError, match="3 outputs"):  # fewer classes than the model has would drop counts
+        suspected_target(teacher, teacher, torch.randn(4, 3, 8, 8), num_classes=10)
+    with pytest.raises(ValueError, match="num_classes"):
+        suspected_target(teacher, teacher, torch.randn(4, 3, 8, 8), num_classes=0)
 
 
 def test_feature_hints_ignore_images_of_weight_zero():

@@ -350,3 +350,28 @@ def test_a_static_export_passes_the_mobile_check_and_converts_to_ort_format(tmp_
     assert (
         np.abs(run_onnx(ort_file, x) - run_onnx(static.path, x)).max() <= 1e-4
     )  # onnxruntime runs the .ort file alike
+
+
+def test_a_report_with_a_malformed_call_overhead_is_refused_in_one_line():
+    from exporters.latency import BenchReport
+
+    timing = {
+        "model": "a",
+        "engine": "onnxruntime",
+        "batch": 1,
+        "threads": 1,
+        "runs": 50,
+        "median_ms": 1.0,
+        "p90_ms": 1.0,
+        "mean_ms": 1.0,
+        "cv": 0.0,
+        "min_ms": 1.0,
+        "round_medians_ms": [1.0],
+    }
+    model = {"name": "a", "onnx_path": "a.onnx", "file_bytes": 1, "params": None, "macs": None}
+    for overhead in ({"1x1": "0.1"}, [0.1]):
+        data = {"config": {}, "environment": {"call_overhead_ms": overhead}, "models": [model], "timings": [timing]}
+        with pytest.raises(ValueError, match="call_overhead_ms"):
+            BenchReport.from_dict(data)
+    good = {"config": {}, "environment": {"call_overhead_ms": {"1x1": 0.1}}, "models": [model], "timings": [timing]}
+    assert BenchReport.from_dict(good).call_overhead_ms("onnxruntime", 1, 1) == 0.1

@@ -192,3 +192,20 @@ def test_the_default_is_the_best_eligible_validation_der_and_a_tie_goes_to_a_fix
     assert chosen["chosen"] == budget and not chosen["candidates"][other]["eligible"]
     cells["c-wanet|pipeline:" + plain] = cell(0.9)
     assert select_defaults(cells, baselines)["clean"]["chosen"] == plain  # a real difference still wins
+
+
+def test_bad_cells_are_refused_in_one_line_before_any_model_is_loaded(monkeypatch):
+    from benchmarks import grid
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cells were checked")
+
+    monkeypatch.setattr(grid, "load_entry", no_work)
+    for cell, message in (
+        ("cifar10-badnets:sweep:clp:no_such_option=1", "no_such_option"),
+        ("cifar10-badnets:no-such-defense", "unknown defense"),
+        ("no-such-entry:clp", "no zoo entry"),
+        ("cifar10-badnets", "ENTRY:DEFENSE"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            grid.main(["--cell", cell, "--no-latency"])

@@ -221,3 +221,32 @@ def test_every_pass_reports_typed_details_that_serialise_to_json(ci_run, data_di
     assert all(trained[n] is None for n in ("clp", "otbr", "prune", "factorize", "cc"))
     _, recovered = Pipeline([CLP(), Recover(data="clean", epochs=1)])(ci_run.model, context)
     assert recovered.passes[1].details.training().images == 64 and "64 labelled images" in recovered.budget()
+
+
+def test_a_custom_pass_must_report_typed_details():
+    from ccpurify.passes import Pass, PassDetails, PassResult
+
+    class Untyped(Pass):
+        name = "untyped"
+
+        def run(self, model, context):
+            return PassResult(model, {"reached": False})
+
+    class Typed(Pass):
+        name = "typed"
+
+        def run(self, model, context):
+            return PassResult(model, PassDetails())
+
+    model = build("preact_resnet18")
+    with pytest.raises(TypeError, match="PassDetails"):
+        Untyped()(model)
+    assert Typed()(model)[1].to_dict()["details"] == {}
+
+
+def test_cc_says_when_its_macs_target_is_out_of_reach():
+    from ccpurify.passes import CleanCompact
+
+    model = build("preact_resnet18")
+    assert CleanCompact(macs=0.01)(model)[1].details.target_reached() is False
+    assert CleanCompact(macs=0.9)(model)[1].details.target_reached() is True

@@ -153,6 +153,11 @@ class Pass(ABC):
         started = time.perf_counter()
         result = self.run(work, context)
         wall = time.perf_counter() - started
+        if not isinstance(result.details, PassDetails):
+            raise TypeError(
+                f"pass {self.name!r} returned details of type {type(result.details).__name__}; "
+                "return a PassDetails dataclass (subclass it with the pass's own fields)"
+            )
         out = result.model.eval()
         _check_finite(out, self.name)
         if result.edits:
@@ -213,6 +218,8 @@ def _jsonable(value: Any) -> Any:
         return value.value  # enums
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy and torch scalars
+        return value.item()
     return repr(value)
 
 

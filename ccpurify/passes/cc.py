@@ -75,10 +75,14 @@ class CleanCompactDetails(PassDetails):
     layers: dict[str, dict]
     factorized: int
     sensitive_ranks: int
+    reached: bool | None = None  # whether the MACs target was reached (None without one)
     recover: PassDetails | None = None  # ccpurify.passes.recover.RecoverDetails
 
     def training(self) -> Training | None:
         return self.recover.training() if self.recover is not None else None
+
+    def target_reached(self) -> bool | None:
+        return self.reached
 
 
 @register_pass
@@ -130,7 +134,7 @@ class CleanCompact(Pass):
                 "full_rank": len(s),
                 "energy_kept": float((purified[name] ** 2).sum() / (s**2).sum()),
             }
-        ranks = self._ranks(model, context, geometries, purified)
+        ranks, reached = self._ranks(model, context, geometries, purified)
         teacher = None
         if self.recover:
             import copy
@@ -162,6 +166,7 @@ class CleanCompact(Pass):
             layers=per_layer,
             factorized=len(edits_layers),
             sensitive_ranks=sum(v["sensitive_ranks"] for v in per_layer.values()),
+            reached=reached,
         )
         if teacher is not None:
             from ccpurify.passes.recover import recover_data_free
@@ -170,9 +175,10 @@ class CleanCompact(Pass):
         edits = [{"op": "factorize", "layers": edits_layers}] if edits_layers else []
         return PassResult(model, details, edits)
 
-    def _ranks(self, model, context, geometries, spectra) -> dict[str, tuple[int, ...]]:
+    def _ranks(self, model, context, geometries, spectra) -> tuple[dict[str, tuple[int, ...]], bool | None]:
+        """The rank of each layer to factorize, and whether the MACs target was reached (None without one)."""
         if self.macs is None and self.energy is None:
-            return {}
+            return {}, None
         if self.energy is not None:
             return plan_ranks(
                 geometries,
@@ -181,10 +187,9 @@ class CleanCompact(Pass):
                 spectra=spectra,
                 only_if_cheaper=self.only_if_cheaper,
                 round_to=self.round_to,
-            ).ranks
-        return plan_for_macs(
-            model, context, geometries, Method.SVD, self.macs, self.allocation, spectra, self.round_to
-        ).ranks
+            ).ranks, None
+        plan = plan_for_macs(model, context, geometries, Method.SVD, self.macs, self.allocation, spectra, self.round_to)
+        return plan.ranks, plan.reached
 
 
 def _set_dense(layer: nn.Module, factors: lowrank.LowRank) -> None:

@@ -144,6 +144,12 @@ class Recover(Pass):
             raise InvalidInputError(f"guard_vetoed must be 'guard' or 'skip', got {self.guard_vetoed!r}")
         if self.guard_scope not in ("all", "target"):
             raise InvalidInputError(f"guard_scope must be 'all' or 'target', got {self.guard_scope!r}")
+        if self.guard and self.teacher_from is not TeacherSource.INPUT:
+            raise InvalidInputError(
+                "Recover(guard=True) guards the suspect: it needs teacher_from='input' (and a defense earlier in the Pipeline)"
+            )
+        if not self.guard and (self.guard_scope != "all" or self.guard_vetoed != "guard"):
+            raise InvalidInputError("guard_scope and guard_vetoed shape the guard: they need guard=True")
 
     def config(self) -> dict:
         d = super().config()
