@@ -87,28 +87,55 @@ def full_tables(summary: dict | None) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def results_section(summary: dict | None) -> str:
+def limit_line(cells: dict) -> str | None:
+    """The limit row in one sentence: the data-free default's compression fine-tuned on every labelled
+    training image (``python -m benchmarks.limit``), per model measured."""
+    if not cells:
+        return None
+    parts = []
+    for key, c in sorted(cells.items()):
+        name, _, epochs = key.split("|")
+        parts.append(
+            f"{name} {100 * c['ca_before']:.1f} → {100 * c['ca']:.1f}% at {c['macs_ratio']:.2f} MACs "
+            f"(ASR {100 * c['asr']:.1f}%)"
+            if c["asr"] is not None
+            else f"{name} {100 * c['ca_before']:.1f} → {100 * c['ca']:.1f}% at {c['macs_ratio']:.2f} MACs"
+        )
+    return (
+        f"The limit, for scale: the same compression fine-tuned for {epochs} epochs on all "
+        f"{next(iter(cells.values()))['images']:,} labelled training images keeps the accuracy: "
+        + "; ".join(parts)
+        + " ([benchmarks/results/limit.md](benchmarks/results/limit.md))."
+    )
+
+
+def results_section(summary: dict | None, limit: dict | None = None) -> str:
     if summary is None:
         return "No results yet: run `python -m benchmarks.grid`."
     return "\n\n".join(
-        [
+        part
+        for part in [
             "What each default pipeline costs and removes (means over the zoo's backdoored models, test split; "
             "MACs and latency purified / undefended, measured in the same run):",
             headline(summary),
+            limit_line(limit or {}),
             "![CA against MACs for the default pipelines](benchmarks/results/defaults_ca_vs_macs.png)",
             "Every defense, every model and every study: [benchmarks/results/README.md](benchmarks/results/README.md).",
         ]
+        if part is not None
     )
 
 
 def main() -> int:
     summary_file = RESULTS / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    limit_file = RESULTS / "limit_cells.json"
+    limit = json.loads(limit_file.read_text())["cells"] if limit_file.is_file() else None
     (RESULTS / "README.md").write_text(full_tables(summary))
     text = README.read_text()
     new = re.sub(
         r"(<!-- results:start -->\n).*?(\n<!-- results:end -->)",
-        lambda m: m.group(1) + results_section(summary) + m.group(2),
+        lambda m: m.group(1) + results_section(summary, limit) + m.group(2),
         text,
         flags=re.S,
     )

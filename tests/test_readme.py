@@ -60,3 +60,15 @@ def test_every_document_the_code_cites_is_in_the_repository():
     assert len(cited) >= 5
     assert not sorted(c for c in cited if not (ROOT / c).is_file())
     assert not re.search(r"(?<![\w/])specs/\w", "".join(p.read_text() for p in (ROOT / "ccpurify").rglob("*.py")))
+
+
+def test_the_results_section_puts_the_limit_row_next_to_the_defaults():
+    from benchmarks.update_readme import limit_line, results_section
+
+    cells = {
+        "cifar10-badnets|0.75|3": {"ca_before": 0.847, "ca": 0.839, "asr": 0.019, "macs_ratio": 0.74, "images": 48000}
+    }
+    line = limit_line(cells)
+    assert "3 epochs" in line and "48,000" in line and "cifar10-badnets 84.7 → 83.9% at 0.74 MACs (ASR 1.9%)" in line
+    summary = {"per_dataset": {}, "defaults": {}}
+    assert line in results_section(summary, cells) and "The limit" not in results_section(summary)
