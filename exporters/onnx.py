@@ -94,12 +94,17 @@ def export(
     example = example_inputs[:1].detach().cpu().float()
     try:  # the model's own error is clearer than the exporter's (and the exporter logs pages of it)
         with torch.no_grad():
-            model(example)
+            out = model(example)
     except Exception as exc:
         raise ExportError(
             f"the model fails on an example input of shape {tuple(example.shape)} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); give its input size (CLI: --input-shape C,H,W)"
         ) from exc
+    if not isinstance(out, torch.Tensor):
+        raise ExportError(
+            f"the model returns a {type(out).__name__}, and export writes a classifier with one output tensor "
+            "(logits); wrap it in a module that returns the logits"
+        )
     path = Path(path)
     started = time.perf_counter()
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None

@@ -60,9 +60,16 @@ def test_failed_export_leaves_no_file(tmp_path):
 
     with pytest.raises(ExportError, match=r"the model fails on an example input of shape \(1, 3, 32, 32\).*cannot run"):
         export(Broken(), tmp_path / "broken.onnx", EXAMPLE)
+
+    class TwoOutputs(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)), x.amax((2, 3))
+
     with pytest.raises(ExportError, match="ONNX export failed: TorchExportError: Failed to export") as failure:
         export(NotExportable(), tmp_path / "branch.onnx", EXAMPLE)
     assert "\x1b[" not in str(failure.value)  # no terminal colour codes in the one-line error
+    with pytest.raises(ExportError, match="returns a tuple"):
+        export(TwoOutputs(), tmp_path / "two.onnx", EXAMPLE)
     assert not list(tmp_path.iterdir())
 
 
