@@ -250,3 +250,16 @@ def test_cc_says_when_its_macs_target_is_out_of_reach():
     model = build("preact_resnet18")
     assert CleanCompact(macs=0.01)(model)[1].details.target_reached() is False
     assert CleanCompact(macs=0.9)(model)[1].details.target_reached() is True
+
+
+def test_nested_options_are_checked_when_the_pass_is_built():
+    """A pass where a pass is needed, and C&C's recovery options, are refused before any work."""
+    from ccpurify.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="compact of pass 'bcu' takes Pass"):
+        passes.create("bcu", compact="prune")
+    with pytest.raises(InvalidInputError, match="no option bogus"):
+        passes.create("cc", recover=True, recover_options={"bogus": 1})
+    with pytest.raises(InvalidInputError, match="epochs"):
+        passes.create("cc", recover=True, recover_options={"epochs": 0})
+    assert passes.create("bcu", compact=Prune(macs=0.5)).compact.macs == 0.5

@@ -116,6 +116,16 @@ class CleanCompact(Pass):
             raise InvalidInputError("C&C takes one compaction target: macs= or energy= (or neither)")
         if self.macs is not None and not 0.0 < self.macs <= 1.0:
             raise InvalidInputError(f"macs must be a fraction in (0, 1], got {self.macs}")
+        if self.recover_options:
+            from ccpurify.passes.options import check_options
+            from ccpurify.passes.recover import Recover
+
+            if fixed := sorted({"teacher", "data"} & set(self.recover_options)):
+                raise InvalidInputError(
+                    f"C&C's recovery sets {', '.join(fixed)} itself; leave it out of recover_options"
+                )
+            check_options(Recover, self.recover_options, "recover")
+            Recover(**self.recover_options)  # its own checks (e.g. epochs >= 1), before any work
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         geometries, graph = eligible_layers(model, context, self.skip_stem, self.skip_output)

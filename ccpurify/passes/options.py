@@ -63,7 +63,13 @@ def _accepts(t: Any, value: Any) -> bool:
         return value in typing.get_args(t)
     if t in (tuple, list) or typing.get_origin(t) in (tuple, list):
         return isinstance(value, (tuple, list))
-    return True  # containers, modules, callables: the pass checks these itself
+    if t is dict or typing.get_origin(t) is dict:
+        return isinstance(value, dict)
+    if isinstance(t, type) and not isinstance(value, (int, float, str, bool, type(None))):
+        return isinstance(value, t)  # a pass, a module: the class it must be
+    if isinstance(t, type) and t.__module__.startswith(("ccpurify", "torch")):
+        return False  # text or a number where a pass or a module is needed
+    return True  # other containers and callables: the pass checks these itself
 
 
 def _describe(allowed: tuple) -> str:
