@@ -554,11 +554,18 @@ def benchmark(
     """
     config = config or BenchConfig()
     infos, shapes = [], {}
+    symbolic: set[str] = set()
     for name, path in models.items():
         probe = _session(os.fspath(path), 1, replace(config, free_dimensions=()))  # sees the symbolic names
         shapes[name] = _input_shape(probe, path, config)
+        symbolic |= {d for d in probe.get_inputs()[0].shape[1:] if isinstance(d, str)}
         params, macs = _graph_cost(path)
         infos.append(ModelInfo(name, os.fspath(path), check_onnx_size(path), params, macs))
+    if unknown := sorted(set(dict(config.free_dimensions)) - symbolic):
+        raise InvalidInputError(
+            f"no model has a symbolic input dimension named {', '.join(unknown)}; theirs: "
+            f"{', '.join(sorted(symbolic)) or 'none'} (the batch is set with batch_sizes / --batch-sizes)"
+        )
     report = BenchReport(config, _environment(), infos)
     rng = np.random.default_rng(config.seed)
     names = list(models)

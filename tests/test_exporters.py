@@ -291,6 +291,8 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
 
     with pytest.raises(ValueError, match="'batch' is the batch dimension; set it with batch_sizes"):
         benchmark({"a": model}, BenchConfig(torch_eager=False, free_dimensions=(("batch", 4),)))
+    with pytest.raises(ValueError, match="no model has a symbolic input dimension named hieght; theirs: height"):
+        benchmark({"a": model}, BenchConfig(torch_eager=False, free_dimensions=(("hieght", 8),)))  # a typo
 
 
 def test_a_provider_this_onnxruntime_lacks_is_refused_by_name(tmp_path):
