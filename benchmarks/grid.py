@@ -112,6 +112,15 @@ def sweep_cell(pass_name: str, options: dict) -> str:
     return SWEEP_PREFIX + pass_name + ":" + ";".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
 
 
+def json_or_text(value: str):
+    """A value written as text (a sweep cell, a command line): JSON when it is JSON (numbers,
+    booleans, lists), else the string itself."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def parse_sweep_cell(defense: str) -> tuple[str, dict]:
     """(pass name, options) of a ``sweep_cell`` name."""
     pass_name, _, text = defense[len(SWEEP_PREFIX) :].partition(":")
@@ -120,10 +129,7 @@ def parse_sweep_cell(defense: str) -> tuple[str, dict]:
         k, sep, v = item.partition("=")
         if not sep:
             raise KeyError(f"sweep cell {defense!r}: {item!r} is not KEY=VALUE")
-        try:
-            options[k] = json.loads(v)
-        except json.JSONDecodeError:
-            options[k] = v
+        options[k] = json_or_text(v)
     return pass_name, options
 
 

@@ -14,7 +14,6 @@ the best mean validation DER. (Sweeps run before the grid held them are in resul
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from argparse import Namespace
@@ -23,19 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, ZOO, read_json
-from benchmarks.grid import EMPTY_GRID, run, sweep_cell
+from benchmarks.grid import EMPTY_GRID, json_or_text, run, sweep_cell
 from ccpurify.atomic import write_text
 from ccpurify.data import get_spec
 from ccpurify.provenance import git_commit, now
 from ccpurify.train import open_run
-
-
-def parse(value: str):
-    """A command-line value as JSON when it is JSON (numbers, booleans, lists), else the string."""
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
 
 
 def table(pass_name: str, param: str, values: list, fixed: dict, entries: list[str], cells: dict, zoo: Path) -> str:
@@ -99,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bad := [s for s in args.set if "=" not in s]:
         parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
-    fixed = {k: parse(v) for k, _, v in (s.partition("=") for s in args.set)}
-    values = [parse(v) for v in args.values]
+    fixed = {k: json_or_text(v) for k, _, v in (s.partition("=") for s in args.set)}
+    values = [json_or_text(v) for v in args.values]
     names = [sweep_cell(args.pass_name, {**fixed, args.param: v}) for v in values]
     grid = read_json(RESULTS / "grid.json", EMPTY_GRID)
     if not args.report_only:

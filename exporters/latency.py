@@ -388,16 +388,16 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def _first_run_bounded(name: str, run, seconds: float) -> None:
-    """Run once with a watchdog: onnxruntime stops a run whose ``terminate`` flag is set, so a file
-    whose graph loops (or is just far too slow) cannot hold the benchmark forever."""
+def _first_run_bounded(name: str, run, seconds: float):
+    """Run once with a watchdog and return the outputs: onnxruntime stops a run whose ``terminate``
+    flag is set, so a file whose graph loops (or is just far too slow) cannot hold the benchmark forever."""
     import onnxruntime as ort
 
     options = ort.RunOptions()
     timer = threading.Timer(seconds, lambda: setattr(options, "terminate", True))
     timer.start()
     try:
-        run(options)
+        return run(options)
     except Exception as exc:
         if options.terminate:
             raise LimitExceededError(
@@ -409,15 +409,14 @@ def _first_run_bounded(name: str, run, seconds: float) -> None:
         timer.cancel()
 
 
-def _bound_run(session, x: np.ndarray):
+def _bound_run(session, x: np.ndarray, outputs: list[np.ndarray]):
     """A zero-argument call running ``session`` on ``x`` through an IOBinding: the input and every
-    output are bound once to preallocated buffers (shaped by one plain run), so a call times
-    onnxruntime and not numpy conversion or output allocation."""
+    output are bound once to preallocated buffers (shaped like ``outputs``, those of one plain run
+    on ``x``), so a call times onnxruntime and not numpy conversion or output allocation."""
     import onnxruntime as ort
 
     binding = session.io_binding()
     binding.bind_cpu_input(session.get_inputs()[0].name, x)
-    outputs = session.run(None, {session.get_inputs()[0].name: x})
     buffers = [np.empty_like(o) for o in outputs]
     values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
     for meta, value in zip(session.get_outputs(), values):
@@ -535,11 +534,12 @@ def _call_overhead(x: np.ndarray, threads: int, config: BenchConfig) -> float | 
     graph = _copy_graph(x.shape[1:])
     if graph is None:
         return None
-    run = _bound_run(_session(graph, threads, replace(config, free_dimensions=())), x)
+    session = _session(graph, threads, replace(config, free_dimensions=()))
+    run = _bound_run(session, x, [x])  # the copy's output is shaped like its input
     for _ in range(config.warmup):
         run()
     (rounds,) = _timed_rounds({"overhead": run}, replace(config, duration_s=None)).values()
-    return float(np.median([s for r in rounds for s in r]) * 1e3)
+    return _summarise("overhead", "onnxruntime", len(x), threads, rounds).median_ms
 
 
 def benchmark(
@@ -576,8 +576,8 @@ def benchmark(
         for n in names:
             sess = _session(os.fspath(models[n]), threads, config)
             feed = {sess.get_inputs()[0].name: inputs[n]}
-            _first_run_bounded(n, lambda o, s=sess, f=feed: s.run(None, f, o), config.max_run_seconds)
-            engines["onnxruntime"][n] = _bound_run(sess, inputs[n])
+            outputs = _first_run_bounded(n, lambda o, s=sess, f=feed: s.run(None, f, o), config.max_run_seconds)
+            engines["onnxruntime"][n] = _bound_run(sess, inputs[n], outputs)
         overhead = _call_overhead(inputs[names[0]], threads, config)
         if overhead is not None:
             report.environment.setdefault("call_overhead_ms", {})[_cell_key(batch, threads)] = overhead

@@ -53,6 +53,20 @@ class TeacherSource(str, Enum):
     INPUT = "input"  # the pipeline's input model, with what defenses silenced kept silent in the student
 
 
+class GuardVeto(str, Enum):
+    """What the student learns on an image where the guard overrules the teacher."""
+
+    GUARD = "guard"  # the guard's output
+    SKIP = "skip"  # nothing: the image does not count
+
+
+class GuardScope(str, Enum):
+    """Where the guard may overrule the teacher."""
+
+    ALL = "all"  # wherever the two disagree
+    TARGET = "target"  # only where the teacher predicts the suspected backdoor target
+
+
 class SyntheticInit(str, Enum):
     NOISE = "noise"  # Gaussian pixels, as ZeroQ (C&C's recovery)
     DEAD_LEAVES = "dead_leaves"  # procedural natural-like images (ccpurify.synthesis.dead_leaves)
@@ -119,11 +133,11 @@ class Recover(Pass):
     guard: bool = False
     # Where the guard overrules the teacher: "guard" distills the guard's output on that image,
     # "skip" leaves the image out (distill's ``vetoed``).
-    guard_vetoed: str = "guard"
+    guard_vetoed: GuardVeto = GuardVeto.GUARD
     # "all": the guard overrules the teacher wherever they disagree; "target": only where the teacher
     # predicts the suspected backdoor target (distill.suspected_target, found on the recovery
     # images), so the suspect's clean knowledge passes on where the guard is merely less accurate.
-    guard_scope: str = "all"
+    guard_scope: GuardScope = GuardScope.ALL
     # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
     # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
     synthetic_class_weight: float = 0.0
@@ -132,6 +146,8 @@ class Recover(Pass):
         self.data = RecoverData(self.data)
         self.teacher_from = TeacherSource(self.teacher_from)
         self.synthetic_init = SyntheticInit(self.synthetic_init)
+        self.guard_vetoed = GuardVeto(self.guard_vetoed)
+        self.guard_scope = GuardScope(self.guard_scope)
         if self.epochs < 1:
             raise InvalidInputError("epochs must be >= 1")
         if self.budget is not None and self.budget < 1:
@@ -140,15 +156,11 @@ class Recover(Pass):
             raise InvalidInputError("synthetic_images must be >= 1 and synthetic_steps >= 0")
         if self.feature_weight < 0 or self.synthetic_class_weight < 0:
             raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
-        if self.guard_vetoed not in ("guard", "skip"):
-            raise InvalidInputError(f"guard_vetoed must be 'guard' or 'skip', got {self.guard_vetoed!r}")
-        if self.guard_scope not in ("all", "target"):
-            raise InvalidInputError(f"guard_scope must be 'all' or 'target', got {self.guard_scope!r}")
         if self.guard and self.teacher_from is not TeacherSource.INPUT:
             raise InvalidInputError(
                 "Recover(guard=True) guards the suspect: it needs teacher_from='input' (and a defense earlier in the Pipeline)"
             )
-        if not self.guard and (self.guard_scope != "all" or self.guard_vetoed != "guard"):
+        if not self.guard and (self.guard_scope is not GuardScope.ALL or self.guard_vetoed is not GuardVeto.GUARD):
             raise InvalidInputError("guard_scope and guard_vetoed shape the guard: they need guard=True")
 
     def config(self) -> dict:
@@ -192,11 +204,7 @@ class Recover(Pass):
     def _guard(self, context: PurifyContext) -> nn.Module | None:
         if not self.guard:
             return None
-        if (
-            self.teacher_from is not TeacherSource.INPUT
-            or context.teacher is None
-            or context.teacher is context.pipeline_input
-        ):
+        if context.teacher is None or context.teacher is context.pipeline_input:  # teacher_from: __post_init__
             raise InvalidInputError(
                 "Recover(guard=True) needs teacher_from='input' and a defense earlier in the Pipeline"
             )
@@ -209,7 +217,7 @@ class Recover(Pass):
         source, images, labels = self._data(teacher if guard is None else guard, context)
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
         target, suspicion = None, None
-        if guard is not None and self.guard_scope == "target":
+        if guard is not None and self.guard_scope is GuardScope.TARGET:
             num_classes = context.num_classes or int(teacher(context.example_inputs.to(context.device)).shape[1])
             views = (
                 images
@@ -244,7 +252,7 @@ class Recover(Pass):
                 feature_weight=self.feature_weight,
                 augment=augment,
                 guard=guard,
-                vetoed=self.guard_vetoed,
+                vetoed=self.guard_vetoed.value,
                 veto_class=target,
                 generator=context.generator(7),
                 device=context.device,
