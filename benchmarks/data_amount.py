@@ -1,34 +1,72 @@
 """Do the with-data defaults get worse with more data? (issue 14, item 5)
 
-    python -m benchmarks.data_amount                                   # BadNets and WaNet, 250/500/2,500 images
+    python -m benchmarks.data_amount                                   # labelled: BadNets and WaNet, 250/500/2,500
+    python -m benchmarks.data_amount --kind unlabeled                  # unlabelled: 1,000/5,000/20,000
     python -m benchmarks.data_amount --entries cifar10-badnets --counts 500 2500
     python -m benchmarks.data_amount --tables-only
 
-For each zoo model, each number of labelled clean images and each labelled candidate of
-``ccpurify.passes.defaults`` (at its default MACs target), the pipeline runs with exactly that many
-images and is scored on the test split. Not on the validation images: those are part of the
-run's 2,500-image clean subset, which the largest setting gives the defender. Nothing is chosen
-from these numbers. The images: 500 are the run's RNP subset (what the grid uses), 250 its first half,
-2,500 the run's larger clean subset (what the CLI's run-directory shorthand used to take). Results
-accumulate in results/data_amount_cells.json (an interrupted run resumes); the report is
+For each zoo model, each number of defender images and each candidate of
+``ccpurify.passes.defaults`` for that kind of data (at its default MACs target), the pipeline runs
+with exactly that many images and is scored on the test split. Not on the validation images: those
+are part of the run's 2,500-image clean subset, which the largest labelled setting gives the
+defender. Nothing is chosen from these numbers.
+
+- Labelled: 500 images are the run's RNP subset (what the grid uses), 250 its first half, 2,500
+  the run's larger clean subset (what the CLI's run-directory shorthand used to take).
+- Unlabelled: up to 5,000 are the first images of the run's unlabelled pool (the grid uses all
+  5,000); more continue the seeded draw the pool was made by (``ccpurify.train.defender_resources``:
+  non-poisoned training images outside the clean subset), so every larger set holds the smaller ones
+  and never a validation image.
+
+Results accumulate in results/data_amount_cells.json (an interrupted run resumes); the report is
 results/data_amount.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report
 from ccpurify import defender
-from ccpurify.passes import LabeledData
+from ccpurify.data import get_spec, load_dataset
+from ccpurify.passes import LabeledData, PurifyContext, UnlabeledData
 from ccpurify.passes.defaults import DEFAULTS, candidate
+from ccpurify.train import defender_resources
 
 ENTRIES = ("cifar10-badnets", "cifar10-wanet")
-COUNTS = (250, 500, 2500)
-PIPELINES = ("rnp-ranked+prune+recover", "rnp-ranked+prune+recover-budget")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of defender data: the candidates measured, the image counts, and what ``-budget`` means."""
+
+    pipelines: tuple[str, ...]
+    counts: tuple[int, ...]
+    title: str
+    budget_note: str
+
+
+KINDS = {
+    "clean": Kind(
+        ("rnp-ranked+prune+recover", "rnp-ranked+prune+recover-budget"),
+        (250, 500, 2500),
+        "Labelled defaults against the amount of clean data",
+        "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.",
+    ),
+    "unlabeled": Kind(
+        ("bcu-compact", "bcu-compact-budget"),
+        (1000, 5000, 20000),
+        "Unlabelled defaults against the amount of unlabelled data",
+        "`-budget`: BCU's distillation for a fixed 100,000 sample-steps (5,000 images x 20 epochs).",
+    ),
+}
 STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report
 
 
@@ -43,28 +81,59 @@ def labelled(entry, count: int) -> LabeledData:
     return LabeledData(larger.x[:count], larger.y[:count])
 
 
+def unlabelled(entry, count: int) -> UnlabeledData:
+    """``count`` unlabelled images: the first of the run's pool, or that draw continued (module docstring)."""
+    run = entry.run
+    if count <= len(run.defender.unlabeled_pool):
+        return entry.unlabeled_data(count)
+    poisoned = np.asarray(json.loads((run.path / "poison_indices.json").read_text()), dtype=np.int64)
+    train = load_dataset(entry.dataset, "train", entry.data_dir)
+    config = run.config
+    drawn = defender_resources(
+        len(train.images), poisoned, config.seed, config.defender_clean_fraction, config.rnp_fraction, count
+    )
+    if drawn.clean_subset != run.defender.clean_subset or not set(run.defender.unlabeled_pool) <= set(
+        drawn.unlabeled_pool
+    ):
+        raise SystemExit(f"{entry.name}: its defender subsets cannot be redrawn (trained on a subset?)")
+    if len(drawn.unlabeled_pool) < count:
+        raise SystemExit(f"{entry.name} has {len(drawn.unlabeled_pool)} unlabelled training images, fewer than {count}")
+    return UnlabeledData(defender.model_ready(train.images[drawn.unlabeled_pool], get_spec(entry.dataset)))
+
+
+def with_data(entry, kind: str, count: int) -> PurifyContext:
+    context = context_for(entry, "none")
+    if kind == "clean":
+        context.clean_data = labelled(entry, count)
+    else:
+        context.unlabeled_data = unlabelled(entry, count)
+    return context
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", nargs="+", default=list(ENTRIES))
-    parser.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
-    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES))
+    parser.add_argument("--kind", choices=sorted(KINDS), default="clean", help="labelled or unlabelled defender data")
+    parser.add_argument("--counts", nargs="+", type=int, help="image counts (default: the kind's)")
+    parser.add_argument("--pipelines", nargs="+", help="candidates of that kind (default: the kind's two)")
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args(argv)
-    macs = DEFAULTS["clean"].macs
+    kind = KINDS[args.kind]
+    counts, pipelines = args.counts or list(kind.counts), args.pipelines or list(kind.pipelines)
+    macs = DEFAULTS[args.kind].macs
     if not args.tables_only:
         for name in args.entries:
             entry = load_entry(name, Path(args.zoo), args.data)
             dense = entry.test.score(entry.model).metrics
             store_result(STORE, {"cells": {}}, "cells", f"{name}|dense", {"ca": dense.ca, "asr": dense.asr})
-            for pipeline in args.pipelines:
-                for count in args.counts:
+            for pipeline in pipelines:
+                for count in counts:
                     key = f"{name}|{pipeline}@{macs:g}|{count}"
                     if key in read_json(STORE, {"cells": {}})["cells"]:
                         continue
-                    context = context_for(entry, "none")
-                    context.clean_data = labelled(entry, count)
+                    context = with_data(entry, args.kind, count)
                     started = time.perf_counter()
                     model, report = candidate(pipeline, macs)(entry.model, context)
                     seconds = time.perf_counter() - started
@@ -87,20 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{key}: test CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} ({seconds:.0f} s, images {used})",
                         flush=True,
                     )
-    write_tables(read_json(STORE, {"cells": {}})["cells"], args.entries, args.counts, args.pipelines, macs)
+    write_tables(read_json(STORE, {"cells": {}})["cells"], args.entries)
     return 0
 
 
-def write_tables(cells: dict, entries: list[str], counts: list[int], pipelines: list[str], macs: float) -> None:
-    lines = [
-        "# Labelled defaults against the amount of clean data (test CA / ASR %)",
-        "",
-        f"Each candidate at {macs:g} of the MACs, given exactly N labelled clean images of the run's defender subsets.",
-        "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.",
-        "",
-        "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in counts) + " |",
-        "|---|---|---|" + "---|" * len(counts),
-    ]
+def write_tables(cells: dict, entries: list[str]) -> None:
+    """One table per kind of data, from every stored cell of ``entries``."""
 
     def fmt(c: dict | None) -> str:
         if c is None:
@@ -108,12 +169,26 @@ def write_tables(cells: dict, entries: list[str], counts: list[int], pipelines: 
         asr = "-" if c["asr"] is None else f"{100 * c['asr']:.1f}"
         return f"{100 * c['ca']:.1f} / {asr}"
 
-    for name in entries:
-        for pipeline in pipelines:
-            row = [fmt(cells.get(f"{name}|{pipeline}@{macs:g}|{c}")) for c in counts]
-            lines.append(f"| {name} | {pipeline} | {fmt(cells.get(f'{name}|dense'))} | " + " | ".join(row) + " |")
+    lines = []
+    for name, kind in KINDS.items():
+        macs = DEFAULTS[name].macs
+        lines += [
+            f"# {kind.title} (test CA / ASR %)",
+            "",
+            f"Each candidate at {macs:g} of the MACs, given exactly N {'labelled clean' if name == 'clean' else 'unlabelled'} "
+            "images of the run's defender data.",
+            kind.budget_note,
+            "",
+            "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in kind.counts) + " |",
+            "|---|---|---|" + "---|" * len(kind.counts),
+        ]
+        for entry in entries:
+            for pipeline in kind.pipelines:
+                row = [fmt(cells.get(f"{entry}|{pipeline}@{macs:g}|{c}")) for c in kind.counts]
+                lines.append(f"| {entry} | {pipeline} | {fmt(cells.get(f'{entry}|dense'))} | " + " | ".join(row) + " |")
+        lines.append("")
     rows = [{"cell": k, **v} for k, v in sorted(cells.items())]
-    write_report("data_amount", rows, lines, entries=entries, counts=counts, pipelines=pipelines)
+    write_report("data_amount", rows, lines[:-1], entries=entries, kinds={k: v.counts for k, v in KINDS.items()})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.passes.data import LabeledData, UnlabeledData
 
 
-def _model_ready(images: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
+def model_ready(images: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
+    """uint8 NHWC images as the float NCHW tensor a ``spec`` model takes (scaled and normalised)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     return Normalize(spec.mean, spec.std)(x)
 
@@ -52,11 +53,11 @@ def clean_data(source: str | os.PathLike, dataset: str, *, rnp: bool = False, da
         images, labels, run_spec = _run_subset(path, "rnp_subset" if rnp else "clean_subset", data_dir)
         if run_spec.name != spec.name:
             raise InvalidInputError(f"{path} holds {run_spec.name} images but the model is a {spec.name} model")
-        return LabeledData(_model_ready(images, spec), torch.from_numpy(labels))
+        return LabeledData(model_ready(images, spec), torch.from_numpy(labels))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run directory, image folder or zip")
     data = load_dataset(dataset, "train", path, verify=False)  # a user folder in the dataset's class layout
-    return LabeledData(_model_ready(data.images, spec), torch.from_numpy(data.labels))
+    return LabeledData(model_ready(data.images, spec), torch.from_numpy(data.labels))
 
 
 def _is_test_split(parts: tuple[str, ...]) -> bool:
@@ -106,5 +107,5 @@ def unlabeled_data(
     spec = get_spec(dataset)
     if _is_run(path):
         images, _, _ = _run_subset(path, "unlabeled_pool", data_dir)
-        return UnlabeledData(_model_ready(images[:count], spec))
-    return UnlabeledData(_model_ready(image_pool(path, count, spec.image_size, seed), spec))
+        return UnlabeledData(model_ready(images[:count], spec))
+    return UnlabeledData(model_ready(image_pool(path, count, spec.image_size, seed), spec))

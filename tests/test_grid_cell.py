@@ -2,6 +2,7 @@
 score on test and validation images, export to ONNX, INT8, and time against the undefended model."""
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("defense", ["clp", "pipeline:clp+prune+recover@0.5"])
@@ -209,3 +210,17 @@ def test_bad_cells_are_refused_in_one_line_before_any_model_is_loaded(monkeypatc
     ):
         with pytest.raises(SystemExit, match=message):
             grid.main(["--cell", cell, "--no-latency"])
+
+
+def test_data_amount_takes_unlabelled_images_from_the_pool_and_refuses_to_redraw_a_subset_run(ci_run, data_dir):
+    from benchmarks import common
+    from benchmarks.data_amount import unlabelled
+
+    entry = common.load_entry(ci_run.run_dir.name, ci_run.run_dir.parent, str(data_dir))
+    pool = entry.unlabeled_data(len(entry.run.defender.unlabeled_pool))
+    first = unlabelled(entry, 100)
+    assert torch.equal(first.x, pool.x[:100])
+    # The ci preset trains on a 5,000-image subset: a continued draw would not be the one the pool
+    # came from, so it is refused rather than silently mixing draws.
+    with pytest.raises(SystemExit, match="cannot be redrawn"):
+        unlabelled(entry, len(pool) + 1)
