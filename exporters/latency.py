@@ -542,6 +542,27 @@ def _call_overhead(x: np.ndarray, threads: int, config: BenchConfig) -> float | 
     return _summarise("overhead", "onnxruntime", len(x), threads, rounds).median_ms
 
 
+def _check_free_dimensions(
+    config: BenchConfig, declared: dict[str, set[str]], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Refuse a free-dimension override no model declares (a typo would time the default size), and
+    one that only some models declare when it leaves them timed on differently shaped inputs."""
+    symbolic = set().union(*declared.values())
+    if unknown := sorted(set(dict(config.free_dimensions)) - symbolic):
+        raise InvalidInputError(
+            f"no model has a symbolic input dimension named {', '.join(unknown)}; theirs: "
+            f"{', '.join(sorted(symbolic)) or 'none'} (the batch is set with batch_sizes / --batch-sizes)"
+        )
+    if len(set(shapes.values())) > 1:
+        for dim in dict(config.free_dimensions):
+            if lacking := [n for n, names in declared.items() if dim not in names]:
+                raise InvalidInputError(
+                    f"{', '.join(lacking)} do(es) not declare the input dimension {dim!r}, so the models would be timed on "
+                    f"different inputs ({'; '.join(f'{n}: {list(s)}' for n, s in shapes.items())}); "
+                    "benchmark them separately or export them with the same dynamic dimensions"
+                )
+
+
 def benchmark(
     models: Mapping[str, str | os.PathLike],
     config: BenchConfig | None = None,
@@ -553,19 +574,14 @@ def benchmark(
     ``torch_models`` (same names) adds PyTorch eager timings of the matching modules.
     """
     config = config or BenchConfig()
-    infos, shapes = [], {}
-    symbolic: set[str] = set()
+    infos, shapes, declared = [], {}, {}
     for name, path in models.items():
         probe = _session(os.fspath(path), 1, replace(config, free_dimensions=()))  # sees the symbolic names
         shapes[name] = _input_shape(probe, path, config)
-        symbolic |= {d for d in probe.get_inputs()[0].shape[1:] if isinstance(d, str)}
+        declared[name] = {d for d in probe.get_inputs()[0].shape[1:] if isinstance(d, str)}
         params, macs = _graph_cost(path)
         infos.append(ModelInfo(name, os.fspath(path), check_onnx_size(path), params, macs))
-    if unknown := sorted(set(dict(config.free_dimensions)) - symbolic):
-        raise InvalidInputError(
-            f"no model has a symbolic input dimension named {', '.join(unknown)}; theirs: "
-            f"{', '.join(sorted(symbolic)) or 'none'} (the batch is set with batch_sizes / --batch-sizes)"
-        )
+    _check_free_dimensions(config, declared, shapes)
     report = BenchReport(config, _environment(), infos)
     rng = np.random.default_rng(config.seed)
     names = list(models)

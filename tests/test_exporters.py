@@ -189,8 +189,9 @@ def test_benchmark_refuses_too_few_runs():
         BenchConfig(runs=10)
 
 
-def _tiny_onnx(path: Path) -> Path:
-    """A two-node ONNX classifier built with the onnx helper alone (no torch); its height is symbolic."""
+def _tiny_onnx(path: Path, height: str | int = "height") -> Path:
+    """A two-node ONNX classifier built with the onnx helper alone (no torch); its height is symbolic
+    unless given as a number."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -204,7 +205,7 @@ def _tiny_onnx(path: Path) -> Path:
             helper.make_node("MatMul", ["flat", "w"], ["logits"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, "height", 8])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, height, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
         [w],
     )
@@ -293,6 +294,11 @@ def test_the_latency_benchmark_runs_where_torch_is_not_installed(tmp_path):
         benchmark({"a": model}, BenchConfig(torch_eager=False, free_dimensions=(("batch", 4),)))
     with pytest.raises(ValueError, match="no model has a symbolic input dimension named hieght; theirs: height"):
         benchmark({"a": model}, BenchConfig(torch_eager=False, free_dimensions=(("hieght", 8),)))  # a typo
+    static = _tiny_onnx(tmp_path / "static.onnx", height=8)
+    with pytest.raises(
+        ValueError, match=r"b do\(es\) not declare the input dimension 'height'.*a: \[3, 16, 8\]; b: \[3, 8, 8\]"
+    ):
+        benchmark({"a": model, "b": static}, BenchConfig(torch_eager=False, free_dimensions=(("height", 16),)))
 
 
 def test_a_provider_this_onnxruntime_lacks_is_refused_by_name(tmp_path):
