@@ -108,8 +108,12 @@ SWEEP_PREFIX = "sweep:"
 
 def sweep_cell(pass_name: str, options: dict) -> str:
     """The grid name of pass ``pass_name`` run with ``options`` (values as JSON):
-    ``sweep:otbr:ratio=0.05``, options sorted by name."""
-    return SWEEP_PREFIX + pass_name + ":" + ";".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
+    ``sweep:otbr:ratio=0.05``, options sorted by name. ``;`` separates the options, so a value
+    whose JSON holds one is refused rather than written as a name that parses back differently."""
+    items = [f"{k}={json.dumps(v)}" for k, v in sorted(options.items())]
+    if bad := [item for item in items if ";" in item]:
+        raise ValueError(f"a sweep option cannot contain ';' (it separates the options): {', '.join(bad)}")
+    return SWEEP_PREFIX + pass_name + ":" + ";".join(items)
 
 
 def json_or_text(value: str):

@@ -154,6 +154,8 @@ def test_a_sweep_point_is_a_grid_cell_with_the_named_pass_s_data(ci_run, data_di
     name = sweep_cell("rnp", {"prune_fraction": 0.1, "mode": "faithful"})
     assert name == 'sweep:rnp:mode="faithful";prune_fraction=0.1'
     assert parse_sweep_cell(name) == ("rnp", {"mode": "faithful", "prune_fraction": 0.1})
+    with pytest.raises(ValueError, match="cannot contain ';'"):  # it would parse back as two options
+        sweep_cell("recover", {"synthetic_init": "a;b=1"})
     cell = cell_for(name)
     rnp = cell.build()
     assert cell.data == "clean" and rnp.prune_fraction == 0.1 and rnp.mode.value == "faithful"

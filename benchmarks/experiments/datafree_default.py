@@ -34,6 +34,13 @@ VARIANTS: dict[str, dict] = {
     "target-scope": {"guard_scope": "target"},
     "target-scope-skip": {"guard_scope": "target", "guard_vetoed": "skip"},
     "target-scope-b40k": {"guard_scope": "target", "budget": 40960},
+    "lr0.05": {"lr": 0.05},
+    "lr0.002": {"lr": 0.002},
+    "t1": {"temperature": 1.0},
+    "hints0": {"feature_weight": 0.0},
+    "hints30": {"feature_weight": 30.0},
+    "no-anchor": {"anchor_bn": False},
+    "noise-init": {"synthetic_init": "noise"},
 }
 
 
