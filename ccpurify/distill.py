@@ -279,6 +279,7 @@ def distill(
     hard_label_weight: float = 0.0,
     hints: FeatureHints | None = None,
     feature_weight: float = 0.0,
+    max_grad_norm: float | None = None,
     augment: Augment | None = None,
     guard: nn.Module | None = None,
     vetoed: str = "guard",
@@ -293,6 +294,8 @@ def distill(
     ``temperature`` may be a function of the epoch (BCU's rising schedule); ``scale_by_t_squared``
     multiplies the KL term by T^2 (Hinton's gradient correction; BCU's reference does not).
     ``hints`` (recording both models' BN inputs) adds ``feature_weight`` times their mismatch.
+    ``max_grad_norm`` clips the gradient's global norm before each step: at large hint weights a
+    student far from its teacher otherwise takes steps that diverge to NaN.
 
     ``guard`` (a model trusted not to carry the backdoor, e.g. a defense's output) vetoes the teacher
     image by image: where the two predict different classes the image's feature hints do not count,
@@ -304,6 +307,8 @@ def distill(
     ``suspected_target``): elsewhere the teacher's clean knowledge passes on even where the guard,
     which lost accuracy to the defense, disagrees."""
     _check_guard_options(guard, vetoed, veto_class)
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
     teacher.eval()
     if guard is not None:
         guard.eval()
@@ -347,6 +352,8 @@ def distill(
                 loss = loss + feature_weight * hints.loss(weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
             opt.step()
             running += float(loss.detach())
             step += 1

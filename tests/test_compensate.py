@@ -12,7 +12,7 @@ from ccpurify.compensate import gaussian_compensation
 from ccpurify.distill import agreement, anchored_bn_update
 from ccpurify.passes import CLP, Pipeline, Prune, PurifyContext, Recover
 from ccpurify.passes.recover import freeze_silenced_channels
-from ccpurify.synthesis import class_histogram, dead_leaves, synthesize_bn_images
+from ccpurify.synthesis import bn_layers, class_histogram, dead_leaves, synthesize_bn_images
 from ccpurify.transforms import Normalize
 
 
@@ -436,3 +436,48 @@ def test_silenced_channels_are_never_merge_sources_or_targets():
     assert result["merged"] == 1 and result["skipped"] == 1
     assert torch.equal(net.conv2.weight[:, 1], before[:, 1])  # nothing copied into the silenced twin
     assert torch.allclose(net.conv2.weight[:, 2], before[:, 2] + before[:, 10])  # channel 10 folded into its twin 2
+
+
+def test_clipping_the_gradient_norm_bounds_every_step_of_the_distillation():
+    """With ``max_grad_norm`` the global gradient norm of each step is at most that value, so plain
+    SGD (no momentum, no weight decay) moves the weights by at most lr * max_grad_norm per step; the
+    same run without the clip, at a learning rate that diverges on a far-away student, ends in NaN."""
+    from ccpurify.distill import FeatureHints, distill
+
+    teacher, student = two_bn_net(), two_bn_net()
+    with torch.no_grad():  # a student far from its teacher: large hint mismatch, large gradients
+        for p in student.parameters():
+            p.mul_(20.0)
+    images = torch.randn(32, 3, 8, 8)
+    correspondence = {name: torch.arange(bn.num_features) for name, bn in bn_layers(teacher)}
+
+    def run(model, clip):
+        hints = FeatureHints(teacher, model, correspondence)
+        try:
+            return distill(
+                model,
+                teacher,
+                images,
+                epochs=3,
+                batch_size=32,
+                lr=1.0,
+                momentum=0.0,
+                weight_decay=0.0,
+                hints=hints,
+                feature_weight=1000.0,
+                max_grad_norm=clip,
+                generator=torch.Generator().manual_seed(0),
+            )
+        finally:
+            hints.remove()
+
+    clipped = copy.deepcopy(student)
+    before = torch.nn.utils.parameters_to_vector(clipped.parameters()).detach().clone()
+    run(clipped, 0.01)
+    moved = torch.nn.utils.parameters_to_vector(clipped.parameters()).detach() - before
+    assert 0 < moved.norm() <= 3 * 1.0 * 0.01 + 1e-6
+    unclipped = copy.deepcopy(student)
+    run(unclipped, None)
+    assert (torch.nn.utils.parameters_to_vector(unclipped.parameters()).detach() - before).norm() > 10 * moved.norm()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        distill(copy.deepcopy(student), teacher, images, max_grad_norm=0.0)

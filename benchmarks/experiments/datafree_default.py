@@ -41,6 +41,11 @@ VARIANTS: dict[str, dict] = {
     "hints30": {"feature_weight": 30.0},
     "no-anchor": {"anchor_bn": False},
     "noise-init": {"synthetic_init": "noise"},
+    "hints100": {"feature_weight": 100.0},
+    "hints30-lr0.05": {"feature_weight": 30.0, "lr": 0.05},
+    "hints100-lr0.05": {"feature_weight": 100.0, "lr": 0.05},
+    "hints100-clip10": {"feature_weight": 100.0, "max_grad_norm": 10.0},
+    "hints300-clip10": {"feature_weight": 300.0, "max_grad_norm": 10.0},
 }
 
 

@@ -123,6 +123,7 @@ class Recover(Pass):
     # compression made is measured on the images, which suits images that are not the training data.
     anchor_bn: bool = False
     feature_weight: float = 0.0  # > 0: also match BN inputs to the teacher's (FeatureHints)
+    max_grad_norm: float | None = None  # clip the gradient's global norm (distill): keeps large hint weights stable
     synthetic_images: int = 512
     # 30 synthesis steps recover as well as 100 inside the data-free pipeline (mean validation DER
     # 88.7 vs 88.8 on CIFAR-10 BadNets/Blended) in 40% of the time: benchmarks/results/recover_budget.md.
@@ -156,6 +157,8 @@ class Recover(Pass):
             raise InvalidInputError("synthetic_images must be >= 1 and synthetic_steps >= 0")
         if self.feature_weight < 0 or self.synthetic_class_weight < 0:
             raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise InvalidInputError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm}")
         if self.guard and self.teacher_from is not TeacherSource.INPUT:
             raise InvalidInputError(
                 "Recover(guard=True) guards the suspect: it needs teacher_from='input' (and a defense earlier in the Pipeline)"
@@ -250,6 +253,7 @@ class Recover(Pass):
                 hard_label_weight=self.hard_label_weight,
                 hints=hints,
                 feature_weight=self.feature_weight,
+                max_grad_norm=self.max_grad_norm,
                 augment=augment,
                 guard=guard,
                 vetoed=self.guard_vetoed.value,
