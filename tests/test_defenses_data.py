@@ -277,7 +277,6 @@ def test_the_data_free_default_removes_otbrs_neurons_compensates_and_distils_fro
     assert otbr.compact and prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
     assert recover.feature_weight > 0 and recover.anchor_bn and recover.budget is not None
-    assert recover.max_grad_norm is not None  # strong hints diverge without the clip
 
 
 def test_rnp_never_prunes_a_channel_whose_removal_alone_collapses_the_model():

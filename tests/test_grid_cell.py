@@ -195,6 +195,12 @@ def test_the_default_is_the_best_eligible_validation_der_and_a_tie_goes_to_a_fix
     assert chosen["chosen"] == budget and not chosen["candidates"][other]["eligible"]
     cells["c-wanet|pipeline:" + plain] = cell(0.9)
     assert select_defaults(cells, baselines)["clean"]["chosen"] == plain  # a real difference still wins
+    # ... unless, run on the other dataset too, it scores below the current default there
+    baselines["g-badnets"] = {"dataset": "gtsrb", "attack": "badnets"}
+    cells["g-badnets|pipeline:" + budget], cells["g-badnets|pipeline:" + plain] = cell(0.9), cell(0.6)
+    held = select_defaults(cells, baselines)["clean"]
+    assert held["chosen"] == budget and not held["candidates"][plain]["eligible"]
+    assert held["candidates"][plain]["transfer"]["entries"] == ["g-badnets"]
 
 
 def test_bad_cells_are_refused_in_one_line_before_any_model_is_loaded(monkeypatch):

@@ -5,8 +5,9 @@ Every candidate is a fixed recipe: no per-model tuning. The benchmark grid
 (``benchmarks/grid.py``) runs each candidate on the CIFAR-10 zoo models; the default for each kind
 of defender data is the candidate with the best mean *validation* DER (CA and ASR measured on
 training-split images no pass sees, never the test split) among those, at each MACs target of
-``MACS_TARGETS``, that keep at most ``MACS_GOAL`` of the MACs and are measurably faster
-(``LATENCY_GOAL``). The choice and its numbers are
+``MACS_TARGETS``, that keep at most ``MACS_GOAL`` of the MACs, are measurably faster
+(``LATENCY_GOAL``) and do no worse than the current default on the GTSRB models both were run on
+(the transfer check). The choice and its numbers are
 recorded in ``benchmarks/results/default_selection.md`` and the README.
 """
 
@@ -182,7 +183,10 @@ MACS_TARGETS = (0.75, 0.5)
 # The selection rule (applied by benchmarks/grid.py, which writes results/default_selection.md):
 # among the (candidate, MACs target) pairs for a kind of data whose measured MACs ratio is at most
 # MACS_GOAL and whose batch-1, 1-thread onnxruntime latency is at most LATENCY_GOAL of the dense
-# model's, the best mean validation DER over the CIFAR-10 zoo models they were all run on.
+# model's, the best mean validation DER over the CIFAR-10 zoo models they were all run on. A
+# candidate also run on GTSRB models is held back when its mean validation DER there is below the
+# current default's on the same models (the transfer check): with hints at 100 the guarded recovery
+# won on CIFAR-10 but raised GTSRB BadNets' ASR from 8% to 57% (docs/defaults.md).
 MACS_GOAL = 0.75
 LATENCY_GOAL = 0.85
 
@@ -197,7 +201,7 @@ class Default:
 
 # Chosen from the grid (see the module docstring); data-free is also what the demo runs.
 DEFAULTS = {
-    "none": Default("otbr-compact+prune-comp+recover-guarded-hints100", 0.75),
+    "none": Default("otbr-compact+prune-comp+recover-guarded", 0.75),
     "clean": Default("rnp-ranked+prune+recover-budget", 0.5),
     "unlabeled": Default("bcu-compact", 0.5),
 }
