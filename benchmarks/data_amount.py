@@ -45,11 +45,13 @@ ENTRIES = ("cifar10-badnets", "cifar10-wanet")
 
 @dataclass(frozen=True)
 class Kind:
-    """A kind of defender data: the candidates measured, the image counts, and what ``-budget`` means."""
+    """A kind of defender data: the candidates measured, the image counts, how its tables name the
+    images, and what ``-budget`` means."""
 
     pipelines: tuple[str, ...]
     counts: tuple[int, ...]
     title: str
+    images: str
     budget_note: str
 
 
@@ -58,12 +60,14 @@ KINDS = {
         ("rnp-ranked+prune+recover", "rnp-ranked+prune+recover-budget"),
         (250, 500, 2500),
         "Labelled defaults against the amount of clean data",
+        "labelled clean",
         "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.",
     ),
     "unlabeled": Kind(
         ("bcu-compact", "bcu-compact-budget"),
         (1000, 5000, 20000),
         "Unlabelled defaults against the amount of unlabelled data",
+        "unlabelled",
         "`-budget`: BCU's distillation for a fixed 100,000 sample-steps (5,000 images x 20 epochs).",
     ),
 }
@@ -172,11 +176,11 @@ def write_tables(cells: dict, entries: list[str]) -> None:
     lines = []
     for name, kind in KINDS.items():
         macs = DEFAULTS[name].macs
+        lines += [""] if lines else []
         lines += [
             f"# {kind.title} (test CA / ASR %)",
             "",
-            f"Each candidate at {macs:g} of the MACs, given exactly N {'labelled clean' if name == 'clean' else 'unlabelled'} "
-            "images of the run's defender data.",
+            f"Each candidate at {macs:g} of the MACs, given exactly N {kind.images} images of the run's defender data.",
             kind.budget_note,
             "",
             "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in kind.counts) + " |",
@@ -186,9 +190,8 @@ def write_tables(cells: dict, entries: list[str]) -> None:
             for pipeline in kind.pipelines:
                 row = [fmt(cells.get(f"{entry}|{pipeline}@{macs:g}|{c}")) for c in kind.counts]
                 lines.append(f"| {entry} | {pipeline} | {fmt(cells.get(f'{entry}|dense'))} | " + " | ".join(row) + " |")
-        lines.append("")
     rows = [{"cell": k, **v} for k, v in sorted(cells.items())]
-    write_report("data_amount", rows, lines[:-1], entries=entries, kinds={k: v.counts for k, v in KINDS.items()})
+    write_report("data_amount", rows, lines, entries=entries, kinds={k: v.counts for k, v in KINDS.items()})
 
 
 if __name__ == "__main__":

@@ -441,7 +441,7 @@ def test_silenced_channels_are_never_merge_sources_or_targets():
 def test_clipping_the_gradient_norm_bounds_every_step_of_the_distillation():
     """With ``max_grad_norm`` the global gradient norm of each step is at most that value, so plain
     SGD (no momentum, no weight decay) moves the weights by at most lr * max_grad_norm per step; the
-    same run without the clip, at a learning rate that diverges on a far-away student, ends in NaN."""
+    same run without the clip moves them far more."""
     from ccpurify.distill import FeatureHints, distill
 
     teacher, student = two_bn_net(), two_bn_net()
