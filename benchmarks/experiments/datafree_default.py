@@ -46,6 +46,17 @@ VARIANTS: dict[str, dict] = {
     "hints100-lr0.05": {"feature_weight": 100.0, "lr": 0.05},
     "hints100-clip10": {"feature_weight": 100.0, "max_grad_norm": 10.0},
     "hints300-clip10": {"feature_weight": 300.0, "max_grad_norm": 10.0},
+    "invariance1": {"invariance_weight": 1.0},
+    "invariance3": {"invariance_weight": 3.0},
+    "invariance1-eps0.1": {"invariance_weight": 1.0, "invariance_eps": 0.1},
+    "invariance3-eps0.1": {"invariance_weight": 3.0, "invariance_eps": 0.1},
+    "invariance3-eps0.2": {"invariance_weight": 3.0, "invariance_eps": 0.2},
+    "suppress": {"suppress_target": True},
+    "suppress-invariance1": {"suppress_target": True, "invariance_weight": 1.0},
+    "invariance1-scale4": {"invariance_weight": 1.0, "invariance_scale": 4.0},
+    "invariance3-scale4": {"invariance_weight": 3.0, "invariance_scale": 4.0},
+    "suppress-invariance1-scale4": {"suppress_target": True, "invariance_weight": 1.0, "invariance_scale": 4.0},
+    "invariance1-hints100-clip10": {"invariance_weight": 1.0, "feature_weight": 100.0, "max_grad_norm": 10.0},
 }
 
 
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.perf_counter() - started, 1),
                 "vetoed": report.details.distill.guard_vetoed_fraction,
                 "suspected_target": report.details.suspected_target,
+                "universal_trigger": report.details.universal_trigger,
             }
             print(key, variant, row[variant], flush=True)
             out.write_text(json.dumps(rows, indent=1))

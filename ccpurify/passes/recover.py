@@ -29,12 +29,14 @@ from ccpurify.distill import (
     FeatureHints,
     anchored_bn_update,
     channel_correspondence,
+    check_max_grad_norm,
     distill,
     epochs_for_budget,
     recalibrate_bn,
     suspected_target,
 )
 from ccpurify.errors import InvalidInputError
+from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.registry import register_pass
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
@@ -87,6 +89,8 @@ class RecoverDetails(PassDetails):
     suspected_target: dict | None = None  # guard_scope="target": distill.suspected_target's class and counts
     feature_layers: int | None = None  # BN layers matched by feature hints (None: no hints)
     bn_layers: int | None = None
+    # invariance_weight > 0 or suppress_target: UniversalTrigger.summary() on the teacher
+    universal_trigger: dict | None = None
 
     def training(self) -> Training:
         kind = {"clean": "labelled", "unlabeled": "unlabelled"}.get(self.data, self.data)
@@ -142,6 +146,16 @@ class Recover(Pass):
     # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
     # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
     synthetic_class_weight: float = 0.0
+    # > 0: trigger invariance (ccpurify.invariance): a universal perturbation of at most
+    # ``invariance_eps`` of the pixel range, fitted on the recovery images to send the teacher to one
+    # class, then kept adversarial against the student, which learns the teacher's clean target on
+    # the perturbed images at this weight. Removes full-image triggers that pruning defenses miss.
+    invariance_weight: float = 0.0
+    invariance_eps: float = 0.05
+    invariance_scale: float = 1.0  # the perturbation is unlearned at up to this multiple of its bound
+    # The universal perturbation's class (the suspected backdoor target) loses its dark knowledge in
+    # the teacher's targets (distill's ``suppress_class``), where the teacher does not predict it.
+    suppress_target: bool = False
 
     def __post_init__(self) -> None:
         self.data = RecoverData(self.data)
@@ -157,8 +171,12 @@ class Recover(Pass):
             raise InvalidInputError("synthetic_images must be >= 1 and synthetic_steps >= 0")
         if self.feature_weight < 0 or self.synthetic_class_weight < 0:
             raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise InvalidInputError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm}")
+        check_max_grad_norm(self.max_grad_norm)
+        if not self.invariance_weight >= 0 or not 0 < self.invariance_eps <= 1 or not self.invariance_scale >= 1:
+            raise InvalidInputError(
+                "invariance_weight must be >= 0, invariance_eps in (0, 1] and invariance_scale >= 1, got "
+                f"{self.invariance_weight}, {self.invariance_eps} and {self.invariance_scale}"
+            )
         if self.guard and self.teacher_from is not TeacherSource.INPUT:
             raise InvalidInputError(
                 "Recover(guard=True) guards the suspect: it needs teacher_from='input' (and a defense earlier in the Pipeline)"
@@ -178,9 +196,9 @@ class Recover(Pass):
             images, made = len(context.unlabeled_data), 0
         else:
             images, made = self.synthetic_images, self.synthetic_images * self.synthetic_steps
-        return made + math.ceil(
-            1.5 * epochs_for_budget(self.epochs, self.budget, images) * images
-        )  # the teacher's forward too
+        # The teacher's forward too, and the student's second pass with trigger invariance.
+        per_image = 1.5 + (1.0 if self.invariance_weight > 0 else 0.0)
+        return made + math.ceil(per_image * epochs_for_budget(self.epochs, self.budget, images) * images)
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         synthetic = self.data is RecoverData.SYNTHETIC or (
@@ -238,6 +256,16 @@ class Recover(Pass):
             anchored_bn_update(student, teacher, images[:256], correspondence, context.device)
         elif self.recalibrate:
             recalibrate_bn(student, images, self.batch_size, context.device)
+        trigger = invariance = None
+        if self.invariance_weight > 0 or self.suppress_target:
+            bound = perturbation_bound(self.invariance_eps, images, context.normalize)
+            trigger = fit_universal_trigger(
+                teacher, images, bound, generator=context.generator(17), device=context.device
+            )
+        if self.invariance_weight > 0:
+            invariance = TriggerInvariance(
+                trigger, self.invariance_weight, scale=self.invariance_scale, generator=context.generator(19)
+            )
         silenced, frozen = freeze_silenced_channels(student) if self.teacher_from is TeacherSource.INPUT else ([], 0)
         epochs = epochs_for_budget(self.epochs, self.budget, len(images))
         try:
@@ -254,6 +282,8 @@ class Recover(Pass):
                 hints=hints,
                 feature_weight=self.feature_weight,
                 max_grad_norm=self.max_grad_norm,
+                invariance=invariance,
+                suppress_class=trigger.target if trigger is not None and self.suppress_target else None,
                 augment=augment,
                 guard=guard,
                 vetoed=self.guard_vetoed.value,
@@ -278,6 +308,7 @@ class Recover(Pass):
             suspected_target=suspicion,
             feature_layers=len(hints.layers) if hints is not None else None,
             bn_layers=len(bn_layers(student)) if hints is not None else None,
+            universal_trigger=trigger.summary() if trigger is not None else None,
         )
 
     def _data(self, teacher: nn.Module, context: PurifyContext):

@@ -1,0 +1,163 @@
+"""Trigger invariance without data (ccpurify.invariance): the universal perturbation finds a planted
+shortcut, and distilling with the invariance term removes it where plain distillation keeps it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ccpurify.distill import distill
+from ccpurify.errors import InvalidInputError
+from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
+from ccpurify.passes import Recover
+from ccpurify.transforms import Normalize
+
+
+class Shortcut(nn.Module):
+    """A linear classifier plus a planted backdoor: class 0's logit also grows by ``strength`` times
+    the image's projection on a fixed full-image key pattern (unit norm). On these Gaussian images
+    the projection is about N(0, 1); adding 0.6 times the key's sign (a blend-like trigger within
+    the bound below) lifts it by about 6.6."""
+
+    def __init__(self, strength: float = 2.0, classes: int = 4) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.head = nn.Linear(3 * 8 * 8, classes)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(classes, 3 * 8 * 8, generator=generator) * 0.05)
+            self.head.bias.zero_()
+        key = torch.randn(3, 8, 8, generator=generator)
+        self.register_buffer("key", key / key.norm())
+        self.strength = nn.Parameter(torch.tensor(strength))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x.flatten(1))
+        fired = (x * self.key).flatten(1).sum(1)
+        return (
+            logits
+            + nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), logits.shape[1])
+            * (self.strength * fired)[:, None]
+        )
+
+
+PIXELS = Normalize((0.0, 0.0, 0.0), (0.25, 0.25, 0.25))  # eps 0.15 of the pixel range: 0.6 here
+
+
+def images(count: int = 128) -> torch.Tensor:
+    return torch.randn(count, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def fooled(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, target: int) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x + delta).argmax(1) == target).float().mean())
+
+
+def test_the_bound_is_eps_over_std_under_a_known_normalisation_else_eps_times_the_observed_range():
+    x = images()
+    known = perturbation_bound(0.05, x, Normalize((0.5, 0.5, 0.5), (0.25, 0.5, 1.0)))
+    assert torch.allclose(known.flatten(), torch.tensor([0.2, 0.1, 0.05]))
+    observed = perturbation_bound(0.1, x)
+    span = x.transpose(0, 1).flatten(1)
+    assert torch.allclose(observed.flatten(), 0.1 * (span.amax(1) - span.amin(1)))
+    with pytest.raises(ValueError, match="eps"):
+        perturbation_bound(0.0, x)
+
+
+def test_the_universal_trigger_finds_a_planted_shortcut_within_its_bound_and_leaves_the_model_as_it_was():
+    model, x = Shortcut().train(), images()
+    before = copy.deepcopy(model.state_dict())
+    bound = perturbation_bound(0.15, x, PIXELS)
+    trigger = fit_universal_trigger(model, x, bound, generator=torch.Generator().manual_seed(0))
+    assert trigger.target == 0
+    assert trigger.fooled > 0.9 and trigger.share_before < 0.5
+    assert (trigger.delta.abs() <= bound + 1e-6).all()
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_distilling_with_trigger_invariance_removes_the_shortcut_that_plain_distillation_keeps():
+    teacher, x = Shortcut(), images(256)
+    trigger = fit_universal_trigger(
+        teacher, x, perturbation_bound(0.15, x, PIXELS), generator=torch.Generator().manual_seed(0)
+    )
+    results = {}
+    for name, invariance in (("plain", None), ("invariant", TriggerInvariance(trigger, weight=1.0))):
+        student = copy.deepcopy(teacher)
+        distill(
+            student,
+            teacher,
+            x,
+            epochs=5,
+            batch_size=64,
+            invariance=invariance,
+            generator=torch.Generator().manual_seed(0),
+        )
+        results[name] = fooled(student, x, trigger.delta, trigger.target)
+    assert results["plain"] > 0.9  # clean images never fire the shortcut, so nothing unlearns it
+    assert results["invariant"] < 0.5
+
+
+def test_invariance_options_are_checked():
+    with pytest.raises(InvalidInputError, match="invariance"):
+        Recover(invariance_weight=-1.0)
+    with pytest.raises(InvalidInputError, match="invariance"):
+        Recover(invariance_eps=0.0)
+    with pytest.raises(InvalidInputError, match="invariance_scale"):
+        Recover(invariance_scale=0.5)
+    trigger = fit_universal_trigger(Shortcut(), images(), perturbation_bound(0.15, images(), PIXELS), steps=1)
+    with pytest.raises(ValueError, match="weight"):
+        TriggerInvariance(trigger, weight=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        TriggerInvariance(trigger, scale=0.9)
+
+
+def test_recover_with_invariance_reports_the_trigger_it_fitted_and_counts_the_extra_pass():
+    """Given a BN model and no data, ``Recover(invariance_weight=1)`` fits the universal trigger on
+    its synthetic images (the teacher keeps its weights) and says which class it found; its cost
+    estimate counts the student's second forward on the perturbed images."""
+    from test_compensate import two_bn_net
+
+    from ccpurify.passes import PurifyContext
+
+    teacher = two_bn_net()
+    before = copy.deepcopy(teacher.state_dict())
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), seed=0)
+    options = dict(teacher=teacher, data="synthetic", synthetic_images=32, synthetic_steps=0, epochs=1)
+    recover = Recover(invariance_weight=1.0, **options)
+    _, details = recover(copy.deepcopy(teacher), context)
+    found = details.details.universal_trigger
+    assert set(found) == {"target", "fooled", "share_before"} and 0 <= found["target"] < 3
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert recover.sample_steps(context) > Recover(**options).sample_steps(context)
+    assert Recover(**options)(copy.deepcopy(teacher), context)[1].details.universal_trigger is None
+
+
+def test_without_class_knowledge_keeps_every_prediction_and_flattens_only_the_suspected_class():
+    from ccpurify.distill import without_class_knowledge
+
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0], [0.0, 1.0, 3.0, 2.0], [0.0, 9.0, 1.0, 2.0]])
+    out = without_class_knowledge(logits, 1)
+    assert torch.equal(out.argmax(1), logits.argmax(1))
+    assert torch.equal(out[2], logits[2])  # the row that predicts class 1 keeps its logits
+    assert out[0, 1] == logits[0].median() and out[1, 1] == logits[1].median()
+    keep = [0, 2, 3]
+    assert torch.equal(out[:, keep], logits[:, keep])
+    with pytest.raises(InvalidInputError, match="class 4"):
+        without_class_knowledge(logits, 4)
+
+
+def test_recover_that_suppresses_the_target_fits_the_trigger_without_the_invariance_term():
+    from test_compensate import two_bn_net
+
+    from ccpurify.passes import PurifyContext
+
+    teacher = two_bn_net()
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), seed=0)
+    options = dict(teacher=teacher, data="synthetic", synthetic_images=32, synthetic_steps=0, epochs=1)
+    recover = Recover(suppress_target=True, **options)
+    _, report = recover(copy.deepcopy(teacher), context)
+    assert report.details.universal_trigger is not None
+    assert recover.sample_steps(context) == Recover(**options).sample_steps(context)
