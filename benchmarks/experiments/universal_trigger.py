@@ -42,10 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = load_entry(name)
         context = context_for(entry, "none")
         model = entry.model.eval()
-        images = synthesize_bn_images(
-            model, 256, tuple(context.example_inputs.shape[1:]), init="dead_leaves", steps=30,
-            normalize=context.normalize, seed=0,
-        )  # fmt: skip
+        shape = tuple(context.example_inputs.shape[1:])
+        images = synthesize_bn_images(model, 256, shape, init="dead_leaves", steps=30, normalize=context.normalize)
         bound = perturbation_bound(args.eps, images, context.normalize)
         trigger = fit_universal_trigger(model, images, bound, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
