@@ -22,6 +22,7 @@ Shafahi et al., NeurIPS 2019), towards sending the *student* to the suspected cl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -132,9 +133,9 @@ class TriggerInvariance:
         scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        if not weight > 0 or not 0 < step_fraction <= 1 or not scale >= 1:
+        if not 0 < weight < math.inf or not 0 < step_fraction <= 1 or not 1 <= scale < math.inf:
             raise ValueError(
-                f"weight must be > 0, step_fraction in (0, 1] and scale >= 1, got {weight}, {step_fraction} and {scale}"
+                f"weight must be finite and > 0, step_fraction in (0, 1] and scale finite and >= 1, got {weight}, {step_fraction} and {scale}"
             )
         self.trigger = trigger
         self.weight = weight

@@ -4,6 +4,7 @@ shortcut, and distilling with the invariance term removes it where plain distill
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -105,8 +106,9 @@ def test_invariance_options_are_checked():
         Recover(invariance_weight=-1.0)
     with pytest.raises(InvalidInputError, match="invariance"):
         Recover(invariance_eps=0.0)
-    with pytest.raises(InvalidInputError, match="invariance_scale"):
-        Recover(invariance_scale=0.5)
+    for bad in ({"invariance_scale": 0.5}, {"invariance_scale": math.inf}, {"invariance_weight": math.nan}):
+        with pytest.raises(InvalidInputError, match="invariance_scale"):
+            Recover(**bad)
     trigger = fit_universal_trigger(Shortcut(), images(), perturbation_bound(0.15, images(), PIXELS), steps=1)
     with pytest.raises(ValueError, match="weight"):
         TriggerInvariance(trigger, weight=0.0)

@@ -172,9 +172,13 @@ class Recover(Pass):
         if self.feature_weight < 0 or self.synthetic_class_weight < 0:
             raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
         check_max_grad_norm(self.max_grad_norm)
-        if not self.invariance_weight >= 0 or not 0 < self.invariance_eps <= 1 or not self.invariance_scale >= 1:
+        if (
+            not 0 <= self.invariance_weight < math.inf
+            or not 0 < self.invariance_eps <= 1
+            or not 1 <= self.invariance_scale < math.inf
+        ):
             raise InvalidInputError(
-                "invariance_weight must be >= 0, invariance_eps in (0, 1] and invariance_scale >= 1, got "
+                "invariance_weight must be finite and >= 0, invariance_eps in (0, 1] and invariance_scale finite and >= 1, got "
                 f"{self.invariance_weight}, {self.invariance_eps} and {self.invariance_scale}"
             )
         if self.guard and self.teacher_from is not TeacherSource.INPUT:
