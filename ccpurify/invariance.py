@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccpurify.synthesis import class_histogram
 from ccpurify.transforms import Normalize
 
 
@@ -95,23 +96,16 @@ def fit_universal_trigger(
             delta.grad = grad
             opt.step()
             with torch.no_grad():
-                delta.copy_(torch.maximum(torch.minimum(delta, bound), -bound))
-        with torch.no_grad():
-            predicted, before = [], []
-            for i in range(0, len(images), 256):
-                x = images[i : i + 256].to(device)
-                predicted.append(model(x + delta).argmax(1).cpu())
-                before.append(model(x).argmax(1).cpu())
-            predicted, before = torch.cat(predicted), torch.cat(before)
+                delta.copy_(delta.clamp(-bound, bound))
     finally:
         model.train(was_training)
-    target = int(torch.bincount(predicted).argmax())
+    delta = delta.detach()
+    num_classes = logits.shape[1]
+    after = class_histogram(model, images + delta.cpu(), num_classes)
+    before = class_histogram(model, images, num_classes)
+    target = int(after.argmax())
     return UniversalTrigger(
-        delta.detach(),
-        bound,
-        target,
-        float((predicted == target).float().mean()),
-        float((before == target).float().mean()),
+        delta, bound, target, after[target].item() / len(images), before[target].item() / len(images)
     )
 
 
@@ -153,8 +147,7 @@ class TriggerInvariance:
         (grad,) = torch.autograd.grad(_collapse_loss(logits, self.trigger.target), delta, retain_graph=True)
         with torch.no_grad():
             bound = self.trigger.bound.to(x.device)
-            stepped = delta - self.step_fraction * bound * grad.sign()
-            self.delta = torch.maximum(torch.minimum(stepped, bound), -bound).detach()
+            self.delta = (delta - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
         kl = F.kl_div(
             F.log_softmax(logits / temperature, 1), F.softmax(targets / temperature, 1), reduction="batchmean"
         )

@@ -17,15 +17,9 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, context_for, load_entry
+from benchmarks.common import RESULTS, context_for, load_entry, normalize_images
 from ccpurify.invariance import fit_universal_trigger, perturbation_bound
 from ccpurify.synthesis import synthesize_bn_images
-
-
-def real_images(bench, count: int = 500) -> torch.Tensor:
-    """The first ``count`` clean images of ``bench``, model-ready (NCHW, normalised)."""
-    x = torch.from_numpy(bench.images[:count]).float() / 255
-    return bench.normalize(x.permute(0, 3, 1, 2) if x.shape[-1] in (1, 3) else x)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         bound = perturbation_bound(args.eps, images, context.normalize)
         trigger = fit_universal_trigger(model, images, bound, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            real = model(real_images(entry.val) + trigger.delta).argmax(1)
+            real = model(normalize_images(entry, entry.val.images[:500]) + trigger.delta).argmax(1)
         row = {
             **trigger.summary(),
             "true_target": entry.test.target,

@@ -287,7 +287,7 @@ class Recover(Pass):
                 feature_weight=self.feature_weight,
                 max_grad_norm=self.max_grad_norm,
                 invariance=invariance,
-                suppress_class=trigger.target if trigger is not None and self.suppress_target else None,
+                suppress_class=trigger.target if self.suppress_target else None,
                 augment=augment,
                 guard=guard,
                 vetoed=self.guard_vetoed.value,
