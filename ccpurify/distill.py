@@ -37,6 +37,7 @@ from torch.optim.swa_utils import update_bn
 from ccpurify.errors import InvalidInputError
 from ccpurify.invariance import TriggerInvariance
 from ccpurify.io import replay_edits
+from ccpurify.losses import soft_kl
 from ccpurify.progress import ProgressCallback, report
 from ccpurify.recipe import edits_of
 from ccpurify.synthesis import bn_layers, moments
@@ -371,11 +372,11 @@ def distill(
             # Before the clean forward: feature hints record the student's last forward.
             invariant = invariance.loss(student, x, t, t_epoch) if invariance is not None else None
             s = student(x)
+            per_image = soft_kl(s, t, t_epoch)
             if weights is not None and vetoed == "skip":
-                per_image = F.kl_div(F.log_softmax(s / t_epoch, 1), F.softmax(t / t_epoch, 1), reduction="none").sum(1)
                 loss = (per_image * weights).sum() / weights.sum().clamp_min(1)
             else:
-                loss = F.kl_div(F.log_softmax(s / t_epoch, 1), F.softmax(t / t_epoch, 1), reduction="batchmean")
+                loss = per_image.mean()
             if scale_by_t_squared:
                 loss = loss * t_epoch**2
             if labels is not None and hard_label_weight > 0:
@@ -399,7 +400,7 @@ def distill(
 
 @torch.no_grad()
 def suspected_target(
-    teacher: nn.Module, guard: nn.Module, images: torch.Tensor, num_classes: int, batch_size: int = 256
+    teacher: nn.Module, guard: nn.Module, images: torch.Tensor, batch_size: int = 256
 ) -> tuple[int | None, dict]:
     """The class the backdoor most likely sends images to, seen without data: among the images on
     which ``guard`` (a defense's output) and ``teacher`` (the suspect) disagree, the class the
@@ -407,23 +408,27 @@ def suspected_target(
     above its share (on the zoo's CIFAR-10 BadNets, Blended and WaNet models after OTBR: 85%, 81%
     and 36% of the disagreements, the true target each time). None when no class reaches twice
     the uniform share (then every disagreement should be vetoed). Returns the class and the counts."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    counts = torch.zeros(num_classes, dtype=torch.long)
+    counts: torch.Tensor | None = None
     teacher.eval(), guard.eval()
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(next(teacher.parameters()).device)
-        logits = teacher(x)
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"num_classes is {num_classes} but the model has {logits.shape[1]} outputs")
-        t, g = logits.argmax(1), guard(x).argmax(1)
-        counts += torch.bincount(t[t != g].cpu(), minlength=num_classes)[:num_classes]
+        logits, guarded = teacher(x), guard(x)
+        if logits.shape[1] != guarded.shape[1] or logits.shape[1] < 2:
+            raise ValueError(
+                f"the teacher has {logits.shape[1]} outputs and the guard {guarded.shape[1]}: "
+                "both must be classifiers over the same (>= 2) classes"
+            )
+        t, g = logits.argmax(1), guarded.argmax(1)
+        batch = torch.bincount(t[t != g].cpu(), minlength=logits.shape[1])
+        counts = batch if counts is None else counts + batch
+    if counts is None:
+        return None, {"class": None, "share": 0.0, "disagreements": 0, "counts": []}
     total = int(counts.sum())
     top = int(counts.argmax())
     share = counts[top].item() / total if total else 0.0
-    chosen = top if total and share >= 2.0 / num_classes else None
+    chosen = top if total and share >= 2.0 / len(counts) else None
     return chosen, {"class": chosen, "share": share, "disagreements": total, "counts": counts.tolist()}
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from ccpurify.losses import soft_kl
 from ccpurify.synthesis import class_histogram
 from ccpurify.transforms import Normalize
 
@@ -148,7 +148,4 @@ class TriggerInvariance:
         with torch.no_grad():
             bound = self.trigger.bound.to(x.device)
             self.delta = (delta - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
-        kl = F.kl_div(
-            F.log_softmax(logits / temperature, 1), F.softmax(targets / temperature, 1), reduction="batchmean"
-        )
-        return self.weight * kl * temperature**2
+        return self.weight * soft_kl(logits, targets, temperature).mean() * temperature**2

@@ -287,14 +287,14 @@ def test_the_suspected_target_is_the_class_the_suspect_alone_sends_images_to():
     never_c = copy.deepcopy(teacher)
     with torch.no_grad():
         never_c[8].bias[c] -= 100.0
-    target, seen = suspected_target(teacher, never_c, images, num_classes=3)
+    target, seen = suspected_target(teacher, never_c, images)
     assert target == c and seen["share"] == 1.0 and seen["disagreements"] == int((predicted == c).sum()) > 0
 
     class Shifted(nn.Module):  # predicts the teacher's class + 1: disagrees everywhere, evenly
         def forward(self, x):
             return teacher(x).roll(1, dims=1)
 
-    target, seen = suspected_target(teacher, Shifted(), images, num_classes=3)
+    target, seen = suspected_target(teacher, Shifted(), images)
     assert seen["disagreements"] == len(images) and (target is None) == (seen["share"] < 2 / 3)
 
 
@@ -330,10 +330,9 @@ def test_guard_options_are_refused_where_they_cannot_apply():
     with pytest.raises(InvalidInputError, match="need guard=True"):
         Recover(guard_scope="target")
     teacher = two_bn_net()
-    with pytest.raises(ValueError, match="3 outputs"):  # fewer classes than the model has would drop counts
-        suspected_target(teacher, teacher, torch.randn(4, 3, 8, 8), num_classes=10)
-    with pytest.raises(ValueError, match="num_classes"):
-        suspected_target(teacher, teacher, torch.randn(4, 3, 8, 8), num_classes=0)
+    wider = nn.Sequential(teacher, nn.Linear(3, 10))
+    with pytest.raises(ValueError, match="3 outputs and the guard 10"):  # the classes must be the same
+        suspected_target(teacher, wider, torch.randn(4, 3, 8, 8))
 
 
 def test_feature_hints_ignore_images_of_weight_zero():

@@ -9,10 +9,11 @@ from torch import nn
 
 from ccpurify import models
 from ccpurify.distill import agreement, channel_correspondence
+from ccpurify.errors import InvalidInputError
 from ccpurify.passes import CLP, OTBR, CleanCompact, LabeledData, Prune, PurifyContext, Recover, UnlabeledData
 from ccpurify.passes.cc import Normalization, RankPurification, purify_spectrum
 from ccpurify.passes.clp import module_order_pairs, outliers, uclc
-from ccpurify.passes.otbr import fuse_layer, target_convs
+from ccpurify.passes.otbr import fuse_layer, select_neurons, target_convs
 from ccpurify.synthesis import synthesize_bn_images
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -156,6 +157,39 @@ def test_each_column_of_the_normalised_plan_sums_to_one():
     fused, plan = fuse_layer(pruned, original, nwc, torch.eye(5, dtype=torch.float64), lam=0.5, eps=1e-8)
     assert torch.allclose(plan.sum(0), torch.ones(8, dtype=plan.dtype))
     assert fused.shape == original.shape and not torch.allclose(fused, original)
+
+
+def test_a_layer_cap_passes_the_excess_of_a_dominant_layer_to_the_next_neurons_in_the_global_order():
+
+    nwc = {"early": torch.tensor([0.1, 5.0, 0.2, 0.3]), "late": torch.tensor([9.0, 8.0, 7.0, 6.0])}
+    order = ["early", "late"]
+    assert select_neurons(nwc, order, 0.5) == {"late": [0, 1, 2, 3]}  # the paper: the whole late layer
+    assert select_neurons(nwc, order, 0.5, max_layer_ratio=0.5) == {"late": [0, 1], "early": [1, 3]}
+    assert select_neurons(nwc, order, 0.5, max_layer_ratio=0.25) == {"late": [0], "early": [1]}  # caps bind first
+    with pytest.raises(InvalidInputError, match="max_layer_ratio"):
+        OTBR(max_layer_ratio=0.0)
+
+
+def test_otbr_prunes_without_fusing_the_layers_a_depthwise_conv_reads():
+    model = build("mobilenet_v2")
+    out, report = OTBR(ratio=0.2, steps=2, batch_size=16)(model)
+    d = report.details
+    depthwise = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    read_by_depthwise = {
+        n for n, m in model.named_modules() if n.endswith("conv.0") and n.replace("conv.0", "conv.3") in depthwise
+    }
+    assert (
+        read_by_depthwise
+        and read_by_depthwise <= set(d.unfused_layers)
+        and not set(d.unfused_layers) & set(d.fused_layers)
+    )
+    assert d.fused_layers  # the projections, read by dense convs, are still fused
+    pruned = [n for n in d.unfused_layers if n in d.pruned_per_layer]
+    assert pruned
+    for name in pruned:  # pruned: some filters zeroed, the rest as they were
+        before, after = model.get_submodule(name).weight, out.get_submodule(name).weight
+        zeroed = after.flatten(1).abs().sum(1) == 0
+        assert int(zeroed.sum()) == d.pruned_per_layer[name] and torch.equal(after[~zeroed], before[~zeroed])
 
 
 def test_otbr_is_deterministic_and_keeps_bn_and_classifier():
@@ -309,3 +343,27 @@ def test_otbr_aligns_a_layer_only_with_the_one_layer_it_reads():
     assert reads_a_sum and reads_conv1
     assert not aligned & set(reads_a_sum)
     assert set(reads_conv1) <= aligned
+
+
+def test_otbr_ratio_search_applies_the_largest_ratio_that_keeps_the_suspects_predictions():
+    """Given a model, the search tries the ratios largest first on images synthesized from its
+    BatchNorm statistics and applies the first whose output agrees with the model on at least
+    ``min_agreement`` of them (else the smallest); the result is OTBR at that fixed ratio."""
+    model = build("bottleneck_resnet")
+    options = {"steps": 2, "batch_size": 16, "compact": True, "search_images": 32}
+    ratios = (0.02, 0.1, 0.3)
+    _, strict = OTBR(ratio_search=ratios, min_agreement=1.0, **options)(model)
+    agree = strict.details.ratio_search["agreement"]
+    assert list(agree) == ["0.3", "0.1", "0.02"] and max(agree.values()) < 1.0  # all tried, largest first
+    assert strict.details.ratio == 0.02  # none kept every prediction: the smallest
+    bar = agree["0.02"]
+    expected = next(r for r in (0.3, 0.1, 0.02) if agree[f"{r:g}"] >= bar)
+    assert expected != 0.3  # this model: the largest ratio changes too many predictions
+    searched, report = OTBR(ratio_search=ratios, min_agreement=bar, **options)(model)
+    assert report.details.ratio == expected and report.details.ratio_search["agreement"]["0.3"] < bar
+    fixed, _ = OTBR(ratio=expected, **options)(model)
+    assert all(torch.equal(a, b) for a, b in zip(searched.state_dict().values(), fixed.state_dict().values()))
+    with pytest.raises(InvalidInputError, match="ratio_search"):
+        OTBR(ratio_search=(0.0, 0.1))
+    with pytest.raises(InvalidInputError, match="no BatchNorm2d"):
+        OTBR(ratio_search=ratios).check(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), PurifyContext())

@@ -45,8 +45,8 @@ def test_the_plan_runs_candidates_only_where_the_defaults_are_chosen():
     from benchmarks.grid import CELLS, SELECTION_ENTRIES, planned_cells
     from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, MACS_TARGETS
 
-    plan = planned_cells([SELECTION_ENTRIES[0], "gtsrb-badnets"])
-    on_gtsrb = {d for e, d in plan if e == "gtsrb-badnets"}
+    plan = planned_cells([SELECTION_ENTRIES[0], "gtsrb-lf"])
+    on_gtsrb = {d for e, d in plan if e == "gtsrb-lf"}
     on_selection = {d for e, d in plan if e == SELECTION_ENTRIES[0]}
     every_candidate_at_every_target = {f"pipeline:{c}@{m:g}" for c in CANDIDATES for m in MACS_TARGETS}
     assert on_selection == set(CELLS) and every_candidate_at_every_target <= on_selection
@@ -173,34 +173,38 @@ def test_a_sweep_point_is_a_grid_cell_with_the_named_pass_s_data(ci_run, data_di
     assert not is_stale(result, point) and is_stale(result, sweep_cell("clp", {"u": 3.0}))
 
 
-def test_the_default_is_the_best_eligible_validation_der_and_a_tie_goes_to_a_fixed_budget_candidate():
+def test_the_default_is_chosen_on_both_datasets_and_a_der_tie_goes_to_the_smaller_ca_drop():
     from benchmarks.grid import select_defaults
 
-    def cell(der, macs=0.5, latency=0.7):
-        scores = {"ca_before": 0.9, "ca": 0.8, "asr_before": 0.9, "asr": 0.05, "der": der}
+    def cell(der, ca=0.8, macs=0.5, latency=0.7):
+        scores = {"ca_before": 0.9, "ca": ca, "asr_before": 0.9, "asr": 0.05, "der": der}
         return {"test": scores, "val": scores, "macs_ratio": macs, "latency": {"latency_ratio_bs1_t1": latency}}
 
-    baselines = {n: {"dataset": "cifar10", "attack": n.split("-")[1]} for n in ("c-badnets", "c-wanet")}
-    plain, budget, other = (
+    baselines = {f"{d}-{a}": {"dataset": d, "attack": a} for d in ("cifar10", "gtsrb") for a in ("badnets", "wanet")}
+    plain, budget, other, late = (
         "rnp-ranked+prune+recover@0.5",
         "rnp-ranked+prune+recover-budget@0.5",
         "rnp+prune+recover@0.5",
+        "clp+otbr+prune+recover-clean@0.5",
     )
     cells = {}
     for n in baselines:
-        cells[f"{n}|pipeline:{plain}"] = cell(0.88)
-        cells[f"{n}|pipeline:{budget}"] = cell(0.88)  # the same runs on the grid's data
+        cells[f"{n}|pipeline:{plain}"] = cell(0.885, ca=0.7)
+        cells[f"{n}|pipeline:{budget}"] = cell(0.88, ca=0.8)  # within a point, and 10 points less CA lost
         cells[f"{n}|pipeline:{other}"] = cell(0.95, latency=0.9)  # better, but not faster enough
+    cells["cifar10-badnets|pipeline:" + late] = cell(0.99)  # run on one selection model only
     chosen = select_defaults(cells, baselines)["clean"]
+    assert chosen["entries"] == ["cifar10-badnets", "cifar10-wanet", "gtsrb-badnets", "gtsrb-wanet"]
     assert chosen["chosen"] == budget and not chosen["candidates"][other]["eligible"]
-    cells["c-wanet|pipeline:" + plain] = cell(0.9)
-    assert select_defaults(cells, baselines)["clean"]["chosen"] == plain  # a real difference still wins
-    # ... unless, run on the other dataset too, it scores below the current default there
-    baselines["g-badnets"] = {"dataset": "gtsrb", "attack": "badnets"}
-    cells["g-badnets|pipeline:" + budget], cells["g-badnets|pipeline:" + plain] = cell(0.9), cell(0.6)
-    held = select_defaults(cells, baselines)["clean"]
-    assert held["chosen"] == budget and not held["candidates"][plain]["eligible"]
-    assert held["candidates"][plain]["transfer"]["entries"] == ["g-badnets"]
+    assert chosen["incomplete"] == {late: ["cifar10-wanet", "gtsrb-badnets", "gtsrb-wanet"]}
+    assert late not in chosen["candidates"] and plain in chosen["candidates"]
+    assert chosen["candidates"][budget]["per_dataset"]["gtsrb"]["mean_ca_drop_val"] == pytest.approx(0.1)
+
+    cells["gtsrb-wanet|pipeline:" + plain] = cell(0.95, ca=0.7)  # a real difference, on GTSRB
+    assert select_defaults(cells, baselines)["clean"]["chosen"] == plain
+    for n in baselines:  # ... unless it keeps too many MACs
+        cells[f"{n}|pipeline:{plain}"]["macs_ratio"] = 0.9
+    assert select_defaults(cells, baselines)["clean"]["chosen"] == budget
 
 
 def test_bad_cells_are_refused_in_one_line_before_any_model_is_loaded(monkeypatch):

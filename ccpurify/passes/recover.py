@@ -243,13 +243,12 @@ class Recover(Pass):
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
         target, suspicion = None, None
         if guard is not None and self.guard_scope is GuardScope.TARGET:
-            num_classes = context.num_classes or int(teacher(context.example_inputs.to(context.device)).shape[1])
             views = (
                 images
                 if augment is None
                 else torch.cat([images, *(augment(images, context.generator(13)) for _ in range(3))])
             )
-            target, suspicion = suspected_target(teacher, guard, views, num_classes)
+            target, suspicion = suspected_target(teacher, guard, views)
         needs_correspondence = self.feature_weight > 0 or (self.recalibrate and self.anchor_bn)
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
         correspondence = (

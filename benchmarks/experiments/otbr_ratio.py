@@ -1,0 +1,73 @@
+"""Which OTBR ratio does each architecture need, and can it be told without data (OTBR's
+``ratio_search``)?
+
+    python -m benchmarks.experiments.otbr_ratio --entries cifar10-mobilenet_v2-badnets cifar10-badnets
+
+For each zoo model and each ratio: ``OTBR(compact=True, ratio=r)`` scored on the validation split
+(CA and ASR), and the agreement with the suspect that the ratio search measures on its synthetic
+images (``OTBR(ratio_search=..., min_agreement=1.0)``, which tries every ratio and reports each
+agreement). The random unlearning depends only on the model and the seed, so it runs once per entry
+and every ratio reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from unittest import mock
+
+import torch
+
+from benchmarks.common import RESULTS, context_for, load_entry, model_fingerprint
+from ccpurify.passes import OTBR
+from ccpurify.passes import otbr as otbr_module
+
+RATIOS = (0.01, 0.02, 0.05, 0.1)
+
+
+def unlearn_once():
+    """``random_unlearning`` that runs once per model (by its weights: a pass gets a private copy)
+    and then returns the same unlearned copy, which OTBR only reads."""
+    done: dict[str, torch.nn.Module] = {}
+    unlearn = otbr_module.random_unlearning
+
+    def cached(model, *args, **kwargs):
+        key = model_fingerprint(model)
+        if key not in done:
+            done[key] = unlearn(model, *args, **kwargs)
+        return done[key]
+
+    return cached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", nargs="+", default=["cifar10-mobilenet_v2-badnets", "cifar10-badnets"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = RESULTS / "experiments" / "otbr_ratio.json"
+    rows = json.loads(out.read_text()) if out.is_file() else {}
+    for name in args.entries:
+        entry = load_entry(name)
+        context = context_for(entry, "none")
+        model = entry.model.eval()
+        with mock.patch.object(otbr_module, "random_unlearning", unlearn_once()):
+            _, report = OTBR(compact=True, ratio_search=tuple(args.ratios), min_agreement=1.0)(model, context)
+            agreement = report.details.ratio_search["agreement"]
+            m = entry.val.score(model).metrics
+            row = {"suspect": {"val_ca": m.ca, "val_asr": m.asr}}
+            for ratio in args.ratios:
+                purified, _ = OTBR(compact=True, ratio=ratio)(model, context)
+                m = entry.val.score(purified).metrics
+                row[f"{ratio:g}"] = {"val_ca": m.ca, "val_asr": m.asr, "agreement": agreement.get(f"{ratio:g}")}
+                print(name, ratio, row[f"{ratio:g}"], flush=True)
+        rows[name] = row
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
