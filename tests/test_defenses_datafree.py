@@ -365,5 +365,8 @@ def test_otbr_ratio_search_applies_the_largest_ratio_that_keeps_the_suspects_pre
     assert all(torch.equal(a, b) for a, b in zip(searched.state_dict().values(), fixed.state_dict().values()))
     with pytest.raises(InvalidInputError, match="ratio_search"):
         OTBR(ratio_search=(0.0, 0.1))
+    for bad in (0.1, ("a",), (True,), ()):
+        with pytest.raises(InvalidInputError, match="ratio_search"):
+            OTBR(ratio_search=bad)
     with pytest.raises(InvalidInputError, match="no BatchNorm2d"):
         OTBR(ratio_search=ratios).check(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), PurifyContext())

@@ -219,8 +219,13 @@ class OTBR(Pass):
         if not 0.0 <= self.ratio < 1.0:
             raise InvalidInputError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.ratio_search is not None:
+            if not isinstance(self.ratio_search, (tuple, list)):
+                raise InvalidInputError(
+                    f"ratio_search is a list of ratios, e.g. (0.01, 0.1); got {self.ratio_search!r}"
+                )
             self.ratio_search = tuple(self.ratio_search)
-            if not self.ratio_search or not all(0.0 < r < 1.0 for r in self.ratio_search):
+            numbers = all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in self.ratio_search)
+            if not self.ratio_search or not numbers or not all(0.0 < r < 1.0 for r in self.ratio_search):
                 raise InvalidInputError(f"ratio_search must be ratios in (0, 1), got {self.ratio_search}")
         if not 0.0 < self.min_agreement <= 1.0 or self.search_images < 1:
             raise InvalidInputError(
