@@ -40,7 +40,7 @@ from ccpurify.io import replay_edits
 from ccpurify.losses import soft_kl
 from ccpurify.progress import ProgressCallback, report
 from ccpurify.recipe import edits_of
-from ccpurify.synthesis import bn_layers, moments
+from ccpurify.synthesis import bn_layers, frozen, moments
 from ccpurify.transforms import Augment
 
 
@@ -408,21 +408,23 @@ def suspected_target(
     above its share (on the zoo's CIFAR-10 BadNets, Blended and WaNet models after OTBR: 85%, 81%
     and 36% of the disagreements, the true target each time). None when no class reaches twice
     the uniform share (then every disagreement should be vetoed). Returns the class and the counts."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise InvalidInputError(f"images must be an (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
     counts: torch.Tensor | None = None
-    teacher.eval(), guard.eval()
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(next(teacher.parameters()).device)
-        logits, guarded = teacher(x), guard(x)
-        if logits.shape[1] != guarded.shape[1] or logits.shape[1] < 2:
-            raise ValueError(
-                f"the teacher has {logits.shape[1]} outputs and the guard {guarded.shape[1]}: "
-                "both must be classifiers over the same (>= 2) classes"
-            )
-        t, g = logits.argmax(1), guarded.argmax(1)
-        batch = torch.bincount(t[t != g].cpu(), minlength=logits.shape[1])
-        counts = batch if counts is None else counts + batch
+    with frozen(teacher), frozen(guard):  # the callers' modes come back as they were
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(next(teacher.parameters()).device)
+            logits, guarded = teacher(x), guard(x)
+            if logits.shape[1] != guarded.shape[1] or logits.shape[1] < 2:
+                raise InvalidInputError(
+                    f"the teacher has {logits.shape[1]} outputs and the guard {guarded.shape[1]}: "
+                    "both must be classifiers over the same (>= 2) classes"
+                )
+            t, g = logits.argmax(1), guarded.argmax(1)
+            batch = torch.bincount(t[t != g].cpu(), minlength=logits.shape[1])
+            counts = batch if counts is None else counts + batch
     if counts is None:
         return None, {"class": None, "share": 0.0, "disagreements": 0, "counts": []}
     total = int(counts.sum())

@@ -117,7 +117,7 @@ def bn_statistics_loss(model: nn.Module, layers: int | None = None) -> Iterator[
 
 
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[nn.Module]:
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode with no parameter gradients; both restored afterwards."""
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
@@ -152,7 +152,7 @@ def fit_input_affine(
     log_scale = torch.zeros(1, channels, 1, 1, device=device, requires_grad=True)
     shift = torch.zeros(1, channels, 1, 1, device=device, requires_grad=True)
     opt = torch.optim.Adam([log_scale, shift], lr=lr)
-    with _frozen(model), bn_statistics_loss(model, layers) as terms:
+    with frozen(model), bn_statistics_loss(model, layers) as terms:
         for _ in range(steps):
             terms.clear()
             model(x * log_scale.exp() + shift)
@@ -206,7 +206,7 @@ def synthesize_bn_images(
             start = start * scale + shift
     out = []
     batches = math.ceil(count / batch_size)
-    with _frozen(model), bn_statistics_loss(model) as terms:
+    with frozen(model), bn_statistics_loss(model) as terms:
         for b in range(batches):
             x = start[b * batch_size : (b + 1) * batch_size].to(device).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)

@@ -368,5 +368,8 @@ def test_otbr_ratio_search_applies_the_largest_ratio_that_keeps_the_suspects_pre
     for bad in (0.1, ("a",), (True,), ()):
         with pytest.raises(InvalidInputError, match="ratio_search"):
             OTBR(ratio_search=bad)
+    for key, bad in (("min_agreement", "0.9"), ("min_agreement", True), ("search_images", 2.5), ("ratio", None)):
+        with pytest.raises(InvalidInputError, match=key):  # one line naming the option, not a TypeError
+            OTBR(**{key: bad})
     with pytest.raises(InvalidInputError, match="no BatchNorm2d"):
         OTBR(ratio_search=ratios).check(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), PurifyContext())
