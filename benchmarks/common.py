@@ -171,6 +171,12 @@ def measure_latency(entry: Entry, before: nn.Module, after: nn.Module, cache: Pa
         }
 
 
+def val_scores(entry: Entry, model: nn.Module) -> dict:
+    """``model``'s CA and ASR on ``entry``'s validation images (training images no pass sees)."""
+    m = entry.val.score(model).metrics
+    return {"val_ca": m.ca, "val_asr": m.asr}
+
+
 def read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
 

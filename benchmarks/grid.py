@@ -435,25 +435,28 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
     return out
 
 
-def candidate_row(done: list[dict], baselines: dict, entries: list[str]) -> dict:
-    """One candidate's numbers over the selection cells ``done`` (of ``entries``): means over all of
-    them, the same per dataset, and whether it meets the MACs and latency goals."""
-    latency = mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in done)
-    macs = mean(r["macs_ratio"] for r in done)
-    per_dataset = {}
-    for dataset in dict.fromkeys(baselines[n]["dataset"] for n in entries):
-        mine = [r for r, n in zip(done, entries, strict=True) if baselines[n]["dataset"] == dataset]
-        per_dataset[dataset] = {
-            "mean_der_val": mean(r["val"]["der"] for r in mine),
-            "mean_ca_drop_val": mean(r["val"]["ca_before"] - r["val"]["ca"] for r in mine),
-            "max_asr_val": max(r["val"]["asr"] for r in mine),
-        }
+def validation_summary(done: list[dict]) -> dict:
+    """Mean validation DER and CA drop and the highest validation ASR over the cells ``done``."""
     return {
         "mean_der_val": mean(r["val"]["der"] for r in done),
-        "mean_der_test": mean(r["test"]["der"] for r in done),
         "mean_ca_drop_val": mean(r["val"]["ca_before"] - r["val"]["ca"] for r in done),
         "max_asr_val": max(r["val"]["asr"] for r in done),
-        "per_dataset": per_dataset,
+    }
+
+
+def candidate_row(done: list[dict], baselines: dict, entries: list[str]) -> dict:
+    """One candidate's numbers over the selection cells ``done`` (of ``entries``): the validation
+    summary over all of them and per dataset, and whether it meets the MACs and latency goals."""
+    latency = mean(r.get("latency", {}).get("latency_ratio_bs1_t1") for r in done)
+    macs = mean(r["macs_ratio"] for r in done)
+    datasets = dict.fromkeys(baselines[n]["dataset"] for n in entries)
+    return {
+        **validation_summary(done),
+        "mean_der_test": mean(r["test"]["der"] for r in done),
+        "per_dataset": {
+            d: validation_summary([r for r, n in zip(done, entries, strict=True) if baselines[n]["dataset"] == d])
+            for d in datasets
+        },
         "mean_macs_ratio": macs,
         "mean_latency_ratio_bs1_t1": latency,
         "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL,

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, context_for, load_entry
+from benchmarks.common import RESULTS, context_for, load_entry, val_scores
 from ccpurify.passes import OTBR
 from ccpurify.passes.defaults import DEFAULTS, compensated_prune, guarded_recover
 
@@ -60,11 +60,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def score(entry, model) -> dict:
-    m = entry.val.score(model).metrics
-    return {"val_ca": m.ca, "val_asr": m.asr}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", nargs="+", default=["cifar10-badnets", "cifar10-wanet", "cifar10-blended"])
@@ -96,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         context.pipeline_input, context.teacher = entry.model, defended  # what Pipeline sets for Recover
         key = f"{name}@{args.macs:g}" + ("-prune-first" if args.prune_first else "")
         row = rows.setdefault(key, {})
-        row.update(suspect=score(entry, entry.model), **{k: score(entry, m) for k, m in stages.items()})
+        row.update(suspect=val_scores(entry, entry.model), **{k: val_scores(entry, m) for k, m in stages.items()})
         print(key, {k: row[k] for k in ("suspect", *stages)}, flush=True)
         for variant in args.variants:
             recover = dataclasses.replace(guarded_recover(), **VARIANTS[variant])
             started = time.perf_counter()
             recovered, report = recover(copy.deepcopy(student), context)
             row[variant] = {
-                **score(entry, recovered),
+                **val_scores(entry, recovered),
                 "seconds": round(time.perf_counter() - started, 1),
                 "vetoed": report.details.distill.guard_vetoed_fraction,
                 "suspected_target": report.details.suspected_target,

@@ -13,12 +13,11 @@ and every ratio reuses it.
 from __future__ import annotations
 
 import argparse
-import json
 from unittest import mock
 
 import torch
 
-from benchmarks.common import RESULTS, context_for, load_entry, model_fingerprint
+from benchmarks.common import RESULTS, context_for, load_entry, model_fingerprint, store_result, val_scores
 from ccpurify.passes import OTBR
 from ccpurify.passes import otbr as otbr_module
 
@@ -48,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = RESULTS / "experiments" / "otbr_ratio.json"
-    rows = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.entries:
         entry = load_entry(name)
         context = context_for(entry, "none")
@@ -56,16 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         with mock.patch.object(otbr_module, "random_unlearning", unlearn_once()):
             _, report = OTBR(compact=True, ratio_search=tuple(args.ratios), min_agreement=1.0)(model, context)
             agreement = report.details.ratio_search["agreement"]
-            m = entry.val.score(model).metrics
-            row = {"suspect": {"val_ca": m.ca, "val_asr": m.asr}}
+            row = {"suspect": val_scores(entry, model)}
             for ratio in args.ratios:
                 purified, _ = OTBR(compact=True, ratio=ratio)(model, context)
-                m = entry.val.score(purified).metrics
-                row[f"{ratio:g}"] = {"val_ca": m.ca, "val_asr": m.asr, "agreement": agreement.get(f"{ratio:g}")}
+                row[f"{ratio:g}"] = {**val_scores(entry, purified), "agreement": agreement.get(f"{ratio:g}")}
                 print(name, ratio, row[f"{ratio:g}"], flush=True)
-        rows[name] = row
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1))
+        store_result(out, {}, None, name, row)
     return 0
 
 

@@ -12,12 +12,11 @@ class's natural share on a clean model.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from benchmarks.common import RESULTS, context_for, load_entry, normalize_images
+from benchmarks.common import RESULTS, context_for, load_entry, normalize_images, store_result
 from ccpurify.invariance import fit_universal_trigger, perturbation_bound
 from ccpurify.synthesis import synthesize_bn_images
 
@@ -30,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = RESULTS / "experiments" / "universal_trigger.json"
-    rows = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.entries:
         started = time.perf_counter()
         entry = load_entry(name)
@@ -48,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             "real_fooled": round(float((real == trigger.target).float().mean()), 4),
             "seconds": round(time.perf_counter() - started, 1),
         }
-        rows[f"{name}@eps{args.eps:g}"] = row
         print(name, row, flush=True)
-        out.write_text(json.dumps(rows, indent=1))
+        store_result(out, {}, None, f"{name}@eps{args.eps:g}", row)
     return 0
 
 
