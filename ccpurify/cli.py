@@ -519,21 +519,25 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 "files": sorted([p.name for p in tmp.iterdir() if p.is_file()] + ["manifest.json"]),
             },
         )
-    model_path = out / "model.safetensors"
     print(format_table(rows, header))
-    print(f"budget: {result.report.budget()}")
-    if args.plot:
-        lat = report["latency"]
+    _print_outcome(args, result.report, report.get("latency"), wall, out)
+    return 0
+
+
+def _print_outcome(args: argparse.Namespace, pipeline, latency: dict | None, wall: float, out: Path) -> None:
+    """After a purify run's table: its budget, what the passes chose, latency, and what was written."""
+    print(f"budget: {pipeline.budget()}")
+    if choices := pipeline.choices():
+        print(f"chosen: {choices}")
+    if latency is not None:
         print(
-            f"latency (onnxruntime, batch 1, 1 thread, interleaved): {lat['before_median_ms']:.3f} -> {lat['after_median_ms']:.3f} ms "
-            f"(x{lat['ratio']:.2f}); picture: {out / 'report.png'}"
+            f"latency (onnxruntime, batch 1, 1 thread, interleaved): {latency['before_median_ms']:.3f} -> "
+            f"{latency['after_median_ms']:.3f} ms (x{latency['ratio']:.2f}); picture: {out / 'report.png'}"
         )
     print(
-        f"{args.method or 'default pipeline'} ({result.report.pipeline}): {wall:.1f} s; wrote {model_path}, report.json, manifest.json"
-        + ("" if args.no_export else ", model.onnx")
-        + f" in {out}"
+        f"{args.method or 'default pipeline'} ({pipeline.pipeline}): {wall:.1f} s; wrote {out / 'model.safetensors'}, "
+        "report.json, manifest.json" + ("" if args.no_export else ", model.onnx") + f" in {out}"
     )
-    return 0
 
 
 def _estimate_line(pipeline, seconds: float, steps: int) -> str:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ccpurify.compensate import gaussian_compensation
 from ccpurify.distill import agreement, anchored_bn_update
+from ccpurify.errors import InvalidInputError
 from ccpurify.passes import CLP, Pipeline, Prune, PurifyContext, Recover
 from ccpurify.passes.recover import freeze_silenced_channels
 from ccpurify.synthesis import bn_layers, class_histogram, dead_leaves, synthesize_bn_images
@@ -480,3 +481,39 @@ def test_clipping_the_gradient_norm_bounds_every_step_of_the_distillation():
     assert (torch.nn.utils.parameters_to_vector(unclipped.parameters()).detach() - before).norm() > 10 * moved.norm()
     with pytest.raises(ValueError, match="max_grad_norm"):
         distill(copy.deepcopy(student), teacher, images, max_grad_norm=0.0)
+
+
+def test_hints_from_the_guard_pull_the_students_features_to_the_guards_not_the_suspects():
+    """Given a suspect whose first conv differs from the guard's (same BN parameters, so every
+    channel corresponds), hints matched to the guard leave a student that starts as the guard with
+    the guard's first-layer features; hints matched to the suspect pull them to the suspect's."""
+    guard = two_bn_net().eval()
+    suspect = copy.deepcopy(guard)
+    with torch.no_grad():
+        suspect[0].weight.add_(0.5 * torch.randn_like(suspect[0].weight))
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), pipeline_input=suspect, teacher=guard)
+    options = {
+        "teacher_from": "input",
+        "guard": True,
+        "data": "synthetic",
+        "synthetic_images": 64,
+        "synthetic_steps": 0,
+        "feature_weight": 100.0,
+        "max_grad_norm": 10.0,
+        "recalibrate": False,
+        "augment": False,
+        "epochs": 20,
+        "batch_size": 32,
+    }
+    gap = {}
+    for source in ("guard", "teacher"):
+        student, report = Recover(hints_from=source, **options)(guard, context)
+        assert report.details.feature_layers == 2
+        with torch.no_grad():
+            gap[source] = float(
+                (student[0].weight - suspect[0].weight).norm() / (guard[0].weight - suspect[0].weight).norm()
+            )
+    assert gap["teacher"] < 0.8 * gap["guard"]
+    assert gap["guard"] > 0.9  # the suspect's first-layer features were not taught
+    with pytest.raises(InvalidInputError, match="needs guard=True"):
+        Recover(teacher_from="input", hints_from="guard")

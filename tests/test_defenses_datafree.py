@@ -363,6 +363,10 @@ def test_otbr_ratio_search_applies_the_largest_ratio_that_keeps_the_suspects_pre
     assert report.details.ratio == expected and report.details.ratio_search["agreement"]["0.3"] < bar
     fixed, _ = OTBR(ratio=expected, **options)(model)
     assert all(torch.equal(a, b) for a, b in zip(searched.state_dict().values(), fixed.state_dict().values()))
+    assert "ratio" not in report.config and report.details.choices().startswith(f"ratio {expected:g} (keeps ")
+    # a ratio too small to select any neuron would keep every prediction: it is not tried
+    _, idle = OTBR(ratio_search=(0.001, 0.3), min_agreement=1.0, **options)(model)
+    assert idle.details.ratio == 0.3 and idle.details.ratio_search["prunes_nothing"] == [0.001]
     with pytest.raises(InvalidInputError, match="ratio_search"):
         OTBR(ratio_search=(0.0, 0.1))
     for bad in (0.1, ("a",), (True,), ()):

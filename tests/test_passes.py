@@ -1,8 +1,11 @@
 """Generic passes (Prune, Factorize), pipelines, reports, and purify(): on every zoo arch and the
 custom architectures, the outputs are smaller, exact where they must be, saved and reloaded exactly."""
 
+import dataclasses
 import json
+import typing
 
+import numpy as np
 import pytest
 import torch
 import torch_pruning as tp
@@ -11,8 +14,9 @@ from torch import nn
 
 import ccpurify
 from ccpurify import models, passes
+from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.io import ArchRef, edits_of, load_model, save_model
-from ccpurify.passes import Factorize, Pipeline, Prune, PurifyContext
+from ccpurify.passes import OTBR, PASSES, Factorize, Pipeline, Prune, PurifyContext, list_passes
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 ALL = models.list_models() + sorted(CUSTOM)
@@ -263,3 +267,27 @@ def test_nested_options_are_checked_when_the_pass_is_built():
     with pytest.raises(InvalidInputError, match="epochs"):
         passes.create("cc", recover=True, recover_options={"epochs": 0})
     assert passes.create("bcu", compact=Prune(macs=0.5)).compact.macs == 0.5
+
+
+@pytest.mark.parametrize("name", list_passes())
+def test_every_pass_built_directly_refuses_an_option_of_the_wrong_type_in_one_line(name: str) -> None:
+    cls = PASSES.get(name)
+    hints = typing.get_type_hints(cls)
+    numeric = next(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and {int, float} & {hints[f.name], *typing.get_args(hints[f.name])}
+        and str not in typing.get_args(hints[f.name])
+    )
+    with pytest.raises(InvalidInputError, match=f"option {numeric} of pass '{name}' takes"):
+        cls(**{numeric: "abc"})
+    with pytest.raises(NonFiniteError, match=f"option {numeric}=nan of pass '{name}' is not a finite number"):
+        cls(**{numeric: float("nan")})
+
+
+def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
+    assert OTBR(ratio=np.float32(0.05), steps=np.int64(3)).ratio == pytest.approx(0.05)
+    assert OTBR(ratio_search=[np.float64(0.01), 0.1]).ratio_search == (0.01, 0.1)
+    with pytest.raises(InvalidInputError, match="option ratio_search of pass 'otbr' takes a list of float or null"):
+        OTBR(ratio_search=(0.1, "0.2"))

@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import RESULTS, context_for, load_entry, val_scores
 from ccpurify.passes import OTBR
-from ccpurify.passes.defaults import DEFAULTS, compensated_prune, guarded_recover
+from ccpurify.passes.defaults import DEFAULTS, compensated_prune, guarded_recover, searched_otbr
 
 # name: options changed from guarded_recover()
 VARIANTS: dict[str, dict] = {
@@ -57,6 +57,29 @@ VARIANTS: dict[str, dict] = {
     "invariance3-scale4": {"invariance_weight": 3.0, "invariance_scale": 4.0},
     "suppress-invariance1-scale4": {"suppress_target": True, "invariance_weight": 1.0, "invariance_scale": 4.0},
     "invariance1-hints100-clip10": {"invariance_weight": 1.0, "feature_weight": 100.0, "max_grad_norm": 10.0},
+    # the default's recovery (hints 100, clip 10, invariance 1) with its hints matched to OTBR's output
+    "A-hints-guard": {
+        "invariance_weight": 1.0,
+        "feature_weight": 100.0,
+        "max_grad_norm": 10.0,
+        "hints_from": "guard",
+    },
+    # ... and the suspect's soft targets at temperature 1 (less of its dark knowledge)
+    "A-hints-guard-t1": {
+        "invariance_weight": 1.0,
+        "feature_weight": 100.0,
+        "max_grad_norm": 10.0,
+        "hints_from": "guard",
+        "temperature": 1.0,
+    },
+    # ... with everything distilled from OTBR's output: no suspect teacher, no guard
+    "A-teacher-defense": {
+        "invariance_weight": 1.0,
+        "feature_weight": 100.0,
+        "max_grad_norm": 10.0,
+        "teacher_from": "defense",
+        "guard": False,
+    },
 }
 
 
@@ -71,25 +94,35 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="prune (compensated) the suspect first, then OTBR on the pruned model",
     )
+    parser.add_argument(
+        "--otbr-search",
+        action="store_true",
+        help="OTBR with the ratio search (defaults.searched_otbr) instead of the fixed ratio 0.1",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = RESULTS / "experiments" / "datafree_default.json"
     rows = json.loads(out.read_text()) if out.is_file() else {}
+    otbr = searched_otbr if args.otbr_search else lambda: OTBR(compact=True)
     for name in args.entries:
         entry = load_entry(name)
         context = context_for(entry, "none")
         if args.prune_first:  # the student is OTBR's output on the pruned suspect, which also guards
             pruned, _ = compensated_prune(args.macs)(entry.model, context)
-            defended, _ = OTBR(compact=True)(pruned, context)
+            defended, _ = otbr()(pruned, context)
             stages = {"pruned": pruned, "otbr": defended}
             student = defended
         else:
-            defended, _ = OTBR(compact=True)(entry.model, context)
+            defended, _ = otbr()(entry.model, context)
             pruned, _ = compensated_prune(args.macs)(defended, context)
             stages = {"otbr": defended, "pruned": pruned}
             student = pruned
         context.pipeline_input, context.teacher = entry.model, defended  # what Pipeline sets for Recover
-        key = f"{name}@{args.macs:g}" + ("-prune-first" if args.prune_first else "")
+        key = (
+            f"{name}@{args.macs:g}"
+            + ("-prune-first" if args.prune_first else "")
+            + ("-otbr-search" if args.otbr_search else "")
+        )
         row = rows.setdefault(key, {})
         row.update(suspect=val_scores(entry, entry.model), **{k: val_scores(entry, m) for k, m in stages.items()})
         print(key, {k: row[k] for k in ("suspect", *stages)}, flush=True)

@@ -10,6 +10,7 @@ without pickle.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from torch import nn
 from ccpurify.cost import model_cost
 from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.passes.data import LabeledData, UnlabeledData
+from ccpurify.passes.options import check_options
 from ccpurify.probes import check_edited_model, check_finite_outputs, non_finite_tensor, probe_inputs
 from ccpurify.progress import ProgressCallback
 from ccpurify.recipe import edits_of, set_edits, set_input_shape
@@ -90,6 +92,11 @@ class PassDetails:
         """The images the pass trained on, for ``PipelineReport.budget``; None for passes that do not train."""
         return None
 
+    def choices(self) -> str | None:
+        """What the pass chose from the model itself (e.g. OTBR's searched ratio), for the console; None
+        when it chose nothing."""
+        return None
+
     def target_reached(self) -> bool | None:
         """False when the pass had a size target it could not reach; None when it has no target."""
         return None
@@ -140,6 +147,13 @@ class Pass(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str] = "compression"  # "defense", "compression" or "recovery"
+
+    def __post_init__(self) -> None:
+        """Dataclass passes (each ``__post_init__`` calls this first): an option of the wrong type or
+        not finite is refused in one line naming it (``ccpurify.passes.options``), however the pass
+        was built, before the pass's own range checks compare it with anything."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        check_options(type(self), options, self.name)
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PassReport]:
         context = context or PurifyContext()
@@ -260,6 +274,10 @@ class PipelineReport:
                 text += f" ({trained.images:,} {trained.kind} images{steps})"
             parts.append(text)
         return " · ".join(parts)
+
+    def choices(self) -> str:
+        """What the passes chose from the model, e.g. "otbr: ratio 0.05 (...)"; empty when none chose."""
+        return " · ".join(f"{p.name}: {c}" for p in self.passes if (c := p.details.choices()) is not None)
 
     @property
     def pipeline(self) -> str:

@@ -157,6 +157,7 @@ class BCU(Pass):
     budget: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.epochs < 1 or (self.budget is not None and self.budget < 1):
             raise InvalidInputError("epochs and budget must be positive")
 

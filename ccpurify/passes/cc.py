@@ -109,6 +109,7 @@ class CleanCompact(Pass):
     round_to: int | None = None  # truncation ranks to multiples of this (8 suits onnxruntime's CPU kernels)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.normalization = Normalization(self.normalization)
         self.purify = RankPurification(self.purify)
         self.allocation = Allocation(self.allocation)

@@ -105,6 +105,7 @@ class CLP(Pass):
     unpaired: Unpaired = Unpaired.SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.mode, self.residual_policy, self.unpaired = (
             Mode(self.mode),
             RemovalPolicy(self.residual_policy),

@@ -148,6 +148,7 @@ class Factorize(Pass):
     round_to: int | None = None  # ranks to multiples of this (8 suits onnxruntime's CPU kernels)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.method, self.allocation = Method(self.method), Allocation(self.allocation)
         given = [t for t in (self.macs, self.energy, self.rank) if t is not None]
         if len(given) > 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from enum import Enum
@@ -33,7 +34,7 @@ def check_options(cls: type, options: dict[str, Any], name: str) -> None:
 
 
 def _check_value(name: str, key: str, value: Any, hint: Any) -> None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         try:
             finite = math.isfinite(float(value))
         except OverflowError:
@@ -51,10 +52,10 @@ def _accepts(t: Any, value: Any) -> bool:
         return value is None
     if t is bool:
         return isinstance(value, bool)
-    if t is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if t is int:  # numpy integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if t is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if t is str:
         return isinstance(value, str)
     if isinstance(t, type) and issubclass(t, Enum):
@@ -62,7 +63,7 @@ def _accepts(t: Any, value: Any) -> bool:
     if typing.get_origin(t) is typing.Literal:
         return value in typing.get_args(t)
     if t in (tuple, list) or typing.get_origin(t) in (tuple, list):
-        return isinstance(value, (tuple, list))
+        return isinstance(value, (tuple, list)) and all(_accepts(item, v) for v in value for item in _items(t))
     if t is dict or typing.get_origin(t) is dict:
         return isinstance(value, dict)
     if isinstance(t, type) and not isinstance(value, (int, float, str, bool, type(None))):
@@ -72,12 +73,24 @@ def _accepts(t: Any, value: Any) -> bool:
     return True  # other containers and callables: the pass checks these itself
 
 
+def _items(t: Any) -> tuple:
+    """The type every item of a ``list[X]`` or ``tuple[X, ...]`` must have (nothing for other sequences)."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) is list and len(args) == 1:
+        return args
+    if typing.get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[:1]
+    return ()
+
+
 def _describe(allowed: tuple) -> str:
     def one(t: Any) -> str:
         if t is type(None):
             return "null"
         if isinstance(t, type) and issubclass(t, Enum):
             return "one of " + "/".join(str(m.value) for m in t)
+        if _items(t):
+            return f"a list of {one(_items(t)[0])}"
         return getattr(t, "__name__", str(t))
 
     return " or ".join(one(t) for t in allowed)

@@ -30,7 +30,6 @@ noise-entropy statistic recorded there did not separate good from bad ratios, so
 from __future__ import annotations
 
 import copy
-import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -109,20 +108,10 @@ def random_unlearning(
     return unlearned.eval()
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_fraction(name: str, value: object, low_open: bool, high_open: bool) -> None:
-    """``value`` is a real number in the interval from 0 to 1 (open at the ends so marked)."""
-    ok = (
-        _is_real(value) and (0.0 < value if low_open else 0.0 <= value) and (value < 1.0 if high_open else value <= 1.0)
-    )
-    if not ok:
+def _check_fraction(name: str, value: float, low_open: bool, high_open: bool) -> None:
+    """``value`` (a number: ``Pass.__post_init__`` checked its type) lies between 0 and 1, open at the
+    ends so marked."""
+    if not ((0.0 < value if low_open else 0.0 <= value) and (value < 1.0 if high_open else value <= 1.0)):
         interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
         raise InvalidInputError(f"{name} must be a number in {interval}, got {value!r}")
 
@@ -200,6 +189,13 @@ class OTBRDetails(PassDetails):
     ratio: float | None = None  # the ratio applied (chosen by the search when there was one)
     ratio_search: dict | None = None  # agreement per ratio tried
 
+    def choices(self) -> str | None:
+        if self.ratio_search is None:
+            return None
+        agreement = self.ratio_search["agreement"].get(f"{self.ratio:g}")
+        kept = "" if agreement is None else f" (keeps {agreement:.0%} of the suspect's predictions on synthetic images)"
+        return f"ratio {self.ratio:g}{kept}"
+
 
 @register_pass
 @dataclass
@@ -231,12 +227,11 @@ class OTBR(Pass):
     search_images: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.residual_policy = RemovalPolicy(self.residual_policy)
-        if not all(_is_count(v) and v >= 1 for v in (self.steps, self.batch_size, self.search_images)) or not (
-            _is_real(self.lr) and 0 < self.lr <= 1.0
-        ):
+        if min(self.steps, self.batch_size, self.search_images) < 1 or not 0 < self.lr <= 1.0:
             raise InvalidInputError(
-                "OTBR needs integers steps >= 1, batch_size >= 1, search_images >= 1 and 0 < lr <= 1; got "
+                "OTBR needs steps >= 1, batch_size >= 1, search_images >= 1 and 0 < lr <= 1; got "
                 f"{self.steps!r}, {self.batch_size!r}, {self.search_images!r}, {self.lr!r}"
             )
         _check_fraction("ratio", self.ratio, low_open=False, high_open=True)
@@ -245,16 +240,21 @@ class OTBR(Pass):
         if self.max_layer_ratio is not None:
             _check_fraction("max_layer_ratio", self.max_layer_ratio, low_open=True, high_open=False)
         if self.ratio_search is not None:
-            ratios = self.ratio_search
-            if not isinstance(ratios, (tuple, list)) or not ratios or not all(_is_real(r) for r in ratios):
-                raise InvalidInputError(f"ratio_search is a list of ratios in (0, 1), e.g. [0.01, 0.1]; got {ratios!r}")
-            for r in ratios:
+            if not self.ratio_search:
+                raise InvalidInputError("ratio_search is a list of ratios in (0, 1), e.g. [0.01, 0.1]; got none")
+            for r in self.ratio_search:
                 _check_fraction("each ratio_search entry", r, low_open=True, high_open=True)
-            self.ratio_search = tuple(float(r) for r in ratios)
+            self.ratio_search = tuple(float(r) for r in self.ratio_search)
 
     def sample_steps(self, context: PurifyContext) -> int:
         search = 0 if self.ratio_search is None else self.search_images * (SEARCH_STEPS + len(self.ratio_search))
         return self.steps * self.batch_size + search  # random unlearning on noise (+ the ratio search)
+
+    def config(self) -> dict:
+        d = super().config()
+        if self.ratio_search is not None:  # the search chooses the ratio: details.ratio
+            d.pop("ratio")
+        return d
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         if self.ratio_search is not None and not bn_layers(model):
@@ -326,7 +326,8 @@ class OTBR(Pass):
         """The largest ratio of ``ratio_search`` whose pruned-and-fused copy (compacted when
         ``compact``) predicts the suspect's class on at least ``min_agreement`` of images synthesized
         from the suspect's BatchNorm statistics; the smallest when none does. Returns the ratio and
-        what was measured (agreement per ratio tried, seconds). ``model`` is left as it was.
+        what was measured (agreement per ratio tried, the ratios too small to select any neuron,
+        which are not tried, seconds). ``model`` is left as it was.
 
         Why: the paper's fixed ratio does not transfer across architectures. On the zoo's MobileNetV2
         BadNets, ratio 0.1 left the model at chance (validation CA 10.2%) where 0.01 kept 76.9% with
@@ -349,10 +350,13 @@ class OTBR(Pass):
             device=context.device,
         )
         tried: dict[str, float] = {}
-        ratios = sorted(set(self.ratio_search), reverse=True)
+        # A ratio too small to select one neuron leaves the suspect as it is: it would always "agree".
+        choices = {r: select_neurons(nwc, targets, r, self.max_layer_ratio) for r in set(self.ratio_search)}
+        idle = sorted(r for r, selected in choices.items() if not selected)
+        ratios = sorted((r for r in choices if choices[r]), reverse=True) or idle[:1]
         for i, ratio in enumerate(ratios):
             trial = copy.deepcopy(model)
-            selected = select_neurons(nwc, targets, ratio, self.max_layer_ratio)
+            selected = choices[ratio]
             self._fuse(trial, graph, targets, nwc, selected)
             if self.compact and selected:
                 ChannelGraph(trial, example).remove_channels(selected, self.residual_policy)
@@ -363,7 +367,8 @@ class OTBR(Pass):
             if tried[f"{ratio:g}"] >= self.min_agreement:
                 break
         seconds = time.perf_counter() - started
-        return ratio, {"agreement": tried, "min_agreement": self.min_agreement, "seconds": seconds}
+        found = {"agreement": tried, "min_agreement": self.min_agreement, "prunes_nothing": idle, "seconds": seconds}
+        return ratio, found
 
     def _fuse(
         self, model: nn.Module, graph: ChannelGraph, targets: list[str], nwc: dict, selected: dict[str, list[int]]

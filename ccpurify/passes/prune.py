@@ -82,6 +82,7 @@ class Prune(Pass):
     merge_similarity: float = 0.0  # merge only pairs whose folded filters have at least this cosine similarity
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.importance = Importance(self.importance)
         if self.macs is not None and self.params is not None:
             raise InvalidInputError("Prune takes one target: macs= or params= (a fraction in (0, 1]), not both")

@@ -69,6 +69,15 @@ class GuardScope(str, Enum):
     TARGET = "target"  # only where the teacher predicts the suspected backdoor target
 
 
+class HintSource(str, Enum):
+    """Which model's BN inputs the student's feature hints are matched to."""
+
+    TEACHER = "teacher"
+    # the guard (the latest defense's output): the suspect's features carry the trigger's, and at
+    # weight 100 matching them re-taught the backdoor after a mild OTBR (issue 14, session 9)
+    GUARD = "guard"
+
+
 class SyntheticInit(str, Enum):
     NOISE = "noise"  # Gaussian pixels, as ZeroQ (C&C's recovery)
     DEAD_LEAVES = "dead_leaves"  # procedural natural-like images (ccpurify.synthesis.dead_leaves)
@@ -127,6 +136,7 @@ class Recover(Pass):
     # compression made is measured on the images, which suits images that are not the training data.
     anchor_bn: bool = False
     feature_weight: float = 0.0  # > 0: also match BN inputs to the teacher's (FeatureHints)
+    hints_from: HintSource = HintSource.TEACHER  # "guard": match the guard's BN inputs instead (needs guard=True)
     max_grad_norm: float | None = None  # clip the gradient's global norm (distill): keeps large hint weights stable
     synthetic_images: int = 512
     # 30 synthesis steps recover as well as 100 inside the data-free pipeline (mean validation DER
@@ -158,11 +168,13 @@ class Recover(Pass):
     suppress_target: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.data = RecoverData(self.data)
         self.teacher_from = TeacherSource(self.teacher_from)
         self.synthetic_init = SyntheticInit(self.synthetic_init)
         self.guard_vetoed = GuardVeto(self.guard_vetoed)
         self.guard_scope = GuardScope(self.guard_scope)
+        self.hints_from = HintSource(self.hints_from)
         if self.epochs < 1:
             raise InvalidInputError("epochs must be >= 1")
         if self.budget is not None and self.budget < 1:
@@ -185,6 +197,8 @@ class Recover(Pass):
             raise InvalidInputError(
                 "Recover(guard=True) guards the suspect: it needs teacher_from='input' (and a defense earlier in the Pipeline)"
             )
+        if self.hints_from is HintSource.GUARD and not self.guard:
+            raise InvalidInputError("Recover(hints_from='guard') matches the guard's features: it needs guard=True")
         if not self.guard and (self.guard_scope is not GuardScope.ALL or self.guard_vetoed is not GuardVeto.GUARD):
             raise InvalidInputError("guard_scope and guard_vetoed shape the guard: they need guard=True")
 
@@ -249,12 +263,18 @@ class Recover(Pass):
                 else torch.cat([images, *(augment(images, context.generator(13)) for _ in range(3))])
             )
             target, suspicion = suspected_target(teacher, guard, views)
-        needs_correspondence = self.feature_weight > 0 or (self.recalibrate and self.anchor_bn)
+        needs_correspondence = (self.feature_weight > 0 and self.hints_from is HintSource.TEACHER) or (
+            self.recalibrate and self.anchor_bn
+        )
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
         correspondence = (
             channel_correspondence(teacher, student, context.example_inputs) if needs_correspondence else {}
         )
-        hints = FeatureHints(teacher, student, correspondence) if self.feature_weight > 0 else None
+        hints = None
+        if self.feature_weight > 0 and self.hints_from is HintSource.GUARD:
+            hints = FeatureHints(guard, student, channel_correspondence(guard, student, context.example_inputs))
+        elif self.feature_weight > 0:
+            hints = FeatureHints(teacher, student, correspondence)
         if self.recalibrate and self.anchor_bn:
             anchored_bn_update(student, teacher, images[:256], correspondence, context.device)
         elif self.recalibrate:

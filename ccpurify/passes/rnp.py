@@ -213,6 +213,7 @@ class RNP(Pass):
     collapse_guard: float | None = 0.8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.mode, self.residual_policy = Mode(self.mode), RemovalPolicy(self.residual_policy)
         if self.collapse_guard is not None and not 0 < self.collapse_guard <= 1:
             raise InvalidInputError(f"collapse_guard must be in (0, 1] or None, got {self.collapse_guard}")
