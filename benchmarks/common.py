@@ -9,11 +9,13 @@ Two kinds of numbers are kept apart everywhere:
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,3 +230,25 @@ def context_for(entry: Entry, data: str) -> PurifyContext:
     elif data == "unlabeled_ood":
         context.unlabeled_data = entry.ood_unlabeled_data()
     return context
+
+
+def datafree_experiment(
+    doc: str, default_entries: list[str], argv: list[str] | None, add_options=None
+) -> tuple[argparse.Namespace, Iterator[tuple[Entry, PurifyContext]]]:
+    """The command line of a data-free experiment script (``--entries``, ``--threads`` and what
+    ``add_options(parser)`` adds), with the thread count set, and its zoo entries, each loaded with
+    a data-free defender's context, one at a time."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", nargs="+", default=default_entries)
+    parser.add_argument("--threads", type=int, default=1)
+    if add_options is not None:
+        add_options(parser)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    def entries() -> Iterator[tuple[Entry, PurifyContext]]:
+        for name in args.entries:
+            entry = load_entry(name)
+            yield entry, context_for(entry, "none")
+
+    return args, entries()

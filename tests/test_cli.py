@@ -253,3 +253,11 @@ def test_a_defense_that_leaves_the_backdoor_or_costs_accuracy_is_flagged():
     assert len(kept) == 1 and "ASR is still 90.0%" in kept[0]
     assert len(costly) == 1 and "cost 20.0 points" in costly[0]
     assert _outcome_warnings(before, BackdoorMetrics(0.78, 0.02, 0.70, 100, 90)) == []
+
+
+def test_purify_prints_what_a_pass_chose_from_the_model(ci_run, tmp_path, capsys):
+    out = tmp_path / "otbr"
+    options = ["--set", "steps=2", "--set", "ratio_search=[0.05,0.1]", "--set", "search_images=32"]
+    assert main(["purify", str(ci_run.run_dir), "--method", "otbr", *options, "--no-export", "--out", str(out)]) == 0
+    chosen = json.loads((out / "report.json").read_text())["pipeline"]["passes"][0]["details"]["ratio"]
+    assert f"chosen: otbr: ratio {chosen:g} (keeps " in capsys.readouterr().out

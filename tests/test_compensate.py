@@ -517,3 +517,10 @@ def test_hints_from_the_guard_pull_the_students_features_to_the_guards_not_the_s
     assert gap["guard"] > 0.9  # the suspect's first-layer features were not taught
     with pytest.raises(InvalidInputError, match="needs guard=True"):
         Recover(teacher_from="input", hints_from="guard")
+
+
+def test_agreement_compares_in_eval_mode_and_leaves_the_models_modes_as_they_were():
+    a, b = two_bn_net().train(), copy.deepcopy(two_bn_net()).eval()
+    images = torch.randn(16, 3, 8, 8)
+    assert agreement(a, b, images) == 1.0  # the same weights: in eval mode they agree everywhere
+    assert a.training and not b.training and all(p.requires_grad for p in a.parameters())

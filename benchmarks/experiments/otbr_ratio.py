@@ -12,12 +12,11 @@ and every ratio reuses it.
 
 from __future__ import annotations
 
-import argparse
 from unittest import mock
 
 import torch
 
-from benchmarks.common import RESULTS, context_for, load_entry, model_fingerprint, store_result, val_scores
+from benchmarks.common import RESULTS, datafree_experiment, model_fingerprint, store_result, val_scores
 from ccpurify.passes import OTBR
 from ccpurify.passes import otbr as otbr_module
 
@@ -40,16 +39,15 @@ def unlearn_once():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--entries", nargs="+", default=["cifar10-mobilenet_v2-badnets", "cifar10-badnets"])
-    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args, entries = datafree_experiment(
+        __doc__,
+        ["cifar10-mobilenet_v2-badnets", "cifar10-badnets"],
+        argv,
+        lambda parser: parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS)),
+    )
     out = RESULTS / "experiments" / "otbr_ratio.json"
-    for name in args.entries:
-        entry = load_entry(name)
-        context = context_for(entry, "none")
+    for entry, context in entries:
+        name = entry.name
         model = entry.model.eval()
         with mock.patch.object(otbr_module, "random_unlearning", unlearn_once()):
             _, report = OTBR(compact=True, ratio_search=tuple(args.ratios), min_agreement=1.0)(model, context)
