@@ -438,9 +438,11 @@ def suspected_target(
 def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor, batch_size: int = 500) -> float:
     """Fraction of images on which two models predict the same class (each in eval mode; the callers'
     modes come back as they were)."""
+    if len(images) == 0:
+        raise InvalidInputError("agreement needs at least one image")
     with frozen(a), frozen(b):
         same = sum(
             int((a(images[i : i + batch_size]).argmax(1) == b(images[i : i + batch_size]).argmax(1)).sum())
             for i in range(0, len(images), batch_size)
         )
-    return same / max(1, len(images))
+    return same / len(images)

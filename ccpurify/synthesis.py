@@ -118,8 +118,8 @@ def bn_statistics_loss(model: nn.Module, layers: int | None = None) -> Iterator[
 
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode with no parameter gradients; both restored afterwards."""
-    was_training = model.training
+    """``model`` in eval mode with no parameter gradients; both restored afterwards, module by module."""
+    modes = [(m, m.training) for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
@@ -129,7 +129,8 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def fit_input_affine(

@@ -515,12 +515,18 @@ def test_hints_from_the_guard_pull_the_students_features_to_the_guards_not_the_s
             )
     assert gap["teacher"] < 0.8 * gap["guard"]
     assert gap["guard"] > 0.9  # the suspect's first-layer features were not taught
-    with pytest.raises(InvalidInputError, match="needs guard=True"):
+    with pytest.raises(InvalidInputError, match="needs guard=True and feature_weight > 0"):
         Recover(teacher_from="input", hints_from="guard")
+    with pytest.raises(InvalidInputError, match="needs guard=True and feature_weight > 0"):
+        Recover(teacher_from="input", guard=True, hints_from="guard")  # no hints to take from the guard
 
 
 def test_agreement_compares_in_eval_mode_and_leaves_the_models_modes_as_they_were():
     a, b = two_bn_net().train(), copy.deepcopy(two_bn_net()).eval()
+    a[1].eval()  # a frozen BatchNorm inside a training model
     images = torch.randn(16, 3, 8, 8)
     assert agreement(a, b, images) == 1.0  # the same weights: in eval mode they agree everywhere
-    assert a.training and not b.training and all(p.requires_grad for p in a.parameters())
+    assert a.training and not a[1].training and a[4].training and not b.training
+    assert all(p.requires_grad for p in a.parameters())
+    with pytest.raises(InvalidInputError, match="at least one image"):
+        agreement(a, b, images[:0])

@@ -367,6 +367,10 @@ def test_otbr_ratio_search_applies_the_largest_ratio_that_keeps_the_suspects_pre
     # a ratio too small to select any neuron would keep every prediction: it is not tried
     _, idle = OTBR(ratio_search=(0.001, 0.3), min_agreement=1.0, **options)(model)
     assert idle.details.ratio == 0.3 and idle.details.ratio_search["prunes_nothing"] == [0.001]
+    assert list(idle.details.ratio_search["agreement"]) == ["0.3"]
+    assert idle.details.choices().startswith("ratio 0.3 (the smallest: no ratio reached 100%; it keeps ")
+    with pytest.raises(InvalidInputError, match="selects no neuron"):  # a search that could only leave the model as is
+        OTBR(ratio_search=(0.001,), **options)(model)
     with pytest.raises(InvalidInputError, match="ratio_search"):
         OTBR(ratio_search=(0.0, 0.1))
     for bad in (0.1, ("a",), (True,), ()):

@@ -286,6 +286,13 @@ def test_every_pass_built_directly_refuses_an_option_of_the_wrong_type_in_one_li
         cls(**{numeric: float("nan")})
 
 
+def test_a_container_where_a_choice_or_a_name_goes_is_refused_in_one_line() -> None:
+    with pytest.raises(InvalidInputError, match="option residual_policy of pass 'otbr' takes one of"):
+        OTBR(residual_policy=[1])
+    with pytest.raises(InvalidInputError, match="pass 'recover' has no option 1"):
+        passes.CleanCompact(recover_options={1: 2})
+
+
 def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
     assert OTBR(ratio=np.float32(0.05), steps=np.int64(3)).ratio == pytest.approx(0.05)
     assert OTBR(ratio_search=[np.float64(0.01), 0.1]).ratio_search == (0.01, 0.1)

@@ -224,8 +224,8 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         ),
     ),
     # ... with the hints at the default's weight (HINT_WEIGHT), matched to OTBR's output: on GTSRB
-    # BadNets the pruned student starts with the backdoor back (validation ASR 88%), and hints at
-    # GUARDED_HINT_WEIGHT kept half of it (51%); at HINT_WEIGHT, 12%. Its cells are close to the
+    # BadNets the recovery with hints at GUARDED_HINT_WEIGHT ended at validation ASR 51% (53% from a
+    # pruned start without the backdoor, so the recovery teaches it back); at HINT_WEIGHT, 12%. Its cells are close to the
     # default's: the hint weight, not where the hints come from, made the difference on CIFAR-10.
     "otbr-search+prune-comp+recover-guarded-invariant-guardhints10": (
         "none",

@@ -23,7 +23,7 @@ def check_options(cls: type, options: dict[str, Any], name: str) -> None:
     if not dataclasses.is_dataclass(cls):
         return
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(options) - fields)
+    unknown = sorted(str(key) for key in set(options) - fields)
     if unknown:
         raise InvalidInputError(
             f"pass {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}"
@@ -59,7 +59,7 @@ def _accepts(t: Any, value: Any) -> bool:
     if t is str:
         return isinstance(value, str)
     if isinstance(t, type) and issubclass(t, Enum):
-        return isinstance(value, t) or value in {m.value for m in t}
+        return isinstance(value, t) or (isinstance(value, (str, int, float)) and value in {m.value for m in t})
     if typing.get_origin(t) is typing.Literal:
         return value in typing.get_args(t)
     if t in (tuple, list) or typing.get_origin(t) in (tuple, list):

@@ -192,9 +192,11 @@ class OTBRDetails(PassDetails):
     def choices(self) -> str | None:
         if self.ratio_search is None:
             return None
-        agreement = self.ratio_search["agreement"].get(f"{self.ratio:g}")
-        kept = "" if agreement is None else f" (keeps {agreement:.0%} of the suspect's predictions on synthetic images)"
-        return f"ratio {self.ratio:g}{kept}"
+        agreement, bar = self.ratio_search["agreement"][f"{self.ratio:g}"], self.ratio_search["min_agreement"]
+        kept = f"keeps {agreement:.0%} of the suspect's predictions on synthetic images"
+        if agreement < bar:
+            kept = f"the smallest: no ratio reached {bar:.0%}; it {kept}"
+        return f"ratio {self.ratio:g} ({kept})"
 
 
 @register_pass
@@ -327,7 +329,8 @@ class OTBR(Pass):
         ``compact``) predicts the suspect's class on at least ``min_agreement`` of images synthesized
         from the suspect's BatchNorm statistics; the smallest when none does. Returns the ratio and
         what was measured (agreement per ratio tried, the ratios too small to select any neuron,
-        which are not tried, seconds). ``model`` is left as it was.
+        which are not tried, seconds); ``InvalidInputError`` when no ratio selects one. ``model`` is
+        left as it was.
 
         Why: the paper's fixed ratio does not transfer across architectures. On the zoo's MobileNetV2
         BadNets, ratio 0.1 left the model at chance (validation CA 10.2%) where 0.01 kept 76.9% with
@@ -353,7 +356,12 @@ class OTBR(Pass):
         # A ratio too small to select one neuron leaves the suspect as it is: it would always "agree".
         choices = {r: select_neurons(nwc, targets, r, self.max_layer_ratio) for r in set(self.ratio_search)}
         idle = sorted(r for r, selected in choices.items() if not selected)
-        ratios = sorted((r for r in choices if choices[r]), reverse=True) or idle[:1]
+        ratios = sorted((r for r in choices if choices[r]), reverse=True)
+        if not ratios:
+            raise InvalidInputError(
+                f"OTBR's ratio_search {sorted(choices)} selects no neuron of this model's {sum(len(v) for v in nwc.values())}: "
+                "give larger ratios"
+            )
         for i, ratio in enumerate(ratios):
             trial = copy.deepcopy(model)
             selected = choices[ratio]

@@ -197,8 +197,11 @@ class Recover(Pass):
             raise InvalidInputError(
                 "Recover(guard=True) guards the suspect: it needs teacher_from='input' (and a defense earlier in the Pipeline)"
             )
-        if self.hints_from is HintSource.GUARD and not self.guard:
-            raise InvalidInputError("Recover(hints_from='guard') matches the guard's features: it needs guard=True")
+        if self.hints_from is HintSource.GUARD and (not self.guard or self.feature_weight == 0):
+            raise InvalidInputError(
+                "Recover(hints_from='guard') matches feature hints to the guard's features: it needs guard=True and "
+                "feature_weight > 0"
+            )
         if not self.guard and (self.guard_scope is not GuardScope.ALL or self.guard_vetoed is not GuardVeto.GUARD):
             raise InvalidInputError("guard_scope and guard_vetoed shape the guard: they need guard=True")
 
