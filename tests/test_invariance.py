@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ccpurify.distill import distill
-from ccpurify.errors import InvalidInputError
+from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
 from ccpurify.passes import Recover
 from ccpurify.transforms import Normalize
@@ -106,9 +106,12 @@ def test_invariance_options_are_checked():
         Recover(invariance_weight=-1.0)
     with pytest.raises(InvalidInputError, match="invariance"):
         Recover(invariance_eps=0.0)
-    for bad in ({"invariance_scale": 0.5}, {"invariance_scale": math.inf}, {"invariance_weight": math.nan}):
-        with pytest.raises(InvalidInputError, match="invariance_scale"):
-            Recover(**bad)
+    with pytest.raises(InvalidInputError, match="invariance_scale"):
+        Recover(invariance_scale=0.5)
+    for key in ("invariance_scale", "invariance_weight"):  # refused by type before any range check
+        for bad in (math.inf, math.nan):
+            with pytest.raises(NonFiniteError, match=f"option {key}={bad} of pass 'recover' is not a finite number"):
+                Recover(**{key: bad})
     trigger = fit_universal_trigger(Shortcut(), images(), perturbation_bound(0.15, images(), PIXELS), steps=1)
     with pytest.raises(ValueError, match="weight"):
         TriggerInvariance(trigger, weight=0.0)
