@@ -266,18 +266,17 @@ class Recover(Pass):
                 else torch.cat([images, *(augment(images, context.generator(13)) for _ in range(3))])
             )
             target, suspicion = suspected_target(teacher, guard, views)
-        needs_correspondence = (self.feature_weight > 0 and self.hints_from is HintSource.TEACHER) or (
-            self.recalibrate and self.anchor_bn
-        )
+        hinter = guard if self.hints_from is HintSource.GUARD else teacher  # __post_init__: a guard exists then
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
-        correspondence = (
-            channel_correspondence(teacher, student, context.example_inputs) if needs_correspondence else {}
-        )
+        correspondence = {}
+        if (self.feature_weight > 0 and hinter is teacher) or (self.recalibrate and self.anchor_bn):
+            correspondence = channel_correspondence(teacher, student, context.example_inputs)
         hints = None
-        if self.feature_weight > 0 and self.hints_from is HintSource.GUARD:
-            hints = FeatureHints(guard, student, channel_correspondence(guard, student, context.example_inputs))
-        elif self.feature_weight > 0:
-            hints = FeatureHints(teacher, student, correspondence)
+        if self.feature_weight > 0:
+            hinted = (
+                correspondence if hinter is teacher else channel_correspondence(hinter, student, context.example_inputs)
+            )
+            hints = FeatureHints(hinter, student, hinted)
         if self.recalibrate and self.anchor_bn:
             anchored_bn_update(student, teacher, images[:256], correspondence, context.device)
         elif self.recalibrate:
