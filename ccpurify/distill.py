@@ -250,10 +250,26 @@ def without_class_knowledge(logits: torch.Tensor, cls: int) -> torch.Tensor:
     return out
 
 
+def shared_knowledge(teacher_logits: torch.Tensor, guard_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits whose softmax at ``temperature`` is, class by class, the smaller of the teacher's and
+    the guard's probabilities, renormalised: the dark knowledge both models share. A backdoored
+    teacher leans every image towards its target class in proportion to the trigger feature the image
+    partly carries; a guard without the backdoor does not, so that lean does not pass on, while the
+    class similarities both models learned from clean data do (issue 14, session 10: distilling the
+    suspect's own soft targets, guarded only by argmax agreement, taught GTSRB BadNets' backdoor back
+    to 52% ASR)."""
+    shared = torch.minimum(F.log_softmax(teacher_logits / temperature, 1), F.log_softmax(guard_logits / temperature, 1))
+    return shared * temperature
+
+
 def _guarded_targets(
-    teacher_logits: torch.Tensor, guard_logits: torch.Tensor, veto_class: int | None
+    teacher_logits: torch.Tensor,
+    guard_logits: torch.Tensor,
+    veto_class: int | None,
+    shared_temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distillation targets under a guard (the guard's logits where it overrules the teacher)
+    """The distillation targets under a guard (the guard's logits where it overrules the teacher,
+    with ``shared_temperature`` the knowledge both share, ``shared_knowledge``, where it does not)
     and each image's weight: 1 where the teacher's target stands, 0 where the guard overruled it."""
     predicted = teacher_logits.argmax(1)
     agree = predicted == guard_logits.argmax(1)
@@ -261,6 +277,8 @@ def _guarded_targets(
         if veto_class >= teacher_logits.shape[1]:
             raise ValueError(f"veto_class {veto_class} is not a class of a {teacher_logits.shape[1]}-class model")
         agree |= predicted != veto_class
+    if shared_temperature is not None:
+        teacher_logits = shared_knowledge(teacher_logits, guard_logits, shared_temperature)
     return torch.where(agree[:, None], teacher_logits, guard_logits), agree.to(teacher_logits.dtype)
 
 
@@ -309,6 +327,7 @@ def distill(
     guard: nn.Module | None = None,
     vetoed: str = "guard",
     veto_class: int | None = None,
+    shared_targets: bool = False,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     progress: ProgressCallback | None = None,
@@ -335,8 +354,11 @@ def distill(
     ``ccpurify.passes.recover``'s trigger-leak guard). With ``veto_class`` the guard overrules the
     teacher only where the teacher predicts that class (the suspected backdoor target,
     ``suspected_target``): elsewhere the teacher's clean knowledge passes on even where the guard,
-    which lost accuracy to the defense, disagrees."""
+    which lost accuracy to the defense, disagrees. With ``shared_targets`` the teacher's target, where
+    it stands, keeps only the dark knowledge the guard shares (``shared_knowledge``)."""
     _check_guard_options(guard, vetoed, veto_class)
+    if shared_targets and guard is None:
+        raise ValueError("shared_targets shares the teacher's targets with a guard: pass guard= too")
     check_max_grad_norm(max_grad_norm)
     teacher.eval()
     if guard is not None:
@@ -364,7 +386,7 @@ def distill(
                 t = teacher(x)
                 weights = None
                 if guard is not None:
-                    t, weights = _guarded_targets(t, guard(x), veto_class)
+                    t, weights = _guarded_targets(t, guard(x), veto_class, t_epoch if shared_targets else None)
                     overruled += int((weights == 0).sum())
                     seen += len(x)
                 if suppress_class is not None:

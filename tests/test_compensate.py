@@ -322,18 +322,71 @@ def test_a_guard_scoped_to_one_class_overrules_the_teacher_only_there():
         distill(copy.deepcopy(teacher), teacher, images, epochs=1, veto_class=c)
 
 
+def test_shared_targets_keep_only_the_dark_knowledge_both_models_share():
+    """Class by class the shared target is the smaller of the two probabilities, renormalised: where
+    the models agree on the class it stays the prediction, a guard identical to the teacher changes
+    nothing, and a lean towards one class that only the teacher has passes on to the student much
+    weakened."""
+    from ccpurify.distill import distill, shared_knowledge
+
+    torch.manual_seed(0)
+    teacher_logits, guard_logits = torch.randn(32, 5) * 3, torch.randn(32, 5) * 3
+    for t in (1.0, 4.0):
+        shared = torch.softmax(shared_knowledge(teacher_logits, guard_logits, t) / t, 1)
+        smaller = torch.minimum(torch.softmax(teacher_logits / t, 1), torch.softmax(guard_logits / t, 1))
+        assert torch.allclose(shared, smaller / smaller.sum(1, keepdim=True), atol=1e-6)
+        same = shared_knowledge(teacher_logits, teacher_logits, t)
+        assert torch.allclose(torch.softmax(same / t, 1), torch.softmax(teacher_logits / t, 1), atol=1e-6)
+    agree = teacher_logits.argmax(1) == guard_logits.argmax(1)
+    assert agree.any()
+    assert torch.equal(
+        shared_knowledge(teacher_logits, guard_logits, 4.0)[agree].argmax(1), teacher_logits[agree].argmax(1)
+    )
+
+    guard = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    with torch.no_grad():
+        guard[2].weight.copy_(torch.eye(3) * 4)
+        guard[2].bias.zero_()
+    teacher = copy.deepcopy(guard)
+    with torch.no_grad():  # the teacher leans every image towards class 2, short of changing its class
+        teacher[2].bias[2] = 1.5
+    images = torch.randn(256, 3, 4, 4) * 2
+    leaning = {}
+    for source, shared_targets in (("teacher", False), ("shared", True), ("guard", False)):
+        student = copy.deepcopy(guard)
+        with torch.no_grad():
+            student[2].weight.mul_(0.5)
+        options = dict(epochs=20, batch_size=64, lr=0.05, weight_decay=0.0, guard=guard)
+        distill(
+            student,
+            guard if source == "guard" else teacher,
+            images,
+            shared_targets=shared_targets,
+            generator=torch.Generator().manual_seed(0),
+            **options,
+        )
+        with torch.no_grad():
+            leaning[source] = float(student(images).softmax(1)[:, 2].mean())
+    # renormalising gives the lean back in part (the other classes' shares fell with the teacher's)
+    assert leaning["guard"] < leaning["shared"] < leaning["teacher"] - 0.05
+
+
 def test_guard_options_are_refused_where_they_cannot_apply():
-    from ccpurify.distill import suspected_target
+    from ccpurify.distill import distill, suspected_target
     from ccpurify.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="teacher_from='input'"):
         Recover(guard=True)
     with pytest.raises(InvalidInputError, match="need guard=True"):
         Recover(guard_scope="target")
+    with pytest.raises(InvalidInputError, match="need guard=True"):
+        Recover(guard_targets="shared")
     teacher = two_bn_net()
     wider = nn.Sequential(teacher, nn.Linear(3, 10))
     with pytest.raises(ValueError, match="3 outputs and the guard 10"):  # the classes must be the same
         suspected_target(teacher, wider, torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="shared_targets"):
+        distill(two_bn_net(), teacher, torch.randn(4, 3, 8, 8), epochs=1, shared_targets=True)
 
 
 def test_feature_hints_ignore_images_of_weight_zero():

@@ -16,7 +16,7 @@ import ccpurify
 from ccpurify import models, passes
 from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.io import ArchRef, edits_of, load_model, save_model
-from ccpurify.passes import OTBR, PASSES, Factorize, Pipeline, Prune, PurifyContext, list_passes
+from ccpurify.passes import OTBR, PASSES, Factorize, Pipeline, Prune, PurifyContext, Recover, list_passes
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 ALL = models.list_models() + sorted(CUSTOM)
@@ -298,3 +298,27 @@ def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
     assert OTBR(ratio_search=[np.float64(0.01), 0.1]).ratio_search == (0.01, 0.1)
     with pytest.raises(InvalidInputError, match="option ratio_search of pass 'otbr' takes a list of float or null"):
         OTBR(ratio_search=(0.1, "0.2"))
+
+
+@pytest.mark.parametrize(
+    "cls, option, value, says",
+    [
+        (Recover, "lr", -1.0, "must be > 0"),
+        (Recover, "batch_size", 0, "must be >= 1"),
+        (Recover, "temperature", 0.0, "must be > 0"),
+        (Recover, "epochs", 10**30, r"must be at most 1e\+09"),
+        (passes.RNP, "validation_fraction", 2.5, r"must be in \(0, 1\)"),
+        (passes.BCU, "first_ratio", -1.0, r"must be in \[0, 1\]"),
+        (Prune, "search_steps", -1, "must be >= 1"),
+        (OTBR, "momentum", -1.0, r"must be in \[0, 1\]"),
+        (OTBR, "eps", -1.0, "must be > 0"),
+        (OTBR, "steps", 10**400, r"must be at most 1e\+09"),
+        (passes.CleanCompact, "tau", -1.0, "must be > 0"),
+        (Factorize, "round_to", 0, "must be >= 1"),
+    ],
+)
+def test_an_option_outside_its_range_is_refused_in_one_line(cls: type, option: str, value: object, says: str) -> None:
+    """Given a value of the right type but outside the option's range, the pass is not built, and the
+    error names the option and the range it takes."""
+    with pytest.raises(InvalidInputError, match=f"option {option}.* of pass '{cls.name}' {says}"):
+        cls(**{option: value})

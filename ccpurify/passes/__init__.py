@@ -19,15 +19,15 @@ from ccpurify.passes.base import (
     Training,
 )
 from ccpurify.passes.data import LabeledData, UnlabeledData, as_labeled, as_unlabeled
-from ccpurify.passes.options import check_options
+from ccpurify.passes.options import check_option_names
 from ccpurify.passes.registry import PASSES, register_pass
 from ccpurify.registry import UnknownNameError
 
 
 def create(name: str, **options) -> Pass:
-    """Build pass ``name`` with keyword options (its dataclass fields, checked by name, type and
-    finiteness first: ``ccpurify.passes.options``)."""
-    check_options(PASSES.get(name), options, name)
+    """Build pass ``name`` with keyword options: its dataclass fields, checked by name here and by
+    type, range and finiteness when the pass is built (``ccpurify.passes.options``)."""
+    check_option_names(PASSES.get(name), options, name)
     return PASSES.create(name, **options)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from ccpurify.cost import model_cost
 from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.passes.data import LabeledData, UnlabeledData
-from ccpurify.passes.options import check_options
+from ccpurify.passes.options import check_option_values
 from ccpurify.probes import check_edited_model, check_finite_outputs, non_finite_tensor, probe_inputs
 from ccpurify.progress import ProgressCallback
 from ccpurify.recipe import edits_of, set_edits, set_input_shape
@@ -153,7 +153,7 @@ class Pass(ABC):
         not finite is refused in one line naming it (``ccpurify.passes.options``), however the pass
         was built, before the pass's own range checks compare it with anything."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        check_options(type(self), options, self.name)
+        check_option_values(type(self), options, self.name)
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PassReport]:
         context = context or PurifyContext()

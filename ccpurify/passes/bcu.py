@@ -34,6 +34,7 @@ from ccpurify.distill import DistillLog, distill, epochs_for_budget
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.passes.base import Pass, PassDetails, PassReport, PassResult, PurifyContext, Training
+from ccpurify.passes.options import Count, Fraction, NonNegativeFloat, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.transforms import Augment
 
@@ -139,22 +140,22 @@ class BCU(Pass):
 
     name = "bcu"
     kind = "defense"
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    first_ratio: float = 0.01
-    last_ratio: float = 0.27
-    classifier_ratio: float = 0.10
-    t_start: float = 1.0
-    t_end: float = 4.0
+    epochs: Count = 20
+    batch_size: Count = 128
+    lr: PositiveFloat = 0.01
+    momentum: Fraction = 0.9
+    weight_decay: NonNegativeFloat = 5e-4
+    first_ratio: Fraction = 0.01
+    last_ratio: Fraction = 0.27
+    classifier_ratio: Fraction = 0.10
+    t_start: PositiveFloat = 1.0
+    t_end: PositiveFloat = 4.0
     augment: bool = True
     hflip: bool = True
     compact: Pass | None = None
     # Distillation budget in sample-steps: when set it replaces ``epochs`` (epochs =
     # ceil(budget / images)), so the cost, and how far the student moves, do not grow with the pool.
-    budget: int | None = None
+    budget: Count | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

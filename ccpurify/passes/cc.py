@@ -32,6 +32,7 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.lowrank import Method
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.factorize import Allocation, eligible_layers, plan_for_macs, plan_ranks
+from ccpurify.passes.options import Count, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
@@ -94,7 +95,7 @@ class CleanCompact(Pass):
     kind = "defense"
     # Defaults frozen from the ablation (benchmarks/results/cc_ablation.md, sweep-cc-tau*.md), chosen
     # on validation DER (training-split images), never on the test split.
-    tau: float = 1.75
+    tau: PositiveFloat = 1.75
     normalization: Normalization = Normalization.ZSCORE
     purify: RankPurification = RankPurification.CLIP
     fold_bn: bool = True
@@ -106,7 +107,7 @@ class CleanCompact(Pass):
     recover: bool = False
     recover_options: dict = field(default_factory=dict)
     only_if_cheaper: bool = True  # keep a layer dense (purified) when its factors would cost more MACs
-    round_to: int | None = None  # truncation ranks to multiples of this (8 suits onnxruntime's CPU kernels)
+    round_to: Count | None = None  # truncation ranks to multiples of this (8 suits onnxruntime's CPU kernels)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,15 +119,15 @@ class CleanCompact(Pass):
         if self.macs is not None and not 0.0 < self.macs <= 1.0:
             raise InvalidInputError(f"macs must be a fraction in (0, 1], got {self.macs}")
         if self.recover_options:
-            from ccpurify.passes.options import check_options
+            from ccpurify.passes.options import check_option_names
             from ccpurify.passes.recover import Recover
 
             if fixed := sorted({"teacher", "data"} & set(self.recover_options)):
                 raise InvalidInputError(
                     f"C&C's recovery sets {', '.join(fixed)} itself; leave it out of recover_options"
                 )
-            check_options(Recover, self.recover_options, "recover")
-            Recover(**self.recover_options)  # its own checks (e.g. epochs >= 1), before any work
+            check_option_names(Recover, self.recover_options, "recover")
+            Recover(**self.recover_options)  # its values are checked when it is built, before any work
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         geometries, graph = eligible_layers(model, context, self.skip_stem, self.skip_output)

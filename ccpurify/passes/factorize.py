@@ -23,6 +23,7 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.lowrank import Geometry, Method
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
+from ccpurify.passes.options import Count
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
@@ -138,14 +139,14 @@ class Factorize(Pass):
     name = "factorize"
     macs: float | None = None  # whole-model MACs fraction to keep (default 0.5 when no target is given)
     energy: float | None = None
-    rank: int | None = None
+    rank: Count | None = None
     method: Method = Method.SVD
     allocation: Allocation = Allocation.UNIFORM
     skip_stem: bool = True
     skip_output: bool = True
     layers: tuple[str, ...] = field(default_factory=tuple)  # restrict to these layer names (default: all eligible)
     only_if_cheaper: bool = True  # leave a layer dense when its factors would not cost fewer MACs
-    round_to: int | None = None  # ranks to multiples of this (8 suits onnxruntime's CPU kernels)
+    round_to: Count | None = None  # ranks to multiples of this (8 suits onnxruntime's CPU kernels)
 
     def __post_init__(self) -> None:
         super().__post_init__()

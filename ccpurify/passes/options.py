@@ -12,14 +12,51 @@ import math
 import numbers
 import types
 import typing
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from ccpurify.errors import InvalidInputError, NonFiniteError
 
+# The largest integer option (epochs, steps, images, sample-steps): larger ones are a typo or a hostile
+# config, and would run for years or overflow a size computation.
+MAX_COUNT = 10**9
 
-def check_options(cls: type, options: dict[str, Any], name: str) -> None:
-    """Refuse options that ``cls`` (a dataclass pass) does not take, of the wrong type, or not finite."""
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric option must lie in (``Annotated[float, Range(...)]`` on a pass field)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.low == -MAX_COUNT:
+            return f"at most {MAX_COUNT:.0e}"
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# Option types with their ranges, checked by check_option_values when a pass is built.
+PositiveFloat = Annotated[float, Range(0.0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0.0)]
+Fraction = Annotated[float, Range(0.0, 1.0)]  # [0, 1]
+OpenFraction = Annotated[float, Range(0.0, 1.0, low_open=True, high_open=True)]  # (0, 1)
+Count = Annotated[int, Range(1)]  # and at most MAX_COUNT, as every integer option
+NonNegativeCount = Annotated[int, Range(0)]
+
+
+def check_option_names(cls: type, options: dict[str, Any], name: str) -> None:
+    """Refuse options that ``cls`` (a dataclass pass) does not take, naming the ones it does (the
+    constructor would raise a bare ``TypeError``)."""
     if not dataclasses.is_dataclass(cls):
         return
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -28,26 +65,54 @@ def check_options(cls: type, options: dict[str, Any], name: str) -> None:
         raise InvalidInputError(
             f"pass {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields))}"
         )
-    hints = typing.get_type_hints(cls)
+
+
+def check_option_values(cls: type, options: dict[str, Any], name: str) -> None:
+    """Refuse option values of the wrong type, out of their field's ``Range`` or not finite (what
+    ``Pass.__post_init__`` runs on every pass, however it was built)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
     for key, value in options.items():
         _check_value(name, key, value, hints.get(key, Any))
 
 
 def _check_value(name: str, key: str, value: Any, hint: Any) -> None:
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        try:
-            finite = math.isfinite(float(value))
-        except OverflowError:
-            finite = False
-        if not finite:
-            raise NonFiniteError(f"option {key}={str(value)[:40]} of pass {name!r} is not a finite number")
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if number and not isinstance(value, numbers.Integral) and not _finite(value):
+        raise NonFiniteError(f"option {key}={str(value)[:40]} of pass {name!r} is not a finite number")
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if any(_accepts(t, value) for t in allowed):
+    for t in allowed:
+        base, ranges = _unwrap(t)
+        if not _accepts(base, value):
+            continue
+        if number and base is float and not _finite(value):  # an integer too large for a float
+            raise NonFiniteError(f"option {key}={str(value)[:40]} of pass {name!r} is not a finite number")
+        if number and base is int:
+            ranges = [*ranges, Range(-MAX_COUNT, MAX_COUNT)]
+        broken = [r for r in ranges if number and not r.holds(value)]
+        if broken:
+            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+            raise InvalidInputError(f"option {key} of pass {name!r} must be {broken[0].describe()}, got {shown}")
         return
     raise InvalidInputError(f"option {key} of pass {name!r} takes {_describe(allowed)}, got {value!r}")
 
 
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _unwrap(t: Any) -> tuple[Any, list[Range]]:
+    """``Annotated[X, Range(...)]`` -> (X, its ranges); any other type -> (it, [])."""
+    if typing.get_origin(t) is Annotated:
+        base, *extras = typing.get_args(t)
+        return base, [e for e in extras if isinstance(e, Range)]
+    return t, []
+
+
 def _accepts(t: Any, value: Any) -> bool:
+    t = _unwrap(t)[0]
     if t is type(None):
         return value is None
     if t is bool:
@@ -85,6 +150,9 @@ def _items(t: Any) -> tuple:
 
 def _describe(allowed: tuple) -> str:
     def one(t: Any) -> str:
+        t, ranges = _unwrap(t)
+        if ranges:
+            return f"{one(t)} {' and '.join(r.describe() for r in ranges)}"
         if t is type(None):
             return "null"
         if isinstance(t, type) and issubclass(t, Enum):

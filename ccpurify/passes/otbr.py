@@ -43,6 +43,7 @@ from ccpurify.distill import agreement
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
+from ccpurify.passes.options import Count, Fraction, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
@@ -208,11 +209,11 @@ class OTBR(Pass):
     kind = "defense"
     ratio: float = 0.10
     lam: float = 0.5
-    steps: int = 20
-    batch_size: int = 256
-    lr: float = 1e-4
-    momentum: float = 0.9
-    eps: float = 1e-8
+    steps: Count = 20
+    batch_size: Count = 256
+    lr: PositiveFloat = 1e-4
+    momentum: Fraction = 0.9
+    eps: PositiveFloat = 1e-8
     reference_label_quirk: bool = False
     round_nwc: bool = False  # the reference writes NWC to text with 4 decimals and reads it back
     compact: bool = False
@@ -226,7 +227,7 @@ class OTBR(Pass):
     # else the smallest (``OTBR.search_ratio``).
     ratio_search: tuple[float, ...] | None = None
     min_agreement: float = 0.9
-    search_images: int = 256
+    search_images: Count = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -38,6 +38,7 @@ from ccpurify.distill import (
 from ccpurify.errors import InvalidInputError
 from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
+from ccpurify.passes.options import Count, NonNegativeCount, NonNegativeFloat, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
 from ccpurify.transforms import Augment
@@ -67,6 +68,15 @@ class GuardScope(str, Enum):
 
     ALL = "all"  # wherever the two disagree
     TARGET = "target"  # only where the teacher predicts the suspected backdoor target
+
+
+class GuardTargets(str, Enum):
+    """What the student learns from the teacher on an image where the guard lets the teacher stand."""
+
+    TEACHER = "teacher"  # the teacher's soft targets
+    # class by class the smaller of the teacher's and the guard's probabilities (distill.shared_knowledge):
+    # the suspect's lean towards its backdoor target does not pass on
+    SHARED = "shared"
 
 
 class HintSource(str, Enum):
@@ -121,27 +131,27 @@ class Recover(Pass):
     teacher: nn.Module | None = None
     teacher_from: TeacherSource = TeacherSource.DEFENSE
     data: RecoverData = RecoverData.AUTO
-    epochs: int = 20
+    epochs: Count = 20
     # Distillation budget in sample-steps (images seen by the student, augmented): when set, it
     # replaces ``epochs`` (epochs = ceil(budget / images)), so the cost does not depend on the data size.
-    budget: int | None = None
-    batch_size: int = 128
-    lr: float = 0.01
-    temperature: float = 4.0
-    hard_label_weight: float = 0.0
+    budget: Count | None = None
+    batch_size: Count = 128
+    lr: PositiveFloat = 0.01
+    temperature: PositiveFloat = 4.0
+    hard_label_weight: NonNegativeFloat = 0.0
     augment: bool = True
     hflip: bool = True
     recalibrate: bool = True  # re-estimate BN statistics on the recovery images first
     # ... and re-estimate them anchored to the teacher's (distill.anchored_bn_update): only the change
     # compression made is measured on the images, which suits images that are not the training data.
     anchor_bn: bool = False
-    feature_weight: float = 0.0  # > 0: also match BN inputs to the teacher's (FeatureHints)
+    feature_weight: NonNegativeFloat = 0.0  # > 0: also match BN inputs to the teacher's (FeatureHints)
     hints_from: HintSource = HintSource.TEACHER  # "guard": match the guard's BN inputs instead (needs guard=True)
     max_grad_norm: float | None = None  # clip the gradient's global norm (distill): keeps large hint weights stable
-    synthetic_images: int = 512
+    synthetic_images: Count = 512
     # 30 synthesis steps recover as well as 100 inside the data-free pipeline (mean validation DER
     # 88.7 vs 88.8 on CIFAR-10 BadNets/Blended) in 40% of the time: benchmarks/results/recover_budget.md.
-    synthetic_steps: int = 30
+    synthetic_steps: NonNegativeCount = 30
     synthetic_init: SyntheticInit = SyntheticInit.NOISE
     # With teacher_from="input": the latest defense's output vetoes the suspect teacher image by image
     # (distill's ``guard``), so a trigger feature present in the synthetic images cannot be passed on.
@@ -153,14 +163,17 @@ class Recover(Pass):
     # predicts the suspected backdoor target (distill.suspected_target, found on the recovery
     # images), so the suspect's clean knowledge passes on where the guard is merely less accurate.
     guard_scope: GuardScope = GuardScope.ALL
+    # Where the teacher's target stands: "teacher" distills it as it is, "shared" keeps only the dark
+    # knowledge the guard shares (class by class the smaller probability; distill.shared_knowledge).
+    guard_targets: GuardTargets = GuardTargets.TEACHER
     # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
     # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
-    synthetic_class_weight: float = 0.0
+    synthetic_class_weight: NonNegativeFloat = 0.0
     # > 0: trigger invariance (ccpurify.invariance): a universal perturbation of at most
     # ``invariance_eps`` of the pixel range, fitted on the recovery images to send the teacher to one
     # class, then kept adversarial against the student, which learns the teacher's clean target on
     # the perturbed images at this weight. Removes full-image triggers that pruning defenses miss.
-    invariance_weight: float = 0.0
+    invariance_weight: NonNegativeFloat = 0.0
     invariance_eps: float = 0.05
     invariance_scale: float = 1.0  # the perturbation is unlearned at up to this multiple of its bound
     # The universal perturbation's class (the suspected backdoor target) loses its dark knowledge in
@@ -174,24 +187,13 @@ class Recover(Pass):
         self.synthetic_init = SyntheticInit(self.synthetic_init)
         self.guard_vetoed = GuardVeto(self.guard_vetoed)
         self.guard_scope = GuardScope(self.guard_scope)
+        self.guard_targets = GuardTargets(self.guard_targets)
         self.hints_from = HintSource(self.hints_from)
-        if self.epochs < 1:
-            raise InvalidInputError("epochs must be >= 1")
-        if self.budget is not None and self.budget < 1:
-            raise InvalidInputError("budget must be a positive number of sample-steps")
-        if self.synthetic_images < 1 or self.synthetic_steps < 0:
-            raise InvalidInputError("synthetic_images must be >= 1 and synthetic_steps >= 0")
-        if self.feature_weight < 0 or self.synthetic_class_weight < 0:
-            raise InvalidInputError("feature_weight and synthetic_class_weight must be >= 0")
         check_max_grad_norm(self.max_grad_norm)
-        if (
-            not 0 <= self.invariance_weight < math.inf
-            or not 0 < self.invariance_eps <= 1
-            or not 1 <= self.invariance_scale < math.inf
-        ):
+        if not 0 < self.invariance_eps <= 1 or not 1 <= self.invariance_scale < math.inf:
             raise InvalidInputError(
-                "invariance_weight must be finite and >= 0, invariance_eps in (0, 1] and invariance_scale finite and >= 1, got "
-                f"{self.invariance_weight}, {self.invariance_eps} and {self.invariance_scale}"
+                "invariance_eps must be in (0, 1] and invariance_scale finite and >= 1, got "
+                f"{self.invariance_eps} and {self.invariance_scale}"
             )
         if self.guard and self.teacher_from is not TeacherSource.INPUT:
             raise InvalidInputError(
@@ -202,8 +204,12 @@ class Recover(Pass):
                 "Recover(hints_from='guard') matches feature hints to the guard's features: it needs guard=True and "
                 "feature_weight > 0"
             )
-        if not self.guard and (self.guard_scope is not GuardScope.ALL or self.guard_vetoed is not GuardVeto.GUARD):
-            raise InvalidInputError("guard_scope and guard_vetoed shape the guard: they need guard=True")
+        if not self.guard and (
+            self.guard_scope is not GuardScope.ALL
+            or self.guard_vetoed is not GuardVeto.GUARD
+            or self.guard_targets is not GuardTargets.TEACHER
+        ):
+            raise InvalidInputError("guard_scope, guard_vetoed and guard_targets shape the guard: they need guard=True")
 
     def config(self) -> dict:
         d = super().config()
@@ -313,6 +319,7 @@ class Recover(Pass):
                 guard=guard,
                 vetoed=self.guard_vetoed.value,
                 veto_class=target,
+                shared_targets=self.guard_targets is GuardTargets.SHARED,
                 generator=context.generator(7),
                 device=context.device,
                 progress=context.progress,

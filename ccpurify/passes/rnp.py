@@ -41,6 +41,7 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, RemovalPolicy
 from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.data import LabeledData
+from ccpurify.passes.options import Count, Fraction, NonNegativeFloat, OpenFraction, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 from ccpurify.transforms import Augment
@@ -187,24 +188,24 @@ class RNP(Pass):
     threshold: float | str = 0.2
     prune_fraction: float | None = None  # prune this fraction of all BN channels instead of thresholding
     mask_score: MaskScore = MaskScore.FINAL
-    max_accuracy_drop: float = 0.03
-    validation_fraction: float = 0.2
-    clean_threshold: float = 0.2
-    unlearn_epochs: int = 20
-    unlearn_lr: float = 0.01
-    recover_epochs: int = 20
-    recover_lr: float = 0.2
-    alpha: float = 0.2
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    max_accuracy_drop: Fraction = 0.03
+    validation_fraction: OpenFraction = 0.2
+    clean_threshold: Fraction = 0.2
+    unlearn_epochs: Count = 20
+    unlearn_lr: PositiveFloat = 0.01
+    recover_epochs: Count = 20
+    recover_lr: PositiveFloat = 0.2
+    alpha: Fraction = 0.2
+    batch_size: Count = 128
+    momentum: Fraction = 0.9
+    weight_decay: NonNegativeFloat = 5e-4
     augment: bool = True
     hflip: bool = True
     residual_policy: RemovalPolicy = RemovalPolicy.GROUP
     # Unlearn and recover the masks on at most this many of the clean images (a seeded draw). RNP's
     # stages run for fixed *epochs*, so more images means more gradient-ascent steps per epoch and
     # a deeper unlearning: the paper's setting is 500 images (1% of CIFAR-10).
-    max_images: int | None = None
+    max_images: Count | None = None
     # With prune_fraction (ccpurify's ranked rule, not the paper's): a channel whose removal alone
     # leaves the model below this fraction of its accuracy on the defender's images is kept, and
     # while the rest still does, half as many are pruned. On CIFAR-10 WaNet, the ranked rule on a
