@@ -327,7 +327,7 @@ def test_shared_targets_keep_only_the_dark_knowledge_both_models_share():
     the models agree on the class it stays the prediction, a guard identical to the teacher changes
     nothing, and a lean towards one class that only the teacher has passes on to the student much
     weakened."""
-    from ccpurify.distill import distill, shared_knowledge
+    from ccpurify.distill import _guarded_targets, distill, shared_knowledge
 
     torch.manual_seed(0)
     teacher_logits, guard_logits = torch.randn(32, 5) * 3, torch.randn(32, 5) * 3
@@ -339,6 +339,9 @@ def test_shared_targets_keep_only_the_dark_knowledge_both_models_share():
         assert torch.allclose(torch.softmax(same / t, 1), torch.softmax(teacher_logits / t, 1), atol=1e-6)
     agree = teacher_logits.argmax(1) == guard_logits.argmax(1)
     assert agree.any()
+    # a guard scoped to class 2 lets the teacher's class 0 stand against its own class 1: no sharing there
+    targets, weights = _guarded_targets(torch.tensor([[8.0, 0, 0]]), torch.tensor([[0.0, 8, 0]]), 2, 4.0)
+    assert torch.equal(targets, torch.tensor([[8.0, 0, 0]])) and weights.item() == 1
     assert torch.equal(
         shared_knowledge(teacher_logits, guard_logits, 4.0)[agree].argmax(1), teacher_logits[agree].argmax(1)
     )

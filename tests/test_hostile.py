@@ -684,7 +684,7 @@ AUDIT_CLI = [
     (
         "a 400-digit --set value",
         lambda f, t: ["purify", str(f["good"]), "--method", "clp", "--set", "u=1" + "0" * 400, "--out", str(t / "o")],
-        "not a finite number",
+        "option u of pass 'clp' is too large, got an integer of 401 digits",
     ),
     (
         "a number for a list option",

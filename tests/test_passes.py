@@ -294,7 +294,8 @@ def test_a_container_where_a_choice_or_a_name_goes_is_refused_in_one_line() -> N
 
 
 def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
-    assert OTBR(ratio=np.float32(0.05), steps=np.int64(3)).ratio == pytest.approx(0.05)
+    otbr = OTBR(ratio=np.float32(0.05), steps=np.int64(3))
+    assert otbr.ratio == pytest.approx(0.05) and type(otbr.ratio) is float and type(otbr.steps) is int  # JSON-able
     assert OTBR(ratio_search=[np.float64(0.01), 0.1]).ratio_search == (0.01, 0.1)
     with pytest.raises(InvalidInputError, match="option ratio_search of pass 'otbr' takes a list of float or null"):
         OTBR(ratio_search=(0.1, "0.2"))
@@ -310,11 +311,14 @@ def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
         (passes.RNP, "validation_fraction", 2.5, r"must be in \(0, 1\)"),
         (passes.BCU, "first_ratio", -1.0, r"must be in \[0, 1\]"),
         (Prune, "search_steps", -1, "must be >= 1"),
-        (OTBR, "momentum", -1.0, r"must be in \[0, 1\]"),
+        (OTBR, "momentum", -1.0, r"must be in \[0, 1\)"),
         (OTBR, "eps", -1.0, "must be > 0"),
         (OTBR, "steps", 10**400, r"must be at most 1e\+09"),
         (passes.CleanCompact, "tau", -1.0, "must be > 0"),
         (Factorize, "round_to", 0, "must be >= 1"),
+        (Prune, "max_layer_ratio", 5.0, r"must be in \(0, 1\]"),
+        (OTBR, "momentum", 1.0, r"must be in \[0, 1\)"),
+        (Prune, "compensate", 10**400, "takes bool, got an integer of 401 digits"),
     ],
 )
 def test_an_option_outside_its_range_is_refused_in_one_line(cls: type, option: str, value: object, says: str) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from ccpurify.cost import model_cost
 from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.passes.data import LabeledData, UnlabeledData
-from ccpurify.passes.options import check_option_values
+from ccpurify.passes.options import check_option_values, plain
 from ccpurify.probes import check_edited_model, check_finite_outputs, non_finite_tensor, probe_inputs
 from ccpurify.progress import ProgressCallback
 from ccpurify.recipe import edits_of, set_edits, set_input_shape
@@ -149,11 +149,15 @@ class Pass(ABC):
     kind: ClassVar[str] = "compression"  # "defense", "compression" or "recovery"
 
     def __post_init__(self) -> None:
-        """Dataclass passes (each ``__post_init__`` calls this first): an option of the wrong type or
-        not finite is refused in one line naming it (``ccpurify.passes.options``), however the pass
-        was built, before the pass's own range checks compare it with anything."""
+        """Dataclass passes (each ``__post_init__`` calls this first): an option of the wrong type, out
+        of its range or not finite is refused in one line naming it (``ccpurify.passes.options``),
+        however the pass was built, before the pass's own checks compare it with anything; numpy
+        numbers are stored as Python ones."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         check_option_values(type(self), options, self.name)
+        for key, value in options.items():  # numpy numbers as Python ones: the config is saved as JSON
+            if plain(value) is not value:
+                setattr(self, key, plain(value))
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PassReport]:
         context = context or PurifyContext()

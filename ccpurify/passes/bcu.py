@@ -34,7 +34,7 @@ from ccpurify.distill import DistillLog, distill, epochs_for_budget
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.passes.base import Pass, PassDetails, PassReport, PassResult, PurifyContext, Training
-from ccpurify.passes.options import Count, Fraction, NonNegativeFloat, PositiveFloat
+from ccpurify.passes.options import Count, Fraction, Momentum, NonNegativeFloat, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.transforms import Augment
 
@@ -143,7 +143,7 @@ class BCU(Pass):
     epochs: Count = 20
     batch_size: Count = 128
     lr: PositiveFloat = 0.01
-    momentum: Fraction = 0.9
+    momentum: Momentum = 0.9
     weight_decay: NonNegativeFloat = 5e-4
     first_ratio: Fraction = 0.01
     last_ratio: Fraction = 0.27

@@ -49,6 +49,8 @@ class Range:
 PositiveFloat = Annotated[float, Range(0.0, low_open=True)]
 NonNegativeFloat = Annotated[float, Range(0.0)]
 Fraction = Annotated[float, Range(0.0, 1.0)]  # [0, 1]
+Momentum = Annotated[float, Range(0.0, 1.0, high_open=True)]  # [0, 1): at 1 SGD never forgets a gradient
+PositiveFraction = Annotated[float, Range(0.0, 1.0, low_open=True)]  # (0, 1]
 OpenFraction = Annotated[float, Range(0.0, 1.0, low_open=True, high_open=True)]  # (0, 1)
 Count = Annotated[int, Range(1)]  # and at most MAX_COUNT, as every integer option
 NonNegativeCount = Annotated[int, Range(0)]
@@ -78,22 +80,43 @@ def check_option_values(cls: type, options: dict[str, Any], name: str) -> None:
 def _check_value(name: str, key: str, value: Any, hint: Any) -> None:
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if number and not isinstance(value, numbers.Integral) and not _finite(value):
-        raise NonFiniteError(f"option {key}={str(value)[:40]} of pass {name!r} is not a finite number")
+        raise NonFiniteError(f"option {key}={_shown(value)} of pass {name!r} is not a finite number")
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for t in allowed:
         base, ranges = _unwrap(t)
         if not _accepts(base, value):
             continue
         if number and base is float and not _finite(value):  # an integer too large for a float
-            raise NonFiniteError(f"option {key}={str(value)[:40]} of pass {name!r} is not a finite number")
+            raise InvalidInputError(f"option {key} of pass {name!r} is too large, got {_shown(value)}")
         if number and base is int:
             ranges = [*ranges, Range(-MAX_COUNT, MAX_COUNT)]
         broken = [r for r in ranges if number and not r.holds(value)]
         if broken:
-            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
-            raise InvalidInputError(f"option {key} of pass {name!r} must be {broken[0].describe()}, got {shown}")
+            raise InvalidInputError(
+                f"option {key} of pass {name!r} must be {broken[0].describe()}, got {_shown(value)}"
+            )
         return
-    raise InvalidInputError(f"option {key} of pass {name!r} takes {_describe(allowed)}, got {value!r}")
+    raise InvalidInputError(f"option {key} of pass {name!r} takes {_describe(allowed)}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a one-line message: long numbers (a 400-digit ``--set``) by their length."""
+    text = repr(value)
+    if len(text) <= 40:
+        return text
+    if isinstance(value, numbers.Integral):
+        return f"an integer of {len(str(abs(int(value))))} digits"
+    return text[:37] + "..."
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (what JSON configs and ``save_model`` take);
+    anything else unchanged."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
 
 
 def _finite(value: numbers.Real) -> bool:

@@ -43,7 +43,7 @@ from ccpurify.distill import agreement
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
-from ccpurify.passes.options import Count, Fraction, PositiveFloat
+from ccpurify.passes.options import Count, Momentum, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
@@ -212,7 +212,7 @@ class OTBR(Pass):
     steps: Count = 20
     batch_size: Count = 256
     lr: PositiveFloat = 1e-4
-    momentum: Fraction = 0.9
+    momentum: Momentum = 0.9
     eps: PositiveFloat = 1e-8
     reference_label_quirk: bool = False
     round_nwc: bool = False  # the reference writes NWC to text with 4 decimals and reads it back

@@ -22,7 +22,7 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, apply_history
 from ccpurify.merge import merge_removed_channels
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
-from ccpurify.passes.options import Count
+from ccpurify.passes.options import Count, PositiveFraction
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 
@@ -68,7 +68,7 @@ class Prune(Pass):
     importance: Importance = Importance.MAGNITUDE
     global_pruning: bool = False
     ignored: tuple[str, ...] = ()
-    max_layer_ratio: float = 0.9
+    max_layer_ratio: PositiveFraction = 0.9
     search_steps: Count = 12
     # Keep each pruned layer's channel count a multiple of this: CPU kernels (onnxruntime's MLAS)
     # run fastest on multiples of 8, and odd widths can make a pruned model slower than the dense one.

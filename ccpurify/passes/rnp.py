@@ -41,7 +41,7 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, RemovalPolicy
 from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.data import LabeledData
-from ccpurify.passes.options import Count, Fraction, NonNegativeFloat, OpenFraction, PositiveFloat
+from ccpurify.passes.options import Count, Fraction, Momentum, NonNegativeFloat, OpenFraction, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 from ccpurify.transforms import Augment
@@ -195,9 +195,9 @@ class RNP(Pass):
     unlearn_lr: PositiveFloat = 0.01
     recover_epochs: Count = 20
     recover_lr: PositiveFloat = 0.2
-    alpha: Fraction = 0.2
+    alpha: PositiveFloat = 0.2
     batch_size: Count = 128
-    momentum: Fraction = 0.9
+    momentum: Momentum = 0.9
     weight_decay: NonNegativeFloat = 5e-4
     augment: bool = True
     hflip: bool = True
