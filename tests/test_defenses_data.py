@@ -269,14 +269,16 @@ def test_purify_macs_sets_the_default_target_or_a_named_pass_option_and_is_refus
             purify(model, macs=bad)
 
 
-def test_the_data_free_default_removes_otbrs_neurons_compensates_and_distils_from_the_guarded_suspect_with_trigger_invariance():
-    from ccpurify.passes.defaults import DEFAULTS, default_pipeline
+def test_the_data_free_default_searches_otbrs_ratio_compensates_and_distils_shared_knowledge_from_the_guarded_suspect():
+    from ccpurify.passes.defaults import DEFAULTS, OTBR_RATIOS, default_pipeline
 
     otbr, prune, recover = default_pipeline().passes
     assert (otbr.name, prune.name, recover.name) == ("otbr", "prune", "recover")
-    assert otbr.compact and prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
+    assert otbr.compact and otbr.ratio_search == OTBR_RATIOS
+    assert prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
-    assert recover.feature_weight > 0 and recover.anchor_bn and recover.budget is not None
+    assert recover.hints_from.value == "guard" and recover.guard_targets.value == "shared"
+    assert recover.feature_weight == 30 and recover.anchor_bn and recover.budget is not None
     assert recover.invariance_weight == 1.0 and recover.invariance_eps == 0.05
 
 
