@@ -710,7 +710,7 @@ AUDIT_CLI = [
     (
         "otbr with zero steps",
         lambda f, t: ["purify", str(f["good"]), "--method", "otbr", "--set", "steps=0", "--out", str(t / "o")],
-        "OTBR needs steps >= 1",
+        "option steps of pass 'otbr' must be >= 1, got 0",
     ),
     (
         "a missing --clean-data path",

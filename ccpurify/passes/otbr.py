@@ -263,7 +263,8 @@ class OTBR(Pass):
         if self.ratio_search is not None and not bn_layers(model):
             raise InvalidInputError(
                 "OTBR's ratio_search makes its images from the model's BatchNorm statistics, and this model has no "
-                "BatchNorm2d layer: give a fixed ratio (ratio_search=None)"
+                "BatchNorm2d layer: give a fixed ratio (ratio_search=None), or give the pipeline images "
+                "(clean_data= / unlabeled_data=, --clean-data / --unlabeled-data)"
             )
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
