@@ -273,15 +273,15 @@ def _guarded_targets(
     the same class; where only the guard's scope lets the teacher's class stand, the teacher's own)
     and each image's weight: 1 where the teacher's target stands, 0 where the guard overruled it."""
     predicted = teacher_logits.argmax(1)
-    agree = predicted == guard_logits.argmax(1)
+    same = predicted == guard_logits.argmax(1)
+    agree = same.clone()
     if veto_class is not None:
         if veto_class >= teacher_logits.shape[1]:
             raise ValueError(f"veto_class {veto_class} is not a class of a {teacher_logits.shape[1]}-class model")
         agree |= predicted != veto_class
     if shared_temperature is not None:  # where both predict the same class (the minimum keeps it)
-        same = (predicted == guard_logits.argmax(1))[:, None]
         shared = shared_knowledge(teacher_logits, guard_logits, shared_temperature)
-        teacher_logits = torch.where(same, shared, teacher_logits)
+        teacher_logits = torch.where(same[:, None], shared, teacher_logits)
     return torch.where(agree[:, None], teacher_logits, guard_logits), agree.to(teacher_logits.dtype)
 
 

@@ -156,8 +156,8 @@ class Pass(ABC):
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         check_option_values(type(self), options, self.name)
         for key, value in options.items():  # numpy numbers as Python ones: the config is saved as JSON
-            if plain(value) is not value:
-                setattr(self, key, plain(value))
+            if (converted := plain(value)) is not value:
+                setattr(self, key, converted)
 
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PassReport]:
         context = context or PurifyContext()

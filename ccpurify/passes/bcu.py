@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ccpurify.distill import DistillLog, distill, epochs_for_budget
-from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling
 from ccpurify.passes.base import Pass, PassDetails, PassReport, PassResult, PurifyContext, Training
 from ccpurify.passes.options import Count, Fraction, Momentum, NonNegativeFloat, PositiveFloat
@@ -159,8 +158,6 @@ class BCU(Pass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.epochs < 1 or (self.budget is not None and self.budget < 1):
-            raise InvalidInputError("epochs and budget must be positive")
 
     def epochs_for(self, images: int) -> int:
         return epochs_for_budget(self.epochs, self.budget, images)

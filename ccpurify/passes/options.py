@@ -38,8 +38,6 @@ class Range:
         return above and below
 
     def describe(self) -> str:
-        if self.low == -MAX_COUNT:
-            return f"at most {MAX_COUNT:.0e}"
         if self.high == math.inf:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
@@ -88,13 +86,11 @@ def _check_value(name: str, key: str, value: Any, hint: Any) -> None:
             continue
         if number and base is float and not _finite(value):  # an integer too large for a float
             raise InvalidInputError(f"option {key} of pass {name!r} is too large, got {_shown(value)}")
-        if number and base is int:
-            ranges = [*ranges, Range(-MAX_COUNT, MAX_COUNT)]
-        broken = [r for r in ranges if number and not r.holds(value)]
+        broken = [r.describe() for r in ranges if number and not r.holds(value)]
+        if not broken and number and base is int and abs(value) > MAX_COUNT:
+            broken = [f"at most {MAX_COUNT:.0e}"]
         if broken:
-            raise InvalidInputError(
-                f"option {key} of pass {name!r} must be {broken[0].describe()}, got {_shown(value)}"
-            )
+            raise InvalidInputError(f"option {key} of pass {name!r} must be {broken[0]}, got {_shown(value)}")
         return
     raise InvalidInputError(f"option {key} of pass {name!r} takes {_describe(allowed)}, got {_shown(value)}")
 

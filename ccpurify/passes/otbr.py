@@ -43,7 +43,7 @@ from ccpurify.distill import agreement
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext
-from ccpurify.passes.options import Count, Momentum, PositiveFloat
+from ccpurify.passes.options import Count, Momentum, PositiveFloat, PositiveFraction
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
@@ -211,7 +211,7 @@ class OTBR(Pass):
     lam: float = 0.5
     steps: Count = 20
     batch_size: Count = 256
-    lr: PositiveFloat = 1e-4
+    lr: PositiveFraction = 1e-4
     momentum: Momentum = 0.9
     eps: PositiveFloat = 1e-8
     reference_label_quirk: bool = False
@@ -232,11 +232,6 @@ class OTBR(Pass):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.residual_policy = RemovalPolicy(self.residual_policy)
-        if min(self.steps, self.batch_size, self.search_images) < 1 or not 0 < self.lr <= 1.0:
-            raise InvalidInputError(
-                "OTBR needs steps >= 1, batch_size >= 1, search_images >= 1 and 0 < lr <= 1; got "
-                f"{self.steps!r}, {self.batch_size!r}, {self.search_images!r}, {self.lr!r}"
-            )
         _check_fraction("ratio", self.ratio, low_open=False, high_open=True)
         _check_fraction("lam", self.lam, low_open=False, high_open=False)
         _check_fraction("min_agreement", self.min_agreement, low_open=True, high_open=False)
