@@ -183,14 +183,15 @@ def read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def write_report(name: str, rows: list[dict], lines: list[str], **meta: Any) -> None:
+def write_report(name: str, rows: list[dict], lines: list[str], module: str | None = None, **meta: Any) -> None:
     """results/<name>.json (rows + provenance) and results/<name>.md (``lines`` + a provenance footer)
-    for a measurement script ``benchmarks/<name>.py`` (run as ``python -m benchmarks.<name>``)."""
+    for a measurement script ``benchmarks/<name>.py`` (run as ``python -m benchmarks.<name>``, or as
+    ``python -m <module>``)."""
     meta = {"generated": now(), "git_commit": git_commit(), "machine": machine(), **meta}
     write_json(RESULTS / f"{name}.json", {"rows": rows, "meta": meta})
     footer = (
         f"Generated {meta['generated']} at commit `{(meta['git_commit'] or 'unknown')[:10]}` on "
-        f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, by `python -m benchmarks.{name}`."
+        f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, by `python -m {module or 'benchmarks.' + name}`."
     )
     write_text(RESULTS / f"{name}.md", "\n".join([*lines, "", footer]) + "\n")
 

@@ -367,15 +367,27 @@ def _output_beside(out: Path, inputs: list[Path]) -> None:
             raise CliError(f"the output {out} would replace the input {i}; choose another --out")
 
 
+def _json_number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent: a whole number written in exponent form without a
+    decimal point (``1e5``) is the integer it names, so a count option takes it."""
+    from ccpurify.passes.options import MAX_COUNT
+
+    value = float(text)
+    if "." not in text and value.is_integer() and abs(value) <= MAX_COUNT:
+        return int(value)
+    return value
+
+
 def parse_option(text: str) -> tuple[str, object]:
-    """``key=value`` with JSON values where they parse (numbers, true/false, null, lists), else a string."""
+    """``key=value`` with JSON values where they parse (numbers, true/false, null, lists), else a string;
+    ``1e5`` reads as the integer 100000."""
     import json
 
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise CliError(f"--set expects key=value, got {text!r}")
     try:
-        return key.strip().replace("-", "_"), json.loads(raw)
+        return key.strip().replace("-", "_"), json.loads(raw, parse_float=_json_number)
     except json.JSONDecodeError:
         return key.strip().replace("-", "_"), raw
     except (ValueError, RecursionError) as exc:  # e.g. an integer literal of thousands of digits

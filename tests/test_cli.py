@@ -154,6 +154,18 @@ def test_options_parse_as_json_values():
     assert parse_option("reference-pairing=true") == ("reference_pairing", True)
 
 
+def test_a_whole_number_in_exponent_form_reads_as_an_integer():
+    """``--set budget=1e5`` gives the count option the integer it names; a decimal point or a
+    fraction keeps the number a float, and a huge exponent stays a float the range check refuses."""
+    assert parse_option("budget=1e5") == ("budget", 100000) and type(parse_option("budget=1e5")[1]) is int
+    assert parse_option("lr=1e-2") == ("lr", 0.01)
+    assert type(parse_option("u=2.0")[1]) is float and type(parse_option("u=2.5e1")[1]) is float
+    assert parse_option("budget=1e400")[1] == float("inf")
+    from ccpurify.passes import Recover
+
+    assert Recover(budget=parse_option("budget=1e5")[1]).budget == 100000
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

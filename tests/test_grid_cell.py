@@ -236,3 +236,30 @@ def test_data_amount_takes_unlabelled_images_from_the_pool_and_refuses_to_redraw
     # came from, so it is refused rather than silently mixing draws.
     with pytest.raises(SystemExit, match="cannot be redrawn"):
         unlabelled(entry, len(pool) + 1)
+
+
+def test_the_budget_curve_reads_each_models_recovery_budgets():
+    """Given datafree_default rows with the default's recovery at several budgets, the curve lists
+    each model's budgets in order with CA, ASR and seconds, skips rows with fewer than three budgets
+    or without the ratio search, and the table marks the default's budget."""
+    from benchmarks.experiments.budget_curve import curves, table
+
+    def point(ca, asr, seconds):
+        return {"val_ca": ca, "val_asr": asr, "seconds": seconds}
+
+    stored = {
+        "cifar10-badnets@0.75-otbr-search": {
+            "J-b40960": point(0.8, 0.01, 900.0),
+            "A-hints30-guard-shared": point(0.75, 0.0, 250.0),
+            "J-b2560": point(0.6, 0.02, 80.0),
+            "otbr": point(0.74, 0.0, 0.0),
+        },
+        "cifar10-clean@0.75-otbr-search": {"J-b2560": point(0.6, None, 80.0), "J-b5120": point(0.7, None, 120.0)},
+        "cifar10-wanet@0.75": {v: point(0.5, 0.0, 1.0) for v in ("J-b2560", "J-b5120", "J-b20480")},
+    }
+    found = curves(stored)
+    assert list(found) == ["cifar10-badnets@0.75"]
+    assert [p["budget"] for p in found["cifar10-badnets@0.75"]] == [2560, 10240, 40960]
+    lines = table(found)
+    assert "| 2,560 | 10,240 (default) | 40,960 |" in lines[4]
+    assert lines[6] == "| cifar10-badnets@0.75 | 60.0 / 2.0, 80 s | 75.0 / 0.0, 250 s | 80.0 / 1.0, 900 s |"

@@ -306,7 +306,8 @@ def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
     [
         (Recover, "lr", -1.0, "must be > 0"),
         (Recover, "batch_size", 0, "must be >= 1"),
-        (Recover, "temperature", 0.0, "must be > 0"),
+        (Recover, "temperature", 0.0, r"must be in \[0.1, 1000\]"),
+        (Recover, "temperature", 1e-30, r"must be in \[0.1, 1000\]"),
         (Recover, "epochs", 10**30, r"must be at most 1e\+09"),
         (passes.RNP, "validation_fraction", 2.5, r"must be in \(0, 1\)"),
         (passes.BCU, "first_ratio", -1.0, r"must be in \[0, 1\]"),

@@ -132,6 +132,18 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+# The data-free default's recovery (``defaults.shared_recover``, "J") at other budgets and with fewer
+# synthetic images or synthesis steps: the validation CA a user buys with time (issue 14, item 2).
+J_RECOVERY = VARIANTS["A-hints30-guard-shared"]
+VARIANTS.update(
+    {
+        **{f"J-b{budget}": {**J_RECOVERY, "budget": budget} for budget in (2560, 5120, 20480, 40960)},
+        "J-steps10": {**J_RECOVERY, "synthetic_steps": 10},
+        "J-images128": {**J_RECOVERY, "synthetic_images": 128},
+    }
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", nargs="+", default=["cifar10-badnets", "cifar10-wanet", "cifar10-blended"])

@@ -50,6 +50,8 @@ Fraction = Annotated[float, Range(0.0, 1.0)]  # [0, 1]
 Momentum = Annotated[float, Range(0.0, 1.0, high_open=True)]  # [0, 1): at 1 SGD never forgets a gradient
 PositiveFraction = Annotated[float, Range(0.0, 1.0, low_open=True)]  # (0, 1]
 OpenFraction = Annotated[float, Range(0.0, 1.0, low_open=True, high_open=True)]  # (0, 1)
+# A distillation temperature: below 0.1 the T^2-scaled loss vanishes (or its logits / T overflow).
+Temperature = Annotated[float, Range(0.1, 1000.0)]
 Count = Annotated[int, Range(1)]  # and at most MAX_COUNT, as every integer option
 NonNegativeCount = Annotated[int, Range(0)]
 

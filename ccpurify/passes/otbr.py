@@ -291,10 +291,11 @@ class OTBR(Pass):
             if self.round_nwc:
                 nwc[name] = torch.round(nwc[name] * 1e4) / 1e4
         flat = torch.cat([nwc[n] for n in targets])
-        ratio, search = (
-            (self.ratio, None) if self.ratio_search is None else self.search_ratio(model, context, graph, targets, nwc)
-        )
-        selected = select_neurons(nwc, targets, ratio, self.max_layer_ratio)
+        if self.ratio_search is None:
+            ratio, search = self.ratio, None
+            selected = select_neurons(nwc, targets, ratio, self.max_layer_ratio)
+        else:
+            ratio, search, selected = self.search_ratio(model, context, graph, targets, nwc)
         started = time.perf_counter()
         fused_layers, aligned_layers, unfused = self._fuse(model, graph, targets, nwc, selected)
         details = OTBRDetails(
@@ -321,13 +322,13 @@ class OTBR(Pass):
 
     def search_ratio(
         self, model: nn.Module, context: PurifyContext, graph: ChannelGraph, targets: list[str], nwc: dict
-    ) -> tuple[float, dict]:
+    ) -> tuple[float, dict, dict[str, list[int]]]:
         """The largest ratio of ``ratio_search`` whose pruned-and-fused copy (compacted when
         ``compact``) predicts the suspect's class on at least ``min_agreement`` of images synthesized
-        from the suspect's BatchNorm statistics; the smallest when none does. Returns the ratio and
-        what was measured (agreement per ratio tried, the ratios too small to select any neuron,
-        which are not tried, seconds); ``InvalidInputError`` when no ratio selects one. ``model`` is
-        left as it was.
+        from the suspect's BatchNorm statistics; the smallest when none does. Returns the ratio, what
+        was measured (agreement per ratio tried, the ratios too small to select any neuron, which are
+        not tried, seconds) and the neurons the ratio selects; ``InvalidInputError`` when no ratio
+        selects one. ``model`` is left as it was.
 
         Why: the paper's fixed ratio does not transfer across architectures. On the zoo's MobileNetV2
         BadNets, ratio 0.1 left the model at chance (validation CA 10.2%) where 0.01 kept 76.9% with
@@ -373,7 +374,7 @@ class OTBR(Pass):
                 break
         seconds = time.perf_counter() - started
         found = {"agreement": tried, "min_agreement": self.min_agreement, "prunes_nothing": idle, "seconds": seconds}
-        return ratio, found
+        return ratio, found, choices[ratio]
 
     def _fuse(
         self, model: nn.Module, graph: ChannelGraph, targets: list[str], nwc: dict, selected: dict[str, list[int]]

@@ -38,7 +38,7 @@ from ccpurify.distill import (
 from ccpurify.errors import InvalidInputError
 from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
-from ccpurify.passes.options import Count, NonNegativeCount, NonNegativeFloat, PositiveFloat
+from ccpurify.passes.options import Count, NonNegativeCount, NonNegativeFloat, PositiveFloat, Temperature
 from ccpurify.passes.registry import register_pass
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
 from ccpurify.transforms import Augment
@@ -137,7 +137,7 @@ class Recover(Pass):
     budget: Count | None = None
     batch_size: Count = 128
     lr: PositiveFloat = 0.01
-    temperature: PositiveFloat = 4.0
+    temperature: Temperature = 4.0
     hard_label_weight: NonNegativeFloat = 0.0
     augment: bool = True
     hflip: bool = True
