@@ -18,11 +18,18 @@ import argparse
 
 from benchmarks.common import RESULTS, read_json, write_report
 from ccpurify.atomic import atomic_path
+from ccpurify.passes.defaults import guarded_recover
 
 # Budget (sample-steps) of each variant of benchmarks/experiments/datafree_default.py: the default's
 # recovery (``defaults.shared_recover``) at 10,240 and the same at other budgets.
-BUDGETS = {"J-b2560": 2560, "J-b5120": 5120, "A-hints30-guard-shared": 10240, "J-b20480": 20480, "J-b40960": 40960}
-DEFAULT_BUDGET = 10240
+DEFAULT_BUDGET = guarded_recover().budget
+BUDGETS = {
+    "J-b2560": 2560,
+    "J-b5120": 5120,
+    "A-hints30-guard-shared": DEFAULT_BUDGET,
+    "J-b20480": 20480,
+    "J-b40960": 40960,
+}
 
 
 def curves(stored: dict) -> dict[str, list[dict]]:

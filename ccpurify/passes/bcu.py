@@ -156,9 +156,6 @@ class BCU(Pass):
     # ceil(budget / images)), so the cost, and how far the student moves, do not grow with the pool.
     budget: Count | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-
     def epochs_for(self, images: int) -> int:
         return epochs_for_budget(self.epochs, self.budget, images)
 
