@@ -11,12 +11,14 @@ with exactly that many images and is scored on the test split. Not on the valida
 are part of the run's 2,500-image clean subset, which the largest labelled setting gives the
 defender. Nothing is chosen from these numbers.
 
-- Labelled: 500 images are the run's RNP subset (what the grid uses), 250 its first half, 2,500
-  the run's larger clean subset (what the CLI's run-directory shorthand used to take).
-- Unlabelled: up to 5,000 are the first images of the run's unlabelled pool (the grid uses all
-  5,000); more continue the seeded draw the pool was made by (``ccpurify.train.defender_resources``:
-  non-poisoned training images outside the clean subset), so every larger set holds the smaller ones
-  and never a validation image.
+- Labelled: 500 images are the run's RNP subset (what the grid uses), 250 half of it drawn at random
+  (``defender.draw``: the subsets are stored in class order, and their first half held five classes
+  before session 12), 2,500 the run's larger clean subset (what the CLI's run-directory shorthand
+  used to take).
+- Unlabelled: up to 5,000 are drawn at random from the run's unlabelled pool (the grid uses all
+  5,000; the first 1,000, used before session 12, held two classes); more continue the seeded draw
+  the pool was made by (``ccpurify.train.defender_resources``: non-poisoned training images outside
+  the clean subset), so every larger set holds the smaller ones and never a validation image.
 
 Results accumulate in results/data_amount_cells.json (an interrupted run resumes); the report is
 results/data_amount.md.
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report
 from ccpurify import defender
@@ -78,15 +81,17 @@ def labelled(entry, count: int) -> LabeledData:
     """``count`` labelled clean images of the run's defender subsets (see the module docstring)."""
     rnp = defender.clean_data(entry.run.path, entry.dataset, rnp=True, data_dir=entry.data_dir)
     if count <= len(rnp):
-        return LabeledData(rnp.x[:count], rnp.y[:count])
+        idx = torch.from_numpy(defender.draw(len(rnp), count))
+        return LabeledData(rnp.x[idx], rnp.y[idx])
     larger = defender.clean_data(entry.run.path, entry.dataset, rnp=False, data_dir=entry.data_dir)
     if count > len(larger):
         raise SystemExit(f"{entry.name} holds {len(larger)} labelled defender images, fewer than {count}")
-    return LabeledData(larger.x[:count], larger.y[:count])
+    idx = torch.from_numpy(defender.draw(len(larger), count))
+    return LabeledData(larger.x[idx], larger.y[idx])
 
 
 def unlabelled(entry, count: int) -> UnlabeledData:
-    """``count`` unlabelled images: the first of the run's pool, or that draw continued (module docstring)."""
+    """``count`` unlabelled images: drawn from the run's pool, or that draw continued (module docstring)."""
     run = entry.run
     if count <= len(run.defender.unlabeled_pool):
         return entry.unlabeled_data(count)

@@ -4,8 +4,8 @@ folder or zip (docs/protocol.md, "Defender resources").
 - ``clean_data(source, ...)``: labelled clean images. A run directory gives its stored clean subset
   (or RNP's 1% subset with ``rnp=True``); an image folder/zip in the ``<class>/<image>`` layout of
   the model's dataset gives its images with those labels.
-- ``unlabeled_data(source, ...)``: a run directory's unlabelled pool, or up to ``count`` images from
-  any folder or zip, of any dataset (BCU works with out-of-distribution images), resized to the
+- ``unlabeled_data(source, ...)``: ``count`` images of a run directory's unlabelled pool (drawn at
+  random with ``seed`` when fewer than the pool), or up to ``count`` images from any folder or zip, of any dataset (BCU works with out-of-distribution images), resized to the
   model's input and normalised the model's way. Labels are never read.
 
 Everything here comes from training splits or the user's own files, never from a test split.
@@ -30,6 +30,15 @@ def model_ready(images: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
     """uint8 NHWC images as the float NCHW tensor a ``spec`` model takes (scaled and normalised)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     return Normalize(spec.mean, spec.std)(x)
+
+
+def draw(n: int, count: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``count`` of ``n`` images (all of them when ``count >= n``), drawn at random with
+    ``seed``, in increasing order. Never the first ``count``: a run stores its subsets in training-index
+    order, which is class order, so the first 1,000 images of a CIFAR-10 pool are one class."""
+    if count >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:count])
 
 
 def _is_run(path: Path) -> bool:
@@ -107,5 +116,5 @@ def unlabeled_data(
     spec = get_spec(dataset)
     if _is_run(path):
         images, _, _ = _run_subset(path, "unlabeled_pool", data_dir)
-        return UnlabeledData(model_ready(images[:count], spec))
+        return UnlabeledData(model_ready(images[draw(len(images), count, seed)], spec))
     return UnlabeledData(model_ready(image_pool(path, count, spec.image_size, seed), spec))

@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ccpurify import defender
+from ccpurify.data import get_spec
+from ccpurify.defender import _run_subset
 from ccpurify.passes import BCU, RNP, LabeledData, Prune, PurifyContext, UnlabeledData, as_labeled, as_unlabeled
 from ccpurify.passes.bcu import level_ratios, reinitialize, resolution_levels
 from ccpurify.passes.rnp import below, lowest, zero_bn_channels
@@ -171,6 +173,22 @@ def test_bcu_distills_and_its_compact_variant_is_smaller(ci_run, data_dir):
     assert len(report.details.distill.loss_per_epoch) == 2 and report.params_after == report.params_before
     small, compact = BCU(epochs=1, compact=Prune(macs=0.5))(ci_run.model, context)
     assert compact.macs_ratio <= 0.5 and compact.edits and compact.config["compact"]["name"] == "prune"
+
+
+def test_fewer_unlabelled_images_than_a_runs_pool_are_drawn_across_it(ci_run, data_dir):
+    """A run stores its pool in training-index order, which is class order: asking for fewer images
+    than the pool draws them at random with the seed, never the first ones (one or two classes)."""
+    images, labels, _ = _run_subset(ci_run.run_dir, "unlabeled_pool", data_dir)
+    count = len(images) // 5
+    assert len(set(labels[:count].tolist())) <= 3  # what the first images would have been
+    drawn = defender.unlabeled_data(ci_run.run_dir, "cifar10", count=count, data_dir=data_dir)
+    idx = defender.draw(len(images), count)
+    assert len(drawn) == count and len(set(labels[idx].tolist())) >= 8
+    assert torch.equal(drawn.x, defender.model_ready(images[idx], get_spec("cifar10")))
+    again = defender.unlabeled_data(ci_run.run_dir, "cifar10", count=count, data_dir=data_dir)
+    other = defender.unlabeled_data(ci_run.run_dir, "cifar10", count=count, seed=1, data_dir=data_dir)
+    assert torch.equal(again.x, drawn.x) and not torch.equal(other.x, drawn.x)
+    assert len(defender.unlabeled_data(ci_run.run_dir, "cifar10", count=10**6, data_dir=data_dir)) == len(images)
 
 
 def test_bcu_needs_unlabelled_images_of_the_models_size():

@@ -14,7 +14,7 @@ from ccpurify.passes import CLP, OTBR, CleanCompact, LabeledData, Prune, PurifyC
 from ccpurify.passes.cc import Normalization, RankPurification, purify_spectrum
 from ccpurify.passes.clp import module_order_pairs, outliers, uclc
 from ccpurify.passes.otbr import fuse_layer, select_neurons, target_convs
-from ccpurify.synthesis import synthesize_bn_images
+from ccpurify.synthesis import bn_layers, synthesize_bn_images
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
@@ -381,3 +381,31 @@ def test_otbr_ratio_search_applies_the_largest_ratio_that_keeps_the_suspects_pre
             OTBR(**{key: bad})
     with pytest.raises(InvalidInputError, match="no BatchNorm2d"):
         OTBR(ratio_search=ratios).check(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), PurifyContext())
+
+
+def test_otbr_anchor_bn_moves_only_the_statistics_that_the_repair_changed():
+    """Given a model, ``anchor_bn`` re-estimates the repaired model's BatchNorm statistics anchored to
+    the suspect's on synthetic images: a BatchNorm before the first pruned layer sees the same input in
+    both models and keeps the suspect's statistics exactly; one after it moves; the weights are those
+    of OTBR without the option."""
+    model = build("preact_resnet18")
+    options = {"ratio": 0.2, "steps": 2, "batch_size": 16, "compact": True, "search_images": 32}
+    plain, _ = OTBR(**options)(model)
+    anchored, report = OTBR(anchor_bn=True, **options)(model)
+    assert report.details.bn_anchored == len(bn_layers(anchored))
+    first = min(list(dict(model.named_modules())).index(n) for n in report.details.pruned_per_layer)
+    order = list(dict(model.named_modules()))
+    moved = []
+    for (name, bn), (_, before) in zip(bn_layers(anchored), bn_layers(plain)):
+        same = bn.running_mean.shape == before.running_mean.shape and torch.allclose(
+            bn.running_mean, before.running_mean, atol=1e-5
+        )
+        if order.index(name) < first:
+            assert same, name
+        else:
+            moved.append(not same)
+    assert any(moved)
+    weights = {k: v for k, v in plain.state_dict().items() if "running" not in k}
+    assert all(torch.equal(v, anchored.state_dict()[k]) for k, v in weights.items())
+    with pytest.raises(InvalidInputError, match="anchor_bn"):
+        OTBR(anchor_bn=True).check(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), PurifyContext())

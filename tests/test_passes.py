@@ -297,8 +297,15 @@ def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
     otbr = OTBR(ratio=np.float32(0.05), steps=np.int64(3))
     assert otbr.ratio == pytest.approx(0.05) and type(otbr.ratio) is float and type(otbr.steps) is int  # JSON-able
     assert OTBR(ratio_search=[np.float64(0.01), 0.1]).ratio_search == (0.01, 0.1)
-    with pytest.raises(InvalidInputError, match="option ratio_search of pass 'otbr' takes a list of float or null"):
+    with pytest.raises(
+        InvalidInputError, match=r"option ratio_search of pass 'otbr' takes a list of float in \(0, 1\) or null"
+    ):
         OTBR(ratio_search=(0.1, "0.2"))
+    for bad in (0.0, 1.0, float("nan")):  # each entry lies in its item type's range
+        with pytest.raises(
+            InvalidInputError, match=r"each entry of option ratio_search of pass 'otbr' must be in \(0, 1\)"
+        ):
+            OTBR(ratio_search=(0.1, bad))
 
 
 @pytest.mark.parametrize(
@@ -307,6 +314,10 @@ def test_numpy_numbers_are_accepted_and_list_items_are_checked() -> None:
         (Recover, "lr", -1.0, "must be > 0"),
         (Recover, "batch_size", 0, "must be >= 1"),
         (Recover, "temperature", 0.0, r"must be in \[0.1, 1000\]"),
+        (OTBR, "ratio", 1.0, r"must be in \[0, 1\)"),
+        (OTBR, "lam", 1.5, r"must be in \[0, 1\]"),
+        (OTBR, "min_agreement", 0.0, r"must be in \(0, 1\]"),
+        (OTBR, "max_layer_ratio", 0.0, r"must be in \(0, 1\]"),
         (Recover, "temperature", 1e-30, r"must be in \[0.1, 1000\]"),
         (Recover, "epochs", 10**30, r"must be at most 1e\+09"),
         (passes.RNP, "validation_fraction", 2.5, r"must be in \(0, 1\)"),

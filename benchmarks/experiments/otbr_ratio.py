@@ -4,7 +4,8 @@
     python -m benchmarks.experiments.otbr_ratio --entries cifar10-mobilenet_v2-badnets cifar10-badnets
 
 For each zoo model and each ratio: ``OTBR(compact=True, ratio=r)`` scored on the validation split
-(CA and ASR), and the agreement with the suspect that the ratio search measures on its synthetic
+(CA and ASR), the same with ``anchor_bn=True`` (its BatchNorm statistics re-estimated anchored to the
+suspect's on synthetic images), and the agreement with the suspect that the ratio search measures on its synthetic
 images (``OTBR(ratio_search=..., min_agreement=1.0)``, which tries every ratio and reports each
 agreement). The random unlearning depends only on the model and the seed, so it runs once per entry
 and every ratio reuses it.
@@ -16,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import RESULTS, datafree_experiment, model_fingerprint, store_result, val_scores
+from benchmarks.common import RESULTS, datafree_experiment, model_fingerprint, read_json, store_result, val_scores
 from ccpurify.passes import OTBR
 from ccpurify.passes import otbr as otbr_module
 
@@ -52,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         with mock.patch.object(otbr_module, "random_unlearning", unlearn_once()):
             _, report = OTBR(compact=True, ratio_search=tuple(args.ratios), min_agreement=1.0)(model, context)
             agreement = report.details.ratio_search["agreement"]
-            row = {"suspect": val_scores(entry, model)}
+            row = read_json(out, {}).get(name, {})  # ratios measured before are kept
+            row["suspect"] = val_scores(entry, model)
             for ratio in args.ratios:
                 purified, _ = OTBR(compact=True, ratio=ratio)(model, context)
-                row[f"{ratio:g}"] = {**val_scores(entry, purified), "agreement": agreement.get(f"{ratio:g}")}
+                anchored, _ = OTBR(compact=True, ratio=ratio, anchor_bn=True)(model, context)
+                row[f"{ratio:g}"] = {
+                    **val_scores(entry, purified),
+                    "agreement": agreement.get(f"{ratio:g}"),
+                    "anchored": val_scores(entry, anchored),
+                }
                 print(name, ratio, row[f"{ratio:g}"], flush=True)
         store_result(out, {}, None, name, row)
     return 0

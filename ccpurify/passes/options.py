@@ -47,7 +47,8 @@ class Range:
 PositiveFloat = Annotated[float, Range(0.0, low_open=True)]
 NonNegativeFloat = Annotated[float, Range(0.0)]
 Fraction = Annotated[float, Range(0.0, 1.0)]  # [0, 1]
-Momentum = Annotated[float, Range(0.0, 1.0, high_open=True)]  # [0, 1): at 1 SGD never forgets a gradient
+FractionBelowOne = Annotated[float, Range(0.0, 1.0, high_open=True)]  # [0, 1)
+Momentum = FractionBelowOne  # at 1 SGD never forgets a gradient
 PositiveFraction = Annotated[float, Range(0.0, 1.0, low_open=True)]  # (0, 1]
 OpenFraction = Annotated[float, Range(0.0, 1.0, low_open=True, high_open=True)]  # (0, 1)
 # A distillation temperature: below 0.1 the T^2-scaled loss vanishes (or its logits / T overflow).
@@ -93,8 +94,23 @@ def _check_value(name: str, key: str, value: Any, hint: Any) -> None:
             broken = [f"at most {MAX_COUNT:.0e}"]
         if broken:
             raise InvalidInputError(f"option {key} of pass {name!r} must be {broken[0]}, got {_shown(value)}")
+        _check_items(name, key, value, base)
         return
     raise InvalidInputError(f"option {key} of pass {name!r} takes {_describe(allowed)}, got {_shown(value)}")
+
+
+def _check_items(name: str, key: str, value: Any, hint: Any) -> None:
+    """Each number of a list option lies in the ``Range`` of its item type (``tuple[OpenFraction, ...]``)."""
+    if not isinstance(value, (list, tuple)) or not _items(hint):
+        return
+    ranges = _unwrap(_items(hint)[0])[1]
+    for item in value:
+        if isinstance(item, numbers.Real) and not isinstance(item, bool):
+            broken = [r.describe() for r in ranges if not r.holds(item)]
+            if broken:
+                raise InvalidInputError(
+                    f"each entry of option {key} of pass {name!r} must be {broken[0]}, got {_shown(item)}"
+                )
 
 
 def _shown(value: Any) -> str:

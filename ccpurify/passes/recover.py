@@ -141,9 +141,14 @@ class Recover(Pass):
     hard_label_weight: NonNegativeFloat = 0.0
     augment: bool = True
     hflip: bool = True
-    recalibrate: bool = True  # re-estimate BN statistics on the recovery images first
+    # Re-estimate BN statistics on the recovery images first. Only the start: distillation trains BN in
+    # train mode, and after a few dozen steps its running averages have replaced these statistics
+    # (the default's recovery with and without anchor_bn: the same to the last digit on MobileNetV2 WaNet).
+    recalibrate: bool = True
     # ... and re-estimate them anchored to the teacher's (distill.anchored_bn_update): only the change
     # compression made is measured on the images, which suits images that are not the training data.
+    # Anchoring the *trained* student to the suspect instead wins CA and the backdoor back
+    # (benchmarks/experiments/student_statistics.py).
     anchor_bn: bool = False
     feature_weight: NonNegativeFloat = 0.0  # > 0: also match BN inputs to the teacher's (FeatureHints)
     hints_from: HintSource = HintSource.TEACHER  # "guard": match the guard's BN inputs instead (needs guard=True)
@@ -353,8 +358,13 @@ class Recover(Pass):
             return RecoverData.UNLABELED, context.unlabeled_data.x, None
         if want is RecoverData.UNLABELED:
             context.require_unlabeled_data("Recover(data='unlabeled')")
+        return RecoverData.SYNTHETIC, self.synthesize(teacher, context), None
+
+    def synthesize(self, model: nn.Module, context: PurifyContext) -> torch.Tensor:
+        """The images this recovery distils on when it has none: ``synthetic_images`` images made from
+        ``model``'s BatchNorm statistics (the guard's when there is one), the same for the same context."""
         images = synthesize_bn_images(
-            teacher,
+            model,
             self.synthetic_images,
             tuple(context.example_inputs.shape[1:]),
             init=self.synthetic_init.value,
@@ -366,7 +376,7 @@ class Recover(Pass):
             device=context.device,
             progress=context.progress,
         )
-        return RecoverData.SYNTHETIC, images.cpu(), None
+        return images.cpu()
 
 
 def freeze_silenced_channels(model: nn.Module) -> tuple[list[torch.utils.hooks.RemovableHandle], int]:
