@@ -421,7 +421,9 @@ def cmd_purify(args: argparse.Namespace) -> int:
             args.unlabeled_data, source.dataset, count=args.unlabeled_count, seed=args.seed, data_dir=args.data
         )
     elif source.run is not None and args.method in ("bcu",):
-        unlabeled = defender.unlabeled_data(source.path, source.dataset, count=args.unlabeled_count, data_dir=args.data)
+        unlabeled = defender.unlabeled_data(
+            source.path, source.dataset, count=args.unlabeled_count, seed=args.seed, data_dir=args.data
+        )
     out = (
         Path(args.out)
         if args.out
@@ -999,7 +1001,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlabelled images: a run directory (its pool) or any image folder/zip, any dataset (test/val folders are skipped)",
     )
     u.add_argument(
-        "--unlabeled-count", type=_count(1), default=5000, help="at most this many unlabelled images (default: 5000)"
+        "--unlabeled-count",
+        type=_count(1),
+        default=5000,
+        help="at most this many unlabelled images, drawn at random with --seed from a larger source (default: 5000)",
     )
     u.add_argument("--out", default=None, help="output folder (default: purified-<method> next to the input)")
     u.add_argument(

@@ -5,8 +5,9 @@ folder or zip (docs/protocol.md, "Defender resources").
   (or RNP's 1% subset with ``rnp=True``); an image folder/zip in the ``<class>/<image>`` layout of
   the model's dataset gives its images with those labels.
 - ``unlabeled_data(source, ...)``: ``count`` images of a run directory's unlabelled pool (drawn at
-  random with ``seed`` when fewer than the pool), or up to ``count`` images from any folder or zip, of any dataset (BCU works with out-of-distribution images), resized to the
-  model's input and normalised the model's way. Labels are never read.
+  random with ``seed`` when fewer than the pool), or up to ``count`` images from any folder or zip,
+  of any dataset (BCU works with out-of-distribution images), resized to the model's input and
+  normalised the model's way. Labels are never read.
 
 Everything here comes from training splits or the user's own files, never from a test split.
 """
@@ -34,8 +35,9 @@ def model_ready(images: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
 
 def draw(n: int, count: int, seed: int = 0) -> np.ndarray:
     """Indices of ``count`` of ``n`` images (all of them when ``count >= n``), drawn at random with
-    ``seed``, in increasing order. Never the first ``count``: a run stores its subsets in training-index
-    order, which is class order, so the first 1,000 images of a CIFAR-10 pool are one class."""
+    ``seed``, in increasing order. Never the first ``count``: a run stores its subsets in
+    training-index order, which is class order, so the first 1,000 images of a CIFAR-10 run's
+    5,000-image pool hold two classes."""
     if count >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).permutation(n)[:count])

@@ -227,11 +227,13 @@ def test_bad_cells_are_refused_in_one_line_before_any_model_is_loaded(monkeypatc
 def test_data_amount_takes_unlabelled_images_from_the_pool_and_refuses_to_redraw_a_subset_run(ci_run, data_dir):
     from benchmarks import common
     from benchmarks.data_amount import unlabelled
+    from ccpurify import defender
 
     entry = common.load_entry(ci_run.run_dir.name, ci_run.run_dir.parent, str(data_dir))
     pool = entry.unlabeled_data(len(entry.run.defender.unlabeled_pool))
-    first = unlabelled(entry, 100)
-    assert torch.equal(first.x, pool.x[:100])
+    drawn = unlabelled(entry, 100)  # drawn across the class-ordered pool, not its first 100 images
+    assert torch.equal(drawn.x, pool.x[torch.from_numpy(defender.draw(len(pool), 100))])
+    assert not torch.equal(drawn.x, pool.x[:100])
     # The ci preset trains on a 5,000-image subset: a continued draw would not be the one the pool
     # came from, so it is refused rather than silently mixing draws.
     with pytest.raises(SystemExit, match="cannot be redrawn"):

@@ -268,7 +268,8 @@ class OTBR(Pass):
         if (self.ratio_search is not None or self.anchor_bn) and not bn_layers(model):
             raise InvalidInputError(
                 "OTBR's ratio_search and anchor_bn make their images from the model's BatchNorm statistics, and this "
-                "model has no BatchNorm2d layer: give a fixed ratio (ratio_search=None) and anchor_bn=False"
+                "model has no BatchNorm2d layer: give a fixed ratio (ratio_search=None) and anchor_bn=False, or give "
+                "the pipeline images (clean_data= / unlabeled_data=, --clean-data / --unlabeled-data)"
             )
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
