@@ -79,15 +79,13 @@ STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/
 
 def labelled(entry, count: int) -> LabeledData:
     """``count`` labelled clean images of the run's defender subsets (see the module docstring)."""
-    rnp = defender.clean_data(entry.run.path, entry.dataset, rnp=True, data_dir=entry.data_dir)
-    if count <= len(rnp):
-        idx = torch.from_numpy(defender.draw(len(rnp), count))
-        return LabeledData(rnp.x[idx], rnp.y[idx])
-    larger = defender.clean_data(entry.run.path, entry.dataset, rnp=False, data_dir=entry.data_dir)
-    if count > len(larger):
-        raise SystemExit(f"{entry.name} holds {len(larger)} labelled defender images, fewer than {count}")
-    idx = torch.from_numpy(defender.draw(len(larger), count))
-    return LabeledData(larger.x[idx], larger.y[idx])
+    data = defender.clean_data(entry.run.path, entry.dataset, rnp=True, data_dir=entry.data_dir)
+    if count > len(data):
+        data = defender.clean_data(entry.run.path, entry.dataset, rnp=False, data_dir=entry.data_dir)
+        if count > len(data):
+            raise SystemExit(f"{entry.name} holds {len(data)} labelled defender images, fewer than {count}")
+    idx = torch.from_numpy(defender.draw(len(data), count))
+    return LabeledData(data.x[idx], data.y[idx])
 
 
 def unlabelled(entry, count: int) -> UnlabeledData:

@@ -303,7 +303,7 @@ class OTBR(Pass):
         flat = torch.cat([nwc[n] for n in targets])
         images = suspect = None
         if self.ratio_search is not None or self.anchor_bn:
-            images = self.synthetic_images(model, context)
+            images = self.synthesize(model, context)
         if self.anchor_bn:
             suspect = copy.deepcopy(model)
         if self.ratio_search is None:
@@ -334,15 +334,11 @@ class OTBR(Pass):
             details.removed, details.zeroed = removal.removed, removal.zeroed
             edits = [removal.edit()] if removal.history else []
         if suspect is not None and selected:
-            correspondence = (
-                correspondence_after_edits(suspect, edits, example)
-                if edits
-                else {name: torch.arange(bn.num_features) for name, bn in bn_layers(model)}
-            )
+            correspondence = correspondence_after_edits(suspect, edits, example)  # no edits: each channel itself
             details.bn_anchored = anchored_bn_update(model, suspect, images, correspondence, context.device)
         return PassResult(model, details, edits)
 
-    def synthetic_images(self, model: nn.Module, context: PurifyContext) -> torch.Tensor:
+    def synthesize(self, model: nn.Module, context: PurifyContext) -> torch.Tensor:
         """``search_images`` dead-leaves images refined on ``model``'s BatchNorm statistics and aimed at
         round-robin classes (as the guarded recovery's), for the ratio search and ``anchor_bn``."""
         return synthesize_bn_images(
