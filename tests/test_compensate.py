@@ -3,6 +3,7 @@ transfer sets, anchored BN updates, and distillation from the suspect model that
 channels silent."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -322,6 +323,143 @@ def test_a_guard_scoped_to_one_class_overrules_the_teacher_only_there():
         distill(copy.deepcopy(teacher), teacher, images, epochs=1, veto_class=c)
 
 
+def test_a_top_k_guard_lets_the_teacher_stand_where_it_ranks_the_teachers_class_among_its_k_best():
+    """Given a teacher and a guard whose second choice is the teacher's class on some images and whose
+    last choice is on others: with veto_topk=1 the guard overrules every disagreement, with
+    veto_topk=2 only the images where the teacher's class is the guard's last."""
+    from ccpurify.distill import _guarded_targets, distill
+
+    teacher_logits = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]])
+    guard_logits = torch.tensor([[1.0, 3, 0], [0, 3, 1], [0, 3, 1]])  # 2nd, last, same
+    _, top1 = _guarded_targets(teacher_logits, guard_logits, None)
+    targets, top2 = _guarded_targets(teacher_logits, guard_logits, None, topk=2)
+    assert top1.tolist() == [0, 0, 1] and top2.tolist() == [1, 0, 1]
+    assert torch.equal(targets[0], teacher_logits[0]) and torch.equal(targets[1], guard_logits[1])
+    with pytest.raises(ValueError, match="nothing to veto"):
+        _guarded_targets(teacher_logits, guard_logits, None, topk=3)
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+    guard = copy.deepcopy(teacher)
+    with torch.no_grad():
+        guard[2].weight.mul_(-1)
+    images = torch.randn(128, 3, 4, 4)
+    vetoed = [
+        distill(
+            copy.deepcopy(teacher), teacher, images, epochs=1, lr=0.0, guard=guard, veto_topk=k
+        ).guard_vetoed_fraction
+        for k in (1, 2, 3)
+    ]
+    assert vetoed[0] > vetoed[1] > vetoed[2] >= 0
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="veto_topk"):
+            distill(copy.deepcopy(teacher), teacher, images, epochs=1, guard=guard, veto_topk=bad)
+    with pytest.raises(ValueError, match="guard"):
+        distill(copy.deepcopy(teacher), teacher, images, epochs=1, veto_topk=2)
+
+
+def test_a_masked_veto_teaches_the_teachers_own_output_without_its_predicted_class():
+    """Given a teacher whose class the guard overrules: with vetoed="masked" the target on that image is
+    the teacher's softmax with its top class at 0 and the other classes in the teacher's own ratios;
+    where the two agree the teacher's target stands untouched."""
+    from ccpurify.distill import _guarded_targets, distill, without_prediction
+
+    teacher_logits = torch.tensor([[6.0, 2, 1, 0], [0, 4, 1, 0]])
+    guard_logits = torch.tensor([[0.0, 0, 5, 0], [0, 3, 0, 0]])  # overrules row 0, agrees on row 1
+    targets, weights = _guarded_targets(teacher_logits, guard_logits, None, mask_vetoed=True)
+    assert weights.tolist() == [0, 1] and torch.equal(targets[1], teacher_logits[1])
+    for t in (1.0, 4.0):
+        p = torch.softmax(targets[0] / t, 0)
+        assert p[0] == 0 and p.argmax() == 1  # the teacher's second class, not the guard's class 2
+        q = torch.softmax(teacher_logits[0, 1:] / t, 0)
+        assert torch.allclose(p[1:], q, atol=1e-6)
+    assert torch.equal(without_prediction(teacher_logits).argmax(1), torch.tensor([1, 2]))
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+    with torch.no_grad():
+        teacher[2].weight.mul_(5)
+        teacher[2].bias.zero_()
+    guard = copy.deepcopy(teacher)
+    with torch.no_grad():  # the guard swaps classes 0 and 1: it overrules every image the teacher calls 0 or 1
+        guard[2].weight.copy_(teacher[2].weight[[1, 0, 2, 3]])
+    images = torch.randn(64, 3, 4, 4) * 2
+    student = copy.deepcopy(teacher)
+    log = distill(
+        student,
+        teacher,
+        images,
+        epochs=10,
+        lr=0.1,
+        guard=guard,
+        vetoed="masked",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert 0 < log.guard_vetoed_fraction < 1 and all(math.isfinite(v) for v in log.loss_per_epoch)
+    with torch.no_grad():  # vetoed images moved away from the teacher's class; agreed ones kept it
+        vetoed = teacher(images).argmax(1) != guard(images).argmax(1)
+        changed = student(images).argmax(1) != teacher(images).argmax(1)
+    assert changed[vetoed].float().mean() > 0.5 > changed[~vetoed].float().mean()
+
+
+def test_a_class_the_guard_never_predicts_gets_back_the_uniform_share_and_no_other_class_moves():
+    """Given logits where class 2 never wins but ranks its own images higher: dead_class_bias gives
+    class 2 the smallest bias that makes it the prediction on ceil(N/K) images (exactly its best
+    images), and 0 to every class that is predicted often enough."""
+    from ccpurify.distill import LogitBias, dead_class_bias
+
+    torch.manual_seed(0)
+    n, classes = 90, 3
+    logits = torch.randn(n, classes)
+    logits[:, 2] -= 8.0  # class 2 is dead
+    logits[:30, 2] += 3.0  # ... but its evidence is strongest on the first 30 images
+    assert (logits.argmax(1) == 2).sum() == 0
+    bias = dead_class_bias(logits)
+    assert bias[0] == 0 and bias[1] == 0 and bias[2] > 0
+    revived = (logits + bias).argmax(1) == 2
+    assert int(revived.sum()) == 30 and revived[:30].float().mean() > 0.8
+    assert torch.equal(dead_class_bias(logits + bias), torch.zeros(classes))  # nothing left to revive
+    alive = torch.eye(classes).repeat(n // classes, 1)  # every class predicted on a third
+    assert torch.equal(dead_class_bias(alive), torch.zeros(classes))
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        dead_class_bias(torch.zeros(0, 3))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.allclose(LogitBias(model, bias)(x), model(x) + bias)
+
+
+def test_a_guard_with_revived_classes_vetoes_less_and_records_its_biases():
+    """Given a suspect and a guard that lost one class (its logit pushed down): Recover with
+    guard_revive_classes reports the dead class's bias and vetoes fewer images than without it."""
+    torch.manual_seed(0)
+    suspect = two_bn_net()
+    guard = copy.deepcopy(suspect)
+    with torch.no_grad():
+        guard[8].bias[1] -= 20.0  # the guard never predicts class 1
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8))
+    context.pipeline_input, context.teacher = suspect, guard
+    vetoed = {}
+    for revive in (False, True):
+        recover = Recover(
+            teacher_from="input",
+            guard=True,
+            data="synthetic",
+            synthetic_images=64,
+            synthetic_steps=2,
+            epochs=1,
+            guard_revive_classes=revive,
+        )
+        details = recover.recover(copy.deepcopy(suspect), context)
+        vetoed[revive] = details.distill.guard_vetoed_fraction
+        if revive:
+            biases = details.guard_revived_classes
+            assert 1 in biases and biases[1] == max(biases.values()) > 10
+        else:
+            assert details.guard_revived_classes is None
+    assert vetoed[True] < vetoed[False]
+    assert guard[8].bias[1] < -10  # the caller's guard is not changed
+
+
 def test_shared_targets_keep_only_the_dark_knowledge_both_models_share():
     """Class by class the shared target is the smaller of the two probabilities, renormalised: where
     the models agree on the class it stays the prediction, a guard identical to the teacher changes
@@ -384,12 +522,70 @@ def test_guard_options_are_refused_where_they_cannot_apply():
         Recover(guard_scope="target")
     with pytest.raises(InvalidInputError, match="need guard=True"):
         Recover(guard_targets="shared")
+    with pytest.raises(InvalidInputError, match="need guard=True"):
+        Recover(guard_topk=2)
+    net = two_bn_net().train()  # three classes: a top-3 guard would veto nothing
+    with pytest.raises(InvalidInputError, match="guard_topk below 3"):
+        Recover(teacher_from="input", guard=True, guard_topk=3).check(
+            net, PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8))
+        )
+    assert net.training  # the check ran the model without changing its mode
+    Recover(teacher_from="input", guard=True, guard_topk=2).check(
+        net, PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8))
+    )
     teacher = two_bn_net()
     wider = nn.Sequential(teacher, nn.Linear(3, 10))
     with pytest.raises(ValueError, match="3 outputs and the guard 10"):  # the classes must be the same
         suspected_target(teacher, wider, torch.randn(4, 3, 8, 8))
     with pytest.raises(ValueError, match="shared_targets"):
         distill(two_bn_net(), teacher, torch.randn(4, 3, 8, 8), epochs=1, shared_targets=True)
+
+
+def test_hints_of_vetoed_images_count_only_when_the_veto_does_not_cover_them():
+    """Given a guard that overrules the teacher on every image and skips them all: the student learns
+    nothing while the veto covers the hints too (the default), and moves towards the hinted features
+    with veto_hints=False."""
+    from ccpurify.distill import FeatureHints, distill
+
+    teacher = two_bn_net()
+    guard = copy.deepcopy(teacher)
+    with torch.no_grad():  # the same features, every class shifted by one: never the teacher's class
+        guard[8].weight.copy_(teacher[8].weight[[1, 2, 0]])
+        guard[8].bias.copy_(teacher[8].bias[[1, 2, 0]])
+    images = torch.randn(32, 3, 8, 8)
+    moved = {}
+    for veto_hints in (True, False):
+        student = two_bn_net()
+        with torch.no_grad():
+            student[1].weight.add_(0.5)
+        before = copy.deepcopy(student.state_dict())
+        hints = FeatureHints(guard, student, {"4": torch.arange(4)})
+        log = distill(
+            student,
+            teacher,
+            images,
+            epochs=2,
+            lr=0.05,
+            weight_decay=0.0,
+            guard=guard,
+            vetoed="skip",
+            hints=hints,
+            feature_weight=1.0,
+            veto_hints=veto_hints,
+            generator=torch.Generator().manual_seed(0),
+        )
+        hints.remove()
+        assert log.guard_vetoed_fraction == 1.0
+        moved[veto_hints] = max(
+            float((student.state_dict()[k] - v).abs().max())
+            for k, v in before.items()
+            if v.is_floating_point() and "running" not in k
+        )
+    assert moved[True] == 0 and moved[False] > 1e-3
+    from ccpurify.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="hints_from='guard'"):
+        Recover(teacher_from="input", guard=True, feature_weight=1.0, guard_vetoes_hints=False)
 
 
 def test_feature_hints_ignore_images_of_weight_zero():

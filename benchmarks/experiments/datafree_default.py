@@ -145,6 +145,31 @@ VARIANTS.update(
         # the last digit on MobileNetV2 WaNet (75.8 / 31.3): the distillation trains BN in train mode, and
         # its running averages replace whatever statistics the student started with.
         "J-no-anchor": {**J_RECOVERY, "anchor_bn": False},
+        # Without OTBR's output as guard (no veto, no shared targets, hints from the suspect): what the
+        # guard costs the student's accuracy; its ASR is not a defence's (session 13)
+        "J-no-guard": {"invariance_weight": 1.0, "feature_weight": 30.0, "max_grad_norm": 10.0, "guard": False},
+        # ... and one part of the guard at a time: hints from the suspect (veto and shared targets kept),
+        # the suspect's whole soft targets where both agree (veto and the guard's hints kept), the veto alone
+        "J-hints-teacher": {**J_RECOVERY, "hints_from": "teacher"},
+        "J-targets-teacher": {**J_RECOVERY, "guard_targets": "teacher"},
+        "J-veto-only": {**J_RECOVERY, "hints_from": "teacher", "guard_targets": "teacher"},
+        "J-veto-only-target": {
+            **J_RECOVERY,
+            "hints_from": "teacher",
+            "guard_targets": "teacher",
+            "guard_scope": "target",
+        },
+        # Where the guard overrules the suspect, the suspect's output without its predicted class
+        "J-masked": {**J_RECOVERY, "guard_vetoed": "masked"},
+        "J-masked-target": {**J_RECOVERY, "guard_vetoed": "masked", "guard_scope": "target"},
+        # The guard's hints count on the images it vetoes too (they come from the guard, not the suspect)
+        "J-hints-all": {**J_RECOVERY, "guard_vetoes_hints": False},
+        "J-hints-all-masked": {**J_RECOVERY, "guard_vetoes_hints": False, "guard_vetoed": "masked"},
+        # Classes OTBR's output no longer predicts get a logit bias back in the guard (Recover.guard_revive_classes)
+        "J-revive": {**J_RECOVERY, "guard_revive_classes": True},
+        # The guard lets the suspect's class stand where it is among the guard's 2 / 3 most likely
+        "J-top2": {**J_RECOVERY, "guard_topk": 2},
+        "J-top3": {**J_RECOVERY, "guard_topk": 3},
     }
 )
 

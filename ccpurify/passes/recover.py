@@ -27,11 +27,14 @@ from torch import nn
 from ccpurify.distill import (
     DistillLog,
     FeatureHints,
+    LogitBias,
     anchored_bn_update,
     channel_correspondence,
     check_max_grad_norm,
+    dead_class_bias,
     distill,
     epochs_for_budget,
+    logits_of,
     recalibrate_bn,
     suspected_target,
 )
@@ -40,7 +43,7 @@ from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, pertur
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.options import Count, NonNegativeCount, NonNegativeFloat, PositiveFloat, Temperature
 from ccpurify.passes.registry import register_pass
-from ccpurify.synthesis import bn_layers, synthesize_bn_images
+from ccpurify.synthesis import bn_layers, frozen, synthesize_bn_images
 from ccpurify.transforms import Augment
 
 
@@ -61,6 +64,7 @@ class GuardVeto(str, Enum):
 
     GUARD = "guard"  # the guard's output
     SKIP = "skip"  # nothing: the image does not count
+    MASKED = "masked"  # the teacher's output without its predicted class (distill.without_prediction)
 
 
 class GuardScope(str, Enum):
@@ -110,6 +114,7 @@ class RecoverDetails(PassDetails):
     bn_layers: int | None = None
     # invariance_weight > 0 or suppress_target: UniversalTrigger.summary() on the teacher
     universal_trigger: dict | None = None
+    guard_revived_classes: dict | None = None  # guard_revive_classes: each revived class's logit bias
 
     def training(self) -> Training:
         kind = {"clean": "labelled", "unlabeled": "unlabelled"}.get(self.data, self.data)
@@ -152,6 +157,9 @@ class Recover(Pass):
     anchor_bn: bool = False
     feature_weight: NonNegativeFloat = 0.0  # > 0: also match BN inputs to the teacher's (FeatureHints)
     hints_from: HintSource = HintSource.TEACHER  # "guard": match the guard's BN inputs instead (needs guard=True)
+    # Where the guard overrules the teacher, the image's hints do not count. With hints from the guard
+    # (hints_from="guard") False keeps them: they come from the model the veto trusts.
+    guard_vetoes_hints: bool = True
     max_grad_norm: float | None = None  # clip the gradient's global norm (distill): keeps large hint weights stable
     synthetic_images: Count = 512
     # 30 synthesis steps recover as well as 100 inside the data-free pipeline (mean validation DER
@@ -171,6 +179,14 @@ class Recover(Pass):
     # Where the teacher's target stands: "teacher" distills it as it is, "shared" keeps only the dark
     # knowledge the guard shares (class by class the smaller probability; distill.shared_knowledge).
     guard_targets: GuardTargets = GuardTargets.TEACHER
+    # The guard lets the teacher's class stand where it is among the guard's ``guard_topk`` most likely
+    # classes (1: only its own class; distill's ``veto_topk``).
+    guard_topk: Count = 1
+    # The guard's logits get ``distill.dead_class_bias``, measured on the recovery images (and three
+    # augmented views): a class the defense silenced (OTBR removed CIFAR-10 BadNets' backdoor with its
+    # target class) is predicted again where its evidence is strongest, so the guard stops vetoing
+    # every image the suspect gives that class. Hints still come from the guard as it is.
+    guard_revive_classes: bool = False
     # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
     # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
     synthetic_class_weight: NonNegativeFloat = 0.0
@@ -209,12 +225,22 @@ class Recover(Pass):
                 "Recover(hints_from='guard') matches feature hints to the guard's features: it needs guard=True and "
                 "feature_weight > 0"
             )
+        if not self.guard_vetoes_hints and self.hints_from is not HintSource.GUARD:
+            raise InvalidInputError(
+                "Recover(guard_vetoes_hints=False) keeps the hints of images the guard vetoes, which is safe only for "
+                "hints from the guard: it needs hints_from='guard'"
+            )
         if not self.guard and (
             self.guard_scope is not GuardScope.ALL
             or self.guard_vetoed is not GuardVeto.GUARD
             or self.guard_targets is not GuardTargets.TEACHER
+            or self.guard_topk != 1
+            or self.guard_revive_classes
         ):
-            raise InvalidInputError("guard_scope, guard_vetoed and guard_targets shape the guard: they need guard=True")
+            raise InvalidInputError(
+                "guard_scope, guard_vetoed, guard_targets, guard_topk and guard_revive_classes shape the guard: they need "
+                "guard=True"
+            )
 
     def config(self) -> dict:
         d = super().config()
@@ -236,6 +262,16 @@ class Recover(Pass):
         synthetic = self.data is RecoverData.SYNTHETIC or (
             self.data is RecoverData.AUTO and context.clean_data is None and context.unlabeled_data is None
         )
+        if self.guard_topk > 1:
+            classes = context.num_classes
+            if classes is None:
+                with frozen(model), torch.no_grad():  # the caller's modes come back as they were
+                    classes = int(model(context.example_inputs.to(context.device)).shape[1])
+            if self.guard_topk >= classes:
+                raise InvalidInputError(
+                    f"Recover(guard_topk={self.guard_topk}) would let every class of this {classes}-class model stand: "
+                    f"give guard_topk below {classes}"
+                )
         if synthetic and not bn_layers(self.teacher if self.teacher is not None else model):
             raise InvalidInputError(
                 "recover makes its images from the model's BatchNorm statistics, and this model has no BatchNorm2d layer: "
@@ -269,6 +305,17 @@ class Recover(Pass):
         # Images are made from the guard when there is one: its class term cannot aim them at a trigger.
         source, images, labels = self._data(teacher if guard is None else guard, context)
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
+        hinter = guard if self.hints_from is HintSource.GUARD else teacher  # __post_init__: a guard exists then
+        revived = None
+        if guard is not None and self.guard_revive_classes:
+            views = (
+                images
+                if augment is None
+                else torch.cat([images, *(augment(images, context.generator(23)) for _ in range(3))])
+            )
+            bias = dead_class_bias(logits_of(guard, views))
+            revived = {c: round(float(b), 3) for c, b in enumerate(bias) if b > 0}
+            guard = LogitBias(guard, bias).eval()
         target, suspicion = None, None
         if guard is not None and self.guard_scope is GuardScope.TARGET:
             views = (
@@ -277,7 +324,6 @@ class Recover(Pass):
                 else torch.cat([images, *(augment(images, context.generator(13)) for _ in range(3))])
             )
             target, suspicion = suspected_target(teacher, guard, views)
-        hinter = guard if self.hints_from is HintSource.GUARD else teacher  # __post_init__: a guard exists then
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
         correspondence = {}
         if (self.feature_weight > 0 and hinter is teacher) or (self.recalibrate and self.anchor_bn):
@@ -324,6 +370,8 @@ class Recover(Pass):
                 guard=guard,
                 vetoed=self.guard_vetoed.value,
                 veto_class=target,
+                veto_topk=self.guard_topk,
+                veto_hints=self.guard_vetoes_hints,
                 shared_targets=self.guard_targets is GuardTargets.SHARED,
                 generator=context.generator(7),
                 device=context.device,
@@ -346,6 +394,7 @@ class Recover(Pass):
             feature_layers=len(hints.layers) if hints is not None else None,
             bn_layers=len(bn_layers(student)) if hints is not None else None,
             universal_trigger=trigger.summary() if trigger is not None else None,
+            guard_revived_classes=revived,
         )
 
     def _data(self, teacher: nn.Module, context: PurifyContext):
