@@ -505,8 +505,9 @@ def dead_class_bias(logits: torch.Tensor, dead_below: float = 0.5) -> torch.Tens
     class 0 right), yet its class-0 log-probability still ranks the class-0 images above the others
     (AUC 0.97) and above triggered images (0.96). As the guard of a recovery it then vetoes every
     image the suspect calls 0, so the student never learns the class (its class-0 accuracy: 1%).
-    Computed on the recovery's synthetic images, aimed at every class in turn, the bias was 2.0, and
-    the guard with it scores 77.1 / 0.5% validation CA / ASR (without: 74.2 / 0.0)."""
+    On one augmented view of the recovery's synthetic images (aimed at every class in turn) this rule
+    gives 2.0, and the guard with a bias of 2 scores 77.1 / 0.5% validation CA / ASR (without: 74.2 /
+    0.0; docs/defaults.md, session 13)."""
     if logits.dim() != 2 or len(logits) == 0:
         raise InvalidInputError(f"logits must be a non-empty (N, K) tensor, got shape {tuple(logits.shape)}")
     n, classes = logits.shape
