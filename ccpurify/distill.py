@@ -537,11 +537,8 @@ class LogitBias(nn.Module):
 @torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``model``'s logits on ``images`` in eval mode, batched, on the CPU (the caller's modes come back)."""
-    device = next(model.parameters()).device
     with frozen(model):
-        return torch.cat(
-            [model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
-        )
+        return torch.cat([model(x).cpu() for x in _batches(images, batch_size, next(model.parameters()).device)])
 
 
 @torch.no_grad()

@@ -43,7 +43,8 @@ from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, pertur
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.options import Count, NonNegativeCount, NonNegativeFloat, PositiveFloat, Temperature
 from ccpurify.passes.registry import register_pass
-from ccpurify.synthesis import bn_layers, frozen, synthesize_bn_images
+from ccpurify.probes import output_classes
+from ccpurify.synthesis import bn_layers, synthesize_bn_images
 from ccpurify.transforms import Augment
 
 
@@ -263,10 +264,7 @@ class Recover(Pass):
             self.data is RecoverData.AUTO and context.clean_data is None and context.unlabeled_data is None
         )
         if self.guard_topk > 1:
-            classes = context.num_classes
-            if classes is None:
-                with frozen(model), torch.no_grad():  # the caller's modes come back as they were
-                    classes = int(model(context.example_inputs.to(context.device)).shape[1])
+            classes = context.num_classes or output_classes(model, context.example_inputs.to(context.device))
             if self.guard_topk >= classes:
                 raise InvalidInputError(
                     f"Recover(guard_topk={self.guard_topk}) would let every class of this {classes}-class model stand: "
@@ -308,22 +306,12 @@ class Recover(Pass):
         hinter = guard if self.hints_from is HintSource.GUARD else teacher  # __post_init__: a guard exists then
         revived = None
         if guard is not None and self.guard_revive_classes:
-            views = (
-                images
-                if augment is None
-                else torch.cat([images, *(augment(images, context.generator(23)) for _ in range(3))])
-            )
-            bias = dead_class_bias(logits_of(guard, views))
+            bias = dead_class_bias(logits_of(guard, with_views(images, augment, context.generator(23))))
             revived = {c: round(float(b), 3) for c, b in enumerate(bias) if b > 0}
             guard = LogitBias(guard, bias).eval()
         target, suspicion = None, None
         if guard is not None and self.guard_scope is GuardScope.TARGET:
-            views = (
-                images
-                if augment is None
-                else torch.cat([images, *(augment(images, context.generator(13)) for _ in range(3))])
-            )
-            target, suspicion = suspected_target(teacher, guard, views)
+            target, suspicion = suspected_target(teacher, guard, with_views(images, augment, context.generator(13)))
         # Before any re-estimation, which changes the statistics the parameter-matching fallback reads.
         correspondence = {}
         if (self.feature_weight > 0 and hinter is teacher) or (self.recalibrate and self.anchor_bn):
@@ -426,6 +414,12 @@ class Recover(Pass):
             progress=context.progress,
         )
         return images.cpu()
+
+
+def with_views(images: torch.Tensor, augment: Augment | None, generator: torch.Generator) -> torch.Tensor:
+    """``images`` and three augmented views of them (as the distillation will see them), or the images
+    alone without augmentation: what the guard's statistics (suspected target, dead classes) are read on."""
+    return images if augment is None else torch.cat([images, *(augment(images, generator) for _ in range(3))])
 
 
 def freeze_silenced_channels(model: nn.Module) -> tuple[list[torch.utils.hooks.RemovableHandle], int]:
