@@ -220,7 +220,18 @@ class FeatureHints:
         self._seen.clear()
 
 
-def _check_guard_options(guard: nn.Module | None, vetoed: str, veto_class: int | None, veto_topk: int = 1) -> None:
+def _check_guard_options(
+    guard: nn.Module | None,
+    vetoed: str,
+    veto_class: int | None,
+    veto_topk: int = 1,
+    shared_targets: bool = False,
+    revive_bias: torch.Tensor | None = None,
+) -> None:
+    if shared_targets and guard is None:
+        raise ValueError("shared_targets shares the teacher's targets with a guard: pass guard= too")
+    if revive_bias is not None and (guard is None or revive_bias.dim() != 1):
+        raise ValueError("revive_bias is a (K,) logit bias of a guard: pass guard= too, and one value per class")
     if vetoed not in ("guard", "skip", "masked"):
         raise ValueError(f"vetoed must be 'guard', 'skip' or 'masked', got {vetoed!r}")
     if isinstance(veto_topk, bool) or not isinstance(veto_topk, int) or veto_topk < 1:
@@ -283,13 +294,17 @@ def _guarded_targets(
     shared_temperature: float | None = None,
     topk: int = 1,
     mask_vetoed: bool = False,
+    revive_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distillation targets under a guard (the guard's logits where it overrules the teacher, or
     with ``mask_vetoed`` the teacher's own logits without its predicted class, ``without_prediction``;
     with ``shared_temperature`` the knowledge both share, ``shared_knowledge``, where both "agree";
     where only the guard's scope lets the teacher's class stand, the teacher's own) and each image's
     weight: 1 where the teacher's target stands, 0 where the guard overruled it. The two agree where
-    the teacher's class is among the guard's ``topk`` most likely classes (1: the same class)."""
+    the teacher's class is among the guard's ``topk`` most likely classes (1: the same class). With
+    ``revive_bias`` (``dead_class_bias``) they also agree where the teacher predicts a revived class
+    and the guard with the bias added predicts it too; there the shared knowledge is taken with the
+    biased guard, and everywhere else the guard's logits stay as they are."""
     predicted = teacher_logits.argmax(1)
     if topk == 1:
         same = predicted == guard_logits.argmax(1)
@@ -299,13 +314,19 @@ def _guarded_targets(
                 f"veto_topk {topk} leaves a {guard_logits.shape[1]}-class guard nothing to veto: give fewer classes"
             )
         same = (guard_logits.topk(topk, 1).indices == predicted[:, None]).any(1)
+    shared_guard = guard_logits
+    if revive_bias is not None:
+        bias = revive_bias.to(guard_logits.device, guard_logits.dtype)
+        revived = (bias[predicted] > 0) & ((guard_logits + bias).argmax(1) == predicted)
+        same = same | revived
+        shared_guard = torch.where(revived[:, None], guard_logits + bias, guard_logits)
     agree = same.clone()
     if veto_class is not None:
         if veto_class >= teacher_logits.shape[1]:
             raise ValueError(f"veto_class {veto_class} is not a class of a {teacher_logits.shape[1]}-class model")
         agree |= predicted != veto_class
     if shared_temperature is not None:  # where both predict the same class (the minimum keeps it)
-        shared = shared_knowledge(teacher_logits, guard_logits, shared_temperature)
+        shared = shared_knowledge(teacher_logits, shared_guard, shared_temperature)
         teacher_logits = torch.where(same[:, None], shared, teacher_logits)
     overruled = without_prediction(teacher_logits) if mask_vetoed else guard_logits
     return torch.where(agree[:, None], teacher_logits, overruled), agree.to(teacher_logits.dtype)
@@ -359,6 +380,7 @@ def distill(
     veto_topk: int = 1,
     veto_hints: bool = True,
     shared_targets: bool = False,
+    revive_bias: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     progress: ProgressCallback | None = None,
@@ -392,10 +414,11 @@ def distill(
     it stands, keeps only the dark knowledge the guard shares (``shared_knowledge``). With
     ``veto_topk`` = k > 1 the guard overrules only where the teacher's class is not among its k most
     likely: a guard that lost accuracy to the defense often ranks the right class second, while a
-    trigger sends the teacher to a class the guard has no reason to rank high."""
-    _check_guard_options(guard, vetoed, veto_class, veto_topk)
-    if shared_targets and guard is None:
-        raise ValueError("shared_targets shares the teacher's targets with a guard: pass guard= too")
+    trigger sends the teacher to a class the guard has no reason to rank high. ``revive_bias`` (K,)
+    (``dead_class_bias``) lets the teacher's class stand where it is a class the guard no longer
+    predicts and the guard's logits plus the bias predict it: the guard keeps vetoing, with its own
+    logits, everything else (``_guarded_targets``)."""
+    _check_guard_options(guard, vetoed, veto_class, veto_topk, shared_targets, revive_bias)
     check_max_grad_norm(max_grad_norm)
     teacher.eval()
     if guard is not None:
@@ -424,7 +447,13 @@ def distill(
                 weights = None
                 if guard is not None:
                     t, weights = _guarded_targets(
-                        t, guard(x), veto_class, t_epoch if shared_targets else None, veto_topk, vetoed == "masked"
+                        t,
+                        guard(x),
+                        veto_class,
+                        t_epoch if shared_targets else None,
+                        veto_topk,
+                        vetoed == "masked",
+                        revive_bias,
                     )
                     overruled += int((weights == 0).sum())
                     seen += len(x)
@@ -495,10 +524,10 @@ def suspected_target(
     return chosen, {"class": chosen, "share": share, "disagreements": total, "counts": counts.tolist()}
 
 
-def dead_class_bias(logits: torch.Tensor, dead_below: float = 0.5) -> torch.Tensor:
+def dead_class_bias(logits: torch.Tensor, dead_below: float = 0.5, share: float = 1.0) -> torch.Tensor:
     """A logit bias per class (K,) that gives each class the model predicts on fewer than
-    ``dead_below`` of the uniform share (1/K) of these images back the uniform share: the smallest
-    bias that makes it the prediction on ceil(N/K) of them; 0 for every other class.
+    ``dead_below`` of the uniform share (1/K) of these images ``share`` of the uniform share back:
+    the smallest bias that makes it the prediction on ceil(share * N/K) of them; 0 for every other class.
 
     Why: OTBR can remove a backdoor by silencing its target class. On the zoo's CIFAR-10 BadNets
     model OTBR's output predicts class 0 on none of 2,000 validation images (the suspect: 91% of
@@ -510,9 +539,11 @@ def dead_class_bias(logits: torch.Tensor, dead_below: float = 0.5) -> torch.Tens
     0.0; docs/defaults.md, session 13)."""
     if logits.dim() != 2 or len(logits) == 0:
         raise InvalidInputError(f"logits must be a non-empty (N, K) tensor, got shape {tuple(logits.shape)}")
+    if not 0 < share <= 1:
+        raise InvalidInputError(f"share must be in (0, 1], got {share!r}")
     n, classes = logits.shape
     predicted = torch.bincount(logits.argmax(1), minlength=classes)
-    wanted = math.ceil(n / classes)
+    wanted = max(1, math.ceil(share * n / classes))
     bias = torch.zeros(classes, dtype=logits.dtype)
     for c in torch.nonzero(predicted < dead_below * n / classes).flatten().tolist():
         others = logits.clone()

@@ -419,6 +419,10 @@ def test_a_class_the_guard_never_predicts_gets_back_the_uniform_share_and_no_oth
     revived = (logits + bias).argmax(1) == 2
     assert int(revived.sum()) == 30 and revived[:30].float().mean() > 0.8
     assert torch.equal(dead_class_bias(logits + bias), torch.zeros(classes))  # nothing left to revive
+    half = dead_class_bias(logits, share=0.5)  # half the uniform share: a smaller bias, 15 images
+    assert 0 < half[2] < bias[2] and int(((logits + half).argmax(1) == 2).sum()) == 15
+    with pytest.raises(InvalidInputError, match="share"):
+        dead_class_bias(logits, share=0.0)
     alive = torch.eye(classes).repeat(n // classes, 1)  # every class predicted on a third
     assert torch.equal(dead_class_bias(alive), torch.zeros(classes))
     with pytest.raises(InvalidInputError, match="non-empty"):
@@ -430,7 +434,8 @@ def test_a_class_the_guard_never_predicts_gets_back_the_uniform_share_and_no_oth
 
 def test_a_guard_with_revived_classes_vetoes_less_and_records_its_biases():
     """Given a suspect and a guard that lost one class (its logit pushed down): Recover with
-    guard_revive_classes reports the dead class's bias and vetoes fewer images than without it."""
+    guard_revive_classes ("guard": the bias on the guard's logits; "agreed": only on the suspect's
+    predictions of that class) reports the dead class's bias and vetoes fewer images than without it."""
     torch.manual_seed(0)
     suspect = two_bn_net()
     guard = copy.deepcopy(suspect)
@@ -439,7 +444,7 @@ def test_a_guard_with_revived_classes_vetoes_less_and_records_its_biases():
     context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8))
     context.pipeline_input, context.teacher = suspect, guard
     vetoed = {}
-    for revive in (False, True):
+    for revive in ("off", "guard", "agreed"):
         recover = Recover(
             teacher_from="input",
             guard=True,
@@ -451,13 +456,34 @@ def test_a_guard_with_revived_classes_vetoes_less_and_records_its_biases():
         )
         details = recover.recover(copy.deepcopy(suspect), context)
         vetoed[revive] = details.distill.guard_vetoed_fraction
-        if revive:
+        if revive != "off":
             biases = details.guard_revived_classes
             assert 1 in biases and biases[1] == max(biases.values()) > 10
         else:
             assert details.guard_revived_classes is None
-    assert vetoed[True] < vetoed[False]
+    assert vetoed["guard"] < vetoed["off"] and vetoed["agreed"] < vetoed["off"]
     assert guard[8].bias[1] < -10  # the caller's guard is not changed
+    with pytest.raises(InvalidInputError, match="guard=True"):
+        Recover(guard_revive_classes="agreed")
+    with pytest.raises(InvalidInputError, match="guard_revive_classes"):
+        Recover(teacher_from="input", guard=True, guard_revive_share=0.5)
+
+
+def test_a_revive_bias_lets_only_the_teachers_own_prediction_of_the_revived_class_stand():
+    """Given a guard that never predicts class 0 and a bias that revives it: where the teacher says 0
+    and the biased guard agrees, the teacher's target stands; where the teacher says 0 but the biased
+    guard does not, or says another class, the guard's own unbiased logits are the target."""
+    from ccpurify.distill import _guarded_targets
+
+    teacher = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0]])
+    guard = torch.tensor([[-1.0, 0.5, 0.0], [-9.0, 0.5, 0.0], [-1.0, 0.5, 0.0], [0.0, 0.0, 4.0]])
+    bias = torch.tensor([2.0, 0.0, 0.0])
+    targets, weights = _guarded_targets(teacher, guard, None, revive_bias=bias)
+    assert weights.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert torch.equal(targets[0], teacher[0]) and torch.equal(targets[2], teacher[2])
+    assert torch.equal(targets[1], guard[1]) and torch.equal(targets[3], guard[3])  # unbiased: class 0 not pushed
+    shared, _ = _guarded_targets(teacher, guard, None, shared_temperature=4.0, revive_bias=bias)
+    assert shared[0].argmax() == 0  # the shared knowledge is taken with the biased guard there
 
 
 def test_shared_targets_keep_only_the_dark_knowledge_both_models_share():

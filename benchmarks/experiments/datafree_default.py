@@ -166,7 +166,10 @@ VARIANTS.update(
         "J-hints-all": {**J_RECOVERY, "guard_vetoes_hints": False},
         "J-hints-all-masked": {**J_RECOVERY, "guard_vetoes_hints": False, "guard_vetoed": "masked"},
         # Classes OTBR's output no longer predicts get a logit bias back in the guard (Recover.guard_revive_classes)
-        "J-revive": {**J_RECOVERY, "guard_revive_classes": True},
+        "J-revive": {**J_RECOVERY, "guard_revive_classes": "guard"},
+        # ... only where the suspect predicts the revived class (the guard's own logits elsewhere)
+        "J-revive-agreed": {**J_RECOVERY, "guard_revive_classes": "agreed"},
+        "J-revive-agreed-half": {**J_RECOVERY, "guard_revive_classes": "agreed", "guard_revive_share": 0.5},
         # The guard lets the suspect's class stand where it is among the guard's 2 / 3 most likely
         "J-top2": {**J_RECOVERY, "guard_topk": 2},
         "J-top3": {**J_RECOVERY, "guard_topk": 3},
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 "vetoed": report.details.distill.guard_vetoed_fraction,
                 "suspected_target": report.details.suspected_target,
                 "universal_trigger": report.details.universal_trigger,
+                "revived": report.details.guard_revived_classes,
             }
             print(key, variant, row[variant], flush=True)
             store_result(out, {}, None, key, row)  # other runs may be adding other entries

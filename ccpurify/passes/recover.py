@@ -41,7 +41,14 @@ from ccpurify.distill import (
 from ccpurify.errors import InvalidInputError
 from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
-from ccpurify.passes.options import Count, NonNegativeCount, NonNegativeFloat, PositiveFloat, Temperature
+from ccpurify.passes.options import (
+    Count,
+    NonNegativeCount,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveFraction,
+    Temperature,
+)
 from ccpurify.passes.registry import register_pass
 from ccpurify.probes import output_classes
 from ccpurify.synthesis import bn_layers, synthesize_bn_images
@@ -73,6 +80,17 @@ class GuardScope(str, Enum):
 
     ALL = "all"  # wherever the two disagree
     TARGET = "target"  # only where the teacher predicts the suspected backdoor target
+
+
+class GuardRevive(str, Enum):
+    """Where a class the guard no longer predicts gets its logit bias back (``distill.dead_class_bias``)."""
+
+    OFF = "off"
+    # the guard's logits carry the bias everywhere: its predictions, its vetoed targets, its shared knowledge
+    GUARD = "guard"
+    # only where the teacher predicts the revived class: the bias decides whether that prediction stands,
+    # and the guard's own logits everything else (distill's ``revive_bias``)
+    AGREED = "agreed"
 
 
 class GuardTargets(str, Enum):
@@ -187,7 +205,10 @@ class Recover(Pass):
     # augmented views): a class the defense silenced (OTBR removed CIFAR-10 BadNets' backdoor with its
     # target class) is predicted again where its evidence is strongest, so the guard stops vetoing
     # every image the suspect gives that class. Hints still come from the guard as it is.
-    guard_revive_classes: bool = False
+    # "agreed": the bias only decides whether the teacher's prediction of the revived class stands.
+    guard_revive_classes: GuardRevive = GuardRevive.OFF
+    # ... to this share of the uniform share of the recovery images (dead_class_bias's ``share``).
+    guard_revive_share: PositiveFraction = 1.0
     # > 0: synthetic images are also aimed at classes (round-robin) by the guard's, or else the
     # teacher's, cross-entropy (DeepInversion's class term; synthesis.synthesize_bn_images).
     synthetic_class_weight: NonNegativeFloat = 0.0
@@ -210,6 +231,7 @@ class Recover(Pass):
         self.guard_vetoed = GuardVeto(self.guard_vetoed)
         self.guard_scope = GuardScope(self.guard_scope)
         self.guard_targets = GuardTargets(self.guard_targets)
+        self.guard_revive_classes = GuardRevive(self.guard_revive_classes)
         self.hints_from = HintSource(self.hints_from)
         check_max_grad_norm(self.max_grad_norm)
         if not 0 < self.invariance_eps <= 1 or not 1 <= self.invariance_scale < math.inf:
@@ -231,12 +253,17 @@ class Recover(Pass):
                 "Recover(guard_vetoes_hints=False) keeps the hints of images the guard vetoes, which is safe only for "
                 "hints from the guard: it needs hints_from='guard'"
             )
+        if self.guard_revive_share != 1.0 and self.guard_revive_classes is GuardRevive.OFF:
+            raise InvalidInputError(
+                "Recover(guard_revive_share) sizes the revival of the guard's dead classes: it needs "
+                "guard_revive_classes='guard' or 'agreed'"
+            )
         if not self.guard and (
             self.guard_scope is not GuardScope.ALL
             or self.guard_vetoed is not GuardVeto.GUARD
             or self.guard_targets is not GuardTargets.TEACHER
             or self.guard_topk != 1
-            or self.guard_revive_classes
+            or self.guard_revive_classes is not GuardRevive.OFF
         ):
             raise InvalidInputError(
                 "guard_scope, guard_vetoed, guard_targets, guard_topk and guard_revive_classes shape the guard: they need "
@@ -304,11 +331,15 @@ class Recover(Pass):
         source, images, labels = self._data(teacher if guard is None else guard, context)
         augment = Augment(crop_padding=4, hflip=self.hflip) if self.augment else None
         hinter = guard if self.hints_from is HintSource.GUARD else teacher  # __post_init__: a guard exists then
-        revived = None
-        if guard is not None and self.guard_revive_classes:
-            bias = dead_class_bias(logits_of(guard, with_views(images, augment, context.generator(23))))
+        revived = revive_bias = None
+        if guard is not None and self.guard_revive_classes is not GuardRevive.OFF:
+            views = with_views(images, augment, context.generator(23))
+            bias = dead_class_bias(logits_of(guard, views), share=self.guard_revive_share)
             revived = {c: round(float(b), 3) for c, b in enumerate(bias) if b > 0}
-            guard = LogitBias(guard, bias).eval()
+            if self.guard_revive_classes is GuardRevive.GUARD:
+                guard = LogitBias(guard, bias).eval()
+            else:
+                revive_bias = bias
         target, suspicion = None, None
         if guard is not None and self.guard_scope is GuardScope.TARGET:
             target, suspicion = suspected_target(teacher, guard, with_views(images, augment, context.generator(13)))
@@ -361,6 +392,7 @@ class Recover(Pass):
                 veto_topk=self.guard_topk,
                 veto_hints=self.guard_vetoes_hints,
                 shared_targets=self.guard_targets is GuardTargets.SHARED,
+                revive_bias=revive_bias,
                 generator=context.generator(7),
                 device=context.device,
                 progress=context.progress,
