@@ -111,6 +111,23 @@ def test_a_pipeline_chains_edits_and_reloads_exactly(tmp_path):
         assert torch.equal(loaded(X), out(X))
 
 
+def test_a_prune_target_of_the_pipeline_input_counts_what_earlier_passes_removed():
+    """Prune(macs=0.5, search_steps=5) after Prune(macs=0.7, search_steps=5) keeps 0.5 of its own input (about 0.35 of the dense
+    model); with of_pipeline_input it keeps 0.5 of the dense model, and where the input is already
+    below the target it removes nothing."""
+    model = models.create("preact_resnet18", num_classes=10, width=0.25)
+    _, own = Pipeline([Prune(macs=0.7, search_steps=5), Prune(macs=0.5, search_steps=5)])(model)
+    _, dense = Pipeline([Prune(macs=0.7, search_steps=5), Prune(macs=0.5, search_steps=5, of_pipeline_input=True)])(
+        model
+    )
+    assert own.macs_after < 0.5 * 0.7 * own.macs_before * 1.05
+    assert 0.4 * dense.macs_before < dense.macs_after <= 0.5 * dense.macs_before
+    _, idle = Pipeline([Prune(macs=0.5, search_steps=5), Prune(macs=0.7, search_steps=5, of_pipeline_input=True)])(
+        model
+    )
+    assert idle.passes[1].details.groups_pruned == 0 and idle.passes[1].macs_after == idle.passes[1].macs_before
+
+
 def test_passes_never_modify_their_input():
     model = build("resnet18")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -35,7 +35,7 @@ def list_passes(pattern: str = "*") -> list[str]:
     return PASSES.list(pattern)
 
 
-from ccpurify.passes import bcu, cc, clp, factorize, otbr, prune, recover, rnp  # noqa: E402,F401  (register)
+from ccpurify.passes import bcu, cc, clp, factorize, otbr, prune, recover, rnp, trigger_prune  # noqa: E402,F401  (register)
 from ccpurify.passes.bcu import BCU  # noqa: E402
 from ccpurify.passes.cc import CleanCompact  # noqa: E402
 from ccpurify.passes.clp import CLP  # noqa: E402
@@ -44,6 +44,7 @@ from ccpurify.passes.otbr import OTBR  # noqa: E402
 from ccpurify.passes.prune import Prune  # noqa: E402
 from ccpurify.passes.recover import Recover  # noqa: E402
 from ccpurify.passes.rnp import RNP  # noqa: E402
+from ccpurify.passes.trigger_prune import TriggerPrune  # noqa: E402
 
 __all__ = [
     "BCU",
@@ -64,6 +65,7 @@ __all__ = [
     "Prune",
     "PurifyContext",
     "Training",
+    "TriggerPrune",
     "UnknownNameError",
     "UnlabeledData",
     "as_labeled",

@@ -25,6 +25,7 @@ from ccpurify.passes.otbr import OTBR
 from ccpurify.passes.prune import Prune
 from ccpurify.passes.recover import Recover
 from ccpurify.passes.rnp import RNP
+from ccpurify.passes.trigger_prune import TriggerPrune
 
 # CLP's u inside the pipelines: 2.25, the best mean validation DER of benchmarks/results/sweep-clp-u.md
 # (the CLP pass itself keeps the published u = 3 as its default).
@@ -67,11 +68,11 @@ def prune(macs: float, round_to: int | None = 8) -> Prune:
     return Prune(macs=macs, round_to=round_to)
 
 
-def compensated_prune(macs: float) -> Prune:
+def compensated_prune(macs: float, of_pipeline_input: bool = False) -> Prune:
     """Global magnitude pruning followed by data-free compensation of the removed channels from the
     BatchNorm statistics (``ccpurify.compensate``): mean validation CA of the 14 zoo models right after
     pruning to 0.75 MACs 26.1 -> 64.0% (benchmarks/results/compression_only.md)."""
-    return Prune(macs=macs, round_to=8, global_pruning=True, compensate=True)
+    return Prune(macs=macs, round_to=8, global_pruning=True, compensate=True, of_pipeline_input=of_pipeline_input)
 
 
 # OTBR's ratio search: the ratios it may apply, and the share of the suspect's predictions on
@@ -291,6 +292,20 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     "otbr-search+prune-comp+recover-guarded-invariant-guardhints30-shared-revived": (
         "none",
         lambda m: Pipeline([searched_otbr(), compensated_prune(m), shared_recover("agreed")]),
+    ),
+    # ... after removing the channels a data-free universal trigger switches on (TriggerPrune): the
+    # full-image triggers OTBR misses (GTSRB Blended, CIFAR-10 LF, VGG16-BN Blended; session 14).
+    "trigger-prune+otbr-search+prune-comp+recover-guarded-invariant-guardhints30-shared-revived": (
+        "none",
+        lambda m: Pipeline([TriggerPrune(), searched_otbr(), compensated_prune(m), shared_recover("agreed")]),
+    ),
+    # ... with the MACs target a fraction of the dense model's (Prune.of_pipeline_input): the channels
+    # TriggerPrune and OTBR removed count towards it.
+    "trigger-prune+otbr-search+prune-dense-comp+recover-guarded-invariant-guardhints30-shared-revived": (
+        "none",
+        lambda m: Pipeline(
+            [TriggerPrune(), searched_otbr(), compensated_prune(m, of_pipeline_input=True), shared_recover("agreed")]
+        ),
     ),
     # ... with the hints at 100 and trigger invariance at 10 instead: GTSRB WaNet 98.4 / 3.2%. Mean
     # validation DER 83.0, within DER_TIE of the default's 82.5, but 0.4 points more CA drop.

@@ -81,6 +81,10 @@ class Prune(Pass):
     # weights instead of dropping it (ccpurify.merge, Neuron Merging); silenced channels never merge.
     merge: bool = False
     merge_similarity: float = 0.0  # merge only pairs whose folded filters have at least this cosine similarity
+    # The target is a fraction of the *pipeline's input* (the dense model) instead of this pass's
+    # input: channels earlier defenses removed count towards it. After TriggerPrune and compact OTBR
+    # removed channels, pruning their output to 0.75 of its own MACs left CIFAR-10 Blended at 0.63.
+    of_pipeline_input: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,12 +149,13 @@ class Prune(Pass):
             else (lambda m: model_cost(m, example).params)
         )
         start = measure(model)
-        goal = (self.macs if self.macs is not None else self.params) * start
+        dense = context.pipeline_input if self.of_pipeline_input and context.pipeline_input is not None else model
+        goal = (self.macs if self.macs is not None else self.params) * measure(dense)
         protected = protected_layers(ChannelGraph(model, example), self.ignored)
         best, best_pruner, best_ratio = model, None, 0.0
         smallest = None  # (cost, trial, pruner, ratio): used when no ratio reaches the goal
         lo, hi = 0.0, self.max_layer_ratio
-        for step in range(self.search_steps):
+        for step in range(self.search_steps if start > goal else 0):  # already at the goal: nothing to remove
             mid = (lo + hi) / 2
             trial, pruner = self._trial(model, mid, context, protected)
             cost = measure(trial)

@@ -1,0 +1,49 @@
+"""What does ``TriggerPrune`` remove from each suspect, and at what cost, before anything else runs?
+
+    python -m benchmarks.experiments.trigger_prune --entries gtsrb-blended cifar10-lf --gains 1.5 2
+
+For each zoo model and each gain bar (``min_gain``) and cap (``max_fraction``): the suspect and its
+``TriggerPrune`` output scored on the validation split (CA and ASR), with what the pass found (the
+universal trigger, whether the gate stopped it, the channels flagged, removed and only zeroed).
+"""
+
+from __future__ import annotations
+
+from benchmarks.common import RESULTS, datafree_experiment, read_json, store_result, val_scores
+from ccpurify.passes import TriggerPrune
+
+
+def main(argv: list[str] | None = None) -> int:
+    def options(parser) -> None:
+        parser.add_argument("--gains", nargs="+", type=float, default=[TriggerPrune.min_gain])
+        parser.add_argument("--fractions", nargs="+", type=float, default=[TriggerPrune.max_fraction])
+        parser.add_argument("--depth", type=float, default=TriggerPrune.depth)
+
+    args, entries = datafree_experiment(__doc__, ["gtsrb-blended", "cifar10-lf", "cifar10-clean"], argv, options)
+    out = RESULTS / "experiments" / "trigger_prune.json"
+    for entry, context in entries:
+        row = read_json(out, {}).get(entry.name, {})  # settings measured before are kept
+        row["suspect"] = val_scores(entry, entry.model)
+        for gain in args.gains:
+            for fraction in args.fractions:
+                purified, report = TriggerPrune(min_gain=gain, max_fraction=fraction, depth=args.depth)(
+                    entry.model, context
+                )
+                d = report.details
+                row[f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}"] = {
+                    **val_scores(entry, purified),
+                    "trigger": d.trigger,
+                    "gated": d.gated,
+                    "flagged": d.flagged,
+                    "removed": d.removed,
+                    "zeroed": d.zeroed,
+                    "scored_channels": d.scored_channels,
+                    "seconds": round(report.wall_time_s, 1),
+                }
+                print(entry.name, gain, fraction, row[f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}"], flush=True)
+        store_result(out, {}, None, entry.name, row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

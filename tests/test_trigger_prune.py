@@ -1,0 +1,116 @@
+"""Trigger-channel pruning without data (ccpurify.passes.trigger_prune): a planted full-image shortcut
+is found on synthetic images, and the channel that carries it is removed; a model without one is
+left as it is."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ccpurify.errors import InvalidInputError
+from ccpurify.passes import PurifyContext, TriggerPrune, create
+from ccpurify.transforms import Normalize
+
+PIXELS = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # eps 0.15 of the pixel range: 0.6 here
+
+
+def shortcut_net() -> nn.Sequential:
+    """conv 8x8 over the whole 8x8 image (3 -> 8 channels) -> BN -> ReLU -> linear (8 -> 4), BN
+    statistics N(0, 1) on Gaussian images. Channel 0's filter is constant: brightening every pixel
+    by 0.6 lifts its BN input by 0.6 * sqrt(192), about 8 standard deviations, while its BN shift
+    of -2 keeps it silent on almost every image that follows the statistics. The classifier reads
+    channel 0 into class 0 at weight 20: the backdoor."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 8, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        net[0].weight.normal_(0, 192**-0.5)
+        net[0].weight[0] = 192**-0.5
+        net[1].weight.fill_(1.0), net[1].bias.zero_()
+        net[1].bias[0] = -2.0
+        net[4].weight.normal_(0, 0.3), net[4].bias.zero_()
+        net[4].weight[:, 0] = 0.0
+        net[4].weight[0, 0] = 20.0
+    return net.eval()
+
+
+def context() -> PurifyContext:
+    return PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), normalize=PIXELS, seed=0)
+
+
+FAST = dict(eps=0.15, images=64, synthesis_steps=5, trigger_steps=40, max_fraction=0.25)  # at most 2 of 8 channels
+
+
+def to_class_zero(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == 0).float().mean())
+
+
+def test_the_channel_a_planted_trigger_switches_on_is_removed_and_the_trigger_no_longer_works():
+    model = shortcut_net()
+    before = copy.deepcopy(model.state_dict())
+    purified, report = TriggerPrune(**FAST)(model, context())
+    details = report.details
+    assert not details.gated and details.trigger["target"] == 0 and details.trigger["fooled"] > 0.9
+    assert 0 in details.layers["1"]  # BN "1" normalises conv "0": channel 0 flagged ...
+    assert details.removed == details.flagged and purified[0].out_channels == 8 - details.flagged  # ... and removed
+    x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    triggered = x + 0.6  # the planted trigger: every pixel brightened by 0.15 of the range
+    assert to_class_zero(model, triggered) > 0.9
+    assert to_class_zero(purified, triggered) < 0.5
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model
+
+
+def test_faithful_mode_zeroes_the_same_channels_in_place_and_keeps_every_shape():
+    model = shortcut_net()
+    compressed, compress_report = TriggerPrune(**FAST)(model, context())
+    zeroed, report = TriggerPrune(**FAST, mode="faithful")(model, context())
+    assert report.details.layers == compress_report.details.layers and report.details.removed is None
+    assert zeroed[0].out_channels == 8
+    assert all(zeroed[1].weight[i] == 0 and zeroed[1].bias[i] == 0 for i in report.details.layers["1"])
+    x = torch.randn(16, 3, 8, 8)
+    assert torch.allclose(zeroed(x), compressed(x), atol=1e-5)  # removal is exact after zeroing
+
+
+def test_a_trigger_too_weak_to_fire_the_shortcut_is_gated_and_the_model_returned_unchanged():
+    """Within 0.005 of the pixel range no perturbation fires channel 0: the best one raises its
+    class's share of the images by less than min_lift, so nothing is removed."""
+    model = shortcut_net()
+    purified, report = TriggerPrune(**{**FAST, "eps": 0.005})(model, context())
+    details = report.details
+    assert details.gated == (details.trigger["fooled"] - details.trigger["share_before"] < 0.5)
+    assert details.gated and details.flagged == 0 and details.layers == {}
+    assert purified[0].out_channels == 8
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in purified.state_dict().items())
+
+
+def test_trigger_prune_is_registered_and_refuses_a_model_without_batchnorm_or_bad_options():
+    assert isinstance(create("trigger_prune", min_gain=3.0), TriggerPrune)
+    with pytest.raises(InvalidInputError, match="BatchNorm"):
+        TriggerPrune(**FAST)(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)), context())
+    with pytest.raises(InvalidInputError, match="max_fraction"):
+        TriggerPrune(max_fraction=1.5)
+    with pytest.raises(InvalidInputError, match="min_gain"):
+        TriggerPrune(min_gain=0.0)
+
+
+def test_only_the_deep_half_of_the_batchnorm_layers_is_scored():
+    """Early channels respond to any perturbation (on CIFAR-10 WaNet they took the top gains, and
+    removing them broke the model): by default only the last half of the BN layers is scored."""
+    head = shortcut_net()
+    model = nn.Sequential(
+        head[0],
+        head[1],
+        head[2],
+        nn.Conv2d(8, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    ).eval()
+    _, half = TriggerPrune(**FAST, min_lift=0.0)(model, context())
+    _, every = TriggerPrune(**FAST, min_lift=0.0, depth=1.0)(model, context())
+    assert half.details.scored_channels == 4 and every.details.scored_channels == 12
+    assert set(half.details.layers) <= {"4"}
