@@ -114,3 +114,21 @@ def test_only_the_deep_half_of_the_batchnorm_layers_is_scored():
     _, every = TriggerPrune(**FAST, min_lift=0.0, depth=1.0)(model, context())
     assert half.details.scored_channels == 4 and every.details.scored_channels == 12
     assert set(half.details.layers) <= {"4"}
+
+
+def test_without_the_input_normalisation_or_with_non_logit_outputs_it_refuses_in_one_line():
+    """The perturbation's bound is in pixel units: measured from synthetic images instead, it moved
+    85% of a clean model's images to one class and passed the gate."""
+    with pytest.raises(InvalidInputError, match="normalize"):
+        TriggerPrune(**FAST)(shortcut_net(), PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8)))
+    with pytest.raises(InvalidInputError, match="logits of shape"):
+        TriggerPrune(**FAST)(nn.Sequential(*shortcut_net()[:3]), context())
+
+
+def test_batchnorm_without_scale_and_shift_is_not_scored():
+    model = shortcut_net()
+    plain = nn.BatchNorm2d(8, affine=False).eval()
+    plain.load_state_dict({k: v for k, v in model[1].state_dict().items() if "running" in k or "num_batches" in k})
+    model[1] = plain
+    _, report = TriggerPrune(**FAST, min_lift=0.0)(model, context())
+    assert report.details.scored_channels == 0 and report.details.flagged == 0
