@@ -12,7 +12,6 @@ numbers are recorded in ``benchmarks/results/default_selection.md`` and the READ
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,6 +133,7 @@ def guarded_recover(
     invariance_eps: float = 0.05,
     hints_from: str = "teacher",
     guard_targets: str = "teacher",
+    guard_revive_classes: str = "off",
 ) -> Recover:
     """Distillation from the *suspect* model (all of its clean accuracy) on 256 dead-leaves images
     refined on the BatchNorm statistics and aimed at round-robin classes by the defense's output,
@@ -145,7 +145,8 @@ def guarded_recover(
     (``ccpurify.invariance``) against a universal perturbation of the suspect, bounded by
     ``invariance_eps`` of the pixel range; ``hints_from="guard"`` matches the hints to the defense's
     output instead of the suspect's features, which carry the trigger's; ``guard_targets="shared"``
-    keeps only the dark knowledge of the suspect's soft targets that the defense's output shares."""
+    keeps only the dark knowledge of the suspect's soft targets that the defense's output shares;
+    ``guard_revive_classes`` is ``Recover``'s (classes the defense silenced, revived in the guard)."""
     return Recover(
         data="synthetic",
         teacher_from="input",
@@ -157,6 +158,7 @@ def guarded_recover(
         feature_weight=feature_weight,
         hints_from=hints_from,
         guard_targets=guard_targets,
+        guard_revive_classes=guard_revive_classes,
         max_grad_norm=max_grad_norm,
         invariance_weight=invariance_weight,
         invariance_eps=invariance_eps,
@@ -169,10 +171,14 @@ def shared_recover(revive: str = "off") -> Recover:
     """The data-free default's recovery: ``guarded_recover`` with hints from the defense's output at
     ``SHARED_HINT_WEIGHT``, trigger invariance at weight 1 and the shared dark knowledge; ``revive``
     is ``Recover.guard_revive_classes``."""
-    recover = guarded_recover(
-        SHARED_HINT_WEIGHT, GUARDED_MAX_GRAD_NORM, invariance_weight=1.0, hints_from="guard", guard_targets="shared"
+    return guarded_recover(
+        SHARED_HINT_WEIGHT,
+        GUARDED_MAX_GRAD_NORM,
+        invariance_weight=1.0,
+        hints_from="guard",
+        guard_targets="shared",
+        guard_revive_classes=revive,
     )
-    return dataclasses.replace(recover, guard_revive_classes=revive)
 
 
 # Candidates whose cost does not grow with the defender's data (issue 14, item 5). On the grid's

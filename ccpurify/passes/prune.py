@@ -150,7 +150,7 @@ class Prune(Pass):
         )
         start = measure(model)
         dense = context.pipeline_input if self.of_pipeline_input and context.pipeline_input is not None else model
-        goal = (self.macs if self.macs is not None else self.params) * measure(dense)
+        goal = (self.macs if self.macs is not None else self.params) * (start if dense is model else measure(dense))
         protected = protected_layers(ChannelGraph(model, example), self.ignored)
         best, best_pruner, best_ratio = model, None, 0.0
         smallest = None  # (cost, trial, pruner, ratio): used when no ratio reaches the goal

@@ -43,6 +43,8 @@ from ccpurify.invariance import fit_universal_trigger, perturbation_bound
 from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext
 from ccpurify.passes.options import Count, Fraction, NonNegativeCount, PositiveFloat, PositiveFraction
 from ccpurify.passes.registry import register_pass
+from ccpurify.passes.rnp import bn_layers as affine_bn_layers
+from ccpurify.passes.rnp import zero_bn_channels
 from ccpurify.probes import output_classes
 from ccpurify.synthesis import bn_layers, frozen, synthesize_bn_images
 
@@ -157,7 +159,7 @@ class TriggerPrune(Pass):
         trigger = fit_universal_trigger(
             model, images, bound, steps=self.trigger_steps, generator=context.generator(31), device=context.device
         )
-        bns = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.affine}
+        bns = affine_bn_layers(model)
         deep = dict(list(bns.items())[len(bns) - max(1, round(self.depth * len(bns))) :])
         gains = trigger_gains(model, deep, images, trigger.delta)
         ranked = sorted(((float(g), bn, i) for bn in deep for i, g in enumerate(gains[bn])), reverse=True)
@@ -176,10 +178,7 @@ class TriggerPrune(Pass):
             layers=flagged,
             top_gains=[round(g, 3) for g, _, _ in ranked[:10]],
         )
-        with torch.no_grad():  # a BN channel with scale and shift 0 outputs 0 (CLP's reference operation)
-            for bn, idx in flagged.items():
-                bns[bn].weight[idx] = 0
-                bns[bn].bias[idx] = 0
+        zero_bn_channels(model, flagged, beta=True)  # scale and shift 0: the channel outputs 0
         # Channels whose BN normalises one conv's output go physically; the others (a pre-activation
         # network's residual stream, read through its own BN by each block) stay zeroed.
         by_bn = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
