@@ -44,7 +44,8 @@ from ccpurify.synthesis import bn_layers, frozen, moments
 from ccpurify.transforms import Augment
 
 
-def _batches(images: torch.Tensor, batch_size: int, device: str | torch.device) -> list[torch.Tensor]:
+def batches(images: torch.Tensor, batch_size: int, device: str | torch.device) -> list[torch.Tensor]:
+    """``images`` in consecutive batches of ``batch_size``, each moved to ``device``."""
     return [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
 
 
@@ -54,7 +55,7 @@ def recalibrate_bn(
 ) -> None:
     """Replace every BN's running statistics by their cumulative average over ``images`` (the
     model's train/eval mode is kept)."""
-    update_bn(_batches(images, batch_size, device), model)
+    update_bn(batches(images, batch_size, device), model)
 
 
 @torch.no_grad()
@@ -569,7 +570,7 @@ class LogitBias(nn.Module):
 def logits_of(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``model``'s logits on ``images`` in eval mode, batched, on the CPU (the caller's modes come back)."""
     with frozen(model):
-        return torch.cat([model(x).cpu() for x in _batches(images, batch_size, next(model.parameters()).device)])
+        return torch.cat([model(x).cpu() for x in batches(images, batch_size, next(model.parameters()).device)])
 
 
 @torch.no_grad()

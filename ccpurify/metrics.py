@@ -21,6 +21,7 @@ from torch import nn
 from ccpurify.cost import ModelCost, device_of, model_cost  # noqa: F401  (re-exported: the harness's cost API)
 from ccpurify.data.transforms import Normalize
 from ccpurify.errors import InvalidInputError, NonFiniteError
+from ccpurify.probes import non_finite_cause
 from ccpurify.progress import ProgressCallback, report
 
 
@@ -48,8 +49,8 @@ def predict(
             logits = model(x)
             if not torch.isfinite(logits).all():
                 raise NonFiniteError(
-                    "the model outputs NaN or Inf on test images although its weights are finite (for example a "
-                    "negative BatchNorm variance); its scores would be meaningless, so nothing was scored"
+                    f"the model outputs NaN or Inf on test images, {non_finite_cause(model)}; its scores would be "
+                    "meaningless, so nothing was scored"
                 )
             out[start : start + len(x)] = logits.argmax(1).cpu().numpy()
             report(progress, task, min(start + batch_size, len(images)), len(images))

@@ -60,14 +60,30 @@ def output_classes(model: nn.Module, example: torch.Tensor) -> int:
     return int(out.shape[1])
 
 
+def first_non_finite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or floating-point buffer of ``model`` holding NaN or Inf, if any."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def non_finite_cause(model: nn.Module) -> str:
+    """Why ``model`` computes NaN or Inf, for a one-line error: the tensor that holds them, or else
+    what makes finite weights compute them."""
+    name = first_non_finite_tensor(model)
+    if name is not None:
+        return f"its weights hold NaN or Inf (first in {name!r}); the file is corrupt or was trained to divergence"
+    return "although its weights are finite (for example a negative BatchNorm variance or an overflow)"
+
+
 def check_finite_outputs(model: nn.Module, inputs: list[torch.Tensor], who: str) -> None:
     """Refuse a model that computes NaN/Inf (or fails) on a probe input."""
     with torch.no_grad():
         for x in inputs:
             if not torch.isfinite(_forward(model, x)).all():
                 raise NonFiniteError(
-                    f"{who} computes NaN or Inf on a probe input although its weights are finite (for example a "
-                    "negative BatchNorm variance or an overflow); nothing was written"
+                    f"{who} computes NaN or Inf on a probe input, {non_finite_cause(model)}; nothing was written"
                 )
 
 

@@ -22,7 +22,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccpurify.errors import InvalidInputError
+from ccpurify.errors import InvalidInputError, LimitExceededError
 from ccpurify.progress import ProgressCallback, report
 
 
@@ -41,6 +42,34 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
         for n, m in model.named_modules()
         if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None
     ]
+
+
+# Bytes a synthetic image pool holds per pixel value while it is made: the float32 start and the
+# refined copy, dead leaves' float64 distance maps and masks, and the batch's Adam state.
+POOL_BYTES_PER_VALUE = 16
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say (then no pool is refused)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_pool_size(count: int, input_shape: Sequence[int], option: str) -> None:
+    """Refuse a synthetic pool of ``count`` images of ``input_shape`` (C, H, W) that would need more
+    than half this machine's memory, before any of it is allocated: an option such as
+    ``images=1e9`` would otherwise end in an allocation failure deep inside torch or numpy, or in
+    swapping. ``option`` names the setting that asked for the images (shown in the message)."""
+    needed = count * math.prod(input_shape) * POOL_BYTES_PER_VALUE
+    memory = physical_memory_bytes()
+    if memory is not None and needed > memory // 2:
+        raise LimitExceededError(
+            f"{option}={count:,} asks for {count:,} synthetic images of shape {list(input_shape)}, about "
+            f"{needed / 2**30:,.1f} GiB while they are made, more than half of this machine's "
+            f"{memory / 2**30:,.0f} GiB: ask for fewer images"
+        )
 
 
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +224,7 @@ def synthesize_bn_images(
     a backdoored model is how trigger reconstruction works."""
     if init not in ("noise", "dead_leaves"):
         raise InvalidInputError(f"init must be 'noise' or 'dead_leaves', got {init!r}")
+    check_pool_size(count, input_shape, "count")
     if init == "noise":
         start = torch.randn(count, *input_shape, generator=generator)
     else:

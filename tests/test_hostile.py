@@ -375,6 +375,13 @@ def _negative_variance(tiny: nn.Module) -> nn.Module:
     return model
 
 
+def _nan_weight(tiny: nn.Module) -> nn.Module:
+    model = __import__("copy").deepcopy(tiny)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    return model
+
+
 # (case, call, error, message): the API refuses with a CcpurifyError subclass.
 API_CASES = [
     (
@@ -394,6 +401,30 @@ API_CASES = [
         lambda m: ccpurify.purify(_negative_variance(m), "clp"),
         NonFiniteError,
         "computes NaN or Inf",
+    ),
+    (
+        "a model with a NaN weight is refused, naming the weight",
+        lambda m: ccpurify.purify(_nan_weight(m), "clp"),
+        NonFiniteError,
+        "weights hold NaN or Inf \\(first in 'layer1.0.conv1.weight'\\)",
+    ),
+    (
+        "a synthetic pool larger than the machine's memory is refused before it is made",
+        lambda m: ccpurify.purify(m, "recover", synthetic_images=10**9),
+        LimitExceededError,
+        "synthetic_images=1,000,000,000 asks for .* GiB",
+    ),
+    (
+        "a trigger search on more images than fit in memory is refused before it starts",
+        lambda m: ccpurify.purify(m, "trigger_prune", images=10**9, normalize=((0.5,) * 3, (0.25,) * 3)),
+        LimitExceededError,
+        "TriggerPrune images=1,000,000,000",
+    ),
+    (
+        "a guarded recovery with no defense before it says to put one first",
+        lambda m: ccpurify.purify(m, "recover", guard=True, teacher_from="input", epochs=1, synthetic_images=8),
+        InvalidInputError,
+        "no defense ran before it: put one first",
     ),
     (
         "a model computing NaN is not exported",

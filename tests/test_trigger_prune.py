@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from ccpurify.data.datasets import CIFAR10
+from ccpurify.demo import ASSETS
 from ccpurify.errors import InvalidInputError
-from ccpurify.passes import PurifyContext, TriggerPrune, create
+from ccpurify.io import load_model
+from ccpurify.passes import CLP, Fallback, PurifyContext, TriggerPrune, create
 from ccpurify.transforms import Normalize
 
 PIXELS = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # eps 0.15 of the pixel range: 0.6 here
@@ -53,7 +56,8 @@ def test_the_channel_a_planted_trigger_switches_on_is_removed_and_the_trigger_no
     before = copy.deepcopy(model.state_dict())
     purified, report = TriggerPrune(**FAST)(model, context())
     details = report.details
-    assert not details.gated and details.trigger["target"] == 0 and details.trigger["fooled"] > 0.9
+    trigger = details.triggers["perturbation"]
+    assert not details.gated and trigger["passed"] and trigger["target"] == 0 and trigger["fooled"] > 0.9
     assert 0 in details.layers["1"]  # BN "1" normalises conv "0": channel 0 flagged ...
     assert details.removed == details.flagged and purified[0].out_channels == 8 - details.flagged  # ... and removed
     x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -61,6 +65,9 @@ def test_the_channel_a_planted_trigger_switches_on_is_removed_and_the_trigger_no
     assert to_class_zero(model, triggered) > 0.9
     assert to_class_zero(purified, triggered) < 0.5
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model
+    # The console says what it found and the budget line what it spent (PipelineReport.budget).
+    assert details.choices().startswith("a perturbation sends") and f"{details.flagged} channels" in details.choices()
+    assert details.training().images == 64 and details.training().sample_steps == 64 * 7 + 64 * 40
 
 
 def test_faithful_mode_zeroes_the_same_channels_in_place_and_keeps_every_shape():
@@ -80,8 +87,10 @@ def test_a_trigger_too_weak_to_fire_the_shortcut_is_gated_and_the_model_returned
     model = shortcut_net()
     purified, report = TriggerPrune(**{**FAST, "eps": 0.005})(model, context())
     details = report.details
-    assert details.gated == (details.trigger["fooled"] - details.trigger["share_before"] < 0.5)
+    trigger = details.triggers["perturbation"]
+    assert details.gated == (trigger["fooled"] - trigger["share_before"] < 0.5) and not trigger["passed"]
     assert details.gated and details.flagged == 0 and details.layers == {}
+    assert "no backdoor found, nothing removed" in details.choices()
     assert purified[0].out_channels == 8
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in purified.state_dict().items())
 
@@ -132,3 +141,56 @@ def test_batchnorm_without_scale_and_shift_is_not_scored():
     model[1] = plain
     _, report = TriggerPrune(**FAST, min_lift=0.0)(model, context())
     assert report.details.scored_channels == 0 and report.details.flagged == 0
+
+
+@pytest.fixture(scope="module")
+def demo_badnets() -> nn.Module:
+    """The embedded demo model: a CIFAR-10 PreAct-ResNet18 with a BadNets backdoor (3x3 patch, class 0)."""
+    return load_model(ASSETS / "model.safetensors").eval()
+
+
+def cifar10_context() -> PurifyContext:
+    return PurifyContext(
+        example_inputs=torch.zeros(1, 3, 32, 32), normalize=Normalize(CIFAR10.mean, CIFAR10.std), seed=0
+    )
+
+
+PATCH = dict(images=64, synthesis_steps=10, trigger_steps=40, patch_steps=150)
+
+
+def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gate_stops(demo_badnets):
+    """BadNets' trigger is a small opaque patch: no change within 0.05 of the pixel range imitates
+    it, and a mask of under 2% of the pixels does."""
+    _, perturbation = TriggerPrune(**PATCH)(demo_badnets, cifar10_context())
+    assert perturbation.details.gated and list(perturbation.details.triggers) == ["perturbation"]
+    purified, report = TriggerPrune(**PATCH, trigger_model="both")(demo_badnets, cifar10_context())
+    patch = report.details.triggers["patch"]
+    assert patch["passed"] and patch["target"] == 0 and patch["area"] <= 0.02 and patch["fooled"] > 0.9, patch
+    assert not report.details.triggers["perturbation"]["passed"]
+    assert not report.details.gated and report.details.flagged > 0
+    assert (
+        "a patch (area" in report.details.choices() and "channels it switches on silenced" in report.details.choices()
+    )
+    assert report.details.training().sample_steps == 64 * 10 + (64 * 40 + 2 * 64) + (64 * 150 + 2 * 64)
+
+
+def test_a_patch_larger_than_max_area_does_not_pass_the_gate(demo_badnets):
+    _, report = TriggerPrune(**PATCH, trigger_model="patch", max_area=0.001)(demo_badnets, cifar10_context())
+    assert report.details.gated and not report.details.triggers["patch"]["passed"] and report.details.flagged == 0
+
+
+def test_fallback_runs_its_other_defense_only_where_the_first_found_no_backdoor():
+    """Fallback(TriggerPrune, CLP): where the planted shortcut is found, CLP never runs and the
+    output is TriggerPrune's; where the trigger search is too weak to find it, the output is CLP's
+    on the model as given."""
+    model = shortcut_net()
+    found_model, found = Fallback(TriggerPrune(**FAST), CLP())(model, context())
+    alone_model, _ = TriggerPrune(**FAST)(model, context())
+    assert found.details.ran == ["trigger_prune"] and found.details.otherwise is None
+    assert found.details.found_backdoor() and found_model[0].out_channels == alone_model[0].out_channels
+    weak = TriggerPrune(**{**FAST, "eps": 0.005})
+    fallback_model, fell = Fallback(weak, CLP(mode="faithful"))(model, context())
+    clp_model, _ = CLP(mode="faithful")(model, context())
+    assert fell.details.ran == ["trigger_prune", "clp"] and fell.details.first.gated
+    assert all(torch.equal(v, clp_model.state_dict()[k]) for k, v in fallback_model.state_dict().items())
+    assert fell.to_dict()["details"]["first"]["gated"] is True and "trigger_prune" in fell.config["first"]["name"]

@@ -10,7 +10,7 @@ universal trigger, whether the gate stopped it, the channels flagged, removed an
 from __future__ import annotations
 
 from benchmarks.common import RESULTS, datafree_experiment, read_json, store_result, val_scores
-from ccpurify.passes import TriggerPrune
+from ccpurify.passes import TriggerModel, TriggerPrune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--gains", nargs="+", type=float, default=[TriggerPrune.min_gain])
         parser.add_argument("--fractions", nargs="+", type=float, default=[TriggerPrune.max_fraction])
         parser.add_argument("--depth", type=float, default=TriggerPrune.depth)
+        parser.add_argument(
+            "--trigger-model", default=TriggerPrune.trigger_model.value, choices=[m.value for m in TriggerModel]
+        )
 
     args, entries = datafree_experiment(__doc__, ["gtsrb-blended", "cifar10-lf", "cifar10-clean"], argv, options)
     out = RESULTS / "experiments" / "trigger_prune.json"
@@ -26,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         row["suspect"] = val_scores(entry, entry.model)
         for gain in args.gains:
             for fraction in args.fractions:
-                purified, report = TriggerPrune(min_gain=gain, max_fraction=fraction, depth=args.depth)(
-                    entry.model, context
-                )
+                purified, report = TriggerPrune(
+                    min_gain=gain, max_fraction=fraction, depth=args.depth, trigger_model=args.trigger_model
+                )(entry.model, context)
                 d = report.details
-                row[f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}"] = {
+                key = f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}" + (
+                    "" if args.trigger_model == "perturbation" else f"-{args.trigger_model}"
+                )
+                row[key] = {
                     **val_scores(entry, purified),
-                    "trigger": d.trigger,
+                    "triggers": d.triggers,
                     "gated": d.gated,
                     "flagged": d.flagged,
                     "removed": d.removed,
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                     "scored_channels": d.scored_channels,
                     "seconds": round(report.wall_time_s, 1),
                 }
-                print(entry.name, gain, fraction, row[f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}"], flush=True)
+                print(entry.name, gain, fraction, row[key], flush=True)
         store_result(out, {}, None, entry.name, row)
     return 0
 

@@ -40,11 +40,12 @@ from ccpurify.passes.bcu import BCU  # noqa: E402
 from ccpurify.passes.cc import CleanCompact  # noqa: E402
 from ccpurify.passes.clp import CLP  # noqa: E402
 from ccpurify.passes.factorize import Factorize  # noqa: E402
+from ccpurify.passes.fallback import Fallback  # noqa: E402
 from ccpurify.passes.otbr import OTBR  # noqa: E402
 from ccpurify.passes.prune import Prune  # noqa: E402
 from ccpurify.passes.recover import Recover  # noqa: E402
 from ccpurify.passes.rnp import RNP  # noqa: E402
-from ccpurify.passes.trigger_prune import TriggerPrune  # noqa: E402
+from ccpurify.passes.trigger_prune import TriggerModel, TriggerPrune  # noqa: E402
 
 __all__ = [
     "BCU",
@@ -53,6 +54,7 @@ __all__ = [
     "RNP",
     "CleanCompact",
     "Factorize",
+    "Fallback",
     "OTBR",
     "Recover",
     "LabeledData",
@@ -65,6 +67,7 @@ __all__ = [
     "Prune",
     "PurifyContext",
     "Training",
+    "TriggerModel",
     "TriggerPrune",
     "UnknownNameError",
     "UnlabeledData",

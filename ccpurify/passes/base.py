@@ -101,6 +101,11 @@ class PassDetails:
         """False when the pass had a size target it could not reach; None when it has no target."""
         return None
 
+    def found_backdoor(self) -> bool | None:
+        """For a pass that searches for a backdoor before it acts (``TriggerPrune``): whether it found
+        one (``Fallback`` runs its other defense where it did not); None for passes that always act."""
+        return None
+
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
 

@@ -35,6 +35,7 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext
 from ccpurify.passes.registry import register_pass
+from ccpurify.passes.rnp import zero_bn_channels
 
 
 class Unpaired(str, Enum):
@@ -129,7 +130,7 @@ class CLP(Pass):
                     "channels": model.get_submodule(bn_name).num_features,
                     "flagged": flagged,
                 }
-                _zero_bn(model.get_submodule(bn_name), flagged)
+                zero_bn_channels(model, {bn_name: flagged}, beta=True)
             return PassResult(model, self._details(layers, None, None))
 
         graph = ChannelGraph(model, context.example_inputs)
@@ -169,10 +170,3 @@ class CLP(Pass):
             zeroed=removal.zeroed if removal is not None else None,
             removal=removal.to_dict() if removal is not None else None,
         )
-
-
-def _zero_bn(bn: nn.Module, idx: list[int]) -> None:
-    if idx:
-        with torch.no_grad():
-            bn.weight[idx] = 0
-            bn.bias[idx] = 0

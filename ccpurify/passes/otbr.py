@@ -59,7 +59,7 @@ from ccpurify.passes.options import (
 )
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
-from ccpurify.synthesis import bn_layers, synthesize_bn_images
+from ccpurify.synthesis import bn_layers, check_pool_size, synthesize_bn_images
 
 # BN-statistics refinement steps of the ratio search's images (as the guarded recovery's).
 SEARCH_STEPS = 30
@@ -271,6 +271,8 @@ class OTBR(Pass):
                 "model has no BatchNorm2d layer: give a fixed ratio (ratio_search=None) and anchor_bn=False, or give "
                 "the pipeline images (clean_data= / unlabeled_data=, --clean-data / --unlabeled-data)"
             )
+        if self.ratio_search is not None or self.anchor_bn:
+            check_pool_size(self.search_images, context.example_inputs.shape[1:], "OTBR search_images")
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         example = context.example_inputs.to(context.device)

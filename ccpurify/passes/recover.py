@@ -51,7 +51,7 @@ from ccpurify.passes.options import (
 )
 from ccpurify.passes.registry import register_pass
 from ccpurify.probes import output_classes
-from ccpurify.synthesis import bn_layers, synthesize_bn_images
+from ccpurify.synthesis import bn_layers, check_pool_size, synthesize_bn_images
 from ccpurify.transforms import Augment
 
 
@@ -303,6 +303,8 @@ class Recover(Pass):
                 "give it images (clean_data= / unlabeled_data=, --clean-data / --unlabeled-data) or choose a method "
                 "without recover (e.g. 'clp' or 'cc')"
             )
+        if synthetic:
+            check_pool_size(self.synthetic_images, context.example_inputs.shape[1:], "Recover synthetic_images")
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         return PassResult(model, self.recover(model, context))
@@ -320,7 +322,8 @@ class Recover(Pass):
             return None
         if context.teacher is None or context.teacher is context.pipeline_input:  # teacher_from: __post_init__
             raise InvalidInputError(
-                "Recover(guard=True) needs teacher_from='input' and a defense earlier in the Pipeline"
+                "Recover(guard=True) vetoes the suspect teacher with the output of a defense that runs before it, and "
+                "no defense ran before it: put one first (e.g. 'otbr+recover'), or use guard=False"
             )
         return context.teacher.to(context.device).eval()
 

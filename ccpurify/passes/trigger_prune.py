@@ -32,31 +32,44 @@ trigger activates most, measured on clean data. Here nothing is real (issue 14; 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import nn
 
+from ccpurify.distill import batches
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
-from ccpurify.invariance import fit_universal_trigger, perturbation_bound
-from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext
+from ccpurify.invariance import (
+    PatchTrigger,
+    UniversalTrigger,
+    fit_patch_trigger,
+    fit_universal_trigger,
+    perturbation_bound,
+)
+from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.options import Count, Fraction, NonNegativeCount, PositiveFloat, PositiveFraction
 from ccpurify.passes.registry import register_pass
 from ccpurify.passes.rnp import bn_layers as affine_bn_layers
 from ccpurify.passes.rnp import zero_bn_channels
 from ccpurify.probes import output_classes
-from ccpurify.synthesis import bn_layers, frozen, synthesize_bn_images
+from ccpurify.synthesis import bn_layers, check_pool_size, frozen, synthesize_bn_images
 
 
 @torch.no_grad()
 def trigger_gains(
-    model: nn.Module, bns: dict[str, nn.Module], images: torch.Tensor, delta: torch.Tensor, batch_size: int = 128
+    model: nn.Module,
+    bns: dict[str, nn.Module],
+    images: torch.Tensor,
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 128,
 ) -> dict[str, torch.Tensor]:
     """Per BatchNorm of ``bns`` (name -> module), each channel's trigger gain: the mean over ``images``
-    of ReLU(BN output) averaged over space, with ``delta`` added minus without, divided by the
-    channel's standard deviation over ``images`` (+ 1e-3: a channel silent on clean images that the
-    perturbation switches on gets a large gain). ``model``'s mode is kept."""
+    of ReLU(BN output) averaged over space, with the trigger applied (``apply(images)``) minus without,
+    divided by the channel's standard deviation over ``images`` (+ 1e-3: a channel silent on clean
+    images that the trigger switches on gets a large gain). ``model``'s mode is kept."""
     records: dict[str, list[torch.Tensor]] = {name: [] for name in bns}
 
     def recorder(name: str):
@@ -68,36 +81,65 @@ def trigger_gains(
     def activations(x: torch.Tensor) -> dict[str, torch.Tensor]:
         for v in records.values():
             v.clear()
-        device = next(model.parameters()).device
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size].to(device))
+        for batch in batches(x, batch_size, next(model.parameters()).device):
+            model(batch)
         return {name: torch.cat(v) for name, v in records.items()}
 
     handles = [bn.register_forward_hook(recorder(name)) for name, bn in bns.items()]
     try:
         with frozen(model):
             clean = activations(images)
-            triggered = activations(images + delta.cpu())
+            triggered = activations(apply(images))
     finally:
         for h in handles:
             h.remove()
     return {n: (triggered[n].mean(0) - clean[n].mean(0)) / (clean[n].std(0) + 1e-3) for n in bns}
 
 
+class TriggerModel(str, Enum):
+    """Which shortcut the pass searches for."""
+
+    PERTURBATION = "perturbation"  # an additive full-image perturbation within eps (Blended, LF)
+    PATCH = "patch"  # a small pasted patch (BadNets), Neural Cleanse's trigger model
+    BOTH = "both"  # both; the channels either one switches on
+
+
 @dataclass
 class TriggerPruneDetails(PassDetails):
-    """What the pass found: the universal trigger (its class, the share of the images it sends
-    there, with and without it), whether it passed the gate, per BatchNorm the channels silenced,
-    and how many of them were removed physically and how many only zeroed."""
+    """What the pass found: each trigger it searched for (its class, the share of the images it sends
+    there with and without it, a patch's area, whether it passed the gate), per BatchNorm the channels
+    silenced, and how many of them were removed physically and how many only zeroed."""
 
-    trigger: dict
-    gated: bool  # True: the trigger was too weak, nothing was removed
+    triggers: dict[str, dict]  # "perturbation" / "patch" -> summary and "passed"
+    gated: bool  # True: no trigger passed its gate, nothing was removed
     scored_channels: int
     flagged: int
     layers: dict[str, list[int]]
     top_gains: list[float]
     removed: int | None = None
     zeroed: int | None = None
+    images: int = 0  # synthetic images made and scored on
+    sample_steps: int = 0  # image forwards and backwards spent making them and fitting the triggers
+
+    def training(self) -> Training:
+        return Training(self.images, "synthetic", self.sample_steps)
+
+    def found_backdoor(self) -> bool:
+        return not self.gated
+
+    def choices(self) -> str:
+        found = []
+        for kind, t in self.triggers.items():
+            area = f" (area {t['area']:.1%})" if "area" in t else ""
+            found.append(
+                f"a {kind}{area} sends {t['fooled']:.0%} of synthetic images to class {t['target']} "
+                f"({t['share_before']:.0%} without it{'' if t['passed'] else ', below the gate'})"
+            )
+        text = "; ".join(found)
+        if self.gated:
+            return f"{text}: no backdoor found, nothing removed"
+        removed = f", {self.removed} removed" if self.removed else ""
+        return f"{text}: {self.flagged} channels it switches on silenced{removed}"
 
 
 @register_pass
@@ -115,12 +157,19 @@ class TriggerPrune(Pass):
     images: Count = 256
     synthesis_steps: NonNegativeCount = 30
     trigger_steps: Count = 60
+    trigger_model: TriggerModel = TriggerModel.PERTURBATION
+    # The patch search (trigger_model "patch" or "both"): its L1 penalty on the mask, its steps, and
+    # the largest mask area (fraction of the pixels) that still counts as a trigger.
+    patch_penalty: PositiveFloat = 8.0
+    patch_steps: Count = 200
+    max_area: PositiveFraction = 0.02
     mode: Mode = Mode.COMPRESS
     residual_policy: RemovalPolicy = RemovalPolicy.GROUP
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.mode, self.residual_policy = Mode(self.mode), RemovalPolicy(self.residual_policy)
+        self.trigger_model = TriggerModel(self.trigger_model)
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         if not bn_layers(model):
@@ -137,9 +186,38 @@ class TriggerPrune(Pass):
                 "normalisation: pass normalize=(mean, std) (CLI: the run directory or --dataset gives it)"
             )
         output_classes(model, context.example_inputs)  # (batch, classes) logits, else a one-line error
+        check_pool_size(self.images, context.example_inputs.shape[1:], "TriggerPrune images")
 
     def sample_steps(self, context: PurifyContext) -> int:
-        return self.images * (self.synthesis_steps + 2) + 64 * self.trigger_steps
+        """The synthesis, then per trigger its search (batches of 64) and its scoring (with and without)."""
+        searches = {TriggerModel.PERTURBATION: [self.trigger_steps], TriggerModel.PATCH: [self.patch_steps]}
+        steps = searches.get(self.trigger_model, [self.trigger_steps, self.patch_steps])
+        return self.images * self.synthesis_steps + sum(64 * n + 2 * self.images for n in steps)
+
+    def fit_triggers(
+        self, model: nn.Module, images: torch.Tensor, context: PurifyContext
+    ) -> dict[str, tuple[UniversalTrigger | PatchTrigger, bool]]:
+        """Each trigger this pass searches for on ``images``, with whether it passed its gate: a lift
+        of its class's share of at least ``min_lift``, and for a patch an area of at most ``max_area``."""
+        found: dict[str, tuple[UniversalTrigger | PatchTrigger, bool]] = {}
+        if self.trigger_model in (TriggerModel.PERTURBATION, TriggerModel.BOTH):
+            bound = perturbation_bound(self.eps, images, context.normalize)
+            perturbation = fit_universal_trigger(
+                model, images, bound, steps=self.trigger_steps, generator=context.generator(31), device=context.device
+            )
+            found["perturbation"] = perturbation, perturbation.lift >= self.min_lift
+        if self.trigger_model in (TriggerModel.PATCH, TriggerModel.BOTH):
+            patch = fit_patch_trigger(
+                model,
+                images,
+                context.normalize,
+                penalty=self.patch_penalty,
+                steps=self.patch_steps,
+                generator=context.generator(37),
+                device=context.device,
+            )
+            found["patch"] = patch, patch.lift >= self.min_lift and patch.area <= self.max_area
+        return found
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         graph = ChannelGraph(model, context.example_inputs)
@@ -155,15 +233,16 @@ class TriggerPrune(Pass):
             device=context.device,
             progress=context.progress,
         ).cpu()
-        bound = perturbation_bound(self.eps, images, context.normalize)
-        trigger = fit_universal_trigger(
-            model, images, bound, steps=self.trigger_steps, generator=context.generator(31), device=context.device
-        )
+        found = self.fit_triggers(model, images, context)
+        gated = not any(passed for _, passed in found.values())
         bns = affine_bn_layers(model)
         deep = dict(list(bns.items())[len(bns) - max(1, round(self.depth * len(bns))) :])
-        gains = trigger_gains(model, deep, images, trigger.delta)
+        # A channel's gain is its largest under the triggers that passed (under all when none did,
+        # for the report).
+        scored = [t for t, passed in found.values() if passed or gated]
+        per_trigger = [trigger_gains(model, deep, images, t.apply) for t in scored]
+        gains = {bn: torch.stack([g[bn] for g in per_trigger]).amax(0) for bn in deep}
         ranked = sorted(((float(g), bn, i) for bn in deep for i, g in enumerate(gains[bn])), reverse=True)
-        gated = trigger.fooled - trigger.share_before < self.min_lift
         limit = int(self.max_fraction * sum(bn.num_features for bn in bns.values()))
         flagged: dict[str, list[int]] = {}
         for g, bn, i in [] if gated else ranked[:limit]:
@@ -171,12 +250,14 @@ class TriggerPrune(Pass):
                 flagged.setdefault(bn, []).append(i)
         flagged = {bn: sorted(idx) for bn, idx in flagged.items()}
         details = TriggerPruneDetails(
-            trigger=trigger.summary(),
+            triggers={kind: {**t.summary(), "passed": passed} for kind, (t, passed) in found.items()},
             gated=gated,
             scored_channels=len(ranked),
             flagged=sum(len(idx) for idx in flagged.values()),
             layers=flagged,
             top_gains=[round(g, 3) for g, _, _ in ranked[:10]],
+            images=len(images),
+            sample_steps=self.sample_steps(context),
         )
         zero_bn_channels(model, flagged, beta=True)  # scale and shift 0: the channel outputs 0
         # Channels whose BN normalises one conv's output go physically; the others (a pre-activation
