@@ -170,6 +170,7 @@ def measure_latency(entry: Entry, before: nn.Module, after: nn.Module, cache: Pa
             "latency_ms_before_bs1_t1": small.timing("before", "onnxruntime", 1, 1).median_ms,
             "latency_ms_after_bs1_t1": small.timing("after", "onnxruntime", 1, 1).median_ms,
             "machine": small.environment["cpu"],
+            "simd": small.environment.get("simd"),
         }
 
 

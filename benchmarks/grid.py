@@ -266,9 +266,18 @@ def same_recipe(stored: list[dict], pipeline: Pipeline) -> bool:
     if [s["name"] for s in stored] != [c["name"] for c in current]:
         return False
     return all(
-        same_config(old["config"], new["config"], type(step)().config())
+        same_config(old["config"], new["config"], default_config(step))
         for old, new, step in zip(stored, current, pipeline.passes)
     )
+
+
+def default_config(step: Pass) -> dict:
+    """The configuration of ``step``'s pass with every option at its default; empty for a pass that
+    has required options (``Fallback``'s nested passes: compared through their own ``name``)."""
+    try:
+        return type(step)().config()
+    except TypeError:
+        return {}
 
 
 def is_stale(stored: dict | None, defense: str) -> bool:
@@ -459,8 +468,16 @@ def candidate_row(done: list[dict], baselines: dict, entries: list[str]) -> dict
         },
         "mean_macs_ratio": macs,
         "mean_latency_ratio_bs1_t1": latency,
+        "latency_measured_on": sorted({latency_machine(r) for r in done if "latency" in r}),
         "eligible": macs <= MACS_GOAL + 0.01 and latency is not None and latency <= LATENCY_GOAL,
     }
+
+
+def latency_machine(cell: dict) -> str:
+    """The CPU a cell's latency was measured on, with its vector extension where recorded (since
+    session 15): the same pruned widths run at other ratios with AVX-512 than with AVX2."""
+    lat = cell["latency"]
+    return f"{lat.get('machine', 'unknown')} ({lat.get('simd') or 'vector extension not recorded'})"
 
 
 def selection_table(selection: dict) -> str:
@@ -481,8 +498,8 @@ def selection_table(selection: dict) -> str:
             "",
             "| candidate @ MACs target | mean val DER | val CA drop | max val ASR |"
             + per
-            + " mean test DER | MACs | latency b1/t1 | eligible |",
-            "|---|---|---|---|" + "---|" * len(datasets) + "---|---|---|---|",
+            + " mean test DER | MACs | latency b1/t1 | latency measured on | eligible |",
+            "|---|---|---|---|" + "---|" * len(datasets) + "---|---|---|---|---|",
         ]
         for c, r in sel["candidates"].items():
             lat = "-" if r["mean_latency_ratio_bs1_t1"] is None else f"{r['mean_latency_ratio_bs1_t1']:.2f}"
@@ -493,7 +510,8 @@ def selection_table(selection: dict) -> str:
             )
             lines.append(
                 f"| {c} | {pct(r['mean_der_val'])} | {pct(r['mean_ca_drop_val'])} | {pct(r['max_asr_val'])} |{cols} "
-                f"{pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | {mark} |"
+                f"{pct(r['mean_der_test'])} | {r['mean_macs_ratio']:.2f} | {lat} | "
+                f"{', '.join(r['latency_measured_on']) or '-'} | {mark} |"
             )
         if sel.get("incomplete"):
             lines += ["", "Incomplete (not part of this choice until their cells run):"]

@@ -60,20 +60,12 @@ def output_classes(model: nn.Module, example: torch.Tensor) -> int:
     return int(out.shape[1])
 
 
-def first_non_finite_tensor(model: nn.Module) -> str | None:
-    """The name of the first parameter or floating-point buffer of ``model`` holding NaN or Inf, if any."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
-    return None
-
-
 def non_finite_cause(model: nn.Module) -> str:
     """Why ``model`` computes NaN or Inf, for a one-line error: the tensor that holds them, or else
     what makes finite weights compute them."""
-    name = first_non_finite_tensor(model)
+    name = non_finite_tensor(model.state_dict())
     if name is not None:
-        return f"its weights hold NaN or Inf (first in {name!r}); the file is corrupt or was trained to divergence"
+        return f"its weights hold NaN or Inf (first in {name!r}): a corrupt file or a diverged training"
     return "although its weights are finite (for example a negative BatchNorm variance or an overflow)"
 
 

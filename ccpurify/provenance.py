@@ -49,14 +49,19 @@ def sha256_of(path: str | Path) -> str:
 
 
 def machine() -> dict[str, str | int]:
+    """The CPU's name, its core count and its widest vector extension: onnxruntime's convolutions
+    work on 16-channel blocks with AVX-512 and 8-channel ones with AVX2, so the same pruned model's
+    latency ratio differs between two machines of one name (docs/limitations.md)."""
     import os
 
-    cpu = platform.processor() or "unknown"
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count() or 0}
+    cpu = fields.get("model name") or platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    simd = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "unknown")
+    return {"cpu": cpu, "cores": os.cpu_count() or 0, "simd": simd}

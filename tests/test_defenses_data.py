@@ -287,17 +287,20 @@ def test_purify_macs_sets_the_default_target_or_a_named_pass_option_and_is_refus
             purify(model, macs=bad)
 
 
-def test_the_data_free_default_searches_otbrs_ratio_compensates_and_distils_shared_knowledge_from_the_guarded_suspect():
-    from ccpurify.passes.defaults import DEFAULTS, OTBR_RATIOS, default_pipeline
+def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in_blocks_and_distils_guarded():
+    from ccpurify.passes.defaults import DEFAULTS, OTBR_RATIOS, WIDTH_BLOCK, default_pipeline
 
-    otbr, prune, recover = default_pipeline().passes
-    assert (otbr.name, prune.name, recover.name) == ("otbr", "prune", "recover")
-    assert otbr.compact and otbr.ratio_search == OTBR_RATIOS
+    defense, prune, recover = default_pipeline().passes
+    assert (defense.name, prune.name, recover.name) == ("fallback", "prune", "recover")
+    assert defense.first.name == "trigger_prune" and defense.first.trigger_model.value == "both"
+    assert defense.otherwise.compact and defense.otherwise.ratio_search == OTBR_RATIOS
     assert prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
+    assert prune.of_pipeline_input and prune.round_to == WIDTH_BLOCK == 16
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
     assert recover.hints_from.value == "guard" and recover.guard_targets.value == "shared"
     assert recover.feature_weight == 30 and recover.anchor_bn and recover.budget is not None
     assert recover.invariance_weight == 1.0 and recover.invariance_eps == 0.05
+    assert recover.guard_revive_classes.value == "agreed"
 
 
 def test_rnp_never_prunes_a_channel_whose_removal_alone_collapses_the_model():

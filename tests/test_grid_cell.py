@@ -89,6 +89,19 @@ def test_a_nested_pass_option_added_since_a_cell_ran_keeps_it_fresh_at_its_defau
     )
 
 
+def test_a_fallback_cell_is_fresh_until_a_nested_pass_changes():
+    """Fallback has required options (its two passes): its nested passes are compared by name."""
+    from benchmarks.grid import CELLS, as_pipeline, is_stale, recipe
+    from ccpurify.passes.defaults import DEFAULTS, key
+
+    default = f"pipeline:{key(DEFAULTS['none'].name, DEFAULTS['none'].macs)}"
+    steps = recipe(as_pipeline(CELLS[default].build()))
+    assert steps[0]["name"] == "fallback" and not is_stale({"recipe": steps}, default)
+    first = steps[0]["config"]["first"]
+    changed = [{**steps[0], "config": {**steps[0]["config"], "first": {**first, "max_area": 0.5}}}, *steps[1:]]
+    assert is_stale({"recipe": changed}, default)
+
+
 def test_the_headline_averages_over_backdoored_models_and_reports_the_clean_models_ca_cost_apart():
     from benchmarks.grid import summary
 
@@ -199,6 +212,10 @@ def test_the_default_is_chosen_on_both_datasets_and_a_der_tie_goes_to_the_smalle
     assert chosen["incomplete"] == {late: ["cifar10-wanet", "gtsrb-badnets", "gtsrb-wanet"]}
     assert late not in chosen["candidates"] and plain in chosen["candidates"]
     assert chosen["candidates"][budget]["per_dataset"]["gtsrb"]["mean_ca_drop_val"] == pytest.approx(0.1)
+    assert chosen["candidates"][budget]["latency_measured_on"] == ["unknown (vector extension not recorded)"]
+    cells["gtsrb-wanet|pipeline:" + budget]["latency"].update(machine="AMD EPYC", simd="avx512f")
+    measured = select_defaults(cells, baselines)["clean"]["candidates"][budget]["latency_measured_on"]
+    assert measured == ["AMD EPYC (avx512f)", "unknown (vector extension not recorded)"]  # two machines: both shown
 
     cells["gtsrb-wanet|pipeline:" + plain] = cell(0.95, ca=0.7)  # a real difference, on GTSRB
     assert select_defaults(cells, baselines)["clean"]["chosen"] == plain

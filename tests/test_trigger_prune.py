@@ -5,6 +5,7 @@ left as it is."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -176,7 +177,9 @@ def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gat
 
 def test_a_patch_larger_than_max_area_does_not_pass_the_gate(demo_badnets):
     _, report = TriggerPrune(**PATCH, trigger_model="patch", max_area=0.001)(demo_badnets, cifar10_context())
-    assert report.details.gated and not report.details.triggers["patch"]["passed"] and report.details.flagged == 0
+    patch = report.details.triggers["patch"]
+    assert patch["fooled"] - patch["share_before"] >= 0.5 and patch["area"] > 0.001  # only the area gate stops it
+    assert report.details.gated and not patch["passed"] and report.details.flagged == 0
 
 
 def test_fallback_runs_its_other_defense_only_where_the_first_found_no_backdoor():
@@ -193,4 +196,21 @@ def test_fallback_runs_its_other_defense_only_where_the_first_found_no_backdoor(
     clp_model, _ = CLP(mode="faithful")(model, context())
     assert fell.details.ran == ["trigger_prune", "clp"] and fell.details.first.gated
     assert all(torch.equal(v, clp_model.state_dict()[k]) for k, v in fallback_model.state_dict().items())
-    assert fell.to_dict()["details"]["first"]["gated"] is True and "trigger_prune" in fell.config["first"]["name"]
+    saved = json.loads(json.dumps(fell.to_dict()))  # the report a run directory keeps
+    assert saved["details"]["first"]["gated"] is True and saved["config"]["first"]["name"] == "trigger_prune"
+
+
+def test_fallback_runs_its_other_defense_alone_where_the_first_cannot_apply_and_refuses_a_non_detector():
+    """TriggerPrune needs the input normalisation: without it, Fallback runs CLP alone and says why.
+    A first pass that always acts (CLP) would never let the second run: refused when built."""
+    bare = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), seed=0)
+    out, report = Fallback(TriggerPrune(**FAST), CLP(mode="faithful"))(shortcut_net(), bare)
+    assert report.details.ran == ["clp"] and report.details.first is None
+    assert "normalize" in report.details.first_refused and report.details.choices().startswith("first pass skipped")
+    with pytest.raises(InvalidInputError, match="'clp' does not report that"):
+        Fallback(CLP(), TriggerPrune())
+
+
+def test_a_trigger_that_passes_the_gate_but_switches_on_no_channel_counts_as_nothing_found():
+    _, report = TriggerPrune(**FAST, min_gain=1000.0)(shortcut_net(), context())
+    assert not report.details.gated and report.details.flagged == 0 and report.details.found_backdoor() is False

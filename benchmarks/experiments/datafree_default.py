@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, context_for, load_entry, read_json, store_result, val_scores
-from ccpurify.passes import OTBR, Prune
+from ccpurify.passes import OTBR, Fallback, Prune, TriggerPrune
 from ccpurify.passes.defaults import DEFAULTS, compensated_prune, guarded_recover, searched_otbr
 
 # name: options changed from guarded_recover()
@@ -173,6 +173,21 @@ VARIANTS.update(
         # The guard lets the suspect's class stand where it is among the guard's 2 / 3 most likely
         "J-top2": {**J_RECOVERY, "guard_topk": 2},
         "J-top3": {**J_RECOVERY, "guard_topk": 3},
+        # With --trigger-prune the defense is TriggerPrune (patch and perturbation), OTBR only where it
+        # finds nothing; where it found the trigger its output keeps the suspect's accuracy (CIFAR-10
+        # BadNets 89.5%, OTBR 74.2%), so the guard's caution may cost more than it saves (session 15):
+        # everything distilled from the defense's output (no suspect teacher, no guard), hints at 30 / 100
+        **{
+            f"T-teacher-defense-hints{w}": {
+                **J_RECOVERY,
+                "feature_weight": float(w),
+                "teacher_from": "defense",
+                "guard": False,
+                "hints_from": "teacher",
+                "guard_targets": "teacher",
+            }
+            for w in (30, 100)
+        },
     }
 )
 
@@ -204,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         help="prune without the BN-statistics compensation (it revived GTSRB BadNets' backdoor after OTBR)",
     )
     parser.add_argument(
+        "--trigger-prune",
+        action="store_true",
+        help="the defense is Fallback(TriggerPrune(trigger_model='both'), searched OTBR) and the pruning target a "
+        "fraction of the suspect's MACs (the candidate trigger-prune-both-or-otbr-search+prune-dense-comp...)",
+    )
+    parser.add_argument("--round-to", type=int, default=8, help="the compensated pruning's width multiple")
+    parser.add_argument(
         "--real-images",
         type=int,
         default=None,
@@ -214,10 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = RESULTS / "experiments" / "datafree_default.json"
     otbr = searched_otbr if args.otbr_search else lambda: OTBR(compact=True)
-    prune = (lambda m: Prune(macs=m, round_to=8, global_pruning=True)) if args.uncompensated else compensated_prune
+    if args.trigger_prune:
+        otbr = lambda: Fallback(TriggerPrune(trigger_model="both"), searched_otbr())  # noqa: E731
+    prune = (
+        (lambda m: Prune(macs=m, round_to=args.round_to, global_pruning=True))
+        if args.uncompensated
+        else (lambda m: compensated_prune(m, of_pipeline_input=args.trigger_prune, round_to=args.round_to))
+    )
     for name in args.entries:
         entry = load_entry(name)
         context = context_for(entry, "none")
+        context.pipeline_input = entry.model  # what Pipeline sets (Prune(of_pipeline_input=True) reads it)
         if args.prune_first:  # the student is OTBR's output on the pruned suspect, which also guards
             pruned, _ = prune(args.macs)(entry.model, context)
             defended, _ = otbr()(pruned, context)
@@ -226,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             defended, _ = otbr()(entry.model, context)
             pruned, _ = prune(args.macs)(defended, context)
-            stages = {"otbr": defended, "pruned": pruned}
+            stages = {"trigger-prune-or-otbr" if args.trigger_prune else "otbr": defended, "pruned": pruned}
             student = pruned
             if args.reotbr:
                 student, _ = otbr()(pruned, context)
@@ -238,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}@{args.macs:g}"
             + ("-prune-first" if args.prune_first else "")
             + ("-otbr-search" if args.otbr_search else "")
+            + ("-trigger-prune" if args.trigger_prune else "")
+            + (f"-round{args.round_to}" if args.round_to != 8 else "")
             + ("-reotbr" if args.reotbr else "")
             + ("-uncompensated" if args.uncompensated else "")
             + (f"-real{args.real_images}" if args.real_images else "")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, datafree_experiment, store_result
+from benchmarks.common import RESULTS, datafree_experiment, read_json, store_result
 from ccpurify.invariance import fit_patch_trigger
 from ccpurify.synthesis import class_histogram, synthesize_bn_images
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.from_numpy(np.ascontiguousarray(entry.val.images[:1000])).permute(0, 3, 1, 2).float() / 255
         )
         classes = int(model(images[:1]).shape[1])
-        row = {"true_target": entry.val.target}
+        row = {**read_json(out, {}).get(entry.name, {}), "true_target": entry.val.target}  # earlier penalties kept
         for penalty in args.penalties:
             patch = fit_patch_trigger(
                 model, images, normalize, penalty=penalty, steps=args.steps, generator=torch.Generator().manual_seed(1)

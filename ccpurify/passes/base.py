@@ -152,6 +152,9 @@ class Pass(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str] = "compression"  # "defense", "compression" or "recovery"
+    # True for a pass that searches for a backdoor before it acts and reports whether it found one
+    # (its details' ``found_backdoor()``): what ``Fallback`` needs of its first pass.
+    detects: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Dataclass passes (each ``__post_init__`` calls this first): an option of the wrong type, out

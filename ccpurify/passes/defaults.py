@@ -68,11 +68,23 @@ def prune(macs: float, round_to: int | None = 8) -> Prune:
     return Prune(macs=macs, round_to=round_to)
 
 
-def compensated_prune(macs: float, of_pipeline_input: bool = False) -> Prune:
+def compensated_prune(macs: float, of_pipeline_input: bool = False, round_to: int = 8) -> Prune:
     """Global magnitude pruning followed by data-free compensation of the removed channels from the
     BatchNorm statistics (``ccpurify.compensate``): mean validation CA of the 14 zoo models right after
-    pruning to 0.75 MACs 26.1 -> 64.0% (benchmarks/results/compression_only.md)."""
-    return Prune(macs=macs, round_to=8, global_pruning=True, compensate=True, of_pipeline_input=of_pipeline_input)
+    pruning to 0.75 MACs 26.1 -> 64.0% (benchmarks/results/compression_only.md). ``round_to=16``
+    keeps widths whole blocks of onnxruntime's AVX-512 kernels, which pad channels to multiples of 16
+    (``WIDTH_BLOCK``)."""
+    return Prune(
+        macs=macs, round_to=round_to, global_pruning=True, compensate=True, of_pipeline_input=of_pipeline_input
+    )
+
+
+# Widths that are whole blocks of onnxruntime's CPU kernels on AVX-512 machines (NCHWc blocks of 16
+# channels; 8 on AVX2): measured on an AVX-512 AMD EPYC, batch 1, 1 thread, against the dense
+# CIFAR-10 PreAct model, uniform magnitude pruning with round_to=8 to 0.59 MACs (widths 8/24/56/120)
+# ran 0.88x, round_to=16 to 0.66 MACs (16/16/48/112) 0.74x; the data-free default's models (round_to=8,
+# 0.73 MACs) 0.89x there, against 0.78x on an AVX2 EPYC (session 15).
+WIDTH_BLOCK = 16
 
 
 # OTBR's ratio search: the ratios it may apply, and the share of the suspect's predictions on
@@ -329,6 +341,18 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
             ]
         ),
     ),
+    # ... with pruned widths multiples of WIDTH_BLOCK (16): on AVX-512 CPUs widths of 8 are padded to
+    # 16 and the MACs pruning saves buy no latency (session 15).
+    "trigger-prune-both-or-otbr-search+prune-dense-comp16+recover-guarded-invariant-guardhints30-shared-revived": (
+        "none",
+        lambda m: Pipeline(
+            [
+                Fallback(TriggerPrune(trigger_model="both"), searched_otbr()),
+                compensated_prune(m, of_pipeline_input=True, round_to=WIDTH_BLOCK),
+                shared_recover("agreed"),
+            ]
+        ),
+    ),
     # ... with the hints at 100 and trigger invariance at 10 instead: GTSRB WaNet 98.4 / 3.2%. Mean
     # validation DER 83.0, within DER_TIE of the default's 82.5, but 0.4 points more CA drop.
     "otbr-search+prune-comp+recover-guarded-invariant10-guardhints-shared": (
@@ -393,9 +417,17 @@ class Default:
     macs: float
 
 
-# Chosen from the grid (see the module docstring); data-free is also what the demo runs.
+# Chosen from the grid (see the module docstring); data-free is also what the demo runs. The data-free
+# default since session 15: TriggerPrune (perturbation and patch triggers), OTBR only where it found
+# none, compensated pruning to 0.75 of the dense MACs in widths of 16, the guarded recovery with the
+# silenced class revived. Over the six selection models, all measured on one AVX-512 CPU: mean
+# validation DER 92.0 (the previous default, otbr-search+prune-comp+recover-guarded-invariant-
+# guardhints30-shared, 82.0), CA drop 4.8 (7.7), max ASR 14.6% (93.0%), latency 0.80x (0.91x).
 DEFAULTS = {
-    "none": Default("otbr-search+prune-comp+recover-guarded-invariant-guardhints30-shared", 0.75),
+    "none": Default(
+        "trigger-prune-both-or-otbr-search+prune-dense-comp16+recover-guarded-invariant-guardhints30-shared-revived",
+        0.75,
+    ),
     "clean": Default("rnp-ranked+prune+recover-budget", 0.5),
     "unlabeled": Default("bcu-compact", 0.5),
 }

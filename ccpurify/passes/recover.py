@@ -323,7 +323,8 @@ class Recover(Pass):
         if context.teacher is None or context.teacher is context.pipeline_input:  # teacher_from: __post_init__
             raise InvalidInputError(
                 "Recover(guard=True) vetoes the suspect teacher with the output of a defense that runs before it, and "
-                "no defense ran before it: put one first (e.g. 'otbr+recover'), or use guard=False"
+                "no defense ran before it: put one first (e.g. ccpurify.purify(model, [OTBR(), Recover(guard=True, "
+                "teacher_from='input')])), or use guard=False"
             )
         return context.teacher.to(context.device).eval()
 

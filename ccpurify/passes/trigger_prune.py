@@ -1,22 +1,33 @@
-"""Trigger-channel pruning without data: find the backdoor's shortcut as a universal perturbation
-on synthetic images, then remove the channels it switches on.
+"""Trigger-channel pruning without data: find the backdoor's shortcut on synthetic images, as a
+universal perturbation or a universal patch, then remove the channels it switches on.
 
 Neural Cleanse (Wang et al., S&P 2019) mitigates a backdoor by pruning the neurons its reversed
 trigger activates most, measured on clean data. Here nothing is real (issue 14; our variant):
 
 1. Images: ``images`` dead-leaves images refined on the model's BatchNorm statistics
    (``synthesis.synthesize_bn_images``, no class term, so nothing aims them at the target).
-2. The shortcut: the universal perturbation bounded by ``eps`` of the pixel range that sends the
-   most of these images to one class (``invariance.fit_universal_trigger``). It lands on full-image
-   triggers that neuron-pruning defenses miss: on the zoo it sends 94% of them to the target on
-   CIFAR-10 LF, 93% on VGG16-BN Blended, 74% on GTSRB Blended, against 34% on the clean CIFAR-10 model.
-3. Gate: unless the perturbation raises its class's share of the images by ``min_lift`` (0.5: from
-   15% to 73% on GTSRB Blended, 23% to 94% on CIFAR-10 LF, 18% to 97% on CIFAR-10 Blended, 20% to
-   92% on VGG16-BN Blended), the model shows no additive shortcut and nothing is removed (CIFAR-10
-   WaNet, whose warp is none: 15% to 61%; Input-aware 21% to 51%; BadNets 23% to 50%; the clean
-   model 12% to 22%).
+2. The shortcut, by ``trigger_model``:
+   - ``"perturbation"``: the universal perturbation bounded by ``eps`` of the pixel range that sends
+     the most of these images to one class (``invariance.fit_universal_trigger``). It lands on
+     full-image triggers that neuron-pruning defenses miss: on the zoo it sends 94% of them to the
+     target on CIFAR-10 LF, 93% on VGG16-BN Blended, 74% on GTSRB Blended, against 34% on the clean
+     CIFAR-10 model.
+   - ``"patch"``: Neural Cleanse's own trigger model, a mask and a pattern pasted into every image
+     (``invariance.fit_patch_trigger``, L1 penalty ``patch_penalty`` on the mask): it finds BadNets'
+     patch, which no small perturbation imitates (CIFAR-10 BadNets: a mask of mean 0.5% sends all of
+     them to the target).
+   - ``"both"``: both searches; a channel's gain (step 4) is its largest under the triggers that
+     passed the gate.
+3. Gate: unless a trigger raises its class's share of the images by ``min_lift`` (0.5), and for a
+   patch unless its mask's mean (its L1 area) is at most ``max_area`` (2%), it does not count. The
+   perturbation lifts the share from 15% to 73% on GTSRB Blended, 23% to 94% on CIFAR-10 LF, 18% to
+   97% on CIFAR-10 Blended, 20% to 92% on VGG16-BN Blended, and stays under the gate on CIFAR-10
+   WaNet (15% to 61%), Input-aware (21% to 51%), BadNets (23% to 50%) and the clean model (12% to
+   22%); the patch passes on PreAct BadNets (CIFAR-10 and GTSRB) and not on WaNet (a 4-5% mask),
+   the clean models or VGG16-BN and MobileNetV2 BadNets (docs/defaults.md, session 15). Where no
+   trigger passes, nothing is removed.
 4. Score: each channel of the last ``depth`` of the BatchNorm layers (in module order) gets its
-   *trigger gain*: the mean over images of ReLU(BN output), averaged over space, on the perturbed
+   *trigger gain*: the mean over images of ReLU(BN output), averaged over space, on the triggered
    images minus on the images, in units of its standard deviation over the images. Only the deep
    layers: early channels are generic edge and colour detectors that any perturbation switches on,
    and their spatial means vary little between images, so their gains are large for every model
@@ -28,6 +39,9 @@ trigger activates most, measured on clean data. Here nothing is real (issue 14; 
    normalises one conv's output (the graph's pairing, as CLP's) are then removed through the graph
    (residual channels follow ``residual_policy``); the others (a pre-activation ResNet's residual
    stream, which each block reads through its own BN) stay silenced in place.
+
+The pass ``detects``: its details' ``found_backdoor()`` says whether it removed anything, which is
+what ``Fallback`` runs a broader defense on.
 """
 
 from __future__ import annotations
@@ -119,13 +133,15 @@ class TriggerPruneDetails(PassDetails):
     removed: int | None = None
     zeroed: int | None = None
     images: int = 0  # synthetic images made and scored on
-    sample_steps: int = 0  # image forwards and backwards spent making them and fitting the triggers
+    sample_steps: int = 0  # about the image forwards and backwards spent (``TriggerPrune.sample_steps``)
 
     def training(self) -> Training:
         return Training(self.images, "synthetic", self.sample_steps)
 
     def found_backdoor(self) -> bool:
-        return not self.gated
+        """A trigger passed its gate *and* channels were silenced: a trigger that switches on no
+        channel above ``min_gain`` leaves the model as it was, as if none had been found."""
+        return not self.gated and self.flagged > 0
 
     def choices(self) -> str:
         found = []
@@ -145,10 +161,12 @@ class TriggerPruneDetails(PassDetails):
 @register_pass
 @dataclass
 class TriggerPrune(Pass):
-    """Remove the channels a data-free universal trigger switches on (see the module docstring)."""
+    """Remove the channels a data-free universal trigger (a perturbation, a patch or both) switches
+    on (see the module docstring)."""
 
     name = "trigger_prune"
     kind = "defense"
+    detects = True
     eps: PositiveFraction = 0.05
     min_lift: Fraction = 0.5
     min_gain: PositiveFloat = 1.5
@@ -189,10 +207,11 @@ class TriggerPrune(Pass):
         check_pool_size(self.images, context.example_inputs.shape[1:], "TriggerPrune images")
 
     def sample_steps(self, context: PurifyContext) -> int:
-        """The synthesis, then per trigger its search (batches of 64) and its scoring (with and without)."""
+        """About the work: the synthesis, then per trigger its search (batches of at most 64) and its
+        scoring (the images with and without it). An estimate made before the run, as every pass's."""
         searches = {TriggerModel.PERTURBATION: [self.trigger_steps], TriggerModel.PATCH: [self.patch_steps]}
         steps = searches.get(self.trigger_model, [self.trigger_steps, self.patch_steps])
-        return self.images * self.synthesis_steps + sum(64 * n + 2 * self.images for n in steps)
+        return self.images * self.synthesis_steps + sum(min(64, self.images) * n + 2 * self.images for n in steps)
 
     def fit_triggers(
         self, model: nn.Module, images: torch.Tensor, context: PurifyContext
