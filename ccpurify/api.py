@@ -228,11 +228,19 @@ def plan(
         raise InvalidInputError(f"device {device!r} was asked for, but torch sees no CUDA device; use device='cpu'")
     check_single_float32_input(model)
     if normalize is not None and not isinstance(normalize, Normalize):
-        mean, std = normalize
-        normalize = Normalize(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        try:
+            mean, std = normalize
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"normalize takes (mean, std), got {normalize!r}") from exc
+        normalize = Normalize(tuple(mean), tuple(std))
     clean = as_labeled(clean_data) if clean_data is not None else None
     unlabeled = as_unlabeled(unlabeled_data) if unlabeled_data is not None else None
     example = example_input_for(model, example_inputs, clean or unlabeled)
+    if normalize is not None and len(normalize.mean) != example.shape[1]:
+        raise InvalidInputError(
+            f"normalize has {len(normalize.mean)} channels and the model's input {example.shape[1]}: give one mean "
+            "and one std per input channel"
+        )
     context = PurifyContext(
         example_inputs=example,
         num_classes=num_classes,

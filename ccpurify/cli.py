@@ -157,7 +157,8 @@ class ModelSource:
 
     @property
     def normalize(self):
-        """The model's input normalisation: the one its file records, else its dataset's mean and std."""
+        """The model's input normalisation: the one its file records, else its dataset's mean and std
+        where they fit the input's channels (none for, say, a one-channel model of unknown data)."""
         from ccpurify.data import Normalize, get_spec
 
         recorded = self.saved.extra.get("normalize") if self.saved is not None else None
@@ -168,7 +169,7 @@ class ModelSource:
         ):
             return Normalize(tuple(float(v) for v in recorded["mean"]), tuple(float(v) for v in recorded["std"]))
         spec = get_spec(self.dataset)
-        return Normalize(spec.mean, spec.std)
+        return Normalize(spec.mean, spec.std) if len(spec.mean) == self.example_inputs.shape[1] else None
 
     @property
     def example_inputs(self):

@@ -6,11 +6,14 @@ transforms take an explicit ``torch.Generator`` so every pass is reproducible fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from ccpurify.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,22 @@ class Normalize:
 
     mean: Sequence[float]
     std: Sequence[float]
+
+    def __post_init__(self) -> None:
+        """One mean and one std per channel, finite, std > 0: a zero std made every image infinite and
+        a trigger search then saw no backdoor, in a run that ended normally."""
+        try:
+            mean, std = [float(v) for v in self.mean], [float(v) for v in self.std]
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(
+                f"normalize takes (mean, std), sequences of numbers, got {self.mean!r}, {self.std!r}"
+            ) from exc
+        if not mean or len(mean) != len(std):
+            raise InvalidInputError(
+                f"normalize needs one mean and one std per input channel, got {len(mean)} and {len(std)}"
+            )
+        if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            raise InvalidInputError(f"normalize needs finite means and stds > 0, got mean {mean} and std {std}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -427,6 +427,18 @@ API_CASES = [
         "no defense ran before it: put one first",
     ),
     (
+        "a zero std in the input normalisation is refused",
+        lambda m: ccpurify.purify(m, "clp", normalize=((0.5,) * 3, (0.0, 0.25, 0.25))),
+        InvalidInputError,
+        "finite means and stds > 0",
+    ),
+    (
+        "an input normalisation with the wrong number of channels is refused",
+        lambda m: ccpurify.purify(m, "clp", normalize=((0.5,), (0.25,)), example_inputs=torch.zeros(1, 3, 32, 32)),
+        InvalidInputError,
+        "normalize has 1 channels and the model's input 3",
+    ),
+    (
         "a model computing NaN is not exported",
         lambda m: __import__("exporters.onnx").onnx.export(
             _negative_variance(m), "/tmp/never.onnx", torch.zeros(1, 3, 32, 32)

@@ -104,6 +104,8 @@ def test_trigger_prune_is_registered_and_refuses_a_model_without_batchnorm_or_ba
         TriggerPrune(max_fraction=1.5)
     with pytest.raises(InvalidInputError, match="min_gain"):
         TriggerPrune(min_gain=0.0)
+    with pytest.raises(InvalidInputError, match="patch_steps shape the patch search.*trigger_model='patch'"):
+        TriggerPrune(patch_steps=10)  # ignored by the perturbation search: refused, not silently dropped
 
 
 def test_only_the_deep_half_of_the_batchnorm_layers_is_scored():
@@ -162,7 +164,8 @@ PATCH = dict(images=64, synthesis_steps=10, trigger_steps=40, patch_steps=150)
 def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gate_stops(demo_badnets):
     """BadNets' trigger is a small opaque patch: no change within 0.05 of the pixel range imitates
     it, and a mask of under 2% of the pixels does."""
-    _, perturbation = TriggerPrune(**PATCH)(demo_badnets, cifar10_context())
+    perturbation_only = {k: v for k, v in PATCH.items() if k != "patch_steps"}
+    _, perturbation = TriggerPrune(**perturbation_only)(demo_badnets, cifar10_context())
     assert perturbation.details.gated and list(perturbation.details.triggers) == ["perturbation"]
     purified, report = TriggerPrune(**PATCH, trigger_model="both")(demo_badnets, cifar10_context())
     patch = report.details.triggers["patch"]
@@ -204,7 +207,8 @@ def test_fallback_runs_its_other_defense_alone_where_the_first_cannot_apply_and_
     """TriggerPrune needs the input normalisation: without it, Fallback runs CLP alone and says why.
     A first pass that always acts (CLP) would never let the second run: refused when built."""
     bare = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), seed=0)
-    out, report = Fallback(TriggerPrune(**FAST), CLP(mode="faithful"))(shortcut_net(), bare)
+    with pytest.warns(UserWarning, match="trigger_prune is skipped and clp runs alone: .*normalize"):
+        out, report = Fallback(TriggerPrune(**FAST), CLP(mode="faithful"))(shortcut_net(), bare)
     assert report.details.ran == ["clp"] and report.details.first is None
     assert "normalize" in report.details.first_refused and report.details.choices().startswith("first pass skipped")
     with pytest.raises(InvalidInputError, match="'clp' does not report that"):

@@ -16,6 +16,7 @@ runs alone and the details say why.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
@@ -94,8 +95,18 @@ class Fallback(Pass):
             )
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
-        """``otherwise`` must apply; ``first`` may refuse (``run`` then skips it)."""
+        """``otherwise`` must apply; ``first`` may refuse (``run`` then skips it, and a warning says so
+        before anything runs: ``purify(model)`` without ``normalize=`` would otherwise lose the
+        trigger search without a word)."""
         self.otherwise.check(model, context)
+        try:
+            self.first.check(model, context)
+        except InvalidInputError as refusal:
+            warnings.warn(
+                f"{self.first.name} is skipped and {self.otherwise.name} runs alone: {refusal}",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def sample_steps(self, context: PurifyContext) -> int:
         """At most both passes' work (``otherwise`` runs only where ``first`` finds nothing)."""

@@ -46,6 +46,7 @@ what ``Fallback`` runs a broader defense on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -188,6 +189,13 @@ class TriggerPrune(Pass):
         super().__post_init__()
         self.mode, self.residual_policy = Mode(self.mode), RemovalPolicy(self.residual_policy)
         self.trigger_model = TriggerModel(self.trigger_model)
+        patch_options = [f for f in dataclasses.fields(self) if f.name in ("patch_penalty", "patch_steps", "max_area")]
+        changed = [f.name for f in patch_options if getattr(self, f.name) != f.default]
+        if changed and self.trigger_model is TriggerModel.PERTURBATION:
+            raise InvalidInputError(
+                f"{', '.join(changed)} shape the patch search, which trigger_model='perturbation' does not run: "
+                "add trigger_model='patch' or 'both'"
+            )
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         if not bn_layers(model):
