@@ -167,7 +167,7 @@ class ModelSource:
             and isinstance(recorded.get("mean"), list)
             and isinstance(recorded.get("std"), list)
         ):
-            return Normalize(tuple(float(v) for v in recorded["mean"]), tuple(float(v) for v in recorded["std"]))
+            return Normalize(tuple(recorded["mean"]), tuple(recorded["std"]))
         spec = get_spec(self.dataset)
         return Normalize(spec.mean, spec.std) if len(spec.mean) == self.example_inputs.shape[1] else None
 

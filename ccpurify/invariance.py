@@ -46,11 +46,27 @@ def perturbation_bound(eps: float, images: torch.Tensor, normalize: Normalize | 
     return (eps * (flat.amax(1) - flat.amin(1))).view(1, -1, 1, 1)
 
 
+class _ClassShares:
+    """What a trigger does to a set of images (mixed into the trigger dataclasses, which declare the
+    fields): ``target`` is the class it sends them to, ``fooled`` the share the model then assigns
+    to it, ``share_before`` that share without the trigger."""
+
+    target: int
+    fooled: float
+    share_before: float
+
+    @property
+    def lift(self) -> float:
+        """How much the trigger raises its class's share of the images."""
+        return self.fooled - self.share_before
+
+    def summary(self) -> dict:
+        return {"target": self.target, "fooled": round(self.fooled, 4), "share_before": round(self.share_before, 4)}
+
+
 @dataclass
-class UniversalTrigger:
-    """A universal perturbation and what it does: ``target`` is the class it sends images to,
-    ``fooled`` the share of the images the model then assigns to it, ``share_before`` that share
-    without the perturbation."""
+class UniversalTrigger(_ClassShares):
+    """A universal perturbation and what it does (``target``, ``fooled``, ``share_before``: ``_ClassShares``)."""
 
     delta: torch.Tensor  # (1, C, H, W), model input space
     bound: torch.Tensor  # (1, C, 1, 1): |delta| <= bound
@@ -58,23 +74,15 @@ class UniversalTrigger:
     fooled: float
     share_before: float
 
-    def summary(self) -> dict:
-        return {"target": self.target, "fooled": round(self.fooled, 4), "share_before": round(self.share_before, 4)}
-
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the perturbation added (``x`` in the model's input space, on any device)."""
         return x + self.delta.to(x.device)
 
-    @property
-    def lift(self) -> float:
-        """How much the trigger raises its class's share of the images."""
-        return self.fooled - self.share_before
-
 
 @dataclass
-class PatchTrigger:
+class PatchTrigger(_ClassShares):
     """A universal patch: ``mask`` (1, 1, H, W) in [0, 1] blends ``pattern`` (1, C, H, W, model input
-    space) into every image; ``area`` is the mask's mean, ``target``, ``fooled`` and ``share_before``
+    space) into every image; ``area`` is the mask's mean; ``target``, ``fooled`` and ``share_before``
     as for ``UniversalTrigger``."""
 
     mask: torch.Tensor
@@ -85,20 +93,27 @@ class PatchTrigger:
     share_before: float
 
     def summary(self) -> dict:
-        return {
-            "target": self.target,
-            "fooled": round(self.fooled, 4),
-            "share_before": round(self.share_before, 4),
-            "area": round(self.area, 4),
-        }
+        return {**super().summary(), "area": round(self.area, 4)}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask.to(x.device)
-        return (1 - mask) * x + mask * self.pattern.to(x.device)
+        """``x`` with the patch pasted in (``x`` in the model's input space, on any device)."""
+        return _paste(x, self.mask.to(x.device), self.pattern.to(x.device))
 
-    @property
-    def lift(self) -> float:
-        return self.fooled - self.share_before
+
+def _paste(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Neural Cleanse's trigger model: ``pattern`` blended into ``x`` where ``mask`` is 1."""
+    return (1 - mask) * x + mask * pattern
+
+
+def _class_shares(
+    model: nn.Module, images: torch.Tensor, triggered: torch.Tensor, num_classes: int
+) -> tuple[int, float, float]:
+    """(target, fooled, share_before): the class ``model`` assigns most of ``triggered`` to, the share
+    of ``triggered`` it assigns there, and the share of ``images`` (the same images untriggered)."""
+    after = class_histogram(model, triggered, num_classes)
+    before = class_histogram(model, images, num_classes)
+    target = int(after.argmax())
+    return target, after[target].item() / len(images), before[target].item() / len(images)
 
 
 def _collapse_loss(logits: torch.Tensor, target: int) -> torch.Tensor:
@@ -139,13 +154,7 @@ def fit_universal_trigger(
     finally:
         model.train(was_training)
     delta = delta.detach()
-    num_classes = logits.shape[1]
-    after = class_histogram(model, images + delta.cpu(), num_classes)
-    before = class_histogram(model, images, num_classes)
-    target = int(after.argmax())
-    return UniversalTrigger(
-        delta, bound, target, after[target].item() / len(images), before[target].item() / len(images)
-    )
+    return UniversalTrigger(delta, bound, *_class_shares(model, images, images + delta.cpu(), logits.shape[1]))
 
 
 def fit_patch_trigger(
@@ -186,7 +195,7 @@ def fit_patch_trigger(
         for _ in range(steps):
             x = images[torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
             mask = mask_logit.sigmoid()
-            logits = model((1 - mask) * x + mask * normalize(pattern_logit.sigmoid()))
+            logits = model(_paste(x, mask, normalize(pattern_logit.sigmoid())))
             target = int(logits.softmax(1).mean(0).argmax())
             loss = _collapse_loss(logits, target) + penalty * mask.mean()
             mask_grad, pattern_grad = torch.autograd.grad(loss, (mask_logit, pattern_logit))
@@ -196,14 +205,8 @@ def fit_patch_trigger(
         model.train(was_training)
     with torch.no_grad():
         mask, pattern = mask_logit.sigmoid().cpu(), normalize(pattern_logit.sigmoid()).cpu()
-    trigger = PatchTrigger(mask, pattern, float(mask.mean()), 0, 0.0, 0.0)
-    num_classes = logits.shape[1]
-    after = class_histogram(model, trigger.apply(images.cpu()), num_classes)
-    before = class_histogram(model, images, num_classes)
-    trigger.target = int(after.argmax())
-    trigger.fooled = after[trigger.target].item() / len(images)
-    trigger.share_before = before[trigger.target].item() / len(images)
-    return trigger
+    pasted = _paste(images.cpu(), mask, pattern)
+    return PatchTrigger(mask, pattern, float(mask.mean()), *_class_shares(model, images, pasted, logits.shape[1]))
 
 
 class TriggerInvariance:

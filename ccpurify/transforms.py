@@ -38,6 +38,8 @@ class Normalize:
             )
         if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
             raise InvalidInputError(f"normalize needs finite means and stds > 0, got mean {mean} and std {std}")
+        object.__setattr__(self, "mean", tuple(mean))  # plain floats: numpy scalars or strings are not kept
+        object.__setattr__(self, "std", tuple(std))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -47,7 +47,7 @@ what ``Fallback`` runs a broader defense on.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -78,13 +78,14 @@ def trigger_gains(
     model: nn.Module,
     bns: dict[str, nn.Module],
     images: torch.Tensor,
-    apply: Callable[[torch.Tensor], torch.Tensor],
+    applies: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     batch_size: int = 128,
 ) -> dict[str, torch.Tensor]:
     """Per BatchNorm of ``bns`` (name -> module), each channel's trigger gain: the mean over ``images``
-    of ReLU(BN output) averaged over space, with the trigger applied (``apply(images)``) minus without,
+    of ReLU(BN output) averaged over space, with a trigger applied (``apply(images)``) minus without,
     divided by the channel's standard deviation over ``images`` (+ 1e-3: a channel silent on clean
-    images that the trigger switches on gets a large gain). ``model``'s mode is kept."""
+    images that the trigger switches on gets a large gain); with several triggers (``applies``), the
+    largest. ``model``'s mode is kept."""
     records: dict[str, list[torch.Tensor]] = {name: [] for name in bns}
 
     def recorder(name: str):
@@ -104,11 +105,14 @@ def trigger_gains(
     try:
         with frozen(model):
             clean = activations(images)
-            triggered = activations(apply(images))
+            triggered = [activations(apply(images)) for apply in applies]
     finally:
         for h in handles:
             h.remove()
-    return {n: (triggered[n].mean(0) - clean[n].mean(0)) / (clean[n].std(0) + 1e-3) for n in bns}
+    return {
+        n: torch.stack([t[n].mean(0) for t in triggered]).amax(0).sub(clean[n].mean(0)) / (clean[n].std(0) + 1e-3)
+        for n in bns
+    }
 
 
 class TriggerModel(str, Enum):
@@ -217,8 +221,11 @@ class TriggerPrune(Pass):
     def sample_steps(self, context: PurifyContext) -> int:
         """About the work: the synthesis, then per trigger its search (batches of at most 64) and its
         scoring (the images with and without it). An estimate made before the run, as every pass's."""
-        searches = {TriggerModel.PERTURBATION: [self.trigger_steps], TriggerModel.PATCH: [self.patch_steps]}
-        steps = searches.get(self.trigger_model, [self.trigger_steps, self.patch_steps])
+        steps = {
+            TriggerModel.PERTURBATION: [self.trigger_steps],
+            TriggerModel.PATCH: [self.patch_steps],
+            TriggerModel.BOTH: [self.trigger_steps, self.patch_steps],
+        }[self.trigger_model]
         return self.images * self.synthesis_steps + sum(min(64, self.images) * n + 2 * self.images for n in steps)
 
     def fit_triggers(
@@ -266,9 +273,8 @@ class TriggerPrune(Pass):
         deep = dict(list(bns.items())[len(bns) - max(1, round(self.depth * len(bns))) :])
         # A channel's gain is its largest under the triggers that passed (under all when none did,
         # for the report).
-        scored = [t for t, passed in found.values() if passed or gated]
-        per_trigger = [trigger_gains(model, deep, images, t.apply) for t in scored]
-        gains = {bn: torch.stack([g[bn] for g in per_trigger]).amax(0) for bn in deep}
+        scored = [t.apply for t, passed in found.values() if passed or gated]
+        gains = trigger_gains(model, deep, images, scored)
         ranked = sorted(((float(g), bn, i) for bn in deep for i, g in enumerate(gains[bn])), reverse=True)
         limit = int(self.max_fraction * sum(bn.num_features for bn in bns.values()))
         flagged: dict[str, list[int]] = {}
