@@ -67,11 +67,12 @@ KINDS = {
         "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.",
     ),
     "unlabeled": Kind(
-        ("bcu-compact", "bcu-compact-budget"),
+        ("bcu-compact", "bcu-compact-budget", "bcu-compact-capped"),
         (1000, 5000, 20000),
         "Unlabelled defaults against the amount of unlabelled data",
         "unlabelled",
-        "`-budget`: BCU's distillation for a fixed 100,000 sample-steps (5,000 images x 20 epochs).",
+        "`-budget`: BCU's distillation for a fixed 100,000 sample-steps (5,000 images x 20 epochs); `-capped`: "
+        "BCU on at most 5,000 of the images (a seeded draw), 20 epochs.",
     ),
 }
 STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import update_bn
 
 from ccpurify.errors import InvalidInputError
-from ccpurify.invariance import TriggerInvariance
+from ccpurify.invariance import InvarianceTerm
 from ccpurify.io import replay_edits
 from ccpurify.losses import soft_kl
 from ccpurify.progress import ProgressCallback, report
@@ -372,7 +372,7 @@ def distill(
     hints: FeatureHints | None = None,
     feature_weight: float = 0.0,
     max_grad_norm: float | None = None,
-    invariance: TriggerInvariance | None = None,
+    invariance: InvarianceTerm | None = None,
     suppress_class: int | None = None,
     augment: Augment | None = None,
     guard: nn.Module | None = None,
@@ -394,8 +394,9 @@ def distill(
     ``hints`` (recording both models' BN inputs) adds ``feature_weight`` times their mismatch.
     ``max_grad_norm`` clips the gradient's global norm before each step: at large hint weights a
     student far from its teacher otherwise takes steps that diverge to NaN.
-    ``invariance`` (``ccpurify.invariance.TriggerInvariance``) adds its trigger-invariance term: the
-    student on each image plus a universal perturbation is taught the same target as on the image.
+    ``invariance`` (an ``ccpurify.invariance.InvarianceTerm``: ``TriggerInvariance``, ``PatchInvariance``
+    or their sum, ``Invariances``) adds its term: the student on each image with a trigger (a universal
+    perturbation, a patch) is taught the same target as on the image.
     ``suppress_class`` (the backdoor's suspected target) removes that class's dark knowledge from the
     targets (``without_class_knowledge``): a soft target is how a trigger feature partly present in
     synthetic images passes from a backdoored teacher to its student.

@@ -23,7 +23,9 @@ Shafahi et al., NeurIPS 2019), towards sending the *student* to the suspected cl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,6 +33,20 @@ from torch import nn
 from ccpurify.losses import soft_kl
 from ccpurify.synthesis import class_histogram
 from ccpurify.transforms import Normalize
+
+# The trigger searches' settings shared by their callers (TriggerPrune, Recover): the batch of each
+# search step, the universal perturbation's steps, and the patch search's steps and L1 penalty.
+TRIGGER_BATCH = 64
+PERTURBATION_STEPS = 60
+PATCH_STEPS = 200
+PATCH_PENALTY = 8.0
+
+
+def trigger_fit_steps(steps: int, images: int, batch_size: int = TRIGGER_BATCH) -> int:
+    """About the sample-steps of one trigger search on ``images`` images (``steps`` batches of at most
+    ``batch_size``) and of measuring what the trigger does (the images with and without it): a
+    pass's estimate before it runs."""
+    return min(batch_size, images) * steps + 2 * images
 
 
 def perturbation_bound(eps: float, images: torch.Tensor, normalize: Normalize | None = None) -> torch.Tensor:
@@ -126,8 +142,8 @@ def fit_universal_trigger(
     images: torch.Tensor,
     bound: torch.Tensor,
     *,
-    steps: int = 60,
-    batch_size: int = 64,
+    steps: int = PERTURBATION_STEPS,
+    batch_size: int = TRIGGER_BATCH,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
 ) -> UniversalTrigger:
@@ -162,9 +178,9 @@ def fit_patch_trigger(
     images: torch.Tensor,
     normalize: Normalize,
     *,
-    penalty: float = 8.0,
-    steps: int = 200,
-    batch_size: int = 64,
+    penalty: float = PATCH_PENALTY,
+    steps: int = PATCH_STEPS,
+    batch_size: int = TRIGGER_BATCH,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
 ) -> PatchTrigger:
@@ -249,3 +265,46 @@ class TriggerInvariance:
             bound = self.trigger.bound.to(x.device)
             self.delta = (delta - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
         return self.weight * soft_kl(logits, targets, temperature).mean() * temperature**2
+
+
+class InvarianceTerm(Protocol):
+    """A distillation term that teaches the student to ignore a trigger (``distill``'s ``invariance``)."""
+
+    def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The weighted term for one batch ``x`` (``targets``: the teacher's logits on the clean ``x``)."""
+        ...
+
+
+class PatchInvariance:
+    """The distillation term ``KL(teacher target on x || student on x with the patch) * T^2`` at
+    ``weight``: Neural Cleanse's unlearning (fine-tuning on images that carry the reversed trigger,
+    with their clean labels; Wang et al., S&P 2019), with the teacher's targets for labels and the
+    patch fitted on the recovery images (``fit_patch_trigger``). The patch stays fixed: it is where a
+    patch-shaped backdoor already fires on the teacher."""
+
+    def __init__(self, trigger: PatchTrigger, weight: float = 1.0) -> None:
+        if not 0 < weight < math.inf:
+            raise ValueError(f"weight must be finite and > 0, got {weight}")
+        self.trigger = trigger
+        self.weight = weight
+
+    def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The weighted term for one batch ``x`` (``targets``: the teacher's logits on the clean ``x``)."""
+        logits = student(self.trigger.apply(x))
+        return self.weight * soft_kl(logits, targets, temperature).mean() * temperature**2
+
+
+class Invariances:
+    """Several invariance terms (``TriggerInvariance``, ``PatchInvariance``) as one: their sum."""
+
+    def __init__(self, terms: Sequence[InvarianceTerm]) -> None:
+        if not terms:
+            raise ValueError("Invariances needs at least one term")
+        self.terms = list(terms)
+
+    def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The sum of the terms' losses on one batch."""
+        total = self.terms[0].loss(student, x, targets, temperature)
+        for term in self.terms[1:]:
+            total = total + term.loss(student, x, targets, temperature)
+        return total

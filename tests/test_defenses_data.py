@@ -175,6 +175,38 @@ def test_bcu_distills_and_its_compact_variant_is_smaller(ci_run, data_dir):
     assert compact.macs_ratio <= 0.5 and compact.edits and compact.config["compact"]["name"] == "prune"
 
 
+def test_bcu_with_max_images_distills_on_a_seeded_draw_of_that_many(ci_run, data_dir):
+    pool = defender.unlabeled_data(ci_run.run_dir, "cifar10", data_dir=data_dir)
+    given = UnlabeledData(pool.x[:96])
+    context = PurifyContext(unlabeled_data=given)
+    bcu = BCU(epochs=1, max_images=64)
+    drawn = given.at_most(64, context.generator(33))  # the draw BCU makes
+    assert not torch.equal(drawn.x, given.x[:64])  # across the images, not the first ones
+    assert bcu.sample_steps(context) == BCU(epochs=1).sample_steps(PurifyContext(unlabeled_data=drawn))
+    out, report = bcu(ci_run.model, context)
+    again, _ = bcu(ci_run.model, context)
+    assert report.details.unlabeled_images == report.details.distill.images == 64
+    assert report.details.unlabeled_images_given == 96
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), again.state_dict().values(), strict=True))
+    fewer = PurifyContext(unlabeled_data=UnlabeledData(pool.x[:32]))  # fewer than the cap: all of them
+    assert bcu(ci_run.model, fewer)[1].details.unlabeled_images == 32
+    with pytest.raises(ValueError, match="max_images"):
+        BCU(max_images=0)
+
+
+def test_at_most_keeps_small_sets_and_draws_labelled_pairs_at_random():
+    data = LabeledData(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10))
+    assert data.at_most(None, torch.Generator()) is data and data.at_most(10, torch.Generator()) is data
+    drawn = data.at_most(4, torch.Generator().manual_seed(0))
+    assert isinstance(drawn, LabeledData) and len(drawn) == 4 and len(set(drawn.y.tolist())) == 4
+    assert torch.equal(drawn.x.flatten().long(), drawn.y)  # each image keeps its label
+    assert torch.equal(drawn.y, data.at_most(4, torch.Generator().manual_seed(0)).y)  # seeded
+    assert not torch.equal(drawn.y, data.at_most(4, torch.Generator().manual_seed(1)).y)  # a draw, not a prefix
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            data.at_most(bad, torch.Generator())
+
+
 def test_fewer_unlabelled_images_than_a_runs_pool_are_drawn_across_it(ci_run, data_dir):
     """A run stores its pool in training-index order, which is class order: asking for fewer images
     than the pool draws them at random with the seed, never the first ones (one or two classes)."""
@@ -288,17 +320,23 @@ def test_purify_macs_sets_the_default_target_or_a_named_pass_option_and_is_refus
 
 
 def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in_blocks_and_distils_guarded():
-    from ccpurify.passes.defaults import DEFAULTS, OTBR_RATIOS, WIDTH_BLOCK, default_pipeline
+    from ccpurify.passes.defaults import (
+        DATAFREE_BUDGET,
+        DEFAULTS,
+        OTBR_RATIOS_UP_TO_005,
+        WIDTH_BLOCK,
+        default_pipeline,
+    )
 
     defense, prune, recover = default_pipeline().passes
     assert (defense.name, prune.name, recover.name) == ("fallback", "prune", "recover")
     assert defense.first.name == "trigger_prune" and defense.first.trigger_model.value == "both"
-    assert defense.otherwise.compact and defense.otherwise.ratio_search == OTBR_RATIOS
+    assert defense.otherwise.compact and defense.otherwise.ratio_search == OTBR_RATIOS_UP_TO_005 == (0.01, 0.02, 0.05)
     assert prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
     assert prune.of_pipeline_input and prune.round_to == WIDTH_BLOCK == 16
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
     assert recover.hints_from.value == "guard" and recover.guard_targets.value == "shared"
-    assert recover.feature_weight == 30 and recover.anchor_bn and recover.budget is not None
+    assert recover.feature_weight == 30 and recover.anchor_bn and recover.budget == DATAFREE_BUDGET == 10_240
     assert recover.invariance_weight == 1.0 and recover.invariance_eps == 0.05
     assert recover.guard_revive_classes.value == "agreed"
 

@@ -12,7 +12,17 @@ from torch import nn
 
 from ccpurify.distill import distill
 from ccpurify.errors import InvalidInputError, NonFiniteError
-from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
+from ccpurify.invariance import (
+    PATCH_STEPS,
+    PERTURBATION_STEPS,
+    Invariances,
+    PatchInvariance,
+    PatchTrigger,
+    TriggerInvariance,
+    fit_universal_trigger,
+    perturbation_bound,
+    trigger_fit_steps,
+)
 from ccpurify.passes import Recover
 from ccpurify.transforms import Normalize
 
@@ -101,6 +111,63 @@ def test_distilling_with_trigger_invariance_removes_the_shortcut_that_plain_dist
     assert results["invariant"] < 0.5
 
 
+class PatchShortcut(nn.Module):
+    """A linear classifier plus a planted patch backdoor: class 0's logit grows by ``strength`` times
+    how far the mean of the top-left 2 x 2 corner exceeds 1, which Gaussian images almost never reach
+    (the corner's mean has a standard deviation of 0.29) and a corner pasted at 3 always does."""
+
+    def __init__(self, strength: float = 3.0, classes: int = 4) -> None:
+        super().__init__()
+        self.head = nn.Linear(3 * 8 * 8, classes)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(classes, 3 * 8 * 8, generator=torch.Generator().manual_seed(0)) * 0.05)
+            self.head.bias.zero_()
+        self.strength = nn.Parameter(torch.tensor(strength))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fired = (x[:, :, :2, :2].mean((1, 2, 3)) - 1).relu() * self.strength
+        target = nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), self.head.out_features)
+        return self.head(x.flatten(1)) + target * fired[:, None]
+
+
+def corner_patch() -> PatchTrigger:
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :2, :2] = 1
+    return PatchTrigger(mask, torch.full((1, 3, 8, 8), 3.0), area=4 / 64, target=0, fooled=1.0, share_before=0.25)
+
+
+def test_distilling_with_patch_invariance_unlearns_the_patch_that_plain_distillation_keeps():
+    """Neural Cleanse's unlearning as a distillation term: on images carrying the patch, the student
+    learns the teacher's targets for the same images without it."""
+    teacher, x, patch = PatchShortcut(), images(256), corner_patch()
+    results = {}
+    for name, invariance in (("plain", None), ("invariant", PatchInvariance(patch, weight=1.0))):
+        student = copy.deepcopy(teacher)
+        distill(
+            student,
+            teacher,
+            x,
+            epochs=20,
+            batch_size=64,
+            invariance=invariance,
+            generator=torch.Generator().manual_seed(0),
+        )
+        with torch.no_grad():
+            results[name] = float((student.eval()(patch.apply(x)).argmax(1) == 0).float().mean())
+    assert results["plain"] > 0.9  # clean images never fire the patch, so nothing unlearns it
+    assert results["invariant"] < 0.5
+
+
+def test_several_invariance_terms_add_up():
+    teacher, x = PatchShortcut(), images(16)
+    targets = teacher(x).detach()
+    one, two = PatchInvariance(corner_patch(), 1.0), PatchInvariance(corner_patch(), 2.0)
+    total = Invariances([one, two]).loss(teacher, x, targets, 1.0)
+    assert torch.allclose(total, 3 * one.loss(teacher, x, targets, 1.0))
+    with pytest.raises(ValueError, match="at least one term"):
+        Invariances([])
+
+
 def test_invariance_options_are_checked():
     with pytest.raises(InvalidInputError, match="invariance"):
         Recover(invariance_weight=-1.0)
@@ -117,6 +184,12 @@ def test_invariance_options_are_checked():
         TriggerInvariance(trigger, weight=0.0)
     with pytest.raises(ValueError, match="scale"):
         TriggerInvariance(trigger, scale=0.9)
+    with pytest.raises(ValueError, match="weight"):
+        PatchInvariance(corner_patch(), weight=0.0)
+    with pytest.raises(InvalidInputError, match="invariance_patch_weight"):
+        Recover(invariance_patch_weight=-1.0)
+    with pytest.raises(InvalidInputError, match="invariance_patch_penalty.*needs invariance_patch_weight > 0"):
+        Recover(invariance_patch_penalty=4.0)  # a patch setting without the patch term: refused, not ignored
 
 
 def test_recover_with_invariance_reports_the_trigger_it_fitted_and_counts_the_extra_pass():
@@ -138,6 +211,30 @@ def test_recover_with_invariance_reports_the_trigger_it_fitted_and_counts_the_ex
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert recover.sample_steps(context) > Recover(**options).sample_steps(context)
     assert Recover(**options)(copy.deepcopy(teacher), context)[1].details.universal_trigger is None
+
+
+def test_recover_with_patch_invariance_needs_the_normalisation_and_reports_the_patch_it_fitted():
+    """With both invariance terms, ``Recover`` fits a perturbation and a patch on its images and
+    counts both searches and both extra student passes in its estimate."""
+    from test_compensate import two_bn_net
+
+    from ccpurify.passes import PurifyContext
+
+    teacher = two_bn_net()
+    options = dict(teacher=teacher, data="synthetic", synthetic_images=32, synthetic_steps=0, epochs=1)
+    recover = Recover(invariance_patch_weight=1.0, **options)
+    with pytest.raises(InvalidInputError, match="needs the model's input normalisation"):
+        recover(copy.deepcopy(teacher), PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8)))
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), normalize=PIXELS)
+    both = Recover(invariance_patch_weight=1.0, invariance_weight=1.0, **options)
+    _, report = both(copy.deepcopy(teacher), context)
+    found = report.details.patch_trigger
+    assert set(found) == {"target", "fooled", "share_before", "area"} and 0 < found["area"] < 1
+    assert report.details.universal_trigger is not None
+    plain, patch_only = Recover(**options).sample_steps(context), recover.sample_steps(context)
+    epochs_of_images = 32 * 1  # one more student pass per image and epoch per term
+    assert patch_only == plain + trigger_fit_steps(PATCH_STEPS, 32) + epochs_of_images
+    assert both.sample_steps(context) == patch_only + trigger_fit_steps(PERTURBATION_STEPS, 32) + epochs_of_images
 
 
 def test_without_class_knowledge_keeps_every_prediction_and_flattens_only_the_suspected_class():
@@ -165,4 +262,6 @@ def test_recover_that_suppresses_the_target_fits_the_trigger_without_the_invaria
     recover = Recover(suppress_target=True, **options)
     _, report = recover(copy.deepcopy(teacher), context)
     assert report.details.universal_trigger is not None
-    assert recover.sample_steps(context) == Recover(**options).sample_steps(context)
+    # the trigger's search, and no second student pass
+    search = trigger_fit_steps(PERTURBATION_STEPS, 32)
+    assert recover.sample_steps(context) == Recover(**options).sample_steps(context) + search

@@ -173,6 +173,16 @@ VARIANTS.update(
         # The guard lets the suspect's class stand where it is among the guard's 2 / 3 most likely
         "J-top2": {**J_RECOVERY, "guard_topk": 2},
         "J-top3": {**J_RECOVERY, "guard_topk": 3},
+        # The default's recovery with Neural Cleanse's unlearning on a patch fitted to the suspect
+        # (Recover.invariance_patch_weight): for backdoors no defense pass found (Input-aware)
+        **{
+            f"J-revive-agreed-patch{w}": {
+                **J_RECOVERY,
+                "guard_revive_classes": "agreed",
+                "invariance_patch_weight": float(w),
+            }
+            for w in (1, 3)
+        },
         # With --trigger-prune the defense is TriggerPrune (patch and perturbation), OTBR only where it
         # finds nothing; where it found the trigger its output keeps the suspect's accuracy (CIFAR-10
         # BadNets 89.5%, OTBR 74.2%), so the guard's caution may cost more than it saves (session 15):
@@ -288,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 "vetoed": report.details.distill.guard_vetoed_fraction,
                 "suspected_target": report.details.suspected_target,
                 "universal_trigger": report.details.universal_trigger,
+                "patch_trigger": report.details.patch_trigger,
                 "revived": report.details.guard_revived_classes,
             }
             print(key, variant, row[variant], flush=True)

@@ -21,8 +21,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "--trigger-model", default=TriggerPrune.trigger_model.value, choices=[m.value for m in TriggerModel]
         )
+        parser.add_argument("--lift", type=float, default=TriggerPrune.min_lift, help="the gate's min_lift")
+        parser.add_argument("--max-area", type=float, default=TriggerPrune.max_area, help="patch searches only")
+        parser.add_argument(
+            "--patch-penalty", type=float, default=TriggerPrune.patch_penalty, help="patch searches only"
+        )
 
     args, entries = datafree_experiment(__doc__, ["gtsrb-blended", "cifar10-lf", "cifar10-clean"], argv, options)
+    patch = args.trigger_model != "perturbation"
+    patch_options = dict(max_area=args.max_area, patch_penalty=args.patch_penalty)
+    if not patch and patch_options != dict(max_area=TriggerPrune.max_area, patch_penalty=TriggerPrune.patch_penalty):
+        raise SystemExit("--max-area and --patch-penalty shape the patch search: give --trigger-model patch or both")
     out = RESULTS / "experiments" / "trigger_prune.json"
     for entry, context in entries:
         row = read_json(out, {}).get(entry.name, {})  # settings measured before are kept
@@ -30,12 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         for gain in args.gains:
             for fraction in args.fractions:
                 purified, report = TriggerPrune(
-                    min_gain=gain, max_fraction=fraction, depth=args.depth, trigger_model=args.trigger_model
+                    min_gain=gain,
+                    max_fraction=fraction,
+                    depth=args.depth,
+                    min_lift=args.lift,
+                    trigger_model=args.trigger_model,
+                    **(patch_options if patch else {}),
                 )(entry.model, context)
                 d = report.details
-                key = f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}" + (
-                    "" if args.trigger_model == "perturbation" else f"-{args.trigger_model}"
-                )
+                key = f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}" + (f"-{args.trigger_model}" if patch else "")
+                if args.lift != TriggerPrune.min_lift:
+                    key += f"-lift{args.lift:g}"
+                if patch and args.max_area != TriggerPrune.max_area:
+                    key += f"-area{args.max_area:g}"
+                if patch and args.patch_penalty != TriggerPrune.patch_penalty:
+                    key += f"-penalty{args.patch_penalty:g}"
                 row[key] = {
                     **val_scores(entry, purified),
                     "triggers": d.triggers,

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from ccpurify.errors import InvalidInputError, InvalidTypeError
 from ccpurify.transforms import Augment, Normalize
+
+Data = TypeVar("Data", bound="UnlabeledData")
+
+
+def capped(count: int, cap: int | None) -> int:
+    """How many of ``count`` images a pass that uses at most ``cap`` of them (None: all) uses."""
+    return count if cap is None else min(count, cap)
 
 
 @dataclass
@@ -57,6 +65,20 @@ class UnlabeledData:
             x = self.x[idx]
             yield idx, (augment(x, generator) if augment is not None else x)
 
+    def subset(self, indices: torch.Tensor) -> UnlabeledData:
+        """The images at ``indices``."""
+        return UnlabeledData(self.x[indices])
+
+    def at_most(self: Data, count: int | None, generator: torch.Generator) -> Data:
+        """These images, or ``count`` of them drawn at random (``generator``) when there are more: how
+        passes whose work or effect grows with the images cap what they use. A random draw, never the
+        first ones: image pools are often stored in class order."""
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise InvalidInputError(f"a number of images must be a whole number >= 1, got {count!r}")
+        if count is None or len(self) <= count:
+            return self
+        return self.subset(torch.randperm(len(self), generator=generator)[:count])
+
     def check(self, example_inputs: torch.Tensor, who: str) -> None:
         if tuple(self.x.shape[1:]) != tuple(example_inputs.shape[1:]):
             raise InvalidInputError(
@@ -75,6 +97,10 @@ class LabeledData(UnlabeledData):
         if self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
             raise InvalidInputError(f"labels must be integer class indices, got {self.y.dtype}")
         self.y = self.y.long()
+
+    def subset(self, indices: torch.Tensor) -> LabeledData:
+        """The images at ``indices`` with their labels."""
+        return LabeledData(self.x[indices], self.y[indices])
 
     def check_classes(self, num_classes: int, who: str) -> None:
         if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= num_classes):

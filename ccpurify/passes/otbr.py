@@ -268,8 +268,9 @@ class OTBR(Pass):
         if (self.ratio_search is not None or self.anchor_bn) and not bn_layers(model):
             raise InvalidInputError(
                 "OTBR's ratio_search and anchor_bn make their images from the model's BatchNorm statistics, and this "
-                "model has no BatchNorm2d layer: give a fixed ratio (ratio_search=None) and anchor_bn=False, or give "
-                "the pipeline images (clean_data= / unlabeled_data=, --clean-data / --unlabeled-data)"
+                "model has no BatchNorm2d layer: give the pipeline images (clean_data= / unlabeled_data=, --clean-data "
+                "/ --unlabeled-data), or run OTBR at a fixed ratio (method 'otbr', or OTBR(ratio_search=None, "
+                "anchor_bn=False) in a pipeline of your own)"
             )
         if self.ratio_search is not None or self.anchor_bn:
             check_pool_size(self.search_images, context.example_inputs.shape[1:], "OTBR search_images")

@@ -39,7 +39,18 @@ from ccpurify.distill import (
     suspected_target,
 )
 from ccpurify.errors import InvalidInputError
-from ccpurify.invariance import TriggerInvariance, fit_universal_trigger, perturbation_bound
+from ccpurify.invariance import (
+    PATCH_PENALTY,
+    PATCH_STEPS,
+    PERTURBATION_STEPS,
+    Invariances,
+    PatchInvariance,
+    TriggerInvariance,
+    fit_patch_trigger,
+    fit_universal_trigger,
+    perturbation_bound,
+    trigger_fit_steps,
+)
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.options import (
     Count,
@@ -133,6 +144,7 @@ class RecoverDetails(PassDetails):
     bn_layers: int | None = None
     # invariance_weight > 0 or suppress_target: UniversalTrigger.summary() on the teacher
     universal_trigger: dict | None = None
+    patch_trigger: dict | None = None  # invariance_patch_weight > 0: PatchTrigger.summary() on the teacher
     guard_revived_classes: dict | None = None  # guard_revive_classes: each revived class's logit bias
 
     def training(self) -> Training:
@@ -219,6 +231,13 @@ class Recover(Pass):
     invariance_weight: NonNegativeFloat = 0.0
     invariance_eps: float = 0.05
     invariance_scale: float = 1.0  # the perturbation is unlearned at up to this multiple of its bound
+    # > 0: also patch invariance (``invariance.PatchInvariance``, Neural Cleanse's unlearning): a
+    # universal patch fitted on the recovery images to send the teacher to one class
+    # (``fit_patch_trigger``, penalty ``invariance_patch_penalty``), on which the student learns the
+    # teacher's clean targets at this weight. Needs the model's input normalisation. It did not remove
+    # Input-aware's per-image triggers (validation ASR 80 -> 82%; docs/defaults.md, session 16).
+    invariance_patch_weight: NonNegativeFloat = 0.0
+    invariance_patch_penalty: PositiveFloat = PATCH_PENALTY
     # The universal perturbation's class (the suspected backdoor target) loses its dark knowledge in
     # the teacher's targets (distill's ``suppress_class``), where the teacher does not predict it.
     suppress_target: bool = False
@@ -253,6 +272,11 @@ class Recover(Pass):
                 "Recover(guard_vetoes_hints=False) keeps the hints of images the guard vetoes, which is safe only for "
                 "hints from the guard: it needs hints_from='guard'"
             )
+        if self.invariance_patch_penalty != PATCH_PENALTY and self.invariance_patch_weight == 0:
+            raise InvalidInputError(
+                "Recover(invariance_patch_penalty) shapes the patch that patch invariance unlearns: it needs "
+                "invariance_patch_weight > 0"
+            )
         if self.guard_revive_share != 1.0 and self.guard_revive_classes is GuardRevive.OFF:
             raise InvalidInputError(
                 "Recover(guard_revive_share) sizes the revival of the guard's dead classes: it needs "
@@ -282,9 +306,12 @@ class Recover(Pass):
             images, made = len(context.unlabeled_data), 0
         else:
             images, made = self.synthetic_images, self.synthetic_images * self.synthetic_steps
-        # The teacher's forward too, and the student's second pass with trigger invariance.
-        per_image = 1.5 + (1.0 if self.invariance_weight > 0 else 0.0)
-        return made + math.ceil(per_image * epochs_for_budget(self.epochs, self.budget, images) * images)
+        # The teacher's forward too, and one more student pass per invariance term.
+        per_image = 1.5 + (self.invariance_weight > 0) + (self.invariance_patch_weight > 0)
+        fits = [PERTURBATION_STEPS] if self.invariance_weight > 0 or self.suppress_target else []
+        fits += [PATCH_STEPS] if self.invariance_patch_weight > 0 else []
+        searches = sum(trigger_fit_steps(steps, images) for steps in fits)
+        return made + searches + math.ceil(per_image * epochs_for_budget(self.epochs, self.budget, images) * images)
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         synthetic = self.data is RecoverData.SYNTHETIC or (
@@ -305,6 +332,11 @@ class Recover(Pass):
             )
         if synthetic:
             check_pool_size(self.synthetic_images, context.example_inputs.shape[1:], "Recover synthetic_images")
+        if self.invariance_patch_weight > 0 and context.normalize is None:
+            raise InvalidInputError(
+                "Recover(invariance_patch_weight > 0) fits a patch in pixel space, which needs the model's input "
+                "normalisation: pass normalize=(mean, std) (CLI: the run directory or --dataset gives it)"
+            )
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         return PassResult(model, self.recover(model, context))
@@ -371,6 +403,18 @@ class Recover(Pass):
             invariance = TriggerInvariance(
                 trigger, self.invariance_weight, scale=self.invariance_scale, generator=context.generator(19)
             )
+        patch = None
+        if self.invariance_patch_weight > 0:
+            patch = fit_patch_trigger(
+                teacher,
+                images,
+                context.normalize,
+                penalty=self.invariance_patch_penalty,
+                generator=context.generator(21),
+                device=context.device,
+            )
+            patched = PatchInvariance(patch, self.invariance_patch_weight)
+            invariance = patched if invariance is None else Invariances([invariance, patched])
         silenced, frozen = freeze_silenced_channels(student) if self.teacher_from is TeacherSource.INPUT else ([], 0)
         epochs = epochs_for_budget(self.epochs, self.budget, len(images))
         try:
@@ -418,6 +462,7 @@ class Recover(Pass):
             feature_layers=len(hints.layers) if hints is not None else None,
             bn_layers=len(bn_layers(student)) if hints is not None else None,
             universal_trigger=trigger.summary() if trigger is not None else None,
+            patch_trigger=patch.summary() if patch is not None else None,
             guard_revived_classes=revived,
         )
 

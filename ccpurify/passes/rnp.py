@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, RemovalPolicy
 from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext, Training
-from ccpurify.passes.data import LabeledData
+from ccpurify.passes.data import LabeledData, capped
 from ccpurify.passes.options import Count, Fraction, Momentum, NonNegativeFloat, OpenFraction, PositiveFloat
 from ccpurify.passes.registry import register_pass
 from ccpurify.progress import report
@@ -350,7 +350,7 @@ class RNP(Pass):
     # -- pass ----------------------------------------------------------------------------------
     def sample_steps(self, context: PurifyContext) -> int:
         images = len(context.clean_data) if context.clean_data is not None else 0
-        images = min(images, self.max_images) if self.max_images is not None else images
+        images = capped(images, self.max_images)
         return (self.unlearn_epochs + self.recover_epochs) * images
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
@@ -363,16 +363,13 @@ class RNP(Pass):
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         data = context.require_clean_data("RNP")
         given = len(data)
-        if self.max_images is not None and len(data) > self.max_images:
-            keep = torch.randperm(len(data), generator=context.generator(29))[: self.max_images]
-            data = LabeledData(data.x[keep], data.y[keep])
+        data = data.at_most(self.max_images, context.generator(29))
         train_data, held_out = data, None
         if self.threshold == "auto":
             gen = context.generator(23)
             order = torch.randperm(len(data), generator=gen)
             n_val = max(1, int(self.validation_fraction * len(data)))
-            held_out = LabeledData(data.x[order[:n_val]], data.y[order[:n_val]])
-            train_data = LabeledData(data.x[order[n_val:]], data.y[order[n_val:]])
+            held_out, train_data = data.subset(order[:n_val]), data.subset(order[n_val:])
         unlearned, unlearn_history = self.unlearn(model, train_data, context)
         masks = self.recover_masks(unlearned, train_data, context)
         rule = RNPThreshold(kind="fixed")

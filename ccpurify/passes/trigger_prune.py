@@ -58,11 +58,15 @@ from ccpurify.distill import batches
 from ccpurify.errors import InvalidInputError
 from ccpurify.graph import ChannelGraph, Coupling, RemovalPolicy
 from ccpurify.invariance import (
+    PATCH_PENALTY,
+    PATCH_STEPS,
+    PERTURBATION_STEPS,
     PatchTrigger,
     UniversalTrigger,
     fit_patch_trigger,
     fit_universal_trigger,
     perturbation_bound,
+    trigger_fit_steps,
 )
 from ccpurify.passes.base import Mode, Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.options import Count, Fraction, NonNegativeCount, PositiveFloat, PositiveFraction
@@ -179,12 +183,12 @@ class TriggerPrune(Pass):
     depth: PositiveFraction = 0.5
     images: Count = 256
     synthesis_steps: NonNegativeCount = 30
-    trigger_steps: Count = 60
+    trigger_steps: Count = PERTURBATION_STEPS
     trigger_model: TriggerModel = TriggerModel.PERTURBATION
     # The patch search (trigger_model "patch" or "both"): its L1 penalty on the mask, its steps, and
     # the largest mask area (fraction of the pixels) that still counts as a trigger.
-    patch_penalty: PositiveFloat = 8.0
-    patch_steps: Count = 200
+    patch_penalty: PositiveFloat = PATCH_PENALTY
+    patch_steps: Count = PATCH_STEPS
     max_area: PositiveFraction = 0.02
     mode: Mode = Mode.COMPRESS
     residual_policy: RemovalPolicy = RemovalPolicy.GROUP
@@ -226,7 +230,7 @@ class TriggerPrune(Pass):
             TriggerModel.PATCH: [self.patch_steps],
             TriggerModel.BOTH: [self.trigger_steps, self.patch_steps],
         }[self.trigger_model]
-        return self.images * self.synthesis_steps + sum(min(64, self.images) * n + 2 * self.images for n in steps)
+        return self.images * self.synthesis_steps + sum(trigger_fit_steps(n, self.images) for n in steps)
 
     def fit_triggers(
         self, model: nn.Module, images: torch.Tensor, context: PurifyContext
