@@ -24,7 +24,7 @@ from ccpurify.passes import PASSES, Pass, Pipeline, PipelineReport, PurifyContex
 from ccpurify.probes import output_classes
 from ccpurify.progress import ProgressCallback
 from ccpurify.recipe import input_shape_of
-from ccpurify.transforms import Normalize
+from ccpurify.transforms import Normalize, as_normalize
 
 
 @dataclass
@@ -227,12 +227,7 @@ def plan(
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device!r} was asked for, but torch sees no CUDA device; use device='cpu'")
     check_single_float32_input(model)
-    if normalize is not None and not isinstance(normalize, Normalize):
-        try:
-            mean, std = normalize
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"normalize takes (mean, std), got {normalize!r}") from exc
-        normalize = Normalize(tuple(mean), tuple(std))
+    normalize = as_normalize(normalize)
     clean = as_labeled(clean_data) if clean_data is not None else None
     unlabeled = as_unlabeled(unlabeled_data) if unlabeled_data is not None else None
     example = example_input_for(model, example_inputs, clean or unlabeled)

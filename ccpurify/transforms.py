@@ -47,6 +47,17 @@ class Normalize:
         return (x - mean) / std
 
 
+def as_normalize(value: Normalize | tuple | None) -> Normalize | None:
+    """A ``Normalize`` from a ``Normalize`` or ``(mean, std)``; None stays None."""
+    if value is None or isinstance(value, Normalize):
+        return value
+    try:
+        mean, std = value
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"normalize takes (mean, std), got {value!r}") from exc
+    return Normalize(tuple(mean), tuple(std))
+
+
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero-pad each image by ``padding`` and crop back to its size at a random offset per image."""
     if padding <= 0:

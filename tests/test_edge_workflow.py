@@ -176,7 +176,7 @@ def test_a_pass_that_cannot_apply_is_refused_before_the_pipeline_starts():
         nn.Flatten(),
         nn.Linear(8, 10),
     )
-    with pytest.raises(InvalidInputError, match="no BatchNorm2d layer: .*--clean-data"):
+    with pytest.raises(InvalidInputError, match="no BatchNorm2d layer: choose .*'clp'.*--unlabeled-data"):
         ccpurify.purify(model, example_inputs=torch.zeros(1, 3, 32, 32), progress=lambda event: ran.append(event.task))
     assert ran == []
     with pytest.raises(InvalidInputError, match="RNP masks BatchNorm channels"):

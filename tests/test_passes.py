@@ -355,3 +355,15 @@ def test_an_option_outside_its_range_is_refused_in_one_line(cls: type, option: s
     error names the option and the range it takes."""
     with pytest.raises(InvalidInputError, match=f"option {option}.* of pass '{cls.name}' {says}"):
         cls(**{option: value})
+
+
+def test_a_context_takes_the_normalisation_as_mean_and_std_and_refuses_anything_else():
+    """Passes call ``context.normalize`` on pixel images: a ``(mean, std)`` pair given to the
+    context directly (as ``purify`` takes it) is converted, not kept as a tuple that fails mid-run."""
+    from ccpurify.transforms import Normalize
+
+    context = passes.PurifyContext(normalize=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    assert context.normalize == Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    for bad in ("x", ((0.5,), (0.0,)), 3):
+        with pytest.raises(InvalidInputError, match="normalize"):
+            passes.PurifyContext(normalize=bad)

@@ -28,7 +28,7 @@ from ccpurify.passes.options import check_option_values, plain
 from ccpurify.probes import check_edited_model, check_finite_outputs, non_finite_tensor, probe_inputs
 from ccpurify.progress import ProgressCallback
 from ccpurify.recipe import edits_of, set_edits, set_input_shape
-from ccpurify.transforms import Normalize
+from ccpurify.transforms import Normalize, as_normalize
 
 
 class Mode(str, Enum):
@@ -58,6 +58,9 @@ class PurifyContext:
     normalize: Normalize | None = None
     teacher: nn.Module | None = None  # set by Pipeline: the latest defense's output (for Recover)
     pipeline_input: nn.Module | None = None  # set by Pipeline: the model it was given (Recover(teacher_from="input"))
+
+    def __post_init__(self) -> None:
+        self.normalize = as_normalize(self.normalize)  # (mean, std) as the API takes it, checked
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A fresh generator seeded from the context (passes stay deterministic and independent)."""

@@ -268,9 +268,9 @@ class OTBR(Pass):
         if (self.ratio_search is not None or self.anchor_bn) and not bn_layers(model):
             raise InvalidInputError(
                 "OTBR's ratio_search and anchor_bn make their images from the model's BatchNorm statistics, and this "
-                "model has no BatchNorm2d layer: give the pipeline images (clean_data= / unlabeled_data=, --clean-data "
-                "/ --unlabeled-data), or run OTBR at a fixed ratio (method 'otbr', or OTBR(ratio_search=None, "
-                "anchor_bn=False) in a pipeline of your own)"
+                "model has no BatchNorm2d layer: choose a method that makes no images ('otbr' at its fixed ratio, "
+                "'clp' or 'cc'), or give unlabelled images (unlabeled_data=, --unlabeled-data), with which the "
+                "default pipeline needs no BatchNorm"
             )
         if self.ratio_search is not None or self.anchor_bn:
             check_pool_size(self.search_images, context.example_inputs.shape[1:], "OTBR search_images")
