@@ -225,6 +225,12 @@ def fit_patch_trigger(
     return PatchTrigger(mask, pattern, float(mask.mean()), *_class_shares(model, images, pasted, logits.shape[1]))
 
 
+def _unlearning_term(logits: torch.Tensor, targets: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
+    """``weight`` times the distillation KL, scaled by T^2, between the teacher's clean ``targets`` and
+    the student's ``logits`` on the triggered images: the term both invariances add."""
+    return weight * soft_kl(logits, targets, temperature).mean() * temperature**2
+
+
 class TriggerInvariance:
     """The distillation term ``KL(teacher target on x || student on x + s * delta) * T^2``, with
     ``delta`` (started from ``trigger``) moved after each call by one signed-gradient step of
@@ -264,7 +270,7 @@ class TriggerInvariance:
         with torch.no_grad():
             bound = self.trigger.bound.to(x.device)
             self.delta = (delta - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
-        return self.weight * soft_kl(logits, targets, temperature).mean() * temperature**2
+        return _unlearning_term(logits, targets, temperature, self.weight)
 
 
 class InvarianceTerm(Protocol):
@@ -291,7 +297,7 @@ class PatchInvariance:
     def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         """The weighted term for one batch ``x`` (``targets``: the teacher's logits on the clean ``x``)."""
         logits = student(self.trigger.apply(x))
-        return self.weight * soft_kl(logits, targets, temperature).mean() * temperature**2
+        return _unlearning_term(logits, targets, temperature, self.weight)
 
 
 class Invariances:

@@ -485,7 +485,8 @@ DEFAULTS = {
     ),
     "clean": Default("rnp-ranked+prune+recover-budget", 0.5),
     # With 20,000 images it lets CIFAR-10 WaNet's backdoor back (47% test ASR); bcu-compact-capped
-    # holds it at 6% and is the same run on the grid's 5,000, but has no grid cells yet (session 16).
+    # holds it at 6% and is the same run on the grid's 5,000, but has grid cells on only 7 of the 12
+    # selection models so far (session 16).
     "unlabeled": Default("bcu-compact", 0.5),
 }
 
