@@ -91,7 +91,10 @@ def resolve(
         from ccpurify.passes.defaults import default_pipeline
 
         if options:
-            raise InvalidInputError("options need a named method; the default pipeline takes only macs=")
+            raise InvalidInputError(
+                f"options ({', '.join(sorted(options))}) configure a named method (CLI: --method NAME --set KEY=VALUE); "
+                "the default pipeline takes only a MACs target (--macs / macs=)"
+            )
         return default_pipeline(has_clean=has_clean, has_unlabeled=has_unlabeled, macs=macs)
     if macs is not None:
         if not isinstance(method, str):

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,15 +251,27 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     try:
         # mmap: a zip-format file's tensors are mapped, not read, until their sizes have been checked
         mmap = zipfile.is_zipfile(path)
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's advice on pickle protocols; the refusal below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
+        refused = _foreign_global(str(exc))
+        if refused is not None:
+            refused = f"objects other than tensors ({refused})"
+        elif _starts_as_pickle(path):
+            refused = f"instructions the weights-only reader refuses ({_last_line(str(exc))})"
+        else:  # bytes that are no pickle at all
+            raise ModelLoadError(
+                f"{path}: not a readable PyTorch weights file ({_last_line(str(exc))}); the file may be corrupt"
+            ) from exc
         raise UnsafeModelError(
-            f"{path}: refused: the pickle holds objects other than tensors ({str(exc).splitlines()[0][:160]}). "
+            f"{path}: refused: the pickle holds {refused}. "
             "Loading it could run code. Re-save a plain state_dict or safetensors on a machine you trust"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a corrupt file fails inside torch.load in many ways (KeyError, ...)
         raise ModelLoadError(
-            f"{path}: not a readable PyTorch weights file ({str(exc)[:160]}); the file may be corrupt"
+            f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {str(exc)[:160]}); "
+            "the file may be corrupt"
         ) from exc
     for key in _NESTED_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -269,6 +283,28 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     if odd is not None:
         raise ModelLoadError(f"{path}: tensor {odd!r} is sparse or complex; a model's weights are dense real tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _foreign_global(message: str) -> str | None:
+    """The line of a weights-only unpickling error that names a global it refused (a class or function
+    the file would make the loader call), or None when the error is about malformed bytes."""
+    if (named := re.search(r"GLOBAL\s+(\S+)", message)) is not None:
+        return f"it calls {named.group(1)[:120]}"
+    return next((line.strip()[:160] for line in message.splitlines() if "global" in line.lower()), None)
+
+
+def _starts_as_pickle(path: Path) -> bool:
+    """Whether the file opens with a pickle's PROTO instruction (protocol 2 to 5), as a legacy
+    ``torch.save`` file or a plain pickle does."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _last_line(message: str) -> str:
+    """The error's own words, without torch's advice around them."""
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "documentation" not in line]
+    return lines[-1][:160] if lines else "unreadable"
 
 
 def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -77,6 +77,12 @@ def test_corrupt_files_are_reported(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ModelLoadError, match="corrupt"):
         load_weights(tmp_path / "bad.pt")
+    # Bytes that are no pickle at all are corrupt, not unsafe, whatever the unpickler trips on.
+    for name, content in (("noise.pt", bytes(range(256)) * 8), ("text.pt", b"hello world, not weights")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelLoadError, match="corrupt") as caught:
+            load_weights(tmp_path / name)
+        assert not isinstance(caught.value, UnsafeModelError)
 
 
 def test_nan_weights_are_refused(model, tmp_path):

@@ -286,6 +286,14 @@ def test_nested_options_are_checked_when_the_pass_is_built():
     assert passes.create("bcu", compact=Prune(macs=0.5)).compact.macs == 0.5
 
 
+def test_options_without_a_method_are_refused_naming_them_and_how_to_name_a_method():
+    from ccpurify.api import resolve
+    from ccpurify.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"options \(epochs\) configure a named method .*--method NAME"):
+        resolve(None, {"epochs": 3}, has_clean=False, has_unlabeled=False)
+
+
 @pytest.mark.parametrize("name", list_passes())
 def test_every_pass_built_directly_refuses_an_option_of_the_wrong_type_in_one_line(name: str) -> None:
     cls = PASSES.get(name)

@@ -8,6 +8,7 @@ NHWC arrays plus a ``Normalize``. Shapes and labels are checked against the mode
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -73,10 +74,11 @@ class UnlabeledData:
         """These images, or ``count`` of them drawn at random (``generator``) when there are more: how
         passes whose work or effect grows with the images cap what they use. A random draw, never the
         first ones: image pools are often stored in class order."""
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
             raise InvalidInputError(f"a number of images must be a whole number >= 1, got {count!r}")
         if count is None or len(self) <= count:
             return self
+        count = int(count)
         return self.subset(torch.randperm(len(self), generator=generator)[:count])
 
     def check(self, example_inputs: torch.Tensor, who: str) -> None:
