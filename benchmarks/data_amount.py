@@ -6,7 +6,7 @@
     python -m benchmarks.data_amount --tables-only
 
 For each zoo model, each number of defender images and each candidate of
-``ccpurify.passes.defaults`` for that kind of data (at its default MACs target), the pipeline runs
+``ccpurify.passes.defaults`` for that kind of data (at the MACs target in its name), the pipeline runs
 with exactly that many images and is scored on the test split. Not on the validation images: those
 are part of the run's 2,500-image clean subset, which the largest labelled setting gives the
 defender. Nothing is chosen from these numbers.
@@ -51,7 +51,7 @@ class Kind:
     """A kind of defender data: the candidates measured, the image counts, how its tables name the
     images, and what ``-budget`` means."""
 
-    pipelines: tuple[str, ...]
+    pipelines: tuple[str, ...]  # candidates at their MACs targets, as the grid names them: "name@0.5"
     counts: tuple[int, ...]
     title: str
     images: str
@@ -60,14 +60,19 @@ class Kind:
 
 KINDS = {
     "clean": Kind(
-        ("rnp-ranked+prune+recover", "rnp-ranked+prune+recover-budget"),
+        (
+            "rnp-ranked+prune+recover@0.5",
+            "rnp-ranked+prune+recover-budget@0.5",
+            f"{DEFAULTS['clean'].name}@{DEFAULTS['clean'].macs:g}",
+        ),
         (250, 500, 2500),
         "Labelled defaults against the amount of clean data",
         "labelled clean",
-        "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps.",
+        "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps; `+finetune-clean` "
+        "(the default since session 17): the data-free default, then a fine-tune for a fixed 10,000 sample-steps.",
     ),
     "unlabeled": Kind(
-        ("bcu-compact", "bcu-compact-budget", "bcu-compact-capped"),
+        ("bcu-compact@0.5", "bcu-compact-budget@0.5", "bcu-compact-capped@0.5"),
         (1000, 5000, 20000),
         "Unlabelled defaults against the amount of unlabelled data",
         "unlabelled",
@@ -76,6 +81,14 @@ KINDS = {
     ),
 }
 STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report
+
+
+def split_key(pipeline: str) -> tuple[str, float]:
+    """``"name@0.5"`` -> ``("name", 0.5)``; refused in one line when the MACs target is missing."""
+    name, at, macs = pipeline.rpartition("@")
+    if not at:
+        raise SystemExit(f"{pipeline!r}: name a candidate at its MACs target, e.g. {pipeline}@0.5")
+    return name, float(macs)
 
 
 def labelled(entry, count: int) -> LabeledData:
@@ -123,27 +136,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", nargs="+", default=list(ENTRIES))
     parser.add_argument("--kind", choices=sorted(KINDS), default="clean", help="labelled or unlabelled defender data")
     parser.add_argument("--counts", nargs="+", type=int, help="image counts (default: the kind's)")
-    parser.add_argument("--pipelines", nargs="+", help="candidates of that kind (default: the kind's two)")
+    parser.add_argument(
+        "--pipelines", nargs="+", help="candidates of that kind at their MACs targets, NAME@MACS (default: the kind's)"
+    )
     parser.add_argument("--zoo", default=str(ZOO))
     parser.add_argument("--data", default=None)
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args(argv)
     kind = KINDS[args.kind]
     counts, pipelines = args.counts or list(kind.counts), args.pipelines or list(kind.pipelines)
-    macs = DEFAULTS[args.kind].macs
     if not args.tables_only:
         for name in args.entries:
             entry = load_entry(name, Path(args.zoo), args.data)
             dense = entry.test.score(entry.model).metrics
             store_result(STORE, {"cells": {}}, "cells", f"{name}|dense", {"ca": dense.ca, "asr": dense.asr})
             for pipeline in pipelines:
+                pipeline_name, macs = split_key(pipeline)
                 for count in counts:
-                    key = f"{name}|{pipeline}@{macs:g}|{count}"
+                    key = f"{name}|{pipeline}|{count}"
                     if key in read_json(STORE, {"cells": {}})["cells"]:
                         continue
                     context = with_data(entry, args.kind, count)
                     started = time.perf_counter()
-                    model, report = candidate(pipeline, macs)(entry.model, context)
+                    model, report = candidate(pipeline_name, macs)(entry.model, context)
                     seconds = time.perf_counter() - started
                     m = entry.test.score(model).metrics
                     used = {p.name: t.images for p in report.passes if (t := p.details.training()) is not None}
@@ -178,13 +193,12 @@ def write_tables(cells: dict, entries: list[str]) -> None:
         return f"{100 * c['ca']:.1f} / {asr}"
 
     lines = []
-    for name, kind in KINDS.items():
-        macs = DEFAULTS[name].macs
+    for kind in KINDS.values():
         lines += [""] if lines else []
         lines += [
             f"# {kind.title} (test CA / ASR %)",
             "",
-            f"Each candidate at {macs:g} of the MACs, given exactly N {kind.images} images of the run's defender data.",
+            f"Each candidate at its MACs target (`@`), given exactly N {kind.images} images of the run's defender data.",
             kind.budget_note,
             "",
             "| model | pipeline | dense | " + " | ".join(f"N = {c:,}" for c in kind.counts) + " |",
@@ -192,7 +206,7 @@ def write_tables(cells: dict, entries: list[str]) -> None:
         ]
         for entry in entries:
             for pipeline in kind.pipelines:
-                row = [fmt(cells.get(f"{entry}|{pipeline}@{macs:g}|{c}")) for c in kind.counts]
+                row = [fmt(cells.get(f"{entry}|{pipeline}|{c}")) for c in kind.counts]
                 lines.append(f"| {entry} | {pipeline} | {fmt(cells.get(f'{entry}|dense'))} | " + " | ".join(row) + " |")
     rows = [{"cell": k, **v} for k, v in sorted(cells.items())]
     write_report("data_amount", rows, lines, entries=entries, kinds={k: v.counts for k, v in KINDS.items()})

@@ -275,14 +275,15 @@ def test_image_pools_never_read_test_folders(tmp_path):
     assert len(pool) == 1 and pool.max() == 0
 
 
-def test_the_default_pipeline_with_labelled_data_is_ranked_rnp_then_prune_then_recover():
-    from ccpurify.passes.defaults import DEFAULTS, default_pipeline
+def test_the_default_pipeline_with_labelled_data_is_the_data_free_one_then_a_self_distilled_fine_tune():
+    from ccpurify.passes.defaults import CLEAN_RECOVER_BUDGET, DEFAULTS, default_pipeline
 
-    pipeline = default_pipeline(has_clean=True)
-    rnp, prune, recover = pipeline.passes
-    assert (rnp.name, prune.name, recover.name) == ("rnp", "prune", "recover")
-    assert rnp.mask_score.value == "trajectory" and rnp.prune_fraction is not None  # the ranked rule
-    assert prune.macs == DEFAULTS["clean"].macs and recover.data.value == "clean"
+    with_labels, without = default_pipeline(has_clean=True), default_pipeline()
+    *datafree, finetune = with_labels.passes
+    assert [p.config() for p in datafree] == [p.config() for p in without.passes]
+    assert next(p for p in datafree if p.name == "prune").macs == DEFAULTS["clean"].macs
+    assert finetune.name == "recover" and finetune.data.value == "clean" and finetune.teacher_from.value == "self"
+    assert finetune.hard_label_weight == 1.0 and finetune.budget == CLEAN_RECOVER_BUDGET and not finetune.guard
 
 
 def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_compact_student():
@@ -292,7 +293,7 @@ def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_compact_student
     assert bcu.name == "bcu" and bcu.compact is not None
     assert bcu.compact.macs == DEFAULTS["unlabeled"].macs and bcu.compact.round_to == 8
     # labelled data wins when both are given
-    assert default_pipeline(has_clean=True, has_unlabeled=True).passes[0].name == "rnp"
+    assert default_pipeline(has_clean=True, has_unlabeled=True).passes[-1].data.value == "clean"
 
 
 def test_the_default_pipeline_takes_a_macs_target_and_refuses_one_outside_0_1():

@@ -286,6 +286,31 @@ def test_recover_prefers_labelled_data_and_needs_a_teacher():
         Recover()(model)
 
 
+def test_recover_from_self_distils_the_model_it_is_given_not_the_suspect(ci_run, data_dir):
+    """teacher_from="self": the teacher is a frozen copy of the pass's own input, so a fine-tune after
+    a defense stays with what it was given and never learns from the suspect (the pipeline's input)."""
+    from ccpurify.data import CIFAR10, Normalize, load_dataset
+
+    suspect = ci_run.model.eval()
+    train = load_dataset("cifar10", "train", data_dir)
+    images = Normalize(CIFAR10.mean, CIFAR10.std)(
+        torch.from_numpy(train.images[:1500]).permute(0, 3, 1, 2).float() / 255
+    )
+    pool, held_out = images[:1000], images[1000:]
+    given, _ = Prune(macs=0.4)(suspect)
+
+    def recovered(teacher_from: str):
+        context = PurifyContext(unlabeled_data=UnlabeledData(pool))
+        context.teacher = context.pipeline_input = suspect
+        model, report = Recover(teacher_from=teacher_from, epochs=2, augment=False)(given, context)
+        assert report.details.teacher == teacher_from
+        return model
+
+    from_self, from_suspect = recovered("self"), recovered("defense")
+    assert agreement(from_self, given, held_out) > agreement(from_suspect, given, held_out) + 0.05
+    assert agreement(from_self, suspect, held_out) < agreement(from_suspect, suspect, held_out) - 0.05
+
+
 def test_synthetic_images_match_a_trained_models_bn_statistics(ci_run):
     model = copy.deepcopy(ci_run.model).eval()
     losses = []

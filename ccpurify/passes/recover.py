@@ -13,10 +13,15 @@ silenced (its BN scale and shift, or its filter, are frozen at zero), so distill
 what the defense cut. Measured on CIFAR-10 BadNets: OTBR(compact) -> Prune(0.75 MACs) -> Recover from
 the input model: validation CA 81.1%, ASR 7.0% (an exploratory run, not yet a benchmark script; the
 same pipeline does not hold the backdoor off on WaNet: issue 14's notes).
+
+``teacher_from="self"`` distills from a frozen copy of the model the pass is given: a short fine-tune
+on the defender's images that never sees the suspect, after a pipeline that already purified and
+compressed (``defaults.self_finetune``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -76,6 +81,9 @@ class RecoverData(str, Enum):
 class TeacherSource(str, Enum):
     DEFENSE = "defense"  # the latest defense's output in the pipeline (or the input model if none ran)
     INPUT = "input"  # the pipeline's input model, with what defenses silenced kept silent in the student
+    # the model this pass is given, as it comes (self-distillation): nothing of a model before it can
+    # come back, and with labelled images the labels add what the given model got wrong
+    SELF = "self"
 
 
 class GuardVeto(str, Enum):
@@ -361,7 +369,11 @@ class Recover(Pass):
         return context.teacher.to(context.device).eval()
 
     def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
-        teacher = self._teacher(context).to(context.device).eval()
+        teacher = (
+            copy.deepcopy(student).eval()
+            if self.teacher is None and self.teacher_from is TeacherSource.SELF
+            else self._teacher(context).to(context.device).eval()
+        )
         guard = self._guard(context)
         # Images are made from the guard when there is one: its class term cannot aim them at a trigger.
         source, images, labels = self._data(teacher if guard is None else guard, context)
