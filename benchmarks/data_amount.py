@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -36,11 +37,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, ZOO, context_for, load_entry, read_json, store_result, write_report
+from benchmarks.common import (
+    RESULTS,
+    ZOO,
+    context_for,
+    load_entry,
+    read_json,
+    store_result,
+    write_report,
+    zoo_entries,
+)
 from ccpurify import defender
 from ccpurify.data import get_spec, load_dataset
+from ccpurify.errors import InvalidInputError
 from ccpurify.passes import LabeledData, PurifyContext, UnlabeledData
-from ccpurify.passes.defaults import DEFAULTS, candidate
+from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, candidate
 from ccpurify.train import defender_resources
 
 ENTRIES = ("cifar10-badnets", "cifar10-wanet")
@@ -86,9 +97,31 @@ STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/
 def split_key(pipeline: str) -> tuple[str, float]:
     """``"name@0.5"`` -> ``("name", 0.5)``; refused in one line when the MACs target is missing."""
     name, at, macs = pipeline.rpartition("@")
-    if not at:
-        raise SystemExit(f"{pipeline!r}: name a candidate at its MACs target, e.g. {pipeline}@0.5")
-    return name, float(macs)
+    try:
+        return name, float(macs) if at else math.nan
+    except ValueError:
+        raise SystemExit(f"{pipeline!r}: the MACs target after '@' must be a number, e.g. {name}@0.5") from None
+
+
+def check_arguments(args: argparse.Namespace, counts: list[int], pipelines: list[str]) -> None:
+    """Refuse bad names and counts in one line before any model or data is loaded."""
+    known = set(zoo_entries(Path(args.zoo)))
+    if unknown := [e for e in args.entries if e not in known]:
+        raise SystemExit(f"unknown zoo entries {unknown}; known: {', '.join(sorted(known))}")
+    if bad := [c for c in counts if c < 1]:
+        raise SystemExit(f"image counts must be >= 1, got {bad}")
+    for pipeline in pipelines:
+        name, macs = split_key(pipeline)
+        if math.isnan(macs):
+            raise SystemExit(f"{pipeline!r}: name a candidate at its MACs target, e.g. {pipeline}@0.5")
+        if CANDIDATES.get(name, (None,))[0] != args.kind:
+            raise SystemExit(
+                f"{name!r} is not a candidate for {args.kind} data; see ccpurify.passes.defaults.CANDIDATES"
+            )
+        try:
+            candidate(name, macs)  # the MACs target's range
+        except InvalidInputError as exc:
+            raise SystemExit(f"{pipeline!r}: {exc}") from None
 
 
 def labelled(entry, count: int) -> LabeledData:
@@ -145,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     kind = KINDS[args.kind]
     counts, pipelines = args.counts or list(kind.counts), args.pipelines or list(kind.pipelines)
+    check_arguments(args, counts, pipelines)
     if not args.tables_only:
         for name in args.entries:
             entry = load_entry(name, Path(args.zoo), args.data)

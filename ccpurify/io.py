@@ -259,7 +259,10 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
         if refused is not None:
             refused = f"objects other than tensors ({refused})"
         elif _starts_as_pickle(path):
-            refused = f"instructions the weights-only reader refuses ({_last_line(str(exc))})"
+            refused = (
+                f"instructions the weights-only reader refuses ({_last_line(str(exc))}): the file is corrupt, or a "
+                "pickle of another protocol or with other objects"
+            )
         else:  # bytes that are no pickle at all
             raise ModelLoadError(
                 f"{path}: not a readable PyTorch weights file ({_last_line(str(exc))}); the file may be corrupt"

@@ -194,6 +194,13 @@ def test_bcu_with_max_images_distills_on_a_seeded_draw_of_that_many(ci_run, data
         BCU(max_images=0)
 
 
+def test_labels_may_be_a_list_or_an_array_and_strings_are_refused_in_one_line():
+    x = torch.zeros(4, 3, 8, 8)
+    assert torch.equal(LabeledData(x, [0, 1, 2, 3]).y, LabeledData(x, np.arange(4)).y)
+    with pytest.raises(ValueError, match="integer class indices .* list of <U1"):
+        LabeledData(x, ["a", "b", "c", "d"])
+
+
 def test_at_most_keeps_small_sets_and_draws_labelled_pairs_at_random():
     data = LabeledData(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10))
     assert data.at_most(None, torch.Generator()) is data and data.at_most(10, torch.Generator()) is data

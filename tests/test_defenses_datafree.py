@@ -306,6 +306,8 @@ def test_recover_from_self_distils_the_model_it_is_given_not_the_suspect(ci_run,
         assert report.details.teacher == teacher_from
         return model
 
+    with pytest.raises(InvalidInputError, match="names two teachers"):
+        Recover(teacher=suspect, teacher_from="self")
     from_self, from_suspect = recovered("self"), recovered("defense")
     assert agreement(from_self, given, held_out) > agreement(from_suspect, given, held_out) + 0.05
     assert agreement(from_self, suspect, held_out) < agreement(from_suspect, suspect, held_out) - 0.05

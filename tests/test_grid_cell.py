@@ -282,3 +282,21 @@ def test_the_budget_curve_reads_each_models_recovery_budgets():
     lines = table(found)
     assert "| 2,560 | 10,240 (default) | 40,960 |" in lines[4]
     assert lines[6] == "| cifar10-badnets@0.75 | 60.0 / 2.0, 80 s | 75.0 / 0.0, 250 s | 80.0 / 1.0, 900 s |"
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--pipelines", "bcu-compact"], "at its MACs target"),
+        (["--pipelines", "bcu-compact@0.5"], "not a candidate for clean data"),
+        (["--pipelines", "rnp-ranked+prune+recover@1.5"], "in \\(0, 1\\)"),
+        (["--counts", "0"], "counts must be >= 1"),
+        (["--tables-only", "--entries", "nope"], "unknown zoo entries"),
+    ],
+)
+def test_data_amount_refuses_bad_names_and_counts_before_loading_anything(argv, says, monkeypatch):
+    import benchmarks.data_amount as data_amount
+
+    monkeypatch.setattr(data_amount, "load_entry", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match=says):
+        data_amount.main(argv)

@@ -94,6 +94,7 @@ class LabeledData(UnlabeledData):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.y = as_labels(self.y)
         if self.y is None or self.y.ndim != 1 or len(self.y) != len(self.x):
             raise InvalidInputError("labels must be a 1-D tensor with one label per image")
         if self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
@@ -151,15 +152,26 @@ def as_labeled(data, normalize: Normalize | None = None) -> LabeledData:
     return LabeledData(x, torch.as_tensor(y))
 
 
+def as_labels(labels) -> torch.Tensor | None:
+    """Labels as a tensor: a tensor, a numpy array or a list of class indices (None stays None)."""
+    if labels is None or isinstance(labels, torch.Tensor):
+        return labels
+    try:
+        return torch.as_tensor(np.asarray(labels))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(
+            f"labels must be integer class indices (a tensor, array or list); got a {type(labels).__name__} of "
+            f"{np.asarray(labels).dtype} values"
+        ) from exc
+
+
 def _split(data, normalize):
     from torch.utils.data import DataLoader, Dataset, TensorDataset
 
     if isinstance(data, torch.Tensor) or isinstance(data, np.ndarray):
         return _from_uint8(data, normalize), None
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return _from_uint8(data[0], normalize), torch.as_tensor(
-            np.asarray(data[1]) if isinstance(data[1], np.ndarray) else data[1]
-        )
+        return _from_uint8(data[0], normalize), as_labels(data[1])
     if isinstance(data, TensorDataset):
         tensors = data.tensors
         return _from_uint8(tensors[0], normalize), (tensors[1] if len(tensors) > 1 else None)

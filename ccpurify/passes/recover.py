@@ -266,6 +266,10 @@ class Recover(Pass):
                 "invariance_eps must be in (0, 1] and invariance_scale finite and >= 1, got "
                 f"{self.invariance_eps} and {self.invariance_scale}"
             )
+        if self.teacher is not None and self.teacher_from is TeacherSource.SELF:
+            raise InvalidInputError(
+                "Recover(teacher=..., teacher_from='self') names two teachers: give teacher= or teacher_from='self'"
+            )
         if self.guard and self.teacher_from is not TeacherSource.INPUT:
             raise InvalidInputError(
                 "Recover(guard=True) guards the suspect: it needs teacher_from='input' (and a defense earlier in the Pipeline)"
@@ -354,7 +358,10 @@ class Recover(Pass):
             return self.teacher
         teacher = context.pipeline_input if self.teacher_from is TeacherSource.INPUT else context.teacher
         if teacher is None:
-            raise InvalidInputError("Recover needs a teacher: pass teacher= or put it in a Pipeline after a defense")
+            raise InvalidInputError(
+                "Recover needs a teacher: pass teacher=, use teacher_from='self' (the model it is given), or run it "
+                "in a Pipeline (after a defense)"
+            )
         return teacher
 
     def _guard(self, context: PurifyContext) -> nn.Module | None:
