@@ -83,12 +83,18 @@ KINDS = {
         "(the default since session 17): the data-free default, then a fine-tune for a fixed 10,000 sample-steps.",
     ),
     "unlabeled": Kind(
-        ("bcu-compact@0.5", "bcu-compact-budget@0.5", "bcu-compact-capped@0.5"),
+        (
+            "bcu-compact@0.5",
+            "bcu-compact-budget@0.5",
+            "bcu-compact-capped@0.5",
+            f"{DEFAULTS['unlabeled'].name}@{DEFAULTS['unlabeled'].macs:g}",
+        ),
         (1000, 5000, 20000),
         "Unlabelled defaults against the amount of unlabelled data",
         "unlabelled",
         "`-budget`: BCU's distillation for a fixed 100,000 sample-steps (5,000 images x 20 epochs); `-capped`: "
-        "BCU on at most 5,000 of the images (a seeded draw), 20 epochs.",
+        "BCU on at most 5,000 of the images (a seeded draw), 20 epochs; `+finetune-unlabeled` (the default since "
+        "session 17): the data-free default, then a fine-tune for a fixed 10,000 sample-steps.",
     ),
 }
 STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report

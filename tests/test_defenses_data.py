@@ -282,23 +282,20 @@ def test_image_pools_never_read_test_folders(tmp_path):
     assert len(pool) == 1 and pool.max() == 0
 
 
-def test_the_default_pipeline_with_labelled_data_is_the_data_free_one_then_a_self_distilled_fine_tune():
+@pytest.mark.parametrize("kind", ["clean", "unlabeled"])
+def test_the_default_pipeline_with_data_is_the_data_free_one_then_a_self_distilled_fine_tune(kind):
     from ccpurify.passes.defaults import CLEAN_RECOVER_BUDGET, DEFAULTS, default_pipeline
 
-    with_labels, without = default_pipeline(has_clean=True), default_pipeline()
-    *datafree, finetune = with_labels.passes
+    with_data, without = (
+        default_pipeline(has_clean=kind == "clean", has_unlabeled=kind == "unlabeled"),
+        default_pipeline(),
+    )
+    *datafree, finetune = with_data.passes
     assert [p.config() for p in datafree] == [p.config() for p in without.passes]
-    assert next(p for p in datafree if p.name == "prune").macs == DEFAULTS["clean"].macs
-    assert finetune.name == "recover" and finetune.data.value == "clean" and finetune.teacher_from.value == "self"
-    assert finetune.hard_label_weight == 1.0 and finetune.budget == CLEAN_RECOVER_BUDGET and not finetune.guard
-
-
-def test_the_default_pipeline_with_unlabelled_data_is_bcu_with_a_compact_student():
-    from ccpurify.passes.defaults import DEFAULTS, default_pipeline
-
-    (bcu,) = default_pipeline(has_unlabeled=True).passes
-    assert bcu.name == "bcu" and bcu.compact is not None
-    assert bcu.compact.macs == DEFAULTS["unlabeled"].macs and bcu.compact.round_to == 8
+    assert next(p for p in datafree if p.name == "prune").macs == DEFAULTS[kind].macs
+    assert finetune.name == "recover" and finetune.data.value == kind and finetune.teacher_from.value == "self"
+    assert finetune.hard_label_weight == (1.0 if kind == "clean" else 0.0)
+    assert finetune.budget == CLEAN_RECOVER_BUDGET and not finetune.guard
     # labelled data wins when both are given
     assert default_pipeline(has_clean=True, has_unlabeled=True).passes[-1].data.value == "clean"
 
