@@ -100,6 +100,17 @@ KINDS = {
 STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report
 
 
+def images_used(report) -> dict[str, int]:
+    """How many images each pass that trained used, by pass name (a repeated name, as the two
+    recoveries of the fine-tuned defaults, numbered from its second pass: ``recover 2``)."""
+    used: dict[str, int] = {}
+    for p in report.passes:
+        if (t := p.details.training()) is not None:
+            repeats = sum(1 for q in report.passes[: report.passes.index(p)] if q.name == p.name)
+            used[p.name if repeats == 0 else f"{p.name} {repeats + 1}"] = t.images
+    return used
+
+
 def split_key(pipeline: str) -> tuple[str, float]:
     """``"name@0.5"`` -> ``("name", 0.5)``; refused in one line when the MACs target is missing."""
     name, at, macs = pipeline.rpartition("@")
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     model, report = candidate(pipeline_name, macs)(entry.model, context)
                     seconds = time.perf_counter() - started
                     m = entry.test.score(model).metrics
-                    used = {p.name: t.images for p in report.passes if (t := p.details.training()) is not None}
+                    used = images_used(report)
                     store_result(
                         STORE,
                         {"cells": {}},
