@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from ccpurify.data import get_spec, load_dataset
 from ccpurify.errors import InvalidInputError
 from ccpurify.passes import LabeledData, PurifyContext, UnlabeledData
 from ccpurify.passes.defaults import CANDIDATES, DEFAULTS, candidate
+from ccpurify.passes.defaults import key as candidate_key
 from ccpurify.train import defender_resources
 
 ENTRIES = ("cifar10-badnets", "cifar10-wanet")
@@ -74,7 +75,7 @@ KINDS = {
         (
             "rnp-ranked+prune+recover@0.5",
             "rnp-ranked+prune+recover-budget@0.5",
-            f"{DEFAULTS['clean'].name}@{DEFAULTS['clean'].macs:g}",
+            candidate_key(DEFAULTS["clean"].name, DEFAULTS["clean"].macs),
         ),
         (250, 500, 2500),
         "Labelled defaults against the amount of clean data",
@@ -87,7 +88,7 @@ KINDS = {
             "bcu-compact@0.5",
             "bcu-compact-budget@0.5",
             "bcu-compact-capped@0.5",
-            f"{DEFAULTS['unlabeled'].name}@{DEFAULTS['unlabeled'].macs:g}",
+            candidate_key(DEFAULTS["unlabeled"].name, DEFAULTS["unlabeled"].macs),
         ),
         (1000, 5000, 20000),
         "Unlabelled defaults against the amount of unlabelled data",
@@ -104,18 +105,21 @@ def images_used(report) -> dict[str, int]:
     """How many images each pass that trained used, by pass name (a repeated name, as the two
     recoveries of the fine-tuned defaults, numbered from its second pass: ``recover 2``)."""
     used: dict[str, int] = {}
+    seen: Counter[str] = Counter()
     for p in report.passes:
+        seen[p.name] += 1
         if (t := p.details.training()) is not None:
-            repeats = sum(1 for q in report.passes[: report.passes.index(p)] if q.name == p.name)
-            used[p.name if repeats == 0 else f"{p.name} {repeats + 1}"] = t.images
+            used[p.name if seen[p.name] == 1 else f"{p.name} {seen[p.name]}"] = t.images
     return used
 
 
 def split_key(pipeline: str) -> tuple[str, float]:
-    """``"name@0.5"`` -> ``("name", 0.5)``; refused in one line when the MACs target is missing."""
+    """``"name@0.5"`` -> ``("name", 0.5)``; refused in one line when the MACs target is missing or no number."""
     name, at, macs = pipeline.rpartition("@")
+    if not at:
+        raise SystemExit(f"{pipeline!r}: name a candidate at its MACs target, e.g. {pipeline}@0.5")
     try:
-        return name, float(macs) if at else math.nan
+        return name, float(macs)
     except ValueError:
         raise SystemExit(f"{pipeline!r}: the MACs target after '@' must be a number, e.g. {name}@0.5") from None
 
@@ -129,8 +133,6 @@ def check_arguments(args: argparse.Namespace, counts: list[int], pipelines: list
         raise SystemExit(f"image counts must be >= 1, got {bad}")
     for pipeline in pipelines:
         name, macs = split_key(pipeline)
-        if math.isnan(macs):
-            raise SystemExit(f"{pipeline!r}: name a candidate at its MACs target, e.g. {pipeline}@0.5")
         if CANDIDATES.get(name, (None,))[0] != args.kind:
             raise SystemExit(
                 f"{name!r} is not a candidate for {args.kind} data; see ccpurify.passes.defaults.CANDIDATES"

@@ -149,7 +149,7 @@ def as_labeled(data, normalize: Normalize | None = None) -> LabeledData:
     x, y = _split(data, normalize)
     if y is None:
         raise InvalidInputError("these images carry no labels; this pass needs labelled clean data")
-    return LabeledData(x, torch.as_tensor(y))
+    return LabeledData(x, y)
 
 
 def as_labels(labels) -> torch.Tensor | None:

@@ -63,6 +63,11 @@ UNLABELED_BUDGET = 100_000
 UNLABELED_IMAGES = 5_000
 
 
+def label_weight(data: str) -> float:
+    """The cross-entropy weight of a recovery on images from ``data``: 1 on labelled images, else 0."""
+    return 1.0 if data == "clean" else 0.0
+
+
 def clean_recover(budget: int | None = None) -> Recover:
     """Distillation on the labelled clean images with their labels (cross-entropy at weight 1)."""
     return Recover(data="clean", hard_label_weight=1.0, budget=budget)
@@ -180,7 +185,7 @@ def guarded_recover(
     them (with labelled images, their labels at weight 1 too)."""
     return Recover(
         data=data,
-        hard_label_weight=1.0 if data == "clean" else 0.0,
+        hard_label_weight=label_weight(data),
         teacher_from="input",
         guard=True,
         synthetic_init="dead_leaves",
@@ -245,9 +250,7 @@ def self_finetune(data: str) -> Recover:
     data-free default it adapts the model to real images without distilling the suspect on them:
     distilled from the suspect on real images, the WaNet backdoors the synthetic recovery removes
     stayed (session 17, docs/defaults.md)."""
-    return Recover(
-        data=data, teacher_from="self", hard_label_weight=1.0 if data == "clean" else 0.0, budget=CLEAN_RECOVER_BUDGET
-    )
+    return Recover(data=data, teacher_from="self", hard_label_weight=label_weight(data), budget=CLEAN_RECOVER_BUDGET)
 
 
 def finetuned_datafree_pipeline(macs: float, data: str) -> Pipeline:

@@ -353,9 +353,11 @@ class Recover(Pass):
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         return PassResult(model, self.recover(model, context))
 
-    def _teacher(self, context: PurifyContext) -> nn.Module:
+    def _teacher(self, student: nn.Module, context: PurifyContext) -> nn.Module:
         if self.teacher is not None:
             return self.teacher
+        if self.teacher_from is TeacherSource.SELF:
+            return copy.deepcopy(student)
         teacher = context.pipeline_input if self.teacher_from is TeacherSource.INPUT else context.teacher
         if teacher is None:
             raise InvalidInputError(
@@ -376,11 +378,7 @@ class Recover(Pass):
         return context.teacher.to(context.device).eval()
 
     def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
-        teacher = (
-            copy.deepcopy(student).eval()
-            if self.teacher is None and self.teacher_from is TeacherSource.SELF
-            else self._teacher(context).to(context.device).eval()
-        )
+        teacher = self._teacher(student, context).to(context.device).eval()
         guard = self._guard(context)
         # Images are made from the guard when there is one: its class term cannot aim them at a trigger.
         source, images, labels = self._data(teacher if guard is None else guard, context)
