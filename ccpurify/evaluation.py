@@ -94,7 +94,7 @@ class TestBench:
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.spec.num_classes):
             raise InvalidInputError(
                 f"the test labels range {int(self.labels.min())}..{int(self.labels.max())}, outside "
-                f"{self.spec.name}'s {self.spec.num_classes} classes; the data is damaged"
+                f"0..{self.spec.num_classes - 1} ({self.spec.name}'s {self.spec.num_classes} classes); the data is damaged"
             )
         if outputs != self.spec.num_classes:
             raise InvalidInputError(

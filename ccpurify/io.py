@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -256,6 +257,8 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         refused = _foreign_global(str(exc))
+        if refused is None and _starts_as_pickle(path):
+            refused = _pickled_global(path)
         if refused is not None:
             refused = f"objects other than tensors ({refused})"
         elif _starts_as_pickle(path):
@@ -280,8 +283,14 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if not isinstance(obj, dict):
         raise ModelLoadError(f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}")
+    odd = next(((k, v) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise ModelLoadError(
+            f"{path}: expected a state_dict (names -> tensors), but {str(odd[0])[:80]!r} holds a "
+            f"{type(odd[1]).__name__}; save the model's state_dict() alone"
+        )
     odd = next((k for k, v in obj.items() if v.layout != torch.strided or v.is_complex()), None)
     if odd is not None:
         raise ModelLoadError(f"{path}: tensor {odd!r} is sparse or complex; a model's weights are dense real tensors")
@@ -294,6 +303,31 @@ def _foreign_global(message: str) -> str | None:
     if (named := re.search(r"GLOBAL\s+(\S+)", message)) is not None:
         return f"it calls {named.group(1)[:120]}"
     return next((line.strip()[:160] for line in message.splitlines() if "global" in line.lower()), None)
+
+
+# Opcodes _pickled_global reads before it gives up: a legacy file names its globals near its start.
+_SCANNED_OPCODES = 100_000
+
+
+def _pickled_global(path: Path) -> str | None:
+    """The first global (``module.name``) a plain pickle file would make the loader call, read from its
+    opcodes with ``pickletools`` (nothing is executed), or None. Torch's weights-only reader stops
+    at protocol 4 and 5's framing before it reaches the global, so its error cannot name it."""
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for count, (op, arg, _) in enumerate(pickletools.genops(fh)):
+                if op.name in ("GLOBAL", "INST"):
+                    return f"it calls {str(arg).replace(' ', '.')[:120]}"
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"it calls {strings[-2][:60]}.{strings[-1][:60]}"
+                if isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+                if count >= _SCANNED_OPCODES:
+                    break
+    except (ValueError, EOFError, OSError):  # malformed opcodes: the caller says what it can
+        pass
+    return None
 
 
 def _starts_as_pickle(path: Path) -> bool:
@@ -398,4 +432,4 @@ def _diff_keys(expected: dict, got: dict) -> tuple[list[str], list[str]]:
 
 
 def _shape_mismatches(expected: dict[str, tuple], got: dict[str, tuple]) -> list[str]:
-    return [f"{k}: {got[k]} vs {v}" for k, v in expected.items() if k in got and got[k] != v]
+    return [f"{k}: file {got[k]} vs architecture {v}" for k, v in expected.items() if k in got and got[k] != v]

@@ -211,7 +211,7 @@ def test_at_most_keeps_small_sets_and_draws_labelled_pairs_at_random():
     assert not torch.equal(drawn.y, data.at_most(4, torch.Generator().manual_seed(1)).y)  # a draw, not a prefix
     assert torch.equal(drawn.y, data.at_most(np.int64(4), torch.Generator().manual_seed(0)).y)  # numpy counts too
     for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="whole number >= 1"):
+        with pytest.raises(ValueError, match="an int >= 1"):
             data.at_most(bad, torch.Generator())
 
 

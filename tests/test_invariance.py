@@ -21,6 +21,7 @@ from ccpurify.invariance import (
     TriggerInvariance,
     fit_universal_trigger,
     perturbation_bound,
+    running_stats_kept,
     trigger_fit_steps,
 )
 from ccpurify.passes import Recover
@@ -187,6 +188,8 @@ def test_invariance_options_are_checked():
         Recover(invariance_patch_weight=-1.0)
     with pytest.raises(InvalidInputError, match="invariance_patch_penalty.*needs invariance_patch_weight > 0"):
         Recover(invariance_patch_penalty=4.0)  # a patch setting without the patch term: refused, not ignored
+    with pytest.raises(InvalidInputError, match="invariance_keeps_bn_stats.*needs invariance_weight > 0"):
+        Recover(invariance_keeps_bn_stats=True)
 
 
 def test_recover_with_invariance_reports_the_trigger_it_fitted_and_counts_the_extra_pass():
@@ -262,3 +265,49 @@ def test_recover_that_suppresses_the_target_fits_the_trigger_without_the_invaria
     # the trigger's search, and no second student pass
     search = trigger_fit_steps(PERTURBATION_STEPS, 32)
     assert recover.sample_steps(context) == Recover(**options).sample_steps(context) + search
+
+
+def bn_state(model: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for n, t in model.state_dict().items() if "running" in n or "num_batches" in n]
+
+
+def test_a_forward_with_running_stats_kept_normalises_by_the_batch_and_leaves_the_statistics_as_they_were():
+    """Given a BN network in train mode, a forward inside ``running_stats_kept`` gives the outputs of
+    a plain train-mode forward (batch statistics) but leaves running means, variances and batch
+    counts unchanged, and restores each layer's momentum; ``keep=False`` changes nothing."""
+    from test_compensate import two_bn_net
+
+    net = two_bn_net().train()
+    net[1].momentum = None  # a cumulative average: its update factor comes from the batch count
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    before, momenta = bn_state(net), [m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with running_stats_kept(net):
+        kept = net(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn_state(net)))
+    assert [m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)] == momenta
+    plain = net(x)  # the same batch statistics normalise it, and this one moves the running ones
+    assert torch.allclose(kept, plain)
+    assert not all(torch.equal(a, b) for a, b in zip(before, bn_state(net)))
+    moved = bn_state(net)
+    with running_stats_kept(net, keep=False):
+        net(x)
+    assert not all(torch.equal(a, b) for a, b in zip(moved, bn_state(net)))
+
+
+def test_invariance_terms_that_keep_bn_stats_leave_the_students_running_statistics_alone():
+    """The invariance terms' extra forward on perturbed or patched images moves a train-mode
+    student's BN running statistics unless the term keeps them (``Recover.invariance_keeps_bn_stats``)."""
+    from test_compensate import two_bn_net
+
+    student = two_bn_net().train()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    targets = student(x).detach()
+    trigger = fit_universal_trigger(student, x, perturbation_bound(0.05, x, None), steps=1)
+    patch = PatchTrigger(
+        torch.ones(1, 1, 8, 8), torch.full((1, 3, 8, 8), 3.0), area=1.0, target=0, fooled=1.0, share_before=0.25
+    )
+    for keep in (True, False):
+        for term in (TriggerInvariance(trigger, keep_bn_stats=keep), PatchInvariance(patch, keep_bn_stats=keep)):
+            before = bn_state(student)
+            term.loss(student, x, targets, 1.0)
+            assert all(torch.equal(a, b) for a, b in zip(before, bn_state(student))) is keep

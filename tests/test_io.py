@@ -64,6 +64,26 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_a_refused_pickle_names_the_global_it_would_call_at_every_protocol(tmp_path):
+    """Torch's weights-only reader stops at protocol 4 and 5's framing before the global; the refusal
+    still names it, read from the opcodes without running anything."""
+    marker = Path("/tmp/ccpurify-pwned-by-model")
+    marker.unlink(missing_ok=True)
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"evil{protocol}.pth"
+        with open(path, "wb") as fh:
+            pickle.dump({"conv1.weight": _Payload()}, fh, protocol=protocol)
+        with pytest.raises(UnsafeModelError, match=r"it calls (posix|os)\.system"):
+            load_weights(path)
+    assert not marker.exists()
+
+
+def test_a_state_dict_holding_something_other_than_a_tensor_names_the_entry(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1), "epoch": [3]}, tmp_path / "odd.pt")
+    with pytest.raises(ModelLoadError, match="'epoch' holds a list; save the model's state_dict"):
+        load_weights(tmp_path / "odd.pt")
+
+
 def test_whole_pickled_module_is_refused(model, tmp_path):
     torch.save(model, tmp_path / "whole.pt")
     with pytest.raises(UnsafeModelError, match="plain state_dict or safetensors"):

@@ -75,7 +75,7 @@ class UnlabeledData:
         passes whose work or effect grows with the images cap what they use. A random draw, never the
         first ones: image pools are often stored in class order."""
         if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
-            raise InvalidInputError(f"a number of images must be a whole number >= 1, got {count!r}")
+            raise InvalidInputError(f"a number of images must be an int >= 1, got {count!r} ({type(count).__name__})")
         if count is None or len(self) <= count:
             return self
         count = int(count)

@@ -168,6 +168,7 @@ def guarded_recover(
     guard_revive_classes: str = "off",
     budget: int = DATAFREE_BUDGET,
     data: str = "synthetic",
+    invariance_keeps_bn_stats: bool = False,
 ) -> Recover:
     """Distillation from the *suspect* model (all of its clean accuracy) on 256 dead-leaves images
     refined on the BatchNorm statistics and aimed at round-robin classes by the defense's output,
@@ -182,7 +183,8 @@ def guarded_recover(
     keeps only the dark knowledge of the suspect's soft targets that the defense's output shares;
     ``guard_revive_classes`` is ``Recover``'s (classes the defense silenced, revived in the guard).
     ``data="clean"`` or ``"unlabeled"`` distills on the defender's images instead of synthesizing
-    them (with labelled images, their labels at weight 1 too)."""
+    them (with labelled images, their labels at weight 1 too); ``invariance_keeps_bn_stats`` is
+    ``Recover``'s (the invariance forward passes leave the BatchNorm running statistics alone)."""
     return Recover(
         data=data,
         hard_label_weight=label_weight(data),
@@ -199,17 +201,23 @@ def guarded_recover(
         max_grad_norm=max_grad_norm,
         invariance_weight=invariance_weight,
         invariance_eps=invariance_eps,
+        invariance_keeps_bn_stats=invariance_keeps_bn_stats,
         budget=budget,
         anchor_bn=True,
     )
 
 
 def shared_recover(
-    revive: str = "off", budget: int = DATAFREE_BUDGET, data: str = "synthetic", invariance_weight: float = 1.0
+    revive: str = "off",
+    budget: int = DATAFREE_BUDGET,
+    data: str = "synthetic",
+    invariance_weight: float = 1.0,
+    invariance_keeps_bn_stats: bool = False,
 ) -> Recover:
     """The data-free default's recovery: ``guarded_recover`` with hints from the defense's output at
     ``SHARED_HINT_WEIGHT``, trigger invariance at ``invariance_weight`` and the shared dark knowledge;
-    ``revive`` is ``Recover.guard_revive_classes``, ``data`` where its images come from."""
+    ``revive`` is ``Recover.guard_revive_classes``, ``data`` where its images come from,
+    ``invariance_keeps_bn_stats`` ``Recover``'s."""
     return guarded_recover(
         SHARED_HINT_WEIGHT,
         GUARDED_MAX_GRAD_NORM,
@@ -219,6 +227,7 @@ def shared_recover(
         guard_revive_classes=revive,
         budget=budget,
         data=data,
+        invariance_keeps_bn_stats=invariance_keeps_bn_stats,
     )
 
 
@@ -228,17 +237,19 @@ def trigger_fallback_pipeline(
     otbr_ratios: tuple[float, ...] = OTBR_RATIOS,
     data: str = "synthetic",
     invariance_weight: float = 1.0,
+    invariance_keeps_bn_stats: bool = False,
 ) -> Pipeline:
     """``TriggerPrune`` (perturbation and patch triggers), OTBR searched over ``otbr_ratios`` only
     where it found none, compensated pruning to ``macs`` of the dense MACs in widths of
     ``WIDTH_BLOCK``, then the shared recovery with the silenced class revived where the suspect
     predicts it, for ``budget`` sample-steps (session 15), on images from ``data``, with trigger
-    invariance at ``invariance_weight``."""
+    invariance at ``invariance_weight`` (leaving the BatchNorm running statistics alone with
+    ``invariance_keeps_bn_stats``)."""
     return Pipeline(
         [
             Fallback(TriggerPrune(trigger_model="both"), searched_otbr(otbr_ratios)),
             compensated_prune(macs, of_pipeline_input=True, round_to=WIDTH_BLOCK),
-            shared_recover("agreed", budget, data, invariance_weight),
+            shared_recover("agreed", budget, data, invariance_weight, invariance_keeps_bn_stats),
         ]
     )
 
@@ -475,6 +486,14 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         "clean",
         lambda m: trigger_fallback_pipeline(m, otbr_ratios=OTBR_RATIOS_UP_TO_005, data="clean", invariance_weight=0.0),
     ),
+    # ... with trigger invariance's forward passes leaving the BatchNorm running statistics alone
+    # (Recover.invariance_keeps_bn_stats), the other cause of the WaNet collapse (session 18).
+    "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-clean": (
+        "clean",
+        lambda m: trigger_fallback_pipeline(
+            m, otbr_ratios=OTBR_RATIOS_UP_TO_005, data="clean", invariance_keeps_bn_stats=True
+        ),
+    ),
     # The data-free default, then a short fine-tune on the defender's labelled images with the
     # purified model as its own teacher (self_finetune): the suspect is never distilled on real images.
     "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-guardhints30-shared-revived+finetune-clean": (
@@ -495,6 +514,14 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-guardhints30-shared-revived+finetune-unlabeled": (
         "unlabeled",
         lambda m: finetuned_datafree_pipeline(m, "unlabeled"),
+    ),
+    # The data-free default's recovery on the defender's unlabelled images, trigger invariance
+    # leaving the BatchNorm running statistics alone (session 18).
+    "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-unlabeled": (
+        "unlabeled",
+        lambda m: trigger_fallback_pipeline(
+            m, otbr_ratios=OTBR_RATIOS_UP_TO_005, data="unlabeled", invariance_keeps_bn_stats=True
+        ),
     ),
     "bcu-compact": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m))])),
     # The same for a fixed UNLABELED_BUDGET sample-steps, whatever the number of images.
