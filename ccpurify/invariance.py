@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ccpurify.losses import soft_kl
-from ccpurify.synthesis import bn_layers, class_histogram
+from ccpurify.synthesis import class_histogram
 from ccpurify.transforms import Normalize
 
 # The trigger searches' settings shared by their callers (TriggerPrune, Recover): the batch of each
@@ -235,21 +235,20 @@ def _unlearning_term(logits: torch.Tensor, targets: torch.Tensor, temperature: f
 @contextmanager
 def running_stats_kept(model: nn.Module, keep: bool = True) -> Iterator[None]:
     """Within the block, ``model``'s BatchNorm layers in train mode still normalise with the batch's
-    statistics but leave their running statistics as they are (momentum 0); with ``keep`` False it
-    does nothing. An invariance term's forward pass on perturbed images would otherwise move them
-    towards the perturbed batches: on real images, where the perturbation is a natural adversarial
-    one, that collapsed CIFAR-10 PreAct WaNet's recovery (validation CA 47.8%; 84.8% with the
-    statistics kept; docs/defaults.md, session 17)."""
-    layers = [bn for _, bn in bn_layers(model)] if keep else []
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
-    for m in layers:
-        m.momentum = 0.0
+    statistics but leave their running statistics and batch counts as they are (they track nothing
+    for the block); with ``keep`` False it does nothing. An invariance term's forward pass on
+    perturbed images would otherwise move them towards the perturbed batches: on real images, where the perturbation is a
+    natural adversarial one, that collapsed CIFAR-10 PreAct WaNet's recovery (validation CA 47.8%;
+    84.8% with the statistics kept; docs/defaults.md, sessions 17-18)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = layers if keep else []
+    for m in layers:  # a train-mode layer that tracks nothing normalises by the batch and updates nothing
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for m, (momentum, tracked) in zip(layers, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
+        for m in layers:
+            m.track_running_stats = True
 
 
 class TriggerInvariance:

@@ -20,6 +20,7 @@ compared with the file's header.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -249,6 +250,8 @@ def load_weights(path: str | os.PathLike, limits: LoadLimits = DEFAULT_LIMITS) -
 
 
 def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_file() and path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty; give the weights file itself (.pt, .pth or .safetensors)")
     try:
         # mmap: a zip-format file's tensors are mapped, not read, until their sizes have been checked
         mmap = zipfile.is_zipfile(path)
@@ -256,16 +259,18 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        refused = _foreign_global(str(exc))
-        if refused is None and _starts_as_pickle(path):
-            refused = _pickled_global(path)
+        head = _pickle_head(path)
+        refused = _foreign_global(str(exc)) or (_pickled_global(head) if head else None)
         if refused is not None:
             refused = f"objects other than tensors ({refused})"
-        elif _starts_as_pickle(path):
-            refused = (
-                f"instructions the weights-only reader refuses ({_last_line(str(exc))}): the file is corrupt, or a "
-                "pickle of another protocol or with other objects"
-            )
+        elif head and head[1] > 2:
+            raise ModelLoadError(
+                f"{path}: pickle protocol {head[1]}, which PyTorch's weights-only reader cannot read "
+                f"({_last_line(str(exc))}); re-save it with torch.save's default protocol (2) or as safetensors on a "
+                "machine you trust, or the file is corrupt"
+            ) from exc
+        elif head:
+            refused = f"instructions the weights-only reader refuses ({_last_line(str(exc))}): the file may be corrupt"
         else:  # bytes that are no pickle at all
             raise ModelLoadError(
                 f"{path}: not a readable PyTorch weights file ({_last_line(str(exc))}); the file may be corrupt"
@@ -285,11 +290,15 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}")
-    odd = next(((k, v) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
-    if odd is not None:
+    if (key := next((k for k in obj if not isinstance(k, str)), None)) is not None:
         raise ModelLoadError(
-            f"{path}: expected a state_dict (names -> tensors), but {str(odd[0])[:80]!r} holds a "
-            f"{type(odd[1]).__name__}; save the model's state_dict() alone"
+            f"{path}: expected a state_dict (names -> tensors), but key {str(key)[:80]!r} has type {type(key).__name__}, "
+            "not a name; save the model's state_dict() alone"
+        )
+    if (key := next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)) is not None:
+        raise ModelLoadError(
+            f"{path}: expected a state_dict (names -> tensors), but {key[:80]!r} holds a value of type "
+            f"{type(obj[key]).__name__}; save the model's state_dict() alone"
         )
     odd = next((k for k, v in obj.items() if v.layout != torch.strided or v.is_complex()), None)
     if odd is not None:
@@ -305,37 +314,65 @@ def _foreign_global(message: str) -> str | None:
     return next((line.strip()[:160] for line in message.splitlines() if "global" in line.lower()), None)
 
 
-# Opcodes _pickled_global reads before it gives up: a legacy file names its globals near its start.
-_SCANNED_OPCODES = 100_000
+# How much of a pickle _pickle_head reads: a file names its globals near its start, and a declared
+# length in the file must not decide how much is read.
+_PICKLE_HEAD_BYTES = 1 << 20
 
 
-def _pickled_global(path: Path) -> str | None:
-    """The first global (``module.name``) a plain pickle file would make the loader call, read from its
-    opcodes with ``pickletools`` (nothing is executed), or None. Torch's weights-only reader stops
-    at protocol 4 and 5's framing before it reaches the global, so its error cannot name it."""
-    strings: list[str] = []
+def _pickle_head(path: Path) -> bytes:
+    """The first ``_PICKLE_HEAD_BYTES`` of the pickle in ``path`` (the file itself, or a zip-format
+    ``torch.save`` file's ``data.pkl``) when it opens with a PROTO instruction (protocol 2 to 5),
+    else ``b""``."""
     try:
-        with open(path, "rb") as fh:
-            for count, (op, arg, _) in enumerate(pickletools.genops(fh)):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return b""
+                with archive.open(member) as fh:
+                    head = fh.read(_PICKLE_HEAD_BYTES)
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(_PICKLE_HEAD_BYTES)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return b""
+    return head if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 else b""
+
+
+def _pickled_global(head: bytes) -> str | None:
+    """The first global (``module.name``) the pickles in ``head`` would make the loader call, read
+    from their opcodes with ``pickletools`` (nothing is executed), or None. A legacy ``torch.save``
+    file is several pickles in a row (magic number, protocol, system information, then the data);
+    torch's weights-only reader stops at protocol 4 and 5's framing before it reaches the global, so
+    its own error cannot name it. For ``STACK_GLOBAL`` the two strings pushed last are named: a
+    crafted file can make that name wrong, never the refusal."""
+    stream, strings, allowed = io.BytesIO(head), [], _weights_only_globals()
+    try:
+        while stream.tell() < len(head):
+            for op, arg, _ in pickletools.genops(stream):
+                called = None
                 if op.name in ("GLOBAL", "INST"):
-                    return f"it calls {str(arg).replace(' ', '.')[:120]}"
-                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    return f"it calls {strings[-2][:60]}.{strings[-1][:60]}"
-                if isinstance(arg, str) and "UNICODE" in op.name:
+                    called = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    called = f"{strings[-2]}.{strings[-1]}"
+                elif isinstance(arg, str) and "UNICODE" in op.name:
                     strings.append(arg)
-                if count >= _SCANNED_OPCODES:
-                    break
-    except (ValueError, EOFError, OSError):  # malformed opcodes: the caller says what it can
+                if called is not None and called not in allowed:
+                    return f"it calls {called[:120]}"
+    except Exception:  # noqa: BLE001 - malformed or cut-off opcodes: the caller says what it can
         pass
     return None
 
 
-def _starts_as_pickle(path: Path) -> bool:
-    """Whether the file opens with a pickle's PROTO instruction (protocol 2 to 5), as a legacy
-    ``torch.save`` file or a plain pickle does."""
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+def _weights_only_globals() -> set[str]:
+    """The globals PyTorch's weights-only reader allows (tensor rebuilders, dtypes, OrderedDict):
+    a tensor's pickle calls them too. Read from torch's private table when it is there."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):
+        return {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter"}
 
 
 def _last_line(message: str) -> str:

@@ -294,6 +294,16 @@ def test_a_forward_with_running_stats_kept_normalises_by_the_batch_and_leaves_th
     assert not all(torch.equal(a, b) for a, b in zip(moved, bn_state(net)))
 
 
+def test_running_stats_kept_covers_every_batchnorm_and_survives_a_non_finite_batch():
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+    before = bn_state(net)
+    x = torch.randn(8, 4)
+    x[0, 0] = math.inf
+    with running_stats_kept(net):
+        net(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn_state(net)))
+
+
 def test_invariance_terms_that_keep_bn_stats_leave_the_students_running_statistics_alone():
     """The invariance terms' extra forward on perturbed or patched images moves a train-mode
     student's BN running statistics unless the term keeps them (``Recover.invariance_keeps_bn_stats``)."""

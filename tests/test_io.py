@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
@@ -69,19 +70,45 @@ def test_a_refused_pickle_names_the_global_it_would_call_at_every_protocol(tmp_p
     still names it, read from the opcodes without running anything."""
     marker = Path("/tmp/ccpurify-pwned-by-model")
     marker.unlink(missing_ok=True)
+    payload = {"conv1.weight": _Payload()}
     for protocol in (2, 4, 5):
-        path = tmp_path / f"evil{protocol}.pth"
-        with open(path, "wb") as fh:
-            pickle.dump({"conv1.weight": _Payload()}, fh, protocol=protocol)
-        with pytest.raises(UnsafeModelError, match=r"it calls (posix|os)\.system"):
-            load_weights(path)
+        plain, zipped, legacy = (tmp_path / f"{kind}{protocol}.pth" for kind in ("plain", "zip", "legacy"))
+        with open(plain, "wb") as fh:
+            pickle.dump(payload, fh, protocol=protocol)
+        torch.save(payload, zipped, pickle_protocol=protocol)
+        torch.save(payload, legacy, pickle_protocol=protocol, _use_new_zipfile_serialization=False)
+        for path in (plain, zipped, legacy):
+            with pytest.raises(UnsafeModelError, match=r"it calls (posix|os)\.system"):
+                load_weights(path)
     assert not marker.exists()
+
+
+def test_a_harmless_state_dict_at_pickle_protocol_4_is_told_to_be_resaved_not_called_unsafe(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "p4.pt", pickle_protocol=4)
+    with pytest.raises(ModelLoadError, match="pickle protocol 4.*re-save it with torch.save's default") as caught:
+        load_weights(tmp_path / "p4.pt")
+    assert not isinstance(caught.value, UnsafeModelError)
+
+
+def test_a_pickle_declaring_a_huge_frame_or_an_empty_file_gets_a_one_line_error(tmp_path):
+    """The opcode scan reads a bounded head: a declared length never decides what is allocated."""
+    (tmp_path / "frame.pt").write_bytes(b"\x80\x05\x95" + struct.pack("<Q", 2**62) + b"abc")
+    (tmp_path / "bytes8.pt").write_bytes(b"\x80\x05\x8e" + struct.pack("<Q", 2**62) + b"abc")
+    for name in ("frame.pt", "bytes8.pt"):
+        with pytest.raises(ModelLoadError):
+            load_weights(tmp_path / name)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="the file is empty"):
+        load_weights(tmp_path / "empty.pt")
 
 
 def test_a_state_dict_holding_something_other_than_a_tensor_names_the_entry(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1), "epoch": [3]}, tmp_path / "odd.pt")
-    with pytest.raises(ModelLoadError, match="'epoch' holds a list; save the model's state_dict"):
+    with pytest.raises(ModelLoadError, match="'epoch' holds a value of type list; save the model's state_dict"):
         load_weights(tmp_path / "odd.pt")
+    torch.save({"conv1.weight": torch.zeros(1), 3: torch.zeros(1)}, tmp_path / "int_key.pt")
+    with pytest.raises(ModelLoadError, match="key '3' has type int, not a name"):
+        load_weights(tmp_path / "int_key.pt")
 
 
 def test_whole_pickled_module_is_refused(model, tmp_path):
