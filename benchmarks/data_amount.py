@@ -77,6 +77,8 @@ KINDS = {
             "rnp-ranked+prune+recover-budget@0.5",
             "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-guardhints30-"
             "shared-revived+finetune-clean@0.75",
+            "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-"
+            "shared-revived-clean@0.75",
             candidate_key(DEFAULTS["clean"].name, DEFAULTS["clean"].macs),
         ),
         (250, 500, 2500),
@@ -84,8 +86,8 @@ KINDS = {
         "labelled clean",
         "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps; `+finetune-clean` "
         "(the default in session 17): the data-free default, then a fine-tune for a fixed 10,000 sample-steps; "
-        "`-keptbn-...-clean` (the default since session 18): the data-free default's recovery on the labelled "
-        "images for a fixed 10,240 sample-steps.",
+        "`-keptbn-...-clean`: the data-free default's recovery on the labelled images for a fixed 10,240 "
+        "sample-steps; `-keptbn-nohints-...-clean` (the default since session 18): the same without feature hints.",
     ),
     "unlabeled": Kind(
         (

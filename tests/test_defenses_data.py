@@ -285,15 +285,16 @@ def test_image_pools_never_read_test_folders(tmp_path):
 def test_the_labelled_default_is_the_data_free_one_with_its_recovery_on_the_labelled_images():
     """Session 18: the data-free default's defense and compression, then its guarded recovery from
     the suspect on the labelled images (labels at weight 1), trigger invariance leaving the BatchNorm
-    running statistics alone; labelled data wins when both kinds are given."""
+    running statistics alone, without feature hints; labelled data wins when both kinds are given."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, default_pipeline
 
     labelled, datafree = default_pipeline(has_clean=True).passes, default_pipeline().passes
     assert [p.config() for p in labelled[:-1]] == [p.config() for p in datafree[:-1]]
     recover, synthetic = labelled[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
-    assert differs == {"data", "hard_label_weight", "invariance_keeps_bn_stats"}
+    assert differs == {"data", "hard_label_weight", "invariance_keeps_bn_stats", "feature_weight", "hints_from"}
     assert recover.data.value == "clean" and recover.hard_label_weight == 1.0 and recover.invariance_keeps_bn_stats
+    assert recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET
     assert default_pipeline(has_clean=True, has_unlabeled=True).passes[-1].data.value == "clean"
 

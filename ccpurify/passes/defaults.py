@@ -500,7 +500,7 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     # ... with trigger invariance's forward passes leaving the BatchNorm running statistics alone
     # (Recover.invariance_keeps_bn_stats), the other cause of the WaNet collapse: CIFAR-10 WaNet test
     # 82.2 / 1.3%, VGG16-BN BadNets 80.2 / 3.6%, but VGG16-BN and MobileNetV2 WaNet keep 46 and 42%
-    # (session 18). The labelled default since session 18.
+    # (session 18).
     "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-clean": (
         "clean",
         lambda m: trigger_fallback_pipeline(
@@ -609,12 +609,10 @@ DEFAULTS = {
     ),
     # Since session 18: the data-free default's defense and compression, then its guarded recovery on
     # the labelled images (and their labels) instead of synthetic ones, trigger invariance leaving the
-    # BatchNorm running statistics alone. Over the twelve selection models: mean validation DER 90.9
-    # (session 17's default, the data-free one then a self-distilled fine-tune: 90.9; the RNP default
-    # before it, rnp-ranked+prune+recover-budget@0.5: 87.8), CA drop 2.5 (4.0; 11.3), max validation
-    # ASR 45.5% (VGG16-BN WaNet; 67.4%, VGG16-BN BadNets; 28.4%), latency 0.82x (0.81x; 0.53x).
+    # BatchNorm running statistics alone, without feature hints (the guard's features on real images
+    # carry WaNet's). Over the twelve selection models: see docs/defaults.md, session 18.
     "clean": Default(
-        "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-clean",
+        "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean",
         0.75,
     ),
     # Since session 17, the data-free default, then a short fine-tune on the unlabelled images with the
