@@ -67,6 +67,11 @@ def clean_data(source: str | os.PathLike, dataset: str, *, rnp: bool = False, da
         return LabeledData(model_ready(images, spec), torch.from_numpy(labels))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run directory, image folder or zip")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise InvalidInputError(
+            f"{path}: a file that is not a zip; labelled clean data is a run directory, or an image folder or zip "
+            f"in {spec.name}'s class layout (CLI: --clean-data)"
+        )
     data = load_dataset(dataset, "train", path, verify=False)  # a user folder in the dataset's class layout
     return LabeledData(model_ready(data.images, spec), torch.from_numpy(data.labels))
 

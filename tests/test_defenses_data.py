@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ccpurify import defender
 from ccpurify.data import get_spec
 from ccpurify.defender import _run_subset
+from ccpurify.errors import InvalidInputError
 from ccpurify.passes import BCU, RNP, LabeledData, Prune, PurifyContext, UnlabeledData, as_labeled, as_unlabeled
 from ccpurify.passes.bcu import level_ratios, reinitialize, resolution_levels
 from ccpurify.passes.rnp import below, lowest, zero_bn_channels
@@ -377,3 +378,11 @@ def test_rnp_never_prunes_a_channel_whose_removal_alone_collapses_the_model():
         {"1": [0, 1, 2]},
         None,
     )
+
+
+def test_clean_data_that_is_a_missing_path_or_a_file_other_than_a_zip_is_refused_with_what_it_takes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run directory, image folder or zip"):
+        defender.clean_data(tmp_path / "missing", "cifar10")
+    (tmp_path / "weights.pt").write_bytes(b"\x80\x02not images")
+    with pytest.raises(InvalidInputError, match="not a zip; labelled clean data is a run directory"):
+        defender.clean_data(tmp_path / "weights.pt", "cifar10")
