@@ -233,6 +233,8 @@ def plan(
     normalize = as_normalize(normalize)
     clean = as_labeled(clean_data) if clean_data is not None else None
     unlabeled = as_unlabeled(unlabeled_data) if unlabeled_data is not None else None
+    # A method or option that does not exist is refused before the model runs.
+    pipeline = resolve(method, options, clean is not None, unlabeled is not None, macs)
     example = example_input_for(model, example_inputs, clean or unlabeled)
     if normalize is not None and len(normalize.mean) != example.shape[1]:
         raise InvalidInputError(
@@ -256,7 +258,6 @@ def plan(
             data.check(example, who)
     if context.clean_data is not None:
         context.clean_data.check_classes(context.num_classes, "clean_data")
-    pipeline = resolve(method, options, context.clean_data is not None, context.unlabeled_data is not None, macs)
     for p in pipeline.passes:  # a plan that cannot run is refused here, not after its estimate
         p.check(model, context)
     return Plan(pipeline, context)

@@ -283,33 +283,30 @@ def test_image_pools_never_read_test_folders(tmp_path):
     assert len(pool) == 1 and pool.max() == 0
 
 
-def test_the_labelled_default_is_the_data_free_one_with_its_recovery_on_the_labelled_images():
-    """Session 18: the data-free default's defense and compression, then its guarded recovery from
-    the suspect on the labelled images (labels at weight 1), trigger invariance leaving the BatchNorm
-    running statistics alone, without feature hints; labelled data wins when both kinds are given."""
-    from ccpurify.passes.defaults import DATAFREE_BUDGET, default_pipeline
+@pytest.mark.parametrize(
+    ("has_clean", "has_unlabeled", "data", "label_weight"),
+    [(True, False, "clean", 1.0), (False, True, "unlabeled", 0.0), (True, True, "clean", 1.0)],
+)
+def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_defenders_images(
+    has_clean: bool, has_unlabeled: bool, data: str, label_weight: float
+) -> None:
+    """Labelled (session 18) and unlabelled (session 19) data: the data-free default's defense and
+    compression, then its guarded recovery from the suspect on the defender's images (labels at
+    weight 1 where there are labels), trigger invariance leaving the BatchNorm running statistics
+    alone, without feature hints; labelled data wins when both kinds are given."""
+    from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
-    labelled, datafree = default_pipeline(has_clean=True).passes, default_pipeline().passes
-    assert [p.config() for p in labelled[:-1]] == [p.config() for p in datafree[:-1]]
-    recover, synthetic = labelled[-1], datafree[-1]
+    with_data, datafree = default_pipeline(has_clean, has_unlabeled).passes, default_pipeline().passes
+    assert [p.config() for p in with_data[:-1]] == [p.config() for p in datafree[:-1]]
+    assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
+    recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
-    assert differs == {"data", "hard_label_weight", "invariance_keeps_bn_stats", "feature_weight", "hints_from"}
-    assert recover.data.value == "clean" and recover.hard_label_weight == 1.0 and recover.invariance_keeps_bn_stats
-    assert recover.feature_weight == 0 and recover.hints_from.value == "teacher"
+    assert differs == {"data", "invariance_keeps_bn_stats", "feature_weight", "hints_from"} | (
+        {"hard_label_weight"} if label_weight else set()
+    )
+    assert recover.data.value == data and recover.hard_label_weight == label_weight
+    assert recover.invariance_keeps_bn_stats and recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET
-    assert default_pipeline(has_clean=True, has_unlabeled=True).passes[-1].data.value == "clean"
-
-
-def test_the_unlabelled_default_is_the_data_free_one_then_a_self_distilled_fine_tune():
-    from ccpurify.passes.defaults import CLEAN_RECOVER_BUDGET, DEFAULTS, default_pipeline
-
-    with_data, without = default_pipeline(has_unlabeled=True), default_pipeline()
-    *datafree, finetune = with_data.passes
-    assert [p.config() for p in datafree] == [p.config() for p in without.passes]
-    assert next(p for p in datafree if p.name == "prune").macs == DEFAULTS["unlabeled"].macs
-    assert finetune.name == "recover" and finetune.data.value == "unlabeled" and finetune.teacher_from.value == "self"
-    assert finetune.hard_label_weight == 0.0
-    assert finetune.budget == CLEAN_RECOVER_BUDGET and not finetune.guard
 
 
 def test_the_default_pipeline_takes_a_macs_target_and_refuses_one_outside_0_1():

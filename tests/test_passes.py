@@ -294,6 +294,24 @@ def test_options_without_a_method_are_refused_naming_them_and_how_to_name_a_meth
         resolve(None, {"epochs": 3}, has_clean=False, has_unlabeled=False)
 
 
+def test_an_unknown_option_is_named_before_the_model_is_run():
+    """Given a model whose output is not logits and a misspelt option, the error names the option:
+    the cheap mistake the user can fix is reported first, without running the model."""
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).flatten()
+
+    with pytest.raises(InvalidInputError, match="epochz"):
+        ccpurify.purify(Flat(), "clp", epochz=3, example_inputs=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(InvalidInputError, match=r"logits of shape"):
+        ccpurify.purify(Flat(), "clp", example_inputs=torch.zeros(1, 3, 8, 8))
+
+
 @pytest.mark.parametrize("name", list_passes())
 def test_every_pass_built_directly_refuses_an_option_of_the_wrong_type_in_one_line(name: str) -> None:
     cls = PASSES.get(name)

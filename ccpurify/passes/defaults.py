@@ -261,6 +261,19 @@ def with_recovery_options(pipeline: Pipeline, **options) -> Pipeline:
     return Pipeline([*passes, replace(recovery, **options)])
 
 
+def datafree_recovered_on(macs: float, data: str) -> Pipeline:
+    """The data-free default's defense and compression at ``macs``, then its guarded recovery on the
+    defender's images (``data``: "clean", with the labels at weight 1, or "unlabeled") instead of
+    synthetic ones: trigger invariance leaving the BatchNorm running statistics alone, and no
+    feature hints, because on real images the features of the guard carried WaNet's backdoors
+    (session 18, docs/defaults.md). The labelled default since session 18, the unlabelled one since 19."""
+    return with_recovery_options(
+        trigger_fallback_pipeline(macs, otbr_ratios=OTBR_RATIOS_UP_TO_005, data=data, invariance_keeps_bn_stats=True),
+        feature_weight=0.0,
+        hints_from="teacher",
+    )
+
+
 def self_finetune(data: str) -> Recover:
     """A short fine-tune on the defender's images (``data``: "clean" or "unlabeled") for
     ``CLEAN_RECOVER_BUDGET`` sample-steps, distilling from a frozen copy of the model it is given
@@ -459,6 +472,28 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         "none",
         lambda m: trigger_fallback_pipeline(m, 2 * DATAFREE_BUDGET, OTBR_RATIOS_UP_TO_005),
     ),
+    # ... without feature hints (session 19): on real images the guard's features carried WaNet's
+    # backdoors (session 18); here whether they do on the synthetic images too.
+    "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-nohints-shared-revived": (
+        "none",
+        lambda m: with_recovery_options(
+            trigger_fallback_pipeline(m, otbr_ratios=OTBR_RATIOS_UP_TO_005), feature_weight=0.0, hints_from="teacher"
+        ),
+    ),
+    # ... and trigger invariance leaving the BatchNorm running statistics alone, as the labelled default.
+    "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived": (
+        "none",
+        lambda m: with_recovery_options(
+            trigger_fallback_pipeline(m, otbr_ratios=OTBR_RATIOS_UP_TO_005, invariance_keeps_bn_stats=True),
+            feature_weight=0.0,
+            hints_from="teacher",
+        ),
+    ),
+    # ... with the hints, leaving the BatchNorm running statistics alone during invariance.
+    "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived": (
+        "none",
+        lambda m: trigger_fallback_pipeline(m, otbr_ratios=OTBR_RATIOS_UP_TO_005, invariance_keeps_bn_stats=True),
+    ),
     # ... with the hints at 100 and trigger invariance at 10 instead: GTSRB WaNet 98.4 / 3.2%. Mean
     # validation DER 83.0, within DER_TIE of the default's 82.5, but 0.4 points more CA drop.
     "otbr-search+prune-comp+recover-guarded-invariant10-guardhints-shared": (
@@ -511,13 +546,14 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     # VGG16-BN WaNet, validation CA / ASR: 85.5 / 45.5% with the hints, 83.1 / 4.0% without; session 18).
     "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean": (
         "clean",
-        lambda m: with_recovery_options(
-            trigger_fallback_pipeline(
-                m, otbr_ratios=OTBR_RATIOS_UP_TO_005, data="clean", invariance_keeps_bn_stats=True
-            ),
-            feature_weight=0.0,
-            hints_from="teacher",
-        ),
+        lambda m: datafree_recovered_on(m, "clean"),
+    ),
+    # ... after RNP's ranked pruning on at most RNP_IMAGES of the images (session 19): the labelled
+    # default left input-aware's backdoor (test ASR 74.6%), which RNP then pruning and a recovery from
+    # RNP's output removed (rnp-ranked+prune+recover@0.5: 6.1%).
+    "rnp-ranked+trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean": (
+        "clean",
+        lambda m: Pipeline([ranked_rnp(RNP_IMAGES), *datafree_recovered_on(m, "clean").passes]),
     ),
     # ... then the self-distilled fine-tune below: the recovery on real images left the WaNet backdoors
     # of VGG16-BN and MobileNetV2 (test ASR 46 and 42%), which the fine-tune removed after the
@@ -558,6 +594,11 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         lambda m: trigger_fallback_pipeline(
             m, otbr_ratios=OTBR_RATIOS_UP_TO_005, data="unlabeled", invariance_keeps_bn_stats=True
         ),
+    ),
+    # ... without feature hints, as the labelled default since session 18 (the unlabelled default since 19).
+    "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled": (
+        "unlabeled",
+        lambda m: datafree_recovered_on(m, "unlabeled"),
     ),
     "bcu-compact": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m))])),
     # The same for a fixed UNLABELED_BUDGET sample-steps, whatever the number of images.
@@ -615,12 +656,12 @@ DEFAULTS = {
         "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean",
         0.75,
     ),
-    # Since session 17, the data-free default, then a short fine-tune on the unlabelled images with the
-    # purified model as its own teacher (self_finetune, no labels): mean validation
-    # DER 90.5 over the twelve selection models (BCU, bcu-compact@0.5: 82.2), CA drop 5.6 (9.0), max
-    # validation ASR 56.3% (VGG16-BN BadNets; 72.5%, VGG16-BN WaNet), latency 0.81x (0.64x).
+    # Since session 19, the labelled default's recipe on the unlabelled images (datafree_recovered_on):
+    # over the twelve selection models mean validation DER 92.4 (session 17's data-free default then a
+    # self-distilled fine-tune: 90.5; BCU, bcu-compact@0.5: 82.2), CA drop 4.0 (5.6; 9.0), max
+    # validation ASR 30.5% (MobileNetV2 WaNet; 56.3%, VGG16-BN BadNets; 72.5%), latency 0.82x (0.81x; 0.64x).
     "unlabeled": Default(
-        "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-guardhints30-shared-revived+finetune-unlabeled",
+        "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled",
         0.75,
     ),
 }

@@ -318,6 +318,7 @@ class Recover(Pass):
 
     def config(self) -> dict:
         d = super().config()
+        # A given module is not JSON; "pipeline": the run supplies it, as ``teacher_from`` (also recorded) says.
         d["teacher"] = "given" if self.teacher is not None else "pipeline"
         return d
 
