@@ -344,24 +344,68 @@ def _pickled_global(head: bytes) -> str | None:
     from their opcodes with ``pickletools`` (nothing is executed), or None. A legacy ``torch.save``
     file is several pickles in a row (magic number, protocol, system information, then the data);
     torch's weights-only reader stops at protocol 4 and 5's framing before it reaches the global, so
-    its own error cannot name it. For ``STACK_GLOBAL`` the two strings pushed last are named: a
-    crafted file can make that name wrong, never the refusal."""
-    stream, strings, allowed = io.BytesIO(head), [], _weights_only_globals()
+    its own error cannot name it. ``STACK_GLOBAL`` takes its two names from the stack, which
+    ``_PickleStack`` follows (memo included) from each opcode's declared stack effect."""
+    stream, allowed = io.BytesIO(head), _weights_only_globals()
     try:
         while stream.tell() < len(head):
+            stack = _PickleStack()
             for op, arg, _ in pickletools.genops(stream):
                 called = None
                 if op.name in ("GLOBAL", "INST"):
                     called = str(arg).replace(" ", ".")
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    called = f"{strings[-2]}.{strings[-1]}"
-                elif isinstance(arg, str) and "UNICODE" in op.name:
-                    strings.append(arg)
+                elif op.name == "STACK_GLOBAL":
+                    module, name = stack.top(2)
+                    both = isinstance(module, str) and isinstance(name, str)
+                    called = f"{module}.{name}" if both else "a global whose name it builds at run time"
                 if called is not None and called not in allowed:
                     return f"it calls {called[:120]}"
+                stack.apply(op, arg)
     except Exception:  # noqa: BLE001 - malformed or cut-off opcodes: the caller says what it can
         pass
     return None
+
+
+class _PickleStack:
+    """The pickle machine's stack as far as names go: each string a pickle pushes (directly or
+    from its memo) is kept, every other value is None. Each opcode pops and pushes what
+    ``pickletools`` declares for it, so a crafted file cannot make a stale string look like the
+    operand of ``STACK_GLOBAL``."""
+
+    def __init__(self) -> None:
+        self.items: list[str | None] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, str | None] = {}
+
+    def top(self, n: int) -> list[str | None]:
+        if len(self.items) < n:
+            raise ValueError("stack underflow")
+        return self.items[-n:]
+
+    def apply(self, op: pickletools.OpcodeInfo, arg: object) -> None:
+        before, after = op.stack_before, op.stack_after
+        if pickletools.markobject in before:  # [..., mark, stackslice]: down to the last mark, then those below it
+            del self.items[self.marks.pop() :]
+            below = before.index(pickletools.markobject)
+        else:
+            below = len(before)
+        popped = self.top(below) if below else []
+        del self.items[len(self.items) - below :]
+        if op.name == "MARK":
+            self.marks.append(len(self.items))
+            return
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            self.memo[int(arg)] = self.items[-1] if self.items else None
+        elif op.name == "MEMOIZE":
+            self.memo[len(self.memo)] = popped[0]
+        pushed: list[str | None] = [None] * len(after)
+        if op.name in ("MEMOIZE", "DUP"):
+            pushed = popped * len(after)
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed = [self.memo.get(int(arg))]
+        elif isinstance(arg, str) and after in ([pickletools.pyunicode], [pickletools.pystring]):
+            pushed = [arg]
+        self.items.extend(pushed)
 
 
 def _weights_only_globals() -> set[str]:

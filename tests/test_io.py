@@ -83,6 +83,25 @@ def test_a_refused_pickle_names_the_global_it_would_call_at_every_protocol(tmp_p
     assert not marker.exists()
 
 
+def test_a_crafted_stack_global_is_named_by_what_is_on_the_stack_not_the_last_strings_pushed(tmp_path):
+    """STACK_GLOBAL takes its names from the stack: here from the memo, after two decoy strings were
+    pushed and popped. The refusal names what the loader would call."""
+
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s.encode()
+
+    crafted = (
+        b"\x80\x04"  # PROTO 4
+        + text("builtins") + b"\x94" + text("eval") + b"\x94" + b"00"  # memo 0, 1; POP POP
+        + text("collections") + text("OrderedDict") + b"00"  # decoys, popped
+        + b"h\x00h\x01\x93"  # BINGET 0, BINGET 1, STACK_GLOBAL
+        + b")R."  # EMPTY_TUPLE REDUCE STOP
+    )  # fmt: skip
+    (tmp_path / "crafted.pt").write_bytes(crafted)
+    with pytest.raises(UnsafeModelError, match=r"it calls builtins\.eval"):
+        load_weights(tmp_path / "crafted.pt")
+
+
 def test_a_harmless_state_dict_at_pickle_protocol_4_is_told_to_be_resaved_not_called_unsafe(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "p4.pt", pickle_protocol=4)
     with pytest.raises(ModelLoadError, match="pickle protocol 4.*re-save it with torch.save's default") as caught:
