@@ -292,8 +292,8 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
 ) -> None:
     """Labelled (session 18) and unlabelled (session 19) data: the data-free default's defense and
     compression, then its guarded recovery from the suspect on the defender's images (labels at
-    weight 1 where there are labels), trigger invariance leaving the BatchNorm running statistics
-    alone, without feature hints; labelled data wins when both kinds are given."""
+    weight 1 where there are labels), without feature hints; labelled data wins when both kinds
+    are given."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     with_data, datafree = default_pipeline(has_clean, has_unlabeled).passes, default_pipeline().passes
@@ -301,9 +301,7 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
     recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
-    assert differs == {"data", "invariance_keeps_bn_stats", "feature_weight", "hints_from"} | (
-        {"hard_label_weight"} if label_weight else set()
-    )
+    assert differs == {"data", "feature_weight", "hints_from"} | ({"hard_label_weight"} if label_weight else set())
     assert recover.data.value == data and recover.hard_label_weight == label_weight
     assert recover.invariance_keeps_bn_stats and recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET
@@ -352,7 +350,7 @@ def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
     assert recover.hints_from.value == "guard" and recover.guard_targets.value == "shared"
     assert recover.feature_weight == 30 and recover.anchor_bn and recover.budget == DATAFREE_BUDGET == 10_240
-    assert recover.invariance_weight == 1.0 and recover.invariance_eps == 0.05
+    assert recover.invariance_weight == 1.0 and recover.invariance_eps == 0.05 and recover.invariance_keeps_bn_stats
     assert recover.guard_revive_classes.value == "agreed"
 
 
