@@ -90,13 +90,15 @@ def test_a_crafted_stack_global_is_named_by_what_is_on_the_stack_not_the_last_st
     def text(s: str) -> bytes:
         return b"\x8c" + bytes([len(s)]) + s.encode()
 
-    crafted = (
-        b"\x80\x04"  # PROTO 4
-        + text("builtins") + b"\x94" + text("eval") + b"\x94" + b"00"  # memo 0, 1; POP POP
-        + text("collections") + text("OrderedDict") + b"00"  # decoys, popped
-        + b"h\x00h\x01\x93"  # BINGET 0, BINGET 1, STACK_GLOBAL
-        + b")R."  # EMPTY_TUPLE REDUCE STOP
-    )  # fmt: skip
+    crafted = b"".join(
+        [
+            b"\x80\x04",  # PROTO 4
+            text("builtins") + b"\x94" + text("eval") + b"\x94" + b"00",  # memo 0 and 1, then POP POP
+            text("collections") + text("OrderedDict") + b"00",  # decoys, popped
+            b"h\x00h\x01\x93",  # BINGET 0, BINGET 1, STACK_GLOBAL
+            b")R.",  # EMPTY_TUPLE REDUCE STOP
+        ]
+    )
     (tmp_path / "crafted.pt").write_bytes(crafted)
     with pytest.raises(UnsafeModelError, match=r"it calls builtins\.eval"):
         load_weights(tmp_path / "crafted.pt")
