@@ -579,13 +579,7 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
             [
                 ranked_rnp(RNP_IMAGES),
                 compensated_prune(m, of_pipeline_input=True, round_to=WIDTH_BLOCK),
-                Recover(
-                    data="clean",
-                    hard_label_weight=1.0,
-                    budget=DATAFREE_BUDGET,
-                    invariance_weight=1.0,
-                    invariance_keeps_bn_stats=True,
-                ),
+                replace(clean_recover(DATAFREE_BUDGET), invariance_weight=1.0, invariance_keeps_bn_stats=True),
             ]
         ),
     ),
