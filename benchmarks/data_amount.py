@@ -96,6 +96,8 @@ KINDS = {
             "bcu-compact-capped@0.5",
             "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-guardhints30-"
             "shared-revived+finetune-unlabeled@0.75",
+            "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-"
+            "shared-revived-unlabeled@0.75",
             candidate_key(DEFAULTS["unlabeled"].name, DEFAULTS["unlabeled"].macs),
         ),
         (1000, 5000, 20000),
@@ -104,8 +106,9 @@ KINDS = {
         "`-budget`: BCU's distillation for a fixed 100,000 sample-steps (5,000 images x 20 epochs); `-capped`: "
         "BCU on at most 5,000 of the images (a seeded draw), 20 epochs; `+finetune-unlabeled` (the default in "
         "sessions 17-18): the data-free default, then a fine-tune for a fixed 10,000 sample-steps; "
-        "`-keptbn-nohints-...-unlabeled` (the default since session 19): the labelled default's recipe on the "
-        "unlabelled images.",
+        "`-keptbn-nohints-...-unlabeled` (the default in session 19): the labelled default's recipe on the "
+        "unlabelled images; `-synth100-...-unlabeled` (the default since session 20): the same with the trigger "
+        "search on images refined for 100 steps.",
     ),
 }
 STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report

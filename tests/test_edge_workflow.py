@@ -307,6 +307,41 @@ def test_a_plan_estimates_the_time_of_the_training_passes_before_anything_runs()
     )  # weights only: nothing to time
 
 
+def test_the_estimate_charges_the_passes_after_pruning_for_the_smaller_model(monkeypatch):
+    """A recovery after ``Prune(macs=0.5)`` trains a model of half the MACs: its sample-steps count
+    half (the steps themselves are reported unscaled). One timed sample-step is set to 1 s here, the
+    only thing not computed from the passes."""
+    from ccpurify.passes import BCU, CleanCompact, Factorize, Fallback, Pipeline, Prune, Recover, TriggerPrune, base
+    from ccpurify.passes.data import UnlabeledData
+
+    monkeypatch.setattr(base, "seconds_per_sample_step", lambda model, context: 1.0)
+    model = ccpurify.models.create("preact_resnet18", width=0.125).eval()
+    recover = Recover(synthetic_images=16, synthetic_steps=2, epochs=2)
+    work = recover.sample_steps(base.PurifyContext())
+
+    def estimate(*passes):
+        return Pipeline(list(passes)).estimate_seconds(model, base.PurifyContext())
+
+    assert estimate(recover) == (work, work)
+    assert estimate(Prune(macs=0.5), recover) == (0.5 * work, work)
+    assert estimate(Prune(macs=0.8), Prune(macs=0.5), recover) == (0.4 * work, work)
+    assert estimate(Prune(macs=0.8), Prune(macs=0.5, of_pipeline_input=True), recover) == (0.5 * work, work)
+    # a target of the pipeline's input above what the model already keeps removes nothing
+    assert estimate(Prune(macs=0.5), Prune(macs=0.75, of_pipeline_input=True), recover) == (0.5 * work, work)
+    assert estimate(CleanCompact(macs=0.5), recover) == (0.5 * work, work)
+    unlabeled = base.PurifyContext(unlabeled_data=UnlabeledData(torch.zeros(8, 3, 32, 32)))
+    bcu = BCU(compact=Prune(macs=0.5), epochs=1)
+    bcu_work = bcu.sample_steps(unlabeled)
+    on_pool = recover.sample_steps(unlabeled)  # the recovery distils on the pool when there is one
+    assert Pipeline([bcu, recover]).estimate_seconds(model, unlabeled)[0] == bcu_work + 0.5 * on_pool
+    fallback = Fallback(TriggerPrune(images=8, synthesis_steps=2), Prune(macs=0.5))
+    fallback_work = fallback.sample_steps(base.PurifyContext())
+    assert estimate(fallback, recover) == (fallback_work + work, fallback_work + work)  # errs long
+    assert estimate(Prune(params=0.5), recover) == (work, work)  # a params target says nothing about MACs
+    assert estimate(Factorize(macs=0.25), recover) == (0.25 * work, work)
+    assert estimate(recover, Prune(macs=0.5)) == (work, work)  # only the passes after it
+
+
 def test_scoring_reports_its_progress_batch_by_batch():
     import numpy as np
 

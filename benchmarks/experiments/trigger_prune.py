@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "--trigger-model", default=TriggerPrune.trigger_model.value, choices=[m.value for m in TriggerModel]
         )
+        parser.add_argument(
+            "--synthesis-steps",
+            type=int,
+            default=TriggerPrune.synthesis_steps,
+            help="refinement steps of the synthetic images",
+        )
         parser.add_argument("--lift", type=float, default=TriggerPrune.min_lift, help="the gate's min_lift")
         parser.add_argument("--max-area", type=float, default=TriggerPrune.max_area, help="patch searches only")
         parser.add_argument(
@@ -43,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
                     max_fraction=fraction,
                     depth=args.depth,
                     min_lift=args.lift,
+                    synthesis_steps=args.synthesis_steps,
                     trigger_model=args.trigger_model,
                     **(patch_options if patch else {}),
                 )(entry.model, context)
                 d = report.details
                 key = f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}" + (f"-{args.trigger_model}" if patch else "")
+                if args.synthesis_steps != TriggerPrune.synthesis_steps:
+                    key += f"-synth{args.synthesis_steps}"
                 if args.lift != TriggerPrune.min_lift:
                     key += f"-lift{args.lift:g}"
                 if patch and args.max_area != TriggerPrune.max_area:

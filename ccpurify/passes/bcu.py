@@ -198,6 +198,10 @@ class BCU(Pass):
         compact = self.compact.sample_steps(context) if self.compact is not None else 0
         return compact + math.ceil(1.5 * self.epochs_for(images) * images)  # distillation: the teacher's forward too
 
+    def macs_kept(self, before: float) -> float:
+        """What the compact student keeps (its compression pass's ``macs_kept``), else ``before``."""
+        return self.compact.macs_kept(before) if self.compact is not None else before
+
     def check(self, model: nn.Module, context: PurifyContext) -> None:
         context.require_unlabeled_data("BCU").check(context.example_inputs, "BCU")
 

@@ -129,6 +129,10 @@ class CleanCompact(Pass):
             check_option_names(Recover, self.recover_options, "recover")
             Recover(**self.recover_options)  # its values are checked when it is built, before any work
 
+    def macs_kept(self, before: float) -> float:
+        """``macs`` of ``before`` (an energy target says nothing about MACs in advance)."""
+        return before if self.macs is None else before * self.macs
+
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         geometries, graph = eligible_layers(model, context, self.skip_stem, self.skip_output)
         scales: dict[str, torch.Tensor | None] = {}

@@ -162,6 +162,10 @@ class Factorize(Pass):
         if self.rank is not None and self.rank < 1:
             raise InvalidInputError("rank must be >= 1")
 
+    def macs_kept(self, before: float) -> float:
+        """``macs`` of ``before``; an energy or rank target says nothing about MACs in advance."""
+        return before if self.macs is None else before * self.macs
+
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         geometries, graph = eligible_layers(model, context, self.skip_stem, self.skip_output)
         if self.layers:

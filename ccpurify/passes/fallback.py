@@ -112,6 +112,10 @@ class Fallback(Pass):
         """At most both passes' work (``otherwise`` runs only where ``first`` finds nothing)."""
         return self.first.sample_steps(context) + self.otherwise.sample_steps(context)
 
+    def macs_kept(self, before: float) -> float:
+        """The larger of what either pass keeps: an estimate that errs long, as ``sample_steps``."""
+        return max(self.first.macs_kept(before), self.otherwise.macs_kept(before))
+
     def config(self) -> dict:
         return {
             "first": {"name": self.first.name, **self.first.config()},

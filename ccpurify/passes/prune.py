@@ -101,6 +101,13 @@ class Prune(Pass):
         if self.round_to is not None and self.round_to < 1:
             raise InvalidInputError(f"round_to must be a positive channel count, got {self.round_to}")
 
+    def macs_kept(self, before: float) -> float:
+        """``macs`` of ``before``, or of the pipeline's input with ``of_pipeline_input`` (where a model
+        already below it is left as it is); a params target says nothing about MACs."""
+        if self.macs is None:
+            return before
+        return min(before, self.macs) if self.of_pipeline_input else before * self.macs
+
     def _importance(self):
         if self.importance is Importance.MAGNITUDE:
             return tp.importance.GroupMagnitudeImportance(p=2)
