@@ -294,7 +294,8 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     compression, then its guarded recovery from the suspect on the defender's images (labels at
     weight 1 where there are labels), without feature hints; labelled data wins when both kinds
     are given. Only how long the trigger search refines its images may differ (each default's
-    own grid choice, session 20)."""
+    own grid choice, session 20), and only the data-free one unlearns the patch the search found
+    (session 21)."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     def defense_and_compression(passes: list) -> list[dict]:
@@ -308,7 +309,10 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
     recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
-    assert differs == {"data", "feature_weight", "hints_from"} | ({"hard_label_weight"} if label_weight else set())
+    assert differs == {"data", "feature_weight", "hints_from", "found_patch_weight"} | (
+        {"hard_label_weight"} if label_weight else set()
+    )
+    assert recover.found_patch_weight == 0  # the data-free default's unlearning of the found patch: session 21
     assert recover.data.value == data and recover.hard_label_weight == label_weight
     assert recover.invariance_keeps_bn_stats and recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET
@@ -358,6 +362,7 @@ def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in
     assert recover.data.value == "synthetic" and recover.teacher_from.value == "input" and recover.guard
     assert recover.hints_from.value == "guard" and recover.guard_targets.value == "shared"
     assert recover.feature_weight == 30 and recover.anchor_bn and recover.budget == DATAFREE_BUDGET == 10_240
+    assert recover.found_patch_weight == 1  # the patch TriggerPrune found is unlearned (session 21)
     assert recover.invariance_weight == 1.0 and recover.invariance_eps == 0.05 and recover.invariance_keeps_bn_stats
     assert recover.guard_revive_classes.value == "agreed"
 

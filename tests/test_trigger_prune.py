@@ -14,8 +14,9 @@ from torch import nn
 from ccpurify.data.datasets import CIFAR10
 from ccpurify.demo import ASSETS
 from ccpurify.errors import InvalidInputError
+from ccpurify.invariance import PatchTrigger
 from ccpurify.io import load_model
-from ccpurify.passes import CLP, Fallback, PurifyContext, TriggerPrune, create
+from ccpurify.passes import CLP, Fallback, Pipeline, PurifyContext, Recover, TriggerPrune, create
 from ccpurify.transforms import Normalize
 
 PIXELS = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # eps 0.15 of the pixel range: 0.6 here
@@ -178,6 +179,33 @@ def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gat
     assert report.details.training().sample_steps == 64 * 10 + (64 * 40 + 2 * 64) + (64 * 150 + 2 * 64)
 
 
+def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
+    """Given the demo BadNets model, TriggerPrune's reversed patch passes through the pipeline
+    (``context.found_triggers``) to ``Recover(found_patch_weight=1)``, which adds Neural Cleanse's
+    unlearning term on it: on the same images the first batch's loss is the plain recovery's plus
+    that term, so it is larger. The report keeps the patch's summary, not its tensors."""
+    recovery = dict(
+        data="synthetic", teacher_from="input", guard=True, synthetic_images=32, synthetic_steps=2, epochs=1
+    )
+    pipeline = Pipeline([TriggerPrune(**PATCH, trigger_model="both"), Recover(**recovery, found_patch_weight=1.0)])
+    _, report = pipeline(demo_badnets, cifar10_context())
+    search, recovered = report.passes[0].details, report.passes[1].details
+    (patch,) = search.found_triggers()
+    assert isinstance(patch, PatchTrigger) and patch.target == 0 and recovered.found_patches_unlearned == 1
+    saved = json.loads(json.dumps(report.to_dict()))
+    assert (
+        "passed" not in saved["passes"][0]["details"] and saved["passes"][0]["details"]["triggers"]["patch"]["passed"]
+    )
+    alone, _ = TriggerPrune(**PATCH, trigger_model="both")(demo_badnets, cifar10_context())
+    by_hand = cifar10_context()
+    by_hand.teacher, by_hand.pipeline_input, by_hand.found_triggers = alone, demo_badnets, (patch,)
+    plain = Recover(**recovery).recover(copy.deepcopy(alone), by_hand)
+    unlearned = Recover(**recovery, found_patch_weight=1.0).recover(copy.deepcopy(alone), by_hand)
+    assert plain.found_patches_unlearned == 0
+    assert unlearned.distill.loss_per_epoch[0] == pytest.approx(recovered.distill.loss_per_epoch[0], rel=1e-5)
+    assert unlearned.distill.loss_per_epoch[0] > plain.distill.loss_per_epoch[0] + 1e-3
+
+
 def test_a_patch_larger_than_max_area_does_not_pass_the_gate(demo_badnets):
     _, report = TriggerPrune(**PATCH, trigger_model="patch", max_area=0.001)(demo_badnets, cifar10_context())
     patch = report.details.triggers["patch"]
@@ -201,6 +229,30 @@ def test_fallback_runs_its_other_defense_only_where_the_first_found_no_backdoor(
     assert all(torch.equal(v, clp_model.state_dict()[k]) for k, v in fallback_model.state_dict().items())
     saved = json.loads(json.dumps(fell.to_dict()))  # the report a run directory keeps
     assert saved["details"]["first"]["gated"] is True and saved["config"]["first"]["name"] == "trigger_prune"
+
+
+def test_a_guarded_recovery_distills_from_the_detectors_output_only_where_it_found_the_backdoor():
+    """Recover(guard_teaches_if_found=True) after Fallback(TriggerPrune, CLP): where the planted
+    shortcut is found, TriggerPrune's output teaches (the suspect never does) and the trigger stays
+    removed; where the search is too weak and CLP acts, the suspect teaches under CLP's guard, as
+    without the option. The pipeline leaves the context as it found it."""
+    recovery = dict(
+        data="synthetic", teacher_from="input", guard=True, synthetic_images=32, synthetic_steps=2, epochs=1
+    )
+    model, ctx = shortcut_net(), context()
+    found = Pipeline([Fallback(TriggerPrune(**FAST), CLP()), Recover(**recovery, guard_teaches_if_found=True)])
+    purified, report = found(model, ctx)
+    assert report.passes[0].details.found_backdoor() and report.passes[1].details.teacher == "defense"
+    triggered = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(3)) + 0.6
+    assert to_class_zero(model, triggered) > 0.9 and to_class_zero(purified, triggered) < 0.5
+    assert ctx.teacher is None and ctx.teacher_found_backdoor is None
+    weak = TriggerPrune(**{**FAST, "eps": 0.005})
+    _, fell = Pipeline([Fallback(weak, CLP()), Recover(**recovery, guard_teaches_if_found=True)])(model, ctx)
+    assert fell.passes[0].details.found_backdoor() is None and fell.passes[1].details.teacher == "input"
+    _, plain = Pipeline([Fallback(TriggerPrune(**FAST), CLP()), Recover(**recovery)])(model, ctx)
+    assert plain.passes[1].details.teacher == "input"
+    with pytest.raises(InvalidInputError, match="guard_teaches_if_found .*need guard=True"):
+        Recover(guard_teaches_if_found=True)
 
 
 def test_fallback_runs_its_other_defense_alone_where_the_first_cannot_apply_and_refuses_a_non_detector():

@@ -58,6 +58,9 @@ class PurifyContext:
     normalize: Normalize | None = None
     teacher: nn.Module | None = None  # set by Pipeline: the latest defense's output (for Recover)
     pipeline_input: nn.Module | None = None  # set by Pipeline: the model it was given (Recover(teacher_from="input"))
+    # set by Pipeline: what the latest defense's ``PassDetails.found_backdoor()`` and ``found_triggers()`` said
+    teacher_found_backdoor: bool | None = None
+    found_triggers: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         self.normalize = as_normalize(self.normalize)  # (mean, std) as the API takes it, checked
@@ -108,6 +111,12 @@ class PassDetails:
         """For a pass that searches for a backdoor before it acts (``TriggerPrune``): whether it found
         one (``Fallback`` runs its other defense where it did not); None for passes that always act."""
         return None
+
+    def found_triggers(self) -> tuple[Any, ...]:
+        """The reversed triggers behind a found backdoor (``TriggerPrune``'s ``invariance.PatchTrigger``
+        and ``UniversalTrigger`` that passed its gate), for a later ``Recover`` to unlearn; empty
+        for passes that reverse none, or found nothing."""
+        return ()
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -342,13 +351,15 @@ class Pipeline:
     def __call__(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[nn.Module, PipelineReport]:
         """Run the passes in order. ``context.teacher`` starts as the input model and becomes each
         defense's output, so a later ``Recover`` distills from the purified, not the suspect, model
-        (unless it asks for ``context.pipeline_input``, the model given here)."""
+        (unless it asks for ``context.pipeline_input``, the model given here); with it,
+        ``context.teacher_found_backdoor`` says whether that defense found the backdoor and
+        ``context.found_triggers`` holds the triggers it reversed."""
         context = context or PurifyContext()
         for p in self.passes:  # a pass that cannot apply is refused before the earlier ones spend minutes
             p.check(model, context)
-        outer_teacher, outer_input = context.teacher, context.pipeline_input
-        context.teacher = model
-        context.pipeline_input = model if outer_input is None else outer_input
+        outer = context.teacher, context.pipeline_input, context.teacher_found_backdoor, context.found_triggers
+        context.teacher, context.teacher_found_backdoor, context.found_triggers = model, None, ()
+        context.pipeline_input = model if outer[1] is None else outer[1]
         reports = []
         try:
             for p in self.passes:
@@ -356,8 +367,10 @@ class Pipeline:
                 reports.append(report)
                 if p.kind == "defense":
                     context.teacher = model
+                    context.teacher_found_backdoor = report.details.found_backdoor()
+                    context.found_triggers = report.details.found_triggers()
         finally:
-            context.teacher, context.pipeline_input = outer_teacher, outer_input
+            context.teacher, context.pipeline_input, context.teacher_found_backdoor, context.found_triggers = outer
         return model, PipelineReport(reports)
 
     def estimate_seconds(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[float, int]:

@@ -38,6 +38,10 @@ class FallbackDetails(PassDetails):
     def found_backdoor(self) -> bool | None:
         return (self.otherwise or self.first).found_backdoor()
 
+    def found_triggers(self) -> tuple:
+        """What the pass whose output this is reversed (``first``'s only where ``otherwise`` did not run)."""
+        return (self.otherwise or self.first).found_triggers()
+
     def training(self) -> Training | None:
         """Both passes' images and sample-steps added up: each made its own."""
         trained = [t for d in (self.first, self.otherwise) if d is not None and (t := d.training()) is not None]

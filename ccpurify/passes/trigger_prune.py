@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -143,6 +143,8 @@ class TriggerPruneDetails(PassDetails):
     zeroed: int | None = None
     images: int = 0  # synthetic images made and scored on
     sample_steps: int = 0  # about the image forwards and backwards spent (``TriggerPrune.sample_steps``)
+    # The triggers that passed the gate, as fitted (tensors: not in ``to_dict``; ``triggers`` summarises them).
+    passed: tuple[UniversalTrigger | PatchTrigger, ...] = field(default=(), repr=False)
 
     def training(self) -> Training:
         return Training(self.images, "synthetic", self.sample_steps)
@@ -151,6 +153,12 @@ class TriggerPruneDetails(PassDetails):
         """A trigger passed its gate *and* channels were silenced: a trigger that switches on no
         channel above ``min_gain`` leaves the model as it was, as if none had been found."""
         return not self.gated and self.flagged > 0
+
+    def found_triggers(self) -> tuple[UniversalTrigger | PatchTrigger, ...]:
+        return self.passed if self.found_backdoor() else ()
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in PassDetails.to_dict(replace(self, passed=())).items() if k != "passed"}
 
     def choices(self) -> str:
         found = []
@@ -299,6 +307,7 @@ class TriggerPrune(Pass):
             top_gains=[round(g, 3) for g, _, _ in ranked[:10]],
             images=len(images),
             sample_steps=self.sample_steps(context),
+            passed=tuple(t for t, passed in found.values() if passed),
         )
         zero_bn_channels(model, flagged, beta=True)  # scale and shift 0: the channel outputs 0
         # Channels whose BN normalises one conv's output go physically; the others (a pre-activation
