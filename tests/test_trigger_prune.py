@@ -204,6 +204,11 @@ def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
     assert plain.found_patches_unlearned == 0
     assert unlearned.distill.loss_per_epoch[0] == pytest.approx(recovered.distill.loss_per_epoch[0], rel=1e-5)
     assert unlearned.distill.loss_per_epoch[0] > plain.distill.loss_per_epoch[0] + 1e-3
+    # With no defense before it there is nothing to unlearn: refused, not silently ignored.
+    with pytest.raises(InvalidInputError, match="no defense ran before it"):
+        Pipeline([Recover(**{**recovery, "guard": False, "teacher_from": "self"}, found_patch_weight=1.0)])(
+            demo_badnets, cifar10_context()
+        )
 
 
 def test_a_patch_larger_than_max_area_does_not_pass_the_gate(demo_badnets):

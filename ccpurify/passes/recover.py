@@ -49,9 +49,11 @@ from ccpurify.invariance import (
     PATCH_STEPS,
     PERTURBATION_STEPS,
     Invariances,
+    InvarianceTerm,
     PatchInvariance,
     PatchTrigger,
     TriggerInvariance,
+    UniversalTrigger,
     fit_patch_trigger,
     fit_universal_trigger,
     perturbation_bound,
@@ -408,7 +410,58 @@ class Recover(Pass):
             )
         return context.teacher.to(context.device).eval()
 
+    def _check_found_patches_can_come(self, context: PurifyContext) -> None:
+        """``found_patch_weight`` needs a defense earlier in the pipeline to hand on what it found:
+        without one, refuse before any work rather than unlearn nothing in silence."""
+        if self.found_patch_weight > 0 and (context.teacher is None or context.teacher is context.pipeline_input):
+            raise InvalidInputError(
+                "Recover(found_patch_weight > 0) unlearns the patch trigger a defense before it found, and no defense "
+                "ran before it: put one first (e.g. ccpurify.purify(model, [TriggerPrune(), Recover(found_patch_weight=1)])), "
+                "or use found_patch_weight=0"
+            )
+
+    def _invariance_terms(
+        self, teacher: nn.Module, images: torch.Tensor, context: PurifyContext
+    ) -> tuple[UniversalTrigger | None, PatchTrigger | None, int, InvarianceTerm | None]:
+        """The distillation's invariance terms (the universal perturbation's, the fitted patch's, and the
+        unlearning of the patches a defense before it found) with the triggers fitted on ``teacher`` and
+        how many found patches are unlearned."""
+        trigger = invariance = None
+        if self.invariance_weight > 0 or self.suppress_target:
+            bound = perturbation_bound(self.invariance_eps, images, context.normalize)
+            trigger = fit_universal_trigger(
+                teacher, images, bound, generator=context.generator(17), device=context.device
+            )
+        if self.invariance_weight > 0:
+            invariance = TriggerInvariance(
+                trigger,
+                self.invariance_weight,
+                scale=self.invariance_scale,
+                generator=context.generator(19),
+                keep_bn_stats=self.invariance_keeps_bn_stats,
+            )
+        patch = None
+        if self.invariance_patch_weight > 0:
+            patch = fit_patch_trigger(
+                teacher,
+                images,
+                context.normalize,
+                penalty=self.invariance_patch_penalty,
+                generator=context.generator(21),
+                device=context.device,
+            )
+            patched = PatchInvariance(patch, self.invariance_patch_weight, self.invariance_keeps_bn_stats)
+            invariance = patched if invariance is None else Invariances([invariance, patched])
+        found_patches = [t for t in context.found_triggers if isinstance(t, PatchTrigger)]
+        if self.found_patch_weight > 0 and found_patches:
+            unlearned = [
+                PatchInvariance(p, self.found_patch_weight, self.invariance_keeps_bn_stats) for p in found_patches
+            ]
+            invariance = Invariances([*([invariance] if invariance is not None else []), *unlearned])
+        return trigger, patch, len(found_patches) if self.found_patch_weight > 0 else 0, invariance
+
     def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
+        self._check_found_patches_can_come(context)
         teacher = self._teacher(student, context).to(context.device).eval()
         guard = self._guard(context)
         guard_teaches = guard is not None and self.guard_teaches_if_found and context.teacher_found_backdoor is True
@@ -444,38 +497,7 @@ class Recover(Pass):
             anchored_bn_update(student, teacher, images[:256], correspondence, context.device)
         elif self.recalibrate:
             recalibrate_bn(student, images, self.batch_size, context.device)
-        trigger = invariance = None
-        if self.invariance_weight > 0 or self.suppress_target:
-            bound = perturbation_bound(self.invariance_eps, images, context.normalize)
-            trigger = fit_universal_trigger(
-                teacher, images, bound, generator=context.generator(17), device=context.device
-            )
-        if self.invariance_weight > 0:
-            invariance = TriggerInvariance(
-                trigger,
-                self.invariance_weight,
-                scale=self.invariance_scale,
-                generator=context.generator(19),
-                keep_bn_stats=self.invariance_keeps_bn_stats,
-            )
-        patch = None
-        if self.invariance_patch_weight > 0:
-            patch = fit_patch_trigger(
-                teacher,
-                images,
-                context.normalize,
-                penalty=self.invariance_patch_penalty,
-                generator=context.generator(21),
-                device=context.device,
-            )
-            patched = PatchInvariance(patch, self.invariance_patch_weight, self.invariance_keeps_bn_stats)
-            invariance = patched if invariance is None else Invariances([invariance, patched])
-        found_patches = [t for t in context.found_triggers if isinstance(t, PatchTrigger)]
-        if self.found_patch_weight > 0 and found_patches:
-            unlearned = [
-                PatchInvariance(p, self.found_patch_weight, self.invariance_keeps_bn_stats) for p in found_patches
-            ]
-            invariance = Invariances([*([invariance] if invariance is not None else []), *unlearned])
+        trigger, patch, unlearned_patches, invariance = self._invariance_terms(teacher, images, context)
         silenced, frozen = freeze_silenced_channels(student) if self.teacher_from is TeacherSource.INPUT else ([], 0)
         epochs = epochs_for_budget(self.epochs, self.budget, len(images))
         try:
@@ -529,7 +551,7 @@ class Recover(Pass):
             universal_trigger=trigger.summary() if trigger is not None else None,
             patch_trigger=patch.summary() if patch is not None else None,
             guard_revived_classes=revived,
-            found_patches_unlearned=len(found_patches) if self.found_patch_weight > 0 else 0,
+            found_patches_unlearned=unlearned_patches,
         )
 
     def _data(self, teacher: nn.Module, context: PurifyContext):
