@@ -710,6 +710,14 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         "unlabeled",
         lambda m: datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
     ),
+    # ... with the recovery unlearning the patch TriggerPrune found, as the data-free default since session 21.
+    "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled-foundpatch": (
+        "unlabeled",
+        lambda m: with_recovery_options(
+            datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
+            found_patch_weight=FOUND_PATCH_WEIGHT,
+        ),
+    ),
     "bcu-compact": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m))])),
     # The same for a fixed UNLABELED_BUDGET sample-steps, whatever the number of images.
     "bcu-compact-budget": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m), budget=UNLABELED_BUDGET)])),
