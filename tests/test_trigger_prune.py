@@ -181,7 +181,7 @@ def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gat
 
 def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
     """Given the demo BadNets model, TriggerPrune's reversed patch passes through the pipeline
-    (``context.found_triggers``) to ``Recover(found_patch_weight=1)``, which adds Neural Cleanse's
+    (``context.teacher_details``) to ``Recover(found_patch_weight=1)``, which adds Neural Cleanse's
     unlearning term on it: on the same images the first batch's loss is the plain recovery's plus
     that term, so it is larger. The report keeps the patch's summary, not its tensors."""
     recovery = dict(
@@ -198,7 +198,7 @@ def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
     )
     alone, _ = TriggerPrune(**PATCH, trigger_model="both")(demo_badnets, cifar10_context())
     by_hand = cifar10_context()
-    by_hand.teacher, by_hand.pipeline_input, by_hand.found_triggers = alone, demo_badnets, (patch,)
+    by_hand.teacher, by_hand.pipeline_input, by_hand.teacher_details = alone, demo_badnets, search
     plain = Recover(**recovery).recover(copy.deepcopy(alone), by_hand)
     unlearned = Recover(**recovery, found_patch_weight=1.0).recover(copy.deepcopy(alone), by_hand)
     assert plain.found_patches_unlearned == 0
@@ -250,7 +250,7 @@ def test_a_guarded_recovery_distills_from_the_detectors_output_only_where_it_fou
     assert report.passes[0].details.found_backdoor() and report.passes[1].details.teacher == "defense"
     triggered = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(3)) + 0.6
     assert to_class_zero(model, triggered) > 0.9 and to_class_zero(purified, triggered) < 0.5
-    assert ctx.teacher is None and ctx.teacher_found_backdoor is None
+    assert ctx.teacher is None and ctx.teacher_details is None
     weak = TriggerPrune(**{**FAST, "eps": 0.005})
     _, fell = Pipeline([Fallback(weak, CLP()), Recover(**recovery, guard_teaches_if_found=True)])(model, ctx)
     assert fell.passes[0].details.found_backdoor() is None and fell.passes[1].details.teacher == "input"

@@ -58,9 +58,8 @@ class PurifyContext:
     normalize: Normalize | None = None
     teacher: nn.Module | None = None  # set by Pipeline: the latest defense's output (for Recover)
     pipeline_input: nn.Module | None = None  # set by Pipeline: the model it was given (Recover(teacher_from="input"))
-    # set by Pipeline: what the latest defense's ``PassDetails.found_backdoor()`` and ``found_triggers()`` said
-    teacher_found_backdoor: bool | None = None
-    found_triggers: tuple[Any, ...] = ()
+    # set by Pipeline: the latest defense's details (``found_backdoor()``, ``found_triggers()``: what it found)
+    teacher_details: PassDetails | None = None
 
     def __post_init__(self) -> None:
         self.normalize = as_normalize(self.normalize)  # (mean, std) as the API takes it, checked
@@ -352,13 +351,12 @@ class Pipeline:
         """Run the passes in order. ``context.teacher`` starts as the input model and becomes each
         defense's output, so a later ``Recover`` distills from the purified, not the suspect, model
         (unless it asks for ``context.pipeline_input``, the model given here); with it,
-        ``context.teacher_found_backdoor`` says whether that defense found the backdoor and
-        ``context.found_triggers`` holds the triggers it reversed."""
+        ``context.teacher_details`` says what that defense found."""
         context = context or PurifyContext()
         for p in self.passes:  # a pass that cannot apply is refused before the earlier ones spend minutes
             p.check(model, context)
-        outer = context.teacher, context.pipeline_input, context.teacher_found_backdoor, context.found_triggers
-        context.teacher, context.teacher_found_backdoor, context.found_triggers = model, None, ()
+        outer = context.teacher, context.pipeline_input, context.teacher_details
+        context.teacher, context.teacher_details = model, None
         context.pipeline_input = model if outer[1] is None else outer[1]
         reports = []
         try:
@@ -366,11 +364,9 @@ class Pipeline:
                 model, report = p(model, context)
                 reports.append(report)
                 if p.kind == "defense":
-                    context.teacher = model
-                    context.teacher_found_backdoor = report.details.found_backdoor()
-                    context.found_triggers = report.details.found_triggers()
+                    context.teacher, context.teacher_details = model, report.details
         finally:
-            context.teacher, context.pipeline_input, context.teacher_found_backdoor, context.found_triggers = outer
+            context.teacher, context.pipeline_input, context.teacher_details = outer
         return model, PipelineReport(reports)
 
     def estimate_seconds(self, model: nn.Module, context: PurifyContext | None = None) -> tuple[float, int]:

@@ -266,7 +266,7 @@ class Recover(Pass):
     # always acts (OTBR), the suspect teaches under the guard as before.
     guard_teaches_if_found: bool = False
     # > 0: Neural Cleanse's unlearning (``invariance.PatchInvariance``) of the patch trigger the latest
-    # defense reversed and removed (``context.found_triggers``: TriggerPrune's, also inside Fallback), at
+    # defense reversed and removed (its ``found_triggers()``: TriggerPrune's, also inside Fallback), at
     # this weight, so the distillation from the suspect cannot teach it back. VGG16-BN BadNets after the
     # data-free default: validation CA / ASR 85.3 / 8.9% -> 85.6 / 3.4% at weight 1 (session 21).
     found_patch_weight: NonNegativeFloat = 0.0
@@ -399,10 +399,15 @@ class Recover(Pass):
             )
         return teacher
 
+    @staticmethod
+    def _defense_ran_before(context: PurifyContext) -> bool:
+        """Whether a ``Pipeline`` ran a defense before this pass (``context.teacher`` is then its output)."""
+        return context.teacher is not None and context.teacher is not context.pipeline_input
+
     def _guard(self, context: PurifyContext) -> nn.Module | None:
         if not self.guard:
             return None
-        if context.teacher is None or context.teacher is context.pipeline_input:  # teacher_from: __post_init__
+        if not self._defense_ran_before(context):  # teacher_from: __post_init__
             raise InvalidInputError(
                 "Recover(guard=True) vetoes the suspect teacher with the output of a defense that runs before it, and "
                 "no defense ran before it: put one first (e.g. ccpurify.purify(model, [OTBR(), Recover(guard=True, "
@@ -413,7 +418,7 @@ class Recover(Pass):
     def _check_found_patches_can_come(self, context: PurifyContext) -> None:
         """``found_patch_weight`` needs a defense earlier in the pipeline to hand on what it found:
         without one, refuse before any work rather than unlearn nothing in silence."""
-        if self.found_patch_weight > 0 and (context.teacher is None or context.teacher is context.pipeline_input):
+        if self.found_patch_weight > 0 and not self._defense_ran_before(context):
             raise InvalidInputError(
                 "Recover(found_patch_weight > 0) unlearns the patch trigger a defense before it found, and no defense "
                 "ran before it: put one first (e.g. ccpurify.purify(model, [TriggerPrune(), Recover(found_patch_weight=1)])), "
@@ -452,19 +457,24 @@ class Recover(Pass):
             )
             patched = PatchInvariance(patch, self.invariance_patch_weight, self.invariance_keeps_bn_stats)
             invariance = patched if invariance is None else Invariances([invariance, patched])
-        found_patches = [t for t in context.found_triggers if isinstance(t, PatchTrigger)]
-        if self.found_patch_weight > 0 and found_patches:
-            unlearned = [
-                PatchInvariance(p, self.found_patch_weight, self.invariance_keeps_bn_stats) for p in found_patches
-            ]
+        details = context.teacher_details
+        found = details.found_triggers() if details is not None and self.found_patch_weight > 0 else ()
+        unlearned = [
+            PatchInvariance(t, self.found_patch_weight, self.invariance_keeps_bn_stats)
+            for t in found
+            if isinstance(t, PatchTrigger)
+        ]
+        if unlearned:
             invariance = Invariances([*([invariance] if invariance is not None else []), *unlearned])
-        return trigger, patch, len(found_patches) if self.found_patch_weight > 0 else 0, invariance
+        return trigger, patch, len(unlearned), invariance
 
     def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
         self._check_found_patches_can_come(context)
         teacher = self._teacher(student, context).to(context.device).eval()
         guard = self._guard(context)
-        guard_teaches = guard is not None and self.guard_teaches_if_found and context.teacher_found_backdoor is True
+        details = context.teacher_details
+        found = details is not None and details.found_backdoor() is True
+        guard_teaches = guard is not None and self.guard_teaches_if_found and found
         if guard_teaches:
             teacher = guard
         # Images are made from the guard when there is one: its class term cannot aim them at a trigger.
@@ -534,13 +544,13 @@ class Recover(Pass):
                 hints.remove()
             for handle in silenced:
                 handle.remove()
+        if self.teacher is not None:
+            taught_by = "given"
+        else:
+            taught_by = TeacherSource.DEFENSE.value if guard_teaches else self.teacher_from.value
         return RecoverDetails(
             data=source.value,
-            teacher="given"
-            if self.teacher is not None
-            else TeacherSource.DEFENSE.value
-            if guard_teaches
-            else self.teacher_from.value,
+            teacher=taught_by,
             bn_recalibrated=self.recalibrate,
             bn_anchored=self.recalibrate and self.anchor_bn,
             distill=log,
