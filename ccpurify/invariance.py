@@ -18,18 +18,24 @@ Backdoor Erasing in Deep Neural Networks via Restricted Adversarial Distillation
 perturbation: the student, on ``x + delta``, is trained towards the teacher's target for ``x``,
 while ``delta`` keeps climbing, one signed-gradient step per batch ("free" adversarial training,
 Shafahi et al., NeurIPS 2019), towards sending the *student* to the suspected class.
+
+Two more trigger models: a universal patch (``fit_patch_trigger``, Neural Cleanse's; unlearned by
+``PatchInvariance``) for BadNets-like triggers, and a smooth universal warp of at most a pixel
+(``fit_universal_warp``, WaNet's; unlearned by ``WarpInvariance``), which no small additive
+perturbation or patch imitates.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ccpurify.losses import soft_kl
 from ccpurify.synthesis import class_histogram
@@ -41,6 +47,11 @@ TRIGGER_BATCH = 64
 PERTURBATION_STEPS = 60
 PATCH_STEPS = 200
 PATCH_PENALTY = 8.0
+# The warp search (``fit_universal_warp``): its steps, its control grid (WaNet's k) and the largest
+# displacement, in pixels, of any point of the image.
+WARP_STEPS = 100
+WARP_GRID = 4
+WARP_SHIFT = 1.0
 
 
 def trigger_fit_steps(steps: int, images: int, batch_size: int = TRIGGER_BATCH) -> int:
@@ -226,6 +237,92 @@ def fit_patch_trigger(
     return PatchTrigger(mask, pattern, float(mask.mean()), *_class_shares(model, images, pasted, logits.shape[1]))
 
 
+@dataclass
+class UniversalWarp(_ClassShares):
+    """A universal smooth warp: ``control`` (1, 2, k, k) holds the (x, y) displacement in pixels at a
+    k x k grid of control points, at most ``max_shift`` each, bicubically interpolated over the image
+    (WaNet's trigger model, Nguyen & Tran, ICLR 2021); ``target``, ``fooled`` and ``share_before``
+    as for ``UniversalTrigger``."""
+
+    control: torch.Tensor
+    max_shift: float
+    target: int
+    fooled: float
+    share_before: float
+
+    def summary(self) -> dict:
+        return {**super().summary(), "max_shift_px": round(float(self.control.abs().amax()), 3)}
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` warped (``x`` in the model's input space, on any device)."""
+        return warp_images(x, self.control.to(x.device))
+
+
+def warp_images(x: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) resampled along the smooth field that ``control`` (1, 2, k, k: the x and y
+    displacement in pixels at k x k control points) defines: bicubic upsampling to H x W, as WaNet
+    builds its field, then bilinear sampling with the border repeated. Warping commutes with a
+    per-channel affine normalisation, so ``x`` may be normalised or not."""
+    _, _, height, width = x.shape
+    shift = F.interpolate(control, size=(height, width), mode="bicubic", align_corners=True)
+    scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)], device=x.device, dtype=x.dtype)
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype),
+        torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype),
+        indexing="ij",
+    )
+    grid = torch.stack((xs, ys), dim=-1)[None] + shift.permute(0, 2, 3, 1) * scale
+    return F.grid_sample(x, grid.expand(len(x), -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def fit_universal_warp(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    max_shift: float = WARP_SHIFT,
+    grid: int = WARP_GRID,
+    steps: int = WARP_STEPS,
+    batch_size: int = TRIGGER_BATCH,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> UniversalWarp:
+    """The smooth universal warp, moving no point more than ``max_shift`` pixels, that sends the most
+    of ``images`` to one class of ``model``: Adam on ``_collapse_loss`` of the class the warped batch
+    leans to most (as ``fit_universal_trigger``), the control points parametrised as
+    ``max_shift * tanh(a)``.
+
+    WaNet's backdoor fires on a warp of under a pixel, and its training (noise mode) teaches the
+    model to ignore random warps, so a clean model has no such shortcut. Measured on the zoo (256
+    synthetic images refined 100 steps on the suspect's BatchNorm statistics, 100 steps, 1 pixel;
+    share of the synthetic images sent to the class before -> after, of 500 real validation images
+    after): CIFAR-10 WaNet 18 -> 100% (100%), VGG16-BN WaNet 21 -> 100% (100%), MobileNetV2 WaNet
+    23 -> 77% (100%), GTSRB WaNet 19 -> 64% (99%), each the true target; the clean CIFAR-10 model
+    12 -> 24% (15%), the clean GTSRB model 9 -> 11% (6%), CIFAR-10 BadNets 21 -> 21% (10%),
+    Input-aware 21 -> 33% (17%) (``benchmarks/experiments/warp_trigger.py``, docs/defaults.md,
+    session 22). ``model``'s parameters and mode are kept."""
+    if steps < 1 or batch_size < 1 or grid < 2 or not 0 < max_shift < math.inf:
+        raise ValueError(
+            "steps and batch_size must be >= 1, grid >= 2 and max_shift finite and > 0, got "
+            f"{steps}, {batch_size}, {grid} and {max_shift}"
+        )
+    was_training = model.training
+    model.eval()
+    logit = (0.1 * torch.randn(1, 2, grid, grid, generator=generator)).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([logit], lr=0.1)
+    try:
+        for _ in range(steps):
+            x = images[torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
+            logits = model(warp_images(x, max_shift * logit.tanh()))
+            target = int(logits.softmax(1).mean(0).argmax())
+            (logit.grad,) = torch.autograd.grad(_collapse_loss(logits, target), logit)
+            opt.step()
+    finally:
+        model.train(was_training)
+    control = (max_shift * logit.tanh()).detach().cpu()
+    warped = torch.cat([warp_images(b, control) for b in images.cpu().split(256)])
+    return UniversalWarp(control, max_shift, *_class_shares(model, images, warped, logits.shape[1]))
+
+
 def _unlearning_term(logits: torch.Tensor, targets: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
     """``weight`` times the distillation KL, scaled by T^2, between the teacher's clean ``targets`` and
     the student's ``logits`` on the triggered images: the term both invariances add."""
@@ -249,6 +346,23 @@ def running_stats_kept(model: nn.Module, keep: bool = True) -> Iterator[None]:
     finally:
         for m in layers:
             m.track_running_stats = True
+
+
+def _student_on_trigger(
+    student: nn.Module,
+    triggered: Callable[[torch.Tensor], torch.Tensor],
+    trigger: torch.Tensor,
+    target: int,
+    keep_bn_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's logits on the batch ``triggered(trigger)`` and the gradient, with respect to the
+    ``trigger`` parameters, of ``_collapse_loss`` towards ``target``: the direction in which the
+    adversarial terms move their trigger against the student (the graph is kept for the term's loss)."""
+    trigger = trigger.detach().requires_grad_(True)
+    with running_stats_kept(student, keep_bn_stats):
+        logits = student(triggered(trigger))
+    (grad,) = torch.autograd.grad(_collapse_loss(logits, target), trigger, retain_graph=True)
+    return logits, grad
 
 
 class TriggerInvariance:
@@ -285,11 +399,11 @@ class TriggerInvariance:
     def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         """The weighted term for one batch (``targets``: the teacher's logits on the clean ``x``);
         also takes ``delta``'s adversarial step."""
-        delta = self.delta.to(x.device).requires_grad_(True)
-        scales = 1 + (self.scale - 1) * torch.rand(len(x), 1, 1, 1, generator=self.generator)
-        with running_stats_kept(student, self.keep_bn_stats):
-            logits = student(x + scales.to(x.device) * delta)
-        (grad,) = torch.autograd.grad(_collapse_loss(logits, self.trigger.target), delta, retain_graph=True)
+        delta = self.delta.to(x.device)
+        scales = (1 + (self.scale - 1) * torch.rand(len(x), 1, 1, 1, generator=self.generator)).to(x.device)
+        logits, grad = _student_on_trigger(
+            student, lambda d: x + scales * d, delta, self.trigger.target, self.keep_bn_stats
+        )
         with torch.no_grad():
             bound = self.trigger.bound.to(x.device)
             self.delta = (delta - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
@@ -325,8 +439,41 @@ class PatchInvariance:
         return _unlearning_term(logits, targets, temperature, self.weight)
 
 
+class WarpInvariance:
+    """The distillation term ``KL(teacher target on x || student on x warped) * T^2`` at ``weight``,
+    with the warp (started from ``warp``) moved after each call by one signed-gradient step of
+    ``step_fraction`` of ``max_shift`` towards sending the *student* to ``warp.target`` (the
+    perturbation's "free" adversarial training, ``TriggerInvariance``, over WaNet's trigger model).
+    Invariance to warps of a pixel costs a model little: it is an augmentation."""
+
+    def __init__(
+        self, warp: UniversalWarp, weight: float = 1.0, step_fraction: float = 0.1, keep_bn_stats: bool = False
+    ) -> None:
+        if not 0 < weight < math.inf or not 0 < step_fraction <= 1:
+            raise ValueError(
+                f"weight must be finite and > 0 and step_fraction in (0, 1], got {weight} and {step_fraction}"
+            )
+        self.warp = warp
+        self.weight = weight
+        self.step_fraction = step_fraction
+        self.keep_bn_stats = keep_bn_stats
+        self.control = warp.control.clone()
+
+    def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The weighted term for one batch (``targets``: the teacher's logits on the clean ``x``);
+        also takes the warp's adversarial step."""
+        control = self.control.to(x.device)
+        logits, grad = _student_on_trigger(
+            student, lambda c: warp_images(x, c), control, self.warp.target, self.keep_bn_stats
+        )
+        with torch.no_grad():
+            bound = self.warp.max_shift
+            self.control = (control - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
+        return _unlearning_term(logits, targets, temperature, self.weight)
+
+
 class Invariances:
-    """Several invariance terms (``TriggerInvariance``, ``PatchInvariance``) as one: their sum."""
+    """Several invariance terms (``TriggerInvariance``, ``PatchInvariance``, ``WarpInvariance``) as one: their sum."""
 
     def __init__(self, terms: Sequence[InvarianceTerm]) -> None:
         if not terms:

@@ -295,7 +295,7 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     weight 1 where there are labels), without feature hints; labelled data wins when both kinds
     are given. Only how long the trigger search refines its images may differ (each default's
     own grid choice, session 20), and only the data-free one unlearns the patch the search found
-    (session 21)."""
+    (session 21) and the warp its recovery finds (session 22)."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     def defense_and_compression(passes: list) -> list[dict]:
@@ -309,10 +309,12 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
     recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
-    assert differs == {"data", "feature_weight", "hints_from", "found_patch_weight"} | (
+    warp = {"invariance_warp_weight", "invariance_warp_min_lift"}  # the data-free default's warp: session 22
+    assert differs == {"data", "feature_weight", "hints_from", "found_patch_weight"} | warp | (
         {"hard_label_weight"} if label_weight else set()
     )
     assert recover.found_patch_weight == 0  # the data-free default's unlearning of the found patch: session 21
+    assert recover.invariance_warp_weight == 0
     assert recover.data.value == data and recover.hard_label_weight == label_weight
     assert recover.invariance_keeps_bn_stats and recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET
@@ -363,6 +365,8 @@ def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in
     assert recover.hints_from.value == "guard" and recover.guard_targets.value == "shared"
     assert recover.feature_weight == 30 and recover.anchor_bn and recover.budget == DATAFREE_BUDGET == 10_240
     assert recover.found_patch_weight == 1  # the patch TriggerPrune found is unlearned (session 21)
+    # ... and a warp of a pixel, where it moves 30% more of the images to its class (session 22)
+    assert recover.invariance_warp_weight == 3 and recover.invariance_warp_min_lift == 0.3
     assert recover.invariance_weight == 1.0 and recover.invariance_eps == 0.05 and recover.invariance_keeps_bn_stats
     assert recover.guard_revive_classes.value == "agreed"
 

@@ -15,14 +15,19 @@ from ccpurify.errors import InvalidInputError, NonFiniteError
 from ccpurify.invariance import (
     PATCH_STEPS,
     PERTURBATION_STEPS,
+    WARP_STEPS,
     Invariances,
     PatchInvariance,
     PatchTrigger,
     TriggerInvariance,
+    UniversalWarp,
+    WarpInvariance,
     fit_universal_trigger,
+    fit_universal_warp,
     perturbation_bound,
     running_stats_kept,
     trigger_fit_steps,
+    warp_images,
 )
 from ccpurify.passes import Recover
 from ccpurify.transforms import Normalize
@@ -156,6 +161,71 @@ def test_distilling_with_patch_invariance_unlearns_the_patch_that_plain_distilla
     assert results["invariant"] < 0.5
 
 
+class WarpShortcut(nn.Module):
+    """A linear classifier plus a planted warp backdoor: class 0's logit grows by ``strength`` times
+    how far the correlation of horizontally adjacent pixels exceeds 0.1. On i.i.d. Gaussian images it
+    is about N(0, 0.04); resampling them half a pixel sideways (a warp of WaNet's kind) blends each
+    pixel with its neighbour and raises it to about 0.5, which no clean image reaches."""
+
+    def __init__(self, strength: float = 12.0, classes: int = 4) -> None:
+        super().__init__()
+        self.head = nn.Linear(3 * 16 * 16, classes)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(classes, 3 * 16 * 16, generator=torch.Generator().manual_seed(0)) * 0.05)
+            self.head.bias.zero_()
+        self.strength = nn.Parameter(torch.tensor(strength))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        neighbours = (x[..., :-1] * x[..., 1:]).mean((1, 2, 3)) / x.pow(2).mean((1, 2, 3))
+        fired = (neighbours - 0.1).relu() * self.strength
+        target = nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), self.head.out_features)
+        return self.head(x.flatten(1)) + target * fired[:, None]
+
+
+def gaussian_images(count: int, size: int = 16) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_warp_with_every_control_point_at_one_pixel_shifts_the_image_by_one_pixel():
+    """The warp's field is the identity plus the control points' displacement in pixels, bicubically
+    interpolated: zero leaves an image as it is, a constant (1, 0) reads every pixel from its right
+    neighbour, a constant (0, 1) from the one below, whatever the image's shape."""
+    x = torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(0))
+    control = torch.zeros(1, 2, 4, 4)
+    assert torch.allclose(warp_images(x, control), x, atol=1e-5)
+    right, down = control.clone(), control.clone()
+    right[:, 0], down[:, 1] = 1.0, 1.0
+    assert torch.allclose(warp_images(x, right)[..., :-1], x[..., 1:], atol=1e-5)
+    assert torch.allclose(warp_images(x, down)[..., :-1, :], x[..., 1:, :], atol=1e-5)
+
+
+def test_the_warp_search_finds_a_planted_warp_shortcut_within_its_shift_and_leaves_the_model_as_it_was():
+    model, x = WarpShortcut().train(), gaussian_images(128)
+    before = copy.deepcopy(model.state_dict())
+    warp = fit_universal_warp(model, x, max_shift=1.0, steps=60, generator=torch.Generator().manual_seed(0))
+    assert warp.target == 0
+    assert warp.fooled > 0.9 and warp.share_before < 0.5
+    assert float(warp.control.abs().amax()) <= 1.0 and warp.summary()["max_shift_px"] <= 1.0
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="max_shift"):
+        fit_universal_warp(model, x, max_shift=0.0)
+
+
+def test_distilling_with_warp_invariance_removes_the_warp_shortcut_that_plain_distillation_keeps():
+    """Clean images never fire the planted warp detector, so plain distillation from the backdoored
+    teacher keeps it; with the warp invariance term the student learns the teacher's clean targets on
+    warped images, and the warp the search found no longer sends it to the class."""
+    teacher, x = WarpShortcut(), gaussian_images(256)
+    warp = fit_universal_warp(teacher, x, steps=60, generator=torch.Generator().manual_seed(0))
+    results = {
+        name: fooled(distilled(teacher, x, invariance, epochs=30), warp.apply(x), warp.target)
+        for name, invariance in (("plain", None), ("invariant", WarpInvariance(warp, weight=1.0)))
+    }
+    assert results["plain"] > 0.9
+    assert results["invariant"] < 0.5
+
+
 def test_several_invariance_terms_add_up():
     teacher, x = PatchShortcut(), images(16)
     targets = teacher(x).detach()
@@ -190,6 +260,15 @@ def test_invariance_options_are_checked():
         Recover(invariance_patch_penalty=4.0)  # a patch setting without the patch term: refused, not ignored
     with pytest.raises(InvalidInputError, match="invariance_keeps_bn_stats.*needs invariance_weight > 0"):
         Recover(invariance_keeps_bn_stats=True)
+    with pytest.raises(InvalidInputError, match="invariance_warp_shift.*needs invariance_warp_weight > 0"):
+        Recover(invariance_warp_shift=2.0)
+    with pytest.raises(InvalidInputError, match="invariance_warp_min_lift.*needs invariance_warp_weight > 0"):
+        Recover(invariance_warp_min_lift=0.3)
+    with pytest.raises(InvalidInputError, match="invariance_warp_weight"):
+        Recover(invariance_warp_weight=-1.0)
+    warp = UniversalWarp(torch.zeros(1, 2, 4, 4), 1.0, target=0, fooled=1.0, share_before=0.25)
+    with pytest.raises(ValueError, match="step_fraction"):
+        WarpInvariance(warp, step_fraction=0.0)
 
 
 def test_recover_with_invariance_reports_the_trigger_it_fitted_and_counts_the_extra_pass():
@@ -235,6 +314,47 @@ def test_recover_with_patch_invariance_needs_the_normalisation_and_reports_the_p
     epochs_of_images = 32 * 1  # one more student pass per image and epoch per term
     assert patch_only == plain + trigger_fit_steps(PATCH_STEPS, 32) + epochs_of_images
     assert both.sample_steps(context) == patch_only + trigger_fit_steps(PERTURBATION_STEPS, 32) + epochs_of_images
+
+
+def test_recover_with_warp_invariance_reports_the_warp_it_fitted_and_counts_its_search_and_pass():
+    """``Recover(invariance_warp_weight=1)`` fits a warp on its images (no normalisation needed: a
+    warp commutes with it), reports it, and counts the search and the student's extra pass."""
+    from test_compensate import two_bn_net
+
+    from ccpurify.passes import PurifyContext
+
+    teacher = two_bn_net()
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), seed=0)
+    options = dict(teacher=teacher, data="synthetic", synthetic_images=32, synthetic_steps=0, epochs=1)
+    recover = Recover(invariance_warp_weight=1.0, invariance_warp_shift=0.5, **options)
+    _, report = recover(copy.deepcopy(teacher), context)
+    found = report.details.warp_trigger
+    assert set(found) == {"target", "fooled", "share_before", "max_shift_px", "unlearned"}
+    assert 0 < found["max_shift_px"] <= 0.5 and found["unlearned"]
+    assert report.details.universal_trigger is None and report.details.patch_trigger is None
+    assert (
+        recover.sample_steps(context)
+        == Recover(**options).sample_steps(context) + trigger_fit_steps(WARP_STEPS, 32) + 32
+    )
+
+
+def test_a_warp_below_the_lift_gate_is_reported_and_not_unlearned():
+    """With ``invariance_warp_min_lift``, a warp that moves too few images to its class is reported
+    and left out: the student ends exactly as the recovery without the term leaves it."""
+    from test_compensate import two_bn_net
+
+    from ccpurify.passes import PurifyContext
+
+    teacher = two_bn_net()
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), seed=0)
+    options = dict(teacher=teacher, data="synthetic", synthetic_images=32, synthetic_steps=0, epochs=1)
+    gated, report = Recover(invariance_warp_weight=1.0, invariance_warp_min_lift=1.0, **options)(
+        copy.deepcopy(teacher), context
+    )
+    plain, _ = Recover(**options)(copy.deepcopy(teacher), context)
+    found = report.details.warp_trigger
+    assert found["fooled"] - found["share_before"] < 1.0 and not found["unlearned"]
+    assert all(torch.equal(a, b) for a, b in zip(gated.state_dict().values(), plain.state_dict().values()))
 
 
 def test_without_class_knowledge_keeps_every_prediction_and_flattens_only_the_suspected_class():
@@ -316,8 +436,13 @@ def test_invariance_terms_that_keep_bn_stats_leave_the_students_running_statisti
     patch = PatchTrigger(
         torch.ones(1, 1, 8, 8), torch.full((1, 3, 8, 8), 3.0), area=1.0, target=0, fooled=1.0, share_before=0.25
     )
+    warp = UniversalWarp(torch.full((1, 2, 4, 4), 0.5), 1.0, target=0, fooled=1.0, share_before=0.25)
     for keep in (True, False):
-        for term in (TriggerInvariance(trigger, keep_bn_stats=keep), PatchInvariance(patch, keep_bn_stats=keep)):
+        for term in (
+            TriggerInvariance(trigger, keep_bn_stats=keep),
+            PatchInvariance(patch, keep_bn_stats=keep),
+            WarpInvariance(warp, keep_bn_stats=keep),
+        ):
             before = bn_state(student)
             term.loss(student, x, targets, 1.0)
             assert all(torch.equal(a, b) for a, b in zip(before, bn_state(student))) is keep

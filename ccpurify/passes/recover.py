@@ -48,20 +48,26 @@ from ccpurify.invariance import (
     PATCH_PENALTY,
     PATCH_STEPS,
     PERTURBATION_STEPS,
+    WARP_SHIFT,
+    WARP_STEPS,
     Invariances,
     InvarianceTerm,
     PatchInvariance,
     PatchTrigger,
     TriggerInvariance,
     UniversalTrigger,
+    UniversalWarp,
+    WarpInvariance,
     fit_patch_trigger,
     fit_universal_trigger,
+    fit_universal_warp,
     perturbation_bound,
     trigger_fit_steps,
 )
 from ccpurify.passes.base import Pass, PassDetails, PassResult, PurifyContext, Training
 from ccpurify.passes.options import (
     Count,
+    Fraction,
     NonNegativeCount,
     NonNegativeFloat,
     PositiveFloat,
@@ -156,6 +162,9 @@ class RecoverDetails(PassDetails):
     # invariance_weight > 0 or suppress_target: UniversalTrigger.summary() on the teacher
     universal_trigger: dict | None = None
     patch_trigger: dict | None = None  # invariance_patch_weight > 0: PatchTrigger.summary() on the teacher
+    # invariance_warp_weight > 0: UniversalWarp.summary() on the teacher, and whether it passed
+    # invariance_warp_min_lift and was unlearned
+    warp_trigger: dict | None = None
     guard_revived_classes: dict | None = None  # guard_revive_classes: each revived class's logit bias
     found_patches_unlearned: int = 0  # found_patch_weight > 0: the defense's reversed patches unlearned
 
@@ -250,6 +259,20 @@ class Recover(Pass):
     # Input-aware's per-image triggers (validation ASR 80 -> 82%; docs/defaults.md, session 16).
     invariance_patch_weight: NonNegativeFloat = 0.0
     invariance_patch_penalty: PositiveFloat = PATCH_PENALTY
+    # > 0: also warp invariance (``invariance.WarpInvariance``): a smooth universal warp moving no
+    # point more than ``invariance_warp_shift`` pixels, fitted on the recovery images to send the
+    # teacher to one class (``fit_universal_warp``, WaNet's trigger model), then kept adversarial
+    # against the student, which learns the teacher's clean targets on the warped images at this
+    # weight. The perturbation and the patch are not WaNet's warp, and distillation from the suspect
+    # taught its backdoor back (MobileNetV2 WaNet after the data-free default: test ASR 26%).
+    invariance_warp_weight: NonNegativeFloat = 0.0
+    invariance_warp_shift: PositiveFloat = WARP_SHIFT
+    # The warp is unlearned only if it raises its class's share of the recovery images by at least
+    # this much (its ``lift``; 0: always), so where the search finds no warp shortcut the recovery is
+    # the one without the term. Measured on the data-free default's recovery images: 0.41-0.87 on the
+    # four WaNet models, 0.00-0.21 on the other CIFAR-10 and GTSRB backdoored models except GTSRB
+    # Input-aware (0.63), 0.04 on both clean models (docs/defaults.md, session 22).
+    invariance_warp_min_lift: Fraction = 0.0
     # True: the invariance terms' forward passes on perturbed images leave the student's BatchNorm
     # running statistics as they are (``invariance.running_stats_kept``). On real images the
     # perturbation is a natural adversarial one, and the statistics it moved collapsed CIFAR-10 PreAct
@@ -306,12 +329,23 @@ class Recover(Pass):
                 "hints from the guard: it needs hints_from='guard'"
             )
         if self.invariance_keeps_bn_stats and not (
-            self.invariance_weight or self.invariance_patch_weight or self.found_patch_weight
+            self.invariance_weight
+            or self.invariance_patch_weight
+            or self.invariance_warp_weight
+            or self.found_patch_weight
         ):
             raise InvalidInputError(
                 "Recover(invariance_keeps_bn_stats=True) applies to the invariance terms' forward passes: it needs "
-                "invariance_weight > 0, invariance_patch_weight > 0 or found_patch_weight > 0"
+                "invariance_weight > 0, invariance_patch_weight > 0, invariance_warp_weight > 0 or found_patch_weight > 0"
             )
+        for option, changed in (
+            ("invariance_warp_shift", self.invariance_warp_shift != WARP_SHIFT),
+            ("invariance_warp_min_lift", self.invariance_warp_min_lift > 0),
+        ):
+            if changed and self.invariance_warp_weight == 0:
+                raise InvalidInputError(
+                    f"Recover({option}) shapes the warp that warp invariance unlearns: it needs invariance_warp_weight > 0"
+                )
         if self.invariance_patch_penalty != PATCH_PENALTY and self.invariance_patch_weight == 0:
             raise InvalidInputError(
                 "Recover(invariance_patch_penalty) shapes the patch that patch invariance unlearns: it needs "
@@ -350,11 +384,16 @@ class Recover(Pass):
             images, made = self.synthetic_images, self.synthetic_images * self.synthetic_steps
         # The teacher's forward too, and one more student pass per invariance term (the found patch's
         # counted even where the defense may find none: the estimate errs long, as Fallback's).
-        per_image = (
-            1.5 + (self.invariance_weight > 0) + (self.invariance_patch_weight > 0) + (self.found_patch_weight > 0)
+        terms = (
+            self.invariance_weight,
+            self.invariance_patch_weight,
+            self.invariance_warp_weight,
+            self.found_patch_weight,
         )
+        per_image = 1.5 + sum(weight > 0 for weight in terms)
         fits = [PERTURBATION_STEPS] if self.invariance_weight > 0 or self.suppress_target else []
         fits += [PATCH_STEPS] if self.invariance_patch_weight > 0 else []
+        fits += [WARP_STEPS] if self.invariance_warp_weight > 0 else []
         searches = sum(trigger_fit_steps(steps, images) for steps in fits)
         return made + searches + math.ceil(per_image * epochs_for_budget(self.epochs, self.budget, images) * images)
 
@@ -427,10 +466,10 @@ class Recover(Pass):
 
     def _invariance_terms(
         self, teacher: nn.Module, images: torch.Tensor, context: PurifyContext
-    ) -> tuple[UniversalTrigger | None, PatchTrigger | None, int, InvarianceTerm | None]:
-        """The distillation's invariance terms (the universal perturbation's, the fitted patch's, and the
-        unlearning of the patches a defense before it found) with the triggers fitted on ``teacher`` and
-        how many found patches are unlearned."""
+    ) -> tuple[UniversalTrigger | None, PatchTrigger | None, UniversalWarp | None, int, InvarianceTerm | None]:
+        """The distillation's invariance terms (the universal perturbation's, the fitted patch's, the
+        warp's, and the unlearning of the patches a defense before it found) with the triggers fitted
+        on ``teacher`` and how many found patches are unlearned."""
         trigger = invariance = None
         if self.invariance_weight > 0 or self.suppress_target:
             bound = perturbation_bound(self.invariance_eps, images, context.normalize)
@@ -457,6 +496,18 @@ class Recover(Pass):
             )
             patched = PatchInvariance(patch, self.invariance_patch_weight, self.invariance_keeps_bn_stats)
             invariance = patched if invariance is None else Invariances([invariance, patched])
+        warp = None
+        if self.invariance_warp_weight > 0:
+            warp = fit_universal_warp(
+                teacher,
+                images,
+                max_shift=self.invariance_warp_shift,
+                generator=context.generator(25),
+                device=context.device,
+            )
+            if warp.lift >= self.invariance_warp_min_lift:
+                warped = WarpInvariance(warp, self.invariance_warp_weight, keep_bn_stats=self.invariance_keeps_bn_stats)
+                invariance = warped if invariance is None else Invariances([invariance, warped])
         details = context.teacher_details
         found = details.found_triggers() if details is not None and self.found_patch_weight > 0 else ()
         unlearned = [
@@ -466,7 +517,7 @@ class Recover(Pass):
         ]
         if unlearned:
             invariance = Invariances([*([invariance] if invariance is not None else []), *unlearned])
-        return trigger, patch, len(unlearned), invariance
+        return trigger, patch, warp, len(unlearned), invariance
 
     def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
         self._check_found_patches_can_come(context)
@@ -507,7 +558,7 @@ class Recover(Pass):
             anchored_bn_update(student, teacher, images[:256], correspondence, context.device)
         elif self.recalibrate:
             recalibrate_bn(student, images, self.batch_size, context.device)
-        trigger, patch, unlearned_patches, invariance = self._invariance_terms(teacher, images, context)
+        trigger, patch, warp, unlearned_patches, invariance = self._invariance_terms(teacher, images, context)
         silenced, frozen = freeze_silenced_channels(student) if self.teacher_from is TeacherSource.INPUT else ([], 0)
         epochs = epochs_for_budget(self.epochs, self.budget, len(images))
         try:
@@ -560,6 +611,11 @@ class Recover(Pass):
             bn_layers=len(bn_layers(student)) if hints is not None else None,
             universal_trigger=trigger.summary() if trigger is not None else None,
             patch_trigger=patch.summary() if patch is not None else None,
+            warp_trigger=(
+                {**warp.summary(), "unlearned": warp.lift >= self.invariance_warp_min_lift}
+                if warp is not None
+                else None
+            ),
             guard_revived_classes=revived,
             found_patches_unlearned=unlearned_patches,
         )
