@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccpurify.errors import NonFiniteError
 from ccpurify.losses import soft_kl
 from ccpurify.synthesis import class_histogram
 from ccpurify.transforms import Normalize
@@ -48,7 +49,8 @@ PERTURBATION_STEPS = 60
 PATCH_STEPS = 200
 PATCH_PENALTY = 8.0
 # The warp search (``fit_universal_warp``): its steps, its control grid (WaNet's k) and the largest
-# displacement, in pixels, of any point of the image.
+# displacement, in pixels, of a control point (bicubic interpolation can overshoot it between them,
+# by up to about twice; ``UniversalWarp.summary`` reports the field's largest).
 WARP_STEPS = 100
 WARP_GRID = 4
 WARP_SHIFT = 1.0
@@ -251,11 +253,23 @@ class UniversalWarp(_ClassShares):
     share_before: float
 
     def summary(self) -> dict:
-        return {**super().summary(), "max_shift_px": round(float(self.control.abs().amax()), 3)}
+        """The class shares, and the largest displacement in pixels of a control point and of the
+        interpolated field (on a 32 x 32 image)."""
+        field = _displacement(self.control, 32, 32)
+        return {
+            **super().summary(),
+            "max_control_shift_px": round(float(self.control.abs().amax()), 3),
+            "max_shift_px": round(float(field.abs().amax()), 3),
+        }
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` warped (``x`` in the model's input space, on any device)."""
         return warp_images(x, self.control.to(x.device))
+
+
+def _displacement(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The (1, 2, H, W) displacement in pixels that ``control`` defines: WaNet's bicubic upsampling."""
+    return F.interpolate(control, size=(height, width), mode="bicubic", align_corners=True)
 
 
 def warp_images(x: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
@@ -263,8 +277,13 @@ def warp_images(x: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
     displacement in pixels at k x k control points) defines: bicubic upsampling to H x W, as WaNet
     builds its field, then bilinear sampling with the border repeated. Warping commutes with a
     per-channel affine normalisation, so ``x`` may be normalised or not."""
+    if x.ndim != 4 or control.ndim != 4 or control.shape[:2] != (1, 2):
+        raise ValueError(
+            "warp_images takes images (N, C, H, W) and a control grid (1, 2, k, k), got "
+            f"{tuple(x.shape)} and {tuple(control.shape)}"
+        )
     _, _, height, width = x.shape
-    shift = F.interpolate(control, size=(height, width), mode="bicubic", align_corners=True)
+    shift = _displacement(control.to(x.dtype), height, width)
     scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)], device=x.device, dtype=x.dtype)
     ys, xs = torch.meshgrid(
         torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype),
@@ -286,8 +305,8 @@ def fit_universal_warp(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
 ) -> UniversalWarp:
-    """The smooth universal warp, moving no point more than ``max_shift`` pixels, that sends the most
-    of ``images`` to one class of ``model``: Adam on ``_collapse_loss`` of the class the warped batch
+    """The smooth universal warp, its control points moved at most ``max_shift`` pixels, that sends
+    the most of ``images`` to one class of ``model``: Adam on ``_collapse_loss`` of the class the warped batch
     leans to most (as ``fit_universal_trigger``), the control points parametrised as
     ``max_shift * tanh(a)``.
 
@@ -305,6 +324,10 @@ def fit_universal_warp(
             "steps and batch_size must be >= 1, grid >= 2 and max_shift finite and > 0, got "
             f"{steps}, {batch_size}, {grid} and {max_shift}"
         )
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(
+            f"fit_universal_warp takes a non-empty batch of images (N, C, H, W), got {tuple(images.shape)}"
+        )
     was_training = model.training
     model.eval()
     logit = (0.1 * torch.randn(1, 2, grid, grid, generator=generator)).to(device).requires_grad_(True)
@@ -313,6 +336,12 @@ def fit_universal_warp(
         for _ in range(steps):
             x = images[torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
             logits = model(warp_images(x, max_shift * logit.tanh()))
+            if not torch.isfinite(logits).all():
+                # grid_sample's backward crashes the process on a NaN field (pytorch/pytorch#24823)
+                raise NonFiniteError(
+                    "the model gives NaN or Inf on warped images, so the warp search cannot run: check the "
+                    "model and its images, or turn the warp invariance off"
+                )
             target = int(logits.softmax(1).mean(0).argmax())
             (logit.grad,) = torch.autograd.grad(_collapse_loss(logits, target), logit)
             opt.step()

@@ -205,11 +205,32 @@ def test_the_warp_search_finds_a_planted_warp_shortcut_within_its_shift_and_leav
     warp = fit_universal_warp(model, x, max_shift=1.0, steps=60, generator=torch.Generator().manual_seed(0))
     assert warp.target == 0
     assert warp.fooled > 0.9 and warp.share_before < 0.5
-    assert float(warp.control.abs().amax()) <= 1.0 and warp.summary()["max_shift_px"] <= 1.0
+    summary = warp.summary()
+    assert float(warp.control.abs().amax()) <= 1.0 and summary["max_control_shift_px"] <= 1.0
+    assert summary["max_shift_px"] <= 2.0  # bicubic interpolation overshoots between the control points
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="max_shift"):
         fit_universal_warp(model, x, max_shift=0.0)
+
+
+def test_the_warp_search_refuses_bad_images_and_a_model_that_gives_nan_instead_of_crashing():
+    """A NaN field would crash grid_sample's backward (the whole process), so a model that gives
+    NaN on warped images is refused with a NonFiniteError; malformed images get a ValueError."""
+
+    class NaNOnBlank(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            standardised = (x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True)
+            return standardised.flatten(1)[:, :4]
+
+    x = gaussian_images(8)
+    x[3] = 0.5  # a blank image: its standardisation divides by 0
+    with pytest.raises(NonFiniteError, match="NaN or Inf on warped images"):
+        fit_universal_warp(NaNOnBlank(), x, steps=3)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        fit_universal_warp(WarpShortcut(), x[:0])
+    with pytest.raises(ValueError, match="control grid"):
+        warp_images(x, torch.zeros(1, 3, 4, 4))
 
 
 def test_distilling_with_warp_invariance_removes_the_warp_shortcut_that_plain_distillation_keeps():
@@ -329,13 +350,27 @@ def test_recover_with_warp_invariance_reports_the_warp_it_fitted_and_counts_its_
     recover = Recover(invariance_warp_weight=1.0, invariance_warp_shift=0.5, **options)
     _, report = recover(copy.deepcopy(teacher), context)
     found = report.details.warp_trigger
-    assert set(found) == {"target", "fooled", "share_before", "max_shift_px", "unlearned"}
-    assert 0 < found["max_shift_px"] <= 0.5 and found["unlearned"]
+    assert set(found) == {"target", "fooled", "share_before", "max_control_shift_px", "max_shift_px", "unlearned"}
+    assert 0 < found["max_control_shift_px"] <= 0.5 and found["unlearned"]
     assert report.details.universal_trigger is None and report.details.patch_trigger is None
     assert (
         recover.sample_steps(context)
         == Recover(**options).sample_steps(context) + trigger_fit_steps(WARP_STEPS, 32) + 32
     )
+
+
+def test_recover_refuses_a_warp_of_half_the_image_and_leaves_the_callers_teacher_in_its_mode():
+    from test_compensate import two_bn_net
+
+    from ccpurify.passes import PurifyContext
+
+    teacher = two_bn_net().train()
+    context = PurifyContext(example_inputs=torch.zeros(1, 3, 8, 8), seed=0)
+    options = dict(teacher=teacher, data="synthetic", synthetic_images=16, synthetic_steps=0, epochs=1)
+    with pytest.raises(InvalidInputError, match="invariance_warp_shift=4.*give a smaller shift"):
+        Recover(invariance_warp_weight=1.0, invariance_warp_shift=4.0, **options).check(teacher, context)
+    Recover(invariance_warp_weight=1.0, **options)(copy.deepcopy(teacher), context)
+    assert all(m.training for m in teacher.modules())
 
 
 def test_a_warp_below_the_lift_gate_is_reported_and_not_unlearned():

@@ -259,8 +259,8 @@ class Recover(Pass):
     # Input-aware's per-image triggers (validation ASR 80 -> 82%; docs/defaults.md, session 16).
     invariance_patch_weight: NonNegativeFloat = 0.0
     invariance_patch_penalty: PositiveFloat = PATCH_PENALTY
-    # > 0: also warp invariance (``invariance.WarpInvariance``): a smooth universal warp moving no
-    # point more than ``invariance_warp_shift`` pixels, fitted on the recovery images to send the
+    # > 0: also warp invariance (``invariance.WarpInvariance``): a smooth universal warp whose control
+    # points move at most ``invariance_warp_shift`` pixels, fitted on the recovery images to send the
     # teacher to one class (``fit_universal_warp``, WaNet's trigger model), then kept adversarial
     # against the student, which learns the teacher's clean targets on the warped images at this
     # weight. The perturbation and the patch are not WaNet's warp, and distillation from the suspect
@@ -383,7 +383,8 @@ class Recover(Pass):
         else:
             images, made = self.synthetic_images, self.synthetic_images * self.synthetic_steps
         # The teacher's forward too, and one more student pass per invariance term (the found patch's
-        # counted even where the defense may find none: the estimate errs long, as Fallback's).
+        # counted even where the defense may find none, the warp's even where its gate may stop it:
+        # the estimate errs long, as Fallback's).
         terms = (
             self.invariance_weight,
             self.invariance_patch_weight,
@@ -416,6 +417,12 @@ class Recover(Pass):
             )
         if synthetic:
             check_pool_size(self.synthetic_images, context.example_inputs.shape[1:], "Recover synthetic_images")
+        smaller_side = min(context.example_inputs.shape[-2:])
+        if self.invariance_warp_weight > 0 and self.invariance_warp_shift >= smaller_side / 2:
+            raise InvalidInputError(
+                f"Recover(invariance_warp_shift={self.invariance_warp_shift:g}) would move pixels by half the "
+                f"{smaller_side}-pixel image or more; WaNet-like warps move them by about a pixel: give a smaller shift"
+            )
         if self.invariance_patch_weight > 0 and context.normalize is None:
             raise InvalidInputError(
                 "Recover(invariance_patch_weight > 0) fits a patch in pixel space, which needs the model's input "
@@ -464,6 +471,10 @@ class Recover(Pass):
                 "or use found_patch_weight=0"
             )
 
+    def _unlearns(self, warp: UniversalWarp) -> bool:
+        """Whether the fitted warp passes ``invariance_warp_min_lift`` (0: always, even at a lift below 0)."""
+        return self.invariance_warp_min_lift == 0 or warp.lift >= self.invariance_warp_min_lift
+
     def _invariance_terms(
         self, teacher: nn.Module, images: torch.Tensor, context: PurifyContext
     ) -> tuple[UniversalTrigger | None, PatchTrigger | None, UniversalWarp | None, int, InvarianceTerm | None]:
@@ -505,7 +516,7 @@ class Recover(Pass):
                 generator=context.generator(25),
                 device=context.device,
             )
-            if warp.lift >= self.invariance_warp_min_lift:
+            if self._unlearns(warp):
                 warped = WarpInvariance(warp, self.invariance_warp_weight, keep_bn_stats=self.invariance_keeps_bn_stats)
                 invariance = warped if invariance is None else Invariances([invariance, warped])
         details = context.teacher_details
@@ -520,6 +531,17 @@ class Recover(Pass):
         return trigger, patch, warp, len(unlearned), invariance
 
     def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
+        """Distil ``student`` (see the class docstring). The teacher and the guard may be the caller's
+        own models (``teacher=``, the pipeline's input): their modes are restored, module by module."""
+        others = {id(m): m for m in (self.teacher, context.pipeline_input, context.teacher) if m is not None}
+        modes = [(module, module.training) for m in others.values() for module in m.modules()]
+        try:
+            return self._recover(student, context)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
         self._check_found_patches_can_come(context)
         teacher = self._teacher(student, context).to(context.device).eval()
         guard = self._guard(context)
@@ -611,11 +633,7 @@ class Recover(Pass):
             bn_layers=len(bn_layers(student)) if hints is not None else None,
             universal_trigger=trigger.summary() if trigger is not None else None,
             patch_trigger=patch.summary() if patch is not None else None,
-            warp_trigger=(
-                {**warp.summary(), "unlearned": warp.lift >= self.invariance_warp_min_lift}
-                if warp is not None
-                else None
-            ),
+            warp_trigger=({**warp.summary(), "unlearned": self._unlearns(warp)} if warp is not None else None),
             guard_revived_classes=revived,
             found_patches_unlearned=unlearned_patches,
         )
