@@ -354,7 +354,7 @@ def fit_universal_warp(
 
 def _unlearning_term(logits: torch.Tensor, targets: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
     """``weight`` times the distillation KL, scaled by T^2, between the teacher's clean ``targets`` and
-    the student's ``logits`` on the triggered images: the term both invariances add."""
+    the student's ``logits`` on the triggered images: the term every invariance adds."""
     return weight * soft_kl(logits, targets, temperature).mean() * temperature**2
 
 
@@ -377,24 +377,48 @@ def running_stats_kept(model: nn.Module, keep: bool = True) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def _student_on_trigger(
-    student: nn.Module,
-    triggered: Callable[[torch.Tensor], torch.Tensor],
-    trigger: torch.Tensor,
-    target: int,
-    keep_bn_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's logits on the batch ``triggered(trigger)`` and the gradient, with respect to the
-    ``trigger`` parameters, of ``_collapse_loss`` towards ``target``: the direction in which the
-    adversarial terms move their trigger against the student (the graph is kept for the term's loss)."""
-    trigger = trigger.detach().requires_grad_(True)
-    with running_stats_kept(student, keep_bn_stats):
-        logits = student(triggered(trigger))
-    (grad,) = torch.autograd.grad(_collapse_loss(logits, target), trigger, retain_graph=True)
-    return logits, grad
+class _FreeAdversarialTerm:
+    """The distillation term ``KL(teacher target on x || student on the triggered x) * T^2`` at
+    ``weight``, whose trigger parameters (``self.trigger_params``) move after each call by one
+    signed-gradient step of ``step_fraction`` of their bound towards sending the *student* to
+    ``target`` ("free" adversarial training, Shafahi et al., NeurIPS 2019). Subclasses say how the
+    parameters trigger a batch (``_triggered``) and bound them (``_bound``)."""
+
+    def __init__(
+        self, trigger_params: torch.Tensor, target: int, weight: float, step_fraction: float, keep_bn_stats: bool
+    ) -> None:
+        if not 0 < weight < math.inf or not 0 < step_fraction <= 1:
+            raise ValueError(
+                f"weight must be finite and > 0 and step_fraction in (0, 1], got {weight} and {step_fraction}"
+            )
+        self.trigger_params = trigger_params.clone()
+        self.target = target
+        self.weight = weight
+        self.step_fraction = step_fraction
+        self.keep_bn_stats = keep_bn_stats
+
+    def _triggered(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The batch ``x`` triggered by given parameters."""
+        raise NotImplementedError
+
+    def _bound(self, device: torch.device) -> torch.Tensor | float:
+        raise NotImplementedError
+
+    def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The weighted term for one batch (``targets``: the teacher's logits on the clean ``x``);
+        also takes the trigger's adversarial step."""
+        triggered = self._triggered(x)
+        params = self.trigger_params.to(x.device).requires_grad_(True)
+        with running_stats_kept(student, self.keep_bn_stats):
+            logits = student(triggered(params))
+        (grad,) = torch.autograd.grad(_collapse_loss(logits, self.target), params, retain_graph=True)
+        with torch.no_grad():
+            bound = self._bound(x.device)
+            self.trigger_params = (params - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
+        return _unlearning_term(logits, targets, temperature, self.weight)
 
 
-class TriggerInvariance:
+class TriggerInvariance(_FreeAdversarialTerm):
     """The distillation term ``KL(teacher target on x || student on x + s * delta) * T^2``, with
     ``delta`` (started from ``trigger``) moved after each call by one signed-gradient step of
     ``step_fraction`` of the bound towards sending the student to ``trigger.target``.
@@ -413,30 +437,19 @@ class TriggerInvariance:
         generator: torch.Generator | None = None,
         keep_bn_stats: bool = False,
     ) -> None:
-        if not 0 < weight < math.inf or not 0 < step_fraction <= 1 or not 1 <= scale < math.inf:
-            raise ValueError(
-                f"weight must be finite and > 0, step_fraction in (0, 1] and scale finite and >= 1, got {weight}, {step_fraction} and {scale}"
-            )
+        if not 1 <= scale < math.inf:
+            raise ValueError(f"scale must be finite and >= 1, got {scale}")
+        super().__init__(trigger.delta, trigger.target, weight, step_fraction, keep_bn_stats)
         self.trigger = trigger
-        self.weight = weight
-        self.step_fraction = step_fraction
         self.scale = scale
         self.generator = generator
-        self.keep_bn_stats = keep_bn_stats
-        self.delta = trigger.delta.clone()
 
-    def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-        """The weighted term for one batch (``targets``: the teacher's logits on the clean ``x``);
-        also takes ``delta``'s adversarial step."""
-        delta = self.delta.to(x.device)
+    def _triggered(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         scales = (1 + (self.scale - 1) * torch.rand(len(x), 1, 1, 1, generator=self.generator)).to(x.device)
-        logits, grad = _student_on_trigger(
-            student, lambda d: x + scales * d, delta, self.trigger.target, self.keep_bn_stats
-        )
-        with torch.no_grad():
-            bound = self.trigger.bound.to(x.device)
-            self.delta = (delta - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
-        return _unlearning_term(logits, targets, temperature, self.weight)
+        return lambda delta: x + scales * delta
+
+    def _bound(self, device: torch.device) -> torch.Tensor:
+        return self.trigger.bound.to(device)
 
 
 class InvarianceTerm(Protocol):
@@ -468,7 +481,7 @@ class PatchInvariance:
         return _unlearning_term(logits, targets, temperature, self.weight)
 
 
-class WarpInvariance:
+class WarpInvariance(_FreeAdversarialTerm):
     """The distillation term ``KL(teacher target on x || student on x warped) * T^2`` at ``weight``,
     with the warp (started from ``warp``) moved after each call by one signed-gradient step of
     ``step_fraction`` of ``max_shift`` towards sending the *student* to ``warp.target`` (the
@@ -478,27 +491,14 @@ class WarpInvariance:
     def __init__(
         self, warp: UniversalWarp, weight: float = 1.0, step_fraction: float = 0.1, keep_bn_stats: bool = False
     ) -> None:
-        if not 0 < weight < math.inf or not 0 < step_fraction <= 1:
-            raise ValueError(
-                f"weight must be finite and > 0 and step_fraction in (0, 1], got {weight} and {step_fraction}"
-            )
+        super().__init__(warp.control, warp.target, weight, step_fraction, keep_bn_stats)
         self.warp = warp
-        self.weight = weight
-        self.step_fraction = step_fraction
-        self.keep_bn_stats = keep_bn_stats
-        self.control = warp.control.clone()
 
-    def loss(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-        """The weighted term for one batch (``targets``: the teacher's logits on the clean ``x``);
-        also takes the warp's adversarial step."""
-        control = self.control.to(x.device)
-        logits, grad = _student_on_trigger(
-            student, lambda c: warp_images(x, c), control, self.warp.target, self.keep_bn_stats
-        )
-        with torch.no_grad():
-            bound = self.warp.max_shift
-            self.control = (control - self.step_fraction * bound * grad.sign()).clamp(-bound, bound).detach()
-        return _unlearning_term(logits, targets, temperature, self.weight)
+    def _triggered(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda control: warp_images(x, control)
+
+    def _bound(self, device: torch.device) -> float:
+        return self.warp.max_shift
 
 
 class Invariances:
