@@ -80,6 +80,8 @@ KINDS = {
             "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-"
             "shared-revived-clean@0.75",
             candidate_key(DEFAULTS["clean"].name, DEFAULTS["clean"].macs),
+            "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-"
+            "shared-revived-clean-warp3-gated@0.75",
         ),
         (250, 500, 2500),
         "Labelled defaults against the amount of clean data",
@@ -87,7 +89,9 @@ KINDS = {
         "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps; `+finetune-clean` "
         "(the default in session 17): the data-free default, then a fine-tune for a fixed 10,000 sample-steps; "
         "`-keptbn-...-clean`: the data-free default's recovery on the labelled images for a fixed 10,240 "
-        "sample-steps; `-keptbn-nohints-...-clean` (the default since session 18): the same without feature hints.",
+        "sample-steps; `-keptbn-nohints-...-clean` (the default since session 18): the same without feature hints; "
+        "`-clean-warp3-gated` (session 23's candidate): the same, unlearning a smooth warp where one lifts a class "
+        "by 0.3 or more.",
     ),
     "unlabeled": Kind(
         (
@@ -98,6 +102,8 @@ KINDS = {
             "shared-revived+finetune-unlabeled@0.75",
             "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-"
             "shared-revived-unlabeled@0.75",
+            "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-"
+            "nohints-shared-revived-unlabeled@0.75",
             candidate_key(DEFAULTS["unlabeled"].name, DEFAULTS["unlabeled"].macs),
         ),
         (1000, 5000, 20000),
@@ -107,8 +113,9 @@ KINDS = {
         "BCU on at most 5,000 of the images (a seeded draw), 20 epochs; `+finetune-unlabeled` (the default in "
         "sessions 17-18): the data-free default, then a fine-tune for a fixed 10,000 sample-steps; "
         "`-keptbn-nohints-...-unlabeled` (the default in session 19): the labelled default's recipe on the "
-        "unlabelled images; `-synth100-...-unlabeled` (the default since session 20): the same with the trigger "
-        "search on images refined for 100 steps.",
+        "unlabelled images; `-synth100-...-unlabeled` (the default in sessions 20-22): the same with the trigger "
+        "search on images refined for 100 steps; `-unlabeled-foundpatch-warp3-gated` (the default since session 23): "
+        "the same, unlearning the found patch and, where a smooth warp lifts one class by 0.3 or more, the warp.",
     ),
 }
 STORE = RESULTS / "data_amount_cells.json"  # resumable store; data_amount.json/.md are the report

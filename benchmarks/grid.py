@@ -54,6 +54,7 @@ from ccpurify import passes
 from ccpurify.atomic import write_json, write_text
 from ccpurify.passes import BCU, CLP, OTBR, PASSES, RNP, CleanCompact, Pass, Pipeline, Prune
 from ccpurify.passes.defaults import (
+    ASR_GOAL,
     CANDIDATES,
     DEFAULTS,
     DER_TIE,
@@ -419,7 +420,8 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
     """Apply the rule of ccpurify.passes.defaults to the grid: per kind of data, among the (candidate,
     MACs target) pairs with a cell on every selection entry (``SELECTION_ENTRIES`` present in the
     zoo) that meet the MACs and latency goals, those within ``DER_TIE`` of the best mean validation
-    DER, and of these the one with the smallest mean validation CA drop. A pair with cells on only
+    DER, and of these the one with the smallest mean validation CA drop, those whose highest
+    validation ASR is at most ``ASR_GOAL`` first. A pair with cells on only
     some selection entries is listed as incomplete with what it lacks, not compared: scoring the
     others on fewer models would change their numbers."""
     selection = [n for n in SELECTION_ENTRIES if n in baselines]
@@ -437,10 +439,17 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
         eligible = [c for c in rows if rows[c]["eligible"]]
         best = max((rows[c]["mean_der_val"] for c in eligible), default=None)
         tied = [c for c in eligible if rows[c]["mean_der_val"] >= best - DER_TIE]
-        # the smallest CA drop among the tied; then a candidate whose cost or effect does not grow with the
-        # data, in FIXED_BUDGET's order
+        # among the tied, those that leave no backdoor above ASR_GOAL first; then the smallest CA drop; then a
+        # candidate whose cost or effect does not grow with the data, in FIXED_BUDGET's order
         chosen = min(
-            tied, key=lambda c: (rows[c]["mean_ca_drop_val"], data_robust_rank(c.split("@")[0]), c), default=None
+            tied,
+            key=lambda c: (
+                rows[c]["max_asr_val"] > ASR_GOAL,
+                rows[c]["mean_ca_drop_val"],
+                data_robust_rank(c.split("@")[0]),
+                c,
+            ),
+            default=None,
         )
         out[kind] = {
             "entries": selection,
@@ -495,7 +504,8 @@ def selection_table(selection: dict) -> str:
         "",
         f"Rule (ccpurify/passes/defaults.py): over the selection models (both datasets), among the candidates with a "
         f"MACs ratio <= {MACS_GOAL} and a batch-1 / 1-thread latency ratio <= {LATENCY_GOAL}, those within "
-        f"{100 * DER_TIE:g} point of the best mean validation DER; of these, the smallest mean validation CA drop. "
+        f"{100 * DER_TIE:g} point of the best mean validation DER; of these, the smallest mean validation CA drop, "
+        f"those whose highest validation ASR is at most {100 * ASR_GOAL:g}% first. "
         "Test DER is shown, never used.",
     ]
     for kind, sel in selection.items():

@@ -294,8 +294,9 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     compression, then its guarded recovery from the suspect on the defender's images (labels at
     weight 1 where there are labels), without feature hints; labelled data wins when both kinds
     are given. Only how long the trigger search refines its images may differ (each default's
-    own grid choice, session 20), and only the data-free one unlearns the patch the search found
-    (session 21) and the warp its recovery finds (session 22)."""
+    own grid choice, session 20); the data-free and, since session 23, the unlabelled default
+    unlearn the patch the search found (session 21) and the warp the recovery finds (session 22),
+    the labelled one neither."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     def defense_and_compression(passes: list) -> list[dict]:
@@ -309,12 +310,14 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
     recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
-    warp = {"invariance_warp_weight", "invariance_warp_min_lift"}  # the data-free default's warp: session 22
-    assert differs == {"data", "feature_weight", "hints_from", "found_patch_weight"} | warp | (
-        {"hard_label_weight"} if label_weight else set()
-    )
-    assert recover.found_patch_weight == 0  # the data-free default's unlearning of the found patch: session 21
-    assert recover.invariance_warp_weight == 0
+    unlearning = {"found_patch_weight", "invariance_warp_weight", "invariance_warp_min_lift"}
+    labelled_only = unlearning | {"hard_label_weight"} if has_clean else set()
+    assert differs == {"data", "feature_weight", "hints_from"} | labelled_only
+    if has_clean:
+        assert recover.found_patch_weight == 0 and recover.invariance_warp_weight == 0
+    else:
+        assert recover.found_patch_weight == 1 and recover.invariance_warp_weight == 3
+        assert recover.invariance_warp_min_lift == 0.3
     assert recover.data.value == data and recover.hard_label_weight == label_weight
     assert recover.invariance_keeps_bn_stats and recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET

@@ -189,8 +189,8 @@ def test_a_sweep_point_is_a_grid_cell_with_the_named_pass_s_data(ci_run, data_di
 def test_the_default_is_chosen_on_both_datasets_and_a_der_tie_goes_to_the_smaller_ca_drop():
     from benchmarks.grid import select_defaults
 
-    def cell(der, ca=0.8, macs=0.5, latency=0.7):
-        scores = {"ca_before": 0.9, "ca": ca, "asr_before": 0.9, "asr": 0.05, "der": der}
+    def cell(der, ca=0.8, macs=0.5, latency=0.7, asr=0.05):
+        scores = {"ca_before": 0.9, "ca": ca, "asr_before": 0.9, "asr": asr, "der": der}
         return {"test": scores, "val": scores, "macs_ratio": macs, "latency": {"latency_ratio_bs1_t1": latency}}
 
     baselines = {f"{d}-{a}": {"dataset": d, "attack": a} for d in ("cifar10", "gtsrb") for a in ("badnets", "wanet")}
@@ -216,6 +216,14 @@ def test_the_default_is_chosen_on_both_datasets_and_a_der_tie_goes_to_the_smalle
     cells["gtsrb-wanet|pipeline:" + budget]["latency"].update(machine="AMD EPYC", simd="avx512f")
     measured = select_defaults(cells, baselines)["clean"]["candidates"][budget]["latency_measured_on"]
     assert measured == ["AMD EPYC (avx512f)", "unknown (vector extension not recorded)"]  # two machines: both shown
+
+    cells["cifar10-wanet|pipeline:" + budget]["val"]["asr"] = 0.15  # one backdoor survives the tie's CA-drop winner
+    assert select_defaults(cells, baselines)["clean"]["chosen"] == plain
+    cells["cifar10-wanet|pipeline:" + plain]["val"]["asr"] = 0.12  # ... and the other's too: CA drop decides again
+    assert select_defaults(cells, baselines)["clean"]["chosen"] == budget
+    cells["cifar10-wanet|pipeline:" + plain]["val"]["asr"] = cells["cifar10-wanet|pipeline:" + budget]["val"]["asr"] = (
+        0.05
+    )
 
     cells["gtsrb-wanet|pipeline:" + plain] = cell(0.95, ca=0.7)  # a real difference, on GTSRB
     assert select_defaults(cells, baselines)["clean"]["chosen"] == plain

@@ -13,7 +13,8 @@ the same for channel rankings a data-free defense could compute:
   fitted and measured on 256 synthetic images refined 100 steps on the BatchNorm statistics;
 - ``patch-minus-random``: the patch's shift minus the largest of four random patches of the same
   area (a shift any patch causes is not the backdoor's);
-- ``clp``: each conv filter's spectral norm, standardised within its layer (CLP without the BN).
+- ``clp``: each conv filter's spectral norm, standardised within its layer (CLP without the BN);
+- ``random0``-``random2``: three seeded random orders, for chance.
 
 For each ranking: how many of the oracle's top 32 channels its top 32 hold, and CA / ASR with its top
 ``k`` zeroed, over all layers and over the first ten convs only.
@@ -122,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             s = shifts(model, convs, synthetic, other.apply(synthetic))
             random_shift = s if random_shift is None else {n: torch.maximum(random_shift[n], s[n]) for n in s}
         norms = {n: filter_spectral_norms(m).float() for n, m in convs.items()}
+        chance = torch.Generator().manual_seed(7)
         scores = {
             "oracle": shifts(model, convs, clean, triggered),
             "patch": patch_shift,
             "perturbation": shifts(model, convs, synthetic, perturbation.apply(synthetic)),
             "patch-minus-random": {n: patch_shift[n] - random_shift[n] for n in names},
             "clp": {n: (v - v.mean()) / (v.std() + 1e-9) for n, v in norms.items()},
+            **{
+                f"random{r}": {n: torch.rand(m.out_channels, generator=chance) for n, m in convs.items()}
+                for r in range(3)
+            },
         }
         oracle_top = {(n, k) for _, n, k in ranking(scores["oracle"], names)[:32]}
         row = {

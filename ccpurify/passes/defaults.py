@@ -6,7 +6,8 @@ Every candidate is a fixed recipe: no per-model tuning. The benchmark grid
 kind of defender data is, among the candidates at each MACs target of ``MACS_TARGETS`` that keep at
 most ``MACS_GOAL`` of the MACs and are measurably faster (``LATENCY_GOAL``), the one with the
 smallest validation CA drop among those within ``DER_TIE`` of the best mean *validation* DER (CA
-and ASR measured on training-split images no pass sees, never the test split). The choice and its
+and ASR measured on training-split images no pass sees, never the test split), those whose highest
+validation ASR is at most ``ASR_GOAL`` first. The choice and its
 numbers are recorded in ``benchmarks/results/default_selection.md`` and the README.
 """
 
@@ -283,6 +284,14 @@ def with_recovery_options(pipeline: Pipeline, **options) -> Pipeline:
     """``pipeline`` with ``options`` set on its last pass, a ``Recover``."""
     *passes, recovery = pipeline.passes
     return Pipeline([*passes, replace(recovery, **options)])
+
+
+def with_gated_warp(pipeline: Pipeline, **options) -> Pipeline:
+    """``pipeline`` whose recovery also unlearns a smooth warp where the search finds one that lifts a
+    class by at least ``WARP_MIN_LIFT``, at ``WARP_WEIGHT_GATED`` (session 22), and takes ``options``."""
+    return with_recovery_options(
+        pipeline, invariance_warp_weight=WARP_WEIGHT_GATED, invariance_warp_min_lift=WARP_MIN_LIFT, **options
+    )
 
 
 def synth100_pipeline(macs: float) -> Pipeline:
@@ -598,11 +607,9 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     # (Recover.invariance_warp_min_lift): elsewhere the recovery is the default's (session 22).
     "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated": (
         "none",
-        lambda m: with_recovery_options(
+        lambda m: with_gated_warp(
             synth100_pipeline(m),
             found_patch_weight=FOUND_PATCH_WEIGHT,
-            invariance_warp_weight=WARP_WEIGHT_GATED,
-            invariance_warp_min_lift=WARP_MIN_LIFT,
         ),
     ),
     # ... with the hints at 100 and trigger invariance at 10 instead: GTSRB WaNet 98.4 / 3.2%. Mean
@@ -660,13 +667,15 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         lambda m: datafree_recovered_on(m, "clean"),
     ),
     # ... with the recovery also unlearning a smooth universal warp where the search finds one, as the
-    # data-free candidate "-warp3-gated" (session 22).
+    # data-free candidate "-warp3-gated" (session 22). Tied with the default (validation DER 93.95
+    # against 93.35), it is the rule's choice since session 23 (ASR_GOAL: MobileNetV2 WaNet validation
+    # ASR 2.0% against 15.3%); not the default: with 250 / 500 / 2,500 labelled images it keeps CIFAR-10
+    # WaNet at 76.1 / 76.6 / 78.9% test CA against the default's 79.8 / 80.5 / 80.8 (docs/defaults.md,
+    # session 23), to be re-measured first.
     "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean-warp3-gated": (
         "clean",
-        lambda m: with_recovery_options(
+        lambda m: with_gated_warp(
             datafree_recovered_on(m, "clean"),
-            invariance_warp_weight=WARP_WEIGHT_GATED,
-            invariance_warp_min_lift=WARP_MIN_LIFT,
         ),
     ),
     # ... with TriggerPrune's images refined for 100 steps, as the data-free candidate above (session 20):
@@ -676,6 +685,15 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean": (
         "clean",
         lambda m: datafree_recovered_on(m, "clean", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
+    ),
+    # ... and with the gated warp unlearning (both changes above; session 23): the labelled default's
+    # largest CA loss is VGG16-BN BadNets (test 78.6%, -6.1), which 100 steps brought to 80.2%. Not run
+    # yet (session 23 spent its CPU on adopting the two warp candidates).
+    "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean-warp3-gated": (
+        "clean",
+        lambda m: with_gated_warp(
+            datafree_recovered_on(m, "clean", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
+        ),
     ),
     # ... after RNP's ranked pruning on at most RNP_IMAGES of the images (session 19): the labelled
     # default left input-aware's backdoor (test ASR 74.6%), which RNP then pruning and a recovery from
@@ -747,7 +765,7 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         lambda m: datafree_recovered_on(m, "unlabeled"),
     ),
     # ... with TriggerPrune's images refined for 100 steps, as the data-free candidate above: the
-    # unlabelled default since session 20.
+    # unlabelled default in sessions 20-22.
     "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled": (
         "unlabeled",
         lambda m: datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
@@ -761,14 +779,12 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         ),
     ),
     # ... with the recovery also unlearning a smooth universal warp where the search finds one, as the
-    # data-free candidate "-warp3-gated" (session 22).
+    # data-free candidate "-warp3-gated" (session 22): the unlabelled default since session 23.
     "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled-foundpatch-warp3-gated": (
         "unlabeled",
-        lambda m: with_recovery_options(
+        lambda m: with_gated_warp(
             datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
             found_patch_weight=FOUND_PATCH_WEIGHT,
-            invariance_warp_weight=WARP_WEIGHT_GATED,
-            invariance_warp_min_lift=WARP_MIN_LIFT,
         ),
     ),
     "bcu-compact": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m))])),
@@ -793,10 +809,14 @@ MACS_TARGETS = (0.75, 0.5)
 # within DER_TIE of the best mean validation DER; of these, the one with the smallest mean validation
 # CA drop. DER counts a point of CA like a point of ASR, so alone it chose a variant that removed a
 # few more backdoors for ten more points of CA (docs/defaults.md); differences under DER_TIE are
-# within the noise of ~2,000 validation images per model.
+# within the noise of ~2,000 validation images per model. Since session 23 a tied candidate that
+# leaves no selection model above ASR_GOAL of validation ASR goes before one that does: a mean
+# over twelve models hides one surviving backdoor (the labelled default kept MobileNetV2 WaNet at 15%
+# validation ASR against a tied candidate's 3.1%, for 0.11 points less CA drop).
 MACS_GOAL = 0.75
 LATENCY_GOAL = 0.85
 DER_TIE = 0.01
+ASR_GOAL = 0.10
 
 
 @dataclass(frozen=True)
@@ -844,8 +864,12 @@ DEFAULTS = {
     # steps: mean validation DER 92.6, CA drop 3.6 (VGG16-BN BadNets test CA 77.2 -> 81.6%). With
     # labelled images the same change tied (93.32 against 93.35) for 0.06 points more CA drop, so the
     # labelled default keeps 30 steps.
+    # Since session 23, the same unlearning the patch the trigger search found and, where one lifts a
+    # class by 0.3 or more, a smooth warp, as the data-free default: over the twelve selection models
+    # mean validation DER 94.47 (92.63), CA drop 3.58 (3.64), max validation ASR 3.3% (30.5%,
+    # MobileNetV2 WaNet); not worse with more images (benchmarks/results/data_amount.md).
     "unlabeled": Default(
-        "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled",
+        "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled-foundpatch-warp3-gated",
         0.75,
     ),
 }
