@@ -146,20 +146,29 @@ def bn_statistics_loss(model: nn.Module, layers: int | None = None) -> Iterator[
 
 
 @contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode with no parameter gradients; both restored afterwards, module by module."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+def modes_kept(*models: nn.Module) -> Iterator[None]:
+    """The train/eval mode of every module of ``models`` restored afterwards, module by module."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
     try:
-        yield model
+        yield
     finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode with no parameter gradients; both restored afterwards, module by module."""
+    flags = [p.requires_grad for p in model.parameters()]
+    with modes_kept(model):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p, flag in zip(model.parameters(), flags):
+                p.requires_grad_(flag)
 
 
 def fit_input_affine(

@@ -76,7 +76,7 @@ from ccpurify.passes.options import (
 )
 from ccpurify.passes.registry import register_pass
 from ccpurify.probes import output_classes
-from ccpurify.synthesis import bn_layers, check_pool_size, synthesize_bn_images
+from ccpurify.synthesis import bn_layers, check_pool_size, modes_kept, synthesize_bn_images
 from ccpurify.transforms import Augment
 
 
@@ -533,13 +533,8 @@ class Recover(Pass):
     def recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
         """Distil ``student`` (see the class docstring). The teacher and the guard may be the caller's
         own models (``teacher=``, the pipeline's input): their modes are restored, module by module."""
-        others = {id(m): m for m in (self.teacher, context.pipeline_input, context.teacher) if m is not None}
-        modes = [(module, module.training) for m in others.values() for module in m.modules()]
-        try:
+        with modes_kept(*(m for m in (self.teacher, context.pipeline_input, context.teacher) if m is not None)):
             return self._recover(student, context)
-        finally:
-            for module, training in modes:
-                module.training = training
 
     def _recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
         self._check_found_patches_can_come(context)
