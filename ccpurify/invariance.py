@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from ccpurify.errors import NonFiniteError
 from ccpurify.losses import soft_kl
-from ccpurify.synthesis import class_histogram
+from ccpurify.synthesis import class_histogram, modes_kept
 from ccpurify.transforms import Normalize
 
 # The trigger searches' settings shared by their callers (TriggerPrune, Recover): the batch of each
@@ -166,12 +166,11 @@ def fit_universal_trigger(
     to most, projected onto the bound after each step. ``model``'s parameters and mode are kept."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
-    was_training = model.training
-    model.eval()
     bound = bound.to(device)
     delta = torch.zeros(1, *images.shape[1:], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=0.05 * float(bound.mean()))
-    try:
+    with modes_kept(model):  # every module's mode, not only the top one's
+        model.eval()
         for _ in range(steps):
             x = images[torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
             logits = model(x + delta)
@@ -181,8 +180,6 @@ def fit_universal_trigger(
             opt.step()
             with torch.no_grad():
                 delta.copy_(delta.clamp(-bound, bound))
-    finally:
-        model.train(was_training)
     delta = delta.detach()
     return UniversalTrigger(delta, bound, *_class_shares(model, images, images + delta.cpu(), logits.shape[1]))
 
@@ -215,13 +212,12 @@ def fit_patch_trigger(
         raise ValueError(
             f"steps and batch_size must be >= 1 and penalty finite and > 0, got {steps}, {batch_size}, {penalty}"
         )
-    was_training = model.training
-    model.eval()
     _, channels, height, width = images.shape
     mask_logit = torch.full((1, 1, height, width), -3.0, device=device, requires_grad=True)
     pattern_logit = torch.zeros(1, channels, height, width, device=device, requires_grad=True)
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=0.1)
-    try:
+    with modes_kept(model):  # every module's mode, not only the top one's
+        model.eval()
         for _ in range(steps):
             x = images[torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
             mask = mask_logit.sigmoid()
@@ -231,8 +227,6 @@ def fit_patch_trigger(
             mask_grad, pattern_grad = torch.autograd.grad(loss, (mask_logit, pattern_logit))
             mask_logit.grad, pattern_logit.grad = mask_grad, pattern_grad
             opt.step()
-    finally:
-        model.train(was_training)
     with torch.no_grad():
         mask, pattern = mask_logit.sigmoid().cpu(), normalize(pattern_logit.sigmoid()).cpu()
     pasted = _paste(images.cpu(), mask, pattern)
@@ -251,11 +245,12 @@ class UniversalWarp(_ClassShares):
     target: int
     fooled: float
     share_before: float
+    image_size: tuple[int, int] = (32, 32)  # (H, W) of the images it was fitted on
 
     def summary(self) -> dict:
         """The class shares, and the largest displacement in pixels of a control point and of the
-        interpolated field (on a 32 x 32 image)."""
-        field = _displacement(self.control, 32, 32)
+        interpolated field (on an image of ``image_size``)."""
+        field = _displacement(self.control, *self.image_size)
         return {
             **super().summary(),
             "max_control_shift_px": round(float(self.control.abs().amax()), 3),
@@ -328,11 +323,10 @@ def fit_universal_warp(
         raise ValueError(
             f"fit_universal_warp takes a non-empty batch of images (N, C, H, W), got {tuple(images.shape)}"
         )
-    was_training = model.training
-    model.eval()
     logit = (0.1 * torch.randn(1, 2, grid, grid, generator=generator)).to(device).requires_grad_(True)
     opt = torch.optim.Adam([logit], lr=0.1)
-    try:
+    with modes_kept(model):  # every module's mode, not only the top one's
+        model.eval()
         for _ in range(steps):
             x = images[torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
             logits = model(warp_images(x, max_shift * logit.tanh()))
@@ -345,11 +339,10 @@ def fit_universal_warp(
             target = int(logits.softmax(1).mean(0).argmax())
             (logit.grad,) = torch.autograd.grad(_collapse_loss(logits, target), logit)
             opt.step()
-    finally:
-        model.train(was_training)
     control = (max_shift * logit.tanh()).detach().cpu()
     warped = torch.cat([warp_images(b, control) for b in images.cpu().split(256)])
-    return UniversalWarp(control, max_shift, *_class_shares(model, images, warped, logits.shape[1]))
+    shares = _class_shares(model, images, warped, logits.shape[1])
+    return UniversalWarp(control, max_shift, *shares, image_size=(images.shape[2], images.shape[3]))
 
 
 def _unlearning_term(logits: torch.Tensor, targets: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:

@@ -272,13 +272,13 @@ def synthesize_bn_images(
 
 @torch.no_grad()
 def class_histogram(model: nn.Module, images: torch.Tensor, num_classes: int, batch_size: int = 256) -> torch.Tensor:
-    """How many of ``images`` ``model`` assigns to each class (a trigger-leak indicator)."""
-    was_training = model.training
-    model.eval()
+    """How many of ``images`` ``model`` assigns to each class (a trigger-leak indicator), in eval
+    mode; every module's mode is restored."""
     device = next(model.parameters()).device
     counts = torch.zeros(num_classes, dtype=torch.long)
-    for i in range(0, len(images), batch_size):
-        pred = model(images[i : i + batch_size].to(device)).argmax(1).cpu()
-        counts += torch.bincount(pred, minlength=num_classes)[:num_classes]
-    model.train(was_training)
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        for i in range(0, len(images), batch_size):
+            pred = model(images[i : i + batch_size].to(device)).argmax(1).cpu()
+            counts += torch.bincount(pred, minlength=num_classes)[:num_classes]
     return counts

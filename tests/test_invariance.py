@@ -22,6 +22,7 @@ from ccpurify.invariance import (
     TriggerInvariance,
     UniversalWarp,
     WarpInvariance,
+    fit_patch_trigger,
     fit_universal_trigger,
     fit_universal_warp,
     perturbation_bound,
@@ -186,6 +187,13 @@ def gaussian_images(count: int, size: int = 16) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
+def warp_field_peak(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The largest displacement of WaNet's field: the control points bicubically upsampled."""
+    return (
+        torch.nn.functional.interpolate(control, size=(height, width), mode="bicubic", align_corners=True).abs().amax()
+    )
+
+
 def test_a_warp_with_every_control_point_at_one_pixel_shifts_the_image_by_one_pixel():
     """The warp's field is the identity plus the control points' displacement in pixels, bicubically
     interpolated: zero leaves an image as it is, a constant (1, 0) reads every pixel from its right
@@ -208,6 +216,8 @@ def test_the_warp_search_finds_a_planted_warp_shortcut_within_its_shift_and_leav
     summary = warp.summary()
     assert float(warp.control.abs().amax()) <= 1.0 and summary["max_control_shift_px"] <= 1.0
     assert summary["max_shift_px"] <= 2.0  # bicubic interpolation overshoots between the control points
+    assert warp.image_size == (16, 16)  # the field in the summary is measured on the fitted images' size
+    assert summary["max_shift_px"] == round(float(warp_field_peak(warp.control, 16, 16)), 3)
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="max_shift"):
@@ -488,3 +498,21 @@ def test_invariance_terms_that_keep_bn_stats_leave_the_students_running_statisti
             before = bn_state(student)
             term.loss(student, x, targets, 1.0)
             assert all(torch.equal(a, b) for a, b in zip(before, bn_state(student))) is keep
+
+
+def test_the_trigger_searches_restore_every_modules_mode_not_only_the_top_ones():
+    """Given a model in train mode whose BatchNorm the caller froze in eval mode, each search runs
+    the model in eval mode and hands it back with both modes as they were."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x = gaussian_images(16, size=8)
+    model(x)  # materialise the lazy layer
+    model.train()
+    model[1].eval()
+    searches = [
+        lambda: fit_universal_trigger(model, x, torch.full((1, 3, 1, 1), 0.1), steps=2),
+        lambda: fit_patch_trigger(model, x, Normalize((0.5,) * 3, (0.25,) * 3), steps=2),
+        lambda: fit_universal_warp(model, x, steps=2),
+    ]
+    for search in searches:
+        search()
+        assert model.training and model[0].training and not model[1].training

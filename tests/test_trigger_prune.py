@@ -211,13 +211,6 @@ def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
         )
 
 
-def test_a_patch_larger_than_max_area_does_not_pass_the_gate(demo_badnets):
-    _, report = TriggerPrune(**PATCH, trigger_model="patch", max_area=0.001)(demo_badnets, cifar10_context())
-    patch = report.details.triggers["patch"]
-    assert patch["fooled"] - patch["share_before"] >= 0.5 and patch["area"] > 0.001  # only the area gate stops it
-    assert report.details.gated and not patch["passed"] and report.details.flagged == 0
-
-
 def test_fallback_runs_its_other_defense_only_where_the_first_found_no_backdoor():
     """Fallback(TriggerPrune, CLP): where the planted shortcut is found, CLP never runs and the
     output is TriggerPrune's; where the trigger search is too weak to find it, the output is CLP's
@@ -275,3 +268,83 @@ def test_fallback_runs_its_other_defense_alone_where_the_first_cannot_apply_and_
 def test_a_trigger_that_passes_the_gate_but_switches_on_no_channel_counts_as_nothing_found():
     _, report = TriggerPrune(**FAST, min_gain=1000.0)(shortcut_net(), context())
     assert not report.details.gated and report.details.flagged == 0 and report.details.found_backdoor() is False
+
+
+def colour_net() -> nn.Sequential:
+    """1x1 conv (3 -> 2 channels) -> BN -> ReLU -> pool -> linear. Channel 0 is tuned to pure red
+    (weights +1, -1, -1 on the pixel values); channel 1 reads brightness (1/3 each), which on dark
+    images any pasted square of random colours raises more than a red one."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 2, 1, bias=False),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2, 3),
+    )
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, -1.0, -1.0], [1 / 3, 1 / 3, 1 / 3]]).view(2, 3, 1, 1))
+    return net.eval()
+
+
+def red_patch(area_pixels: int = 3) -> PatchTrigger:
+    mask = torch.zeros(1, 1, 8, 8)
+    mask.view(-1)[:area_pixels] = 1.0
+    pattern = PIXELS(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8))
+    return PatchTrigger(mask, pattern, area_pixels / 64, target=0, fooled=0.7, share_before=0.2)
+
+
+def test_a_channel_tuned_to_the_patch_outranks_one_that_any_patch_moves():
+    """``patch_specific_shifts``: the patch's shift minus the largest of random patches of its size.
+    On dark images both channels rise under a red patch; with the controls subtracted only the red
+    detector keeps a positive score."""
+    from ccpurify.passes.trigger_prune import patch_specific_shifts
+
+    dark = 0.2 * torch.rand(128, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model, images = colour_net(), PIXELS(dark)
+    convs = {"0": model[0]}
+    raw = patch_specific_shifts(model, convs, images, red_patch(), PIXELS, 0, torch.Generator().manual_seed(1))
+    net = patch_specific_shifts(model, convs, images, red_patch(), PIXELS, 4, torch.Generator().manual_seed(1))
+    assert raw["0"][0] > 0 and raw["0"][1] > 0
+    assert net["0"][0] > 0 > net["0"][1]
+    assert not model.training
+
+
+def test_a_patch_larger_than_max_area_does_not_pass_the_gate_and_goes_to_the_per_image_check(demo_badnets):
+    """Given the demo BadNets model with the patch gate's area bar set below its patch, the gate
+    stops the patch. The per-image check (``early_depth``) takes it: the patch still lifts class 0
+    and no warp of a pixel does, so the first half of the convs are scored and at most 13% of their
+    channels silenced: through their BatchNorm where one normalises the conv, else at the filter
+    (the residual stream's writers). The patch is passed on for the recovery to unlearn."""
+    purified, report = TriggerPrune(**PATCH, trigger_model="patch", max_area=0.001, early_depth=0.5)(
+        copy.deepcopy(demo_badnets), cifar10_context()
+    )
+    details = report.details
+    patch = details.triggers["patch"]
+    assert patch["fooled"] - patch["share_before"] >= 0.5 and patch["area"] > 0.001  # only the area gate stops it
+    assert details.gated and not patch["passed"]
+    early = details.early
+    assert early["opened"] and early["area"] == patch["area"] and early["lift"] >= 0.3
+    assert early["warp_lift"] < 0.3
+    convs = [(n, m) for n, m in demo_badnets.named_modules() if isinstance(m, nn.Conv2d)]
+    scored = convs[: round(0.5 * len(convs))]
+    assert early["convs"] == len(scored)
+    assert 0 < early["silenced"] <= int(0.13 * sum(m.out_channels for _, m in scored))
+    assert details.found_backdoor() and isinstance(details.found_triggers()[0], PatchTrigger)
+    assert "per-image patch" in details.choices()
+    for name, idx in early["filters"].items():  # writers of the residual stream: zeroed in place
+        assert name in dict(scored)
+        assert purified.get_submodule(name).weight[idx].abs().sum() == 0
+    assert details.flagged == early["silenced"] and details.removed + details.zeroed == details.flagged
+    assert sum(p.numel() for p in purified.parameters()) < sum(p.numel() for p in demo_badnets.parameters())
+
+
+def test_the_per_image_check_is_off_by_default_and_refuses_options_it_would_ignore():
+    _, report = TriggerPrune(**FAST)(shortcut_net(), context())
+    assert report.details.early is None
+    with pytest.raises(InvalidInputError, match="early_fraction shape the per-image patch check"):
+        TriggerPrune(early_fraction=0.2)
+    with pytest.raises(InvalidInputError, match="trigger_model='patch' or 'both'"):
+        TriggerPrune(early_depth=0.5)
+    with pytest.raises(InvalidInputError, match="must exceed max_area"):
+        TriggerPrune(trigger_model="both", early_depth=0.5, early_max_area=0.01)

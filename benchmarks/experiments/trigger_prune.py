@@ -32,12 +32,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "--patch-penalty", type=float, default=TriggerPrune.patch_penalty, help="patch searches only"
         )
+        parser.add_argument("--early-fraction", type=float, default=TriggerPrune.early_fraction)
+        parser.add_argument(
+            "--early-depth",
+            type=float,
+            default=TriggerPrune.early_depth,
+            help="the per-image patch check (patch searches)",
+        )
 
     args, entries = datafree_experiment(__doc__, ["gtsrb-blended", "cifar10-lf", "cifar10-clean"], argv, options)
     patch = args.trigger_model != "perturbation"
-    patch_options = dict(max_area=args.max_area, patch_penalty=args.patch_penalty)
-    if not patch and patch_options != dict(max_area=TriggerPrune.max_area, patch_penalty=TriggerPrune.patch_penalty):
-        raise SystemExit("--max-area and --patch-penalty shape the patch search: give --trigger-model patch or both")
+    patch_options = dict(max_area=args.max_area, patch_penalty=args.patch_penalty, early_depth=args.early_depth)
+    if not patch and patch_options != dict(
+        max_area=TriggerPrune.max_area, patch_penalty=TriggerPrune.patch_penalty, early_depth=TriggerPrune.early_depth
+    ):
+        raise SystemExit(
+            "--max-area, --patch-penalty and --early-depth shape the patch search: give --trigger-model patch or both"
+        )
     out = RESULTS / "experiments" / "trigger_prune.json"
     for entry, context in entries:
         row = read_json(out, {}).get(entry.name, {})  # settings measured before are kept
@@ -52,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     synthesis_steps=args.synthesis_steps,
                     trigger_model=args.trigger_model,
                     **(patch_options if patch else {}),
+                    **({"early_fraction": args.early_fraction} if args.early_depth > 0 else {}),
                 )(entry.model, context)
                 d = report.details
                 key = f"gain{gain:g}-cap{fraction:g}-depth{args.depth:g}" + (f"-{args.trigger_model}" if patch else "")
@@ -63,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                     key += f"-area{args.max_area:g}"
                 if patch and args.patch_penalty != TriggerPrune.patch_penalty:
                     key += f"-penalty{args.patch_penalty:g}"
+                if patch and args.early_depth != TriggerPrune.early_depth:
+                    key += f"-early{args.early_depth:g}"
+                    if args.early_fraction != TriggerPrune.early_fraction:
+                        key += f"-frac{args.early_fraction:g}"
                 row[key] = {
                     **val_scores(entry, purified),
                     "triggers": d.triggers,
@@ -71,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     "removed": d.removed,
                     "zeroed": d.zeroed,
                     "scored_channels": d.scored_channels,
+                    "early": d.early,
                     "seconds": round(report.wall_time_s, 1),
                 }
                 print(entry.name, gain, fraction, row[key], flush=True)

@@ -286,6 +286,22 @@ def with_recovery_options(pipeline: Pipeline, **options) -> Pipeline:
     return Pipeline([*passes, replace(recovery, **options)])
 
 
+# TriggerPrune's per-image patch check (TriggerPrune.early_depth; session 24): the first half of the
+# convs scored, at most 13% of their channels silenced (32 of the 240 in the first ten convs of the
+# zoo's PreAct-ResNet18: benchmarks.experiments.backdoor_channels, session 23).
+EARLY_DEPTH = 0.5
+
+
+def with_early_check(pipeline: Pipeline, fraction: float = TriggerPrune.early_fraction) -> Pipeline:
+    """``pipeline`` whose first pass, ``Fallback(TriggerPrune, ...)``, also runs TriggerPrune's
+    per-image patch check at ``EARLY_DEPTH``, silencing at most ``fraction`` of the channels it scores."""
+    first, *rest = pipeline.passes
+    if not isinstance(first, Fallback) or not isinstance(first.first, TriggerPrune):
+        raise TypeError(f"with_early_check takes a pipeline that starts with Fallback(TriggerPrune, ...), got {first}")
+    checked = replace(first.first, early_depth=EARLY_DEPTH, early_fraction=fraction)
+    return Pipeline([replace(first, first=checked), *rest])
+
+
 def with_gated_warp(pipeline: Pipeline, **options) -> Pipeline:
     """``pipeline`` whose recovery also unlearns a smooth warp where the search finds one that lifts a
     class by at least ``WARP_MIN_LIFT``, at ``WARP_WEIGHT_GATED`` (session 22), and takes ``options``."""
@@ -612,6 +628,27 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
             found_patch_weight=FOUND_PATCH_WEIGHT,
         ),
     ),
+    # ... with TriggerPrune's per-image patch check (with_early_check): against CIFAR-10 Input-aware,
+    # whose backdoor the default keeps (session 24): test CA / ASR 79.8 / 76.7 -> 66.0 / 0.9. It stays
+    # shut on CIFAR-10 WaNet and the clean model; not the default (docs/defaults.md, session 24).
+    "trigger-prune-both-synth100-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated": (
+        "none",
+        lambda m: with_gated_warp(with_early_check(synth100_pipeline(m)), found_patch_weight=FOUND_PATCH_WEIGHT),
+    ),
+    # ... silencing fewer of the early channels (a sweep on CIFAR-10 Input-aware only; docs/defaults.md,
+    # session 24): 10% 73.8 / 13.2, 11.5% 65.9 / 2.6, 7% 76.3 / 76.5.
+    "trigger-prune-both-synth100-early0.1-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated": (
+        "none",
+        lambda m: with_gated_warp(with_early_check(synth100_pipeline(m), 0.1), found_patch_weight=FOUND_PATCH_WEIGHT),
+    ),
+    "trigger-prune-both-synth100-early0.115-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated": (
+        "none",
+        lambda m: with_gated_warp(with_early_check(synth100_pipeline(m), 0.115), found_patch_weight=FOUND_PATCH_WEIGHT),
+    ),
+    "trigger-prune-both-synth100-early0.07-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated": (
+        "none",
+        lambda m: with_gated_warp(with_early_check(synth100_pipeline(m), 0.07), found_patch_weight=FOUND_PATCH_WEIGHT),
+    ),
     # ... with the hints at 100 and trigger invariance at 10 instead: GTSRB WaNet 98.4 / 3.2%. Mean
     # validation DER 83.0, within DER_TIE of the default's 82.5, but 0.4 points more CA drop.
     "otbr-search+prune-comp+recover-guarded-invariant10-guardhints-shared": (
@@ -665,6 +702,12 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean": (
         "clean",
         lambda m: datafree_recovered_on(m, "clean"),
+    ),
+    # ... with TriggerPrune's per-image patch check (with_early_check; session 24): against CIFAR-10
+    # Input-aware, whose backdoor the labelled default keeps.
+    "trigger-prune-both-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean": (
+        "clean",
+        lambda m: with_early_check(datafree_recovered_on(m, "clean")),
     ),
     # ... with the recovery also unlearning a smooth universal warp where the search finds one, as the
     # data-free candidate "-warp3-gated" (session 22). Tied with the default (validation DER 93.95
@@ -784,6 +827,15 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         "unlabeled",
         lambda m: with_gated_warp(
             datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
+            found_patch_weight=FOUND_PATCH_WEIGHT,
+        ),
+    ),
+    # ... with TriggerPrune's per-image patch check (with_early_check; session 24): against CIFAR-10
+    # Input-aware, whose backdoor the unlabelled default keeps.
+    "trigger-prune-both-synth100-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled-foundpatch-warp3-gated": (
+        "unlabeled",
+        lambda m: with_gated_warp(
+            with_early_check(datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS)),
             found_patch_weight=FOUND_PATCH_WEIGHT,
         ),
     ),

@@ -61,10 +61,12 @@ from ccpurify.invariance import (
     PATCH_PENALTY,
     PATCH_STEPS,
     PERTURBATION_STEPS,
+    WARP_STEPS,
     PatchTrigger,
     UniversalTrigger,
     fit_patch_trigger,
     fit_universal_trigger,
+    fit_universal_warp,
     perturbation_bound,
     trigger_fit_steps,
 )
@@ -78,6 +80,45 @@ from ccpurify.synthesis import bn_layers, check_pool_size, frozen, synthesize_bn
 
 
 @torch.no_grad()
+def standardized_shifts(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    images: torch.Tensor,
+    applies: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    relu: bool = False,
+    batch_size: int = 128,
+) -> list[dict[str, torch.Tensor]]:
+    """Per trigger of ``applies`` and per module of ``modules`` (name -> module), each output channel's
+    shift: the mean over ``images`` of its output (after a ReLU with ``relu``) averaged over space,
+    with the trigger applied (``apply(images)``) minus without, divided by the channel's standard
+    deviation over ``images`` (+ 1e-3: a channel silent on clean images that the trigger switches
+    on gets a large shift). ``model`` runs frozen; its mode is kept."""
+    records: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            records[name].append((output.relu() if relu else output).mean((2, 3)).cpu())
+
+        return hook
+
+    def means(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        for v in records.values():
+            v.clear()
+        for batch in batches(x, batch_size, next(model.parameters()).device):
+            model(batch)
+        return {name: torch.cat(v) for name, v in records.items()}
+
+    handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
+    try:
+        with frozen(model):
+            clean = means(images)
+            moved = [means(apply(images)) for apply in applies]
+    finally:
+        for h in handles:
+            h.remove()
+    return [{n: (m[n].mean(0) - clean[n].mean(0)) / (clean[n].std(0) + 1e-3) for n in modules} for m in moved]
+
+
 def trigger_gains(
     model: nn.Module,
     bns: dict[str, nn.Module],
@@ -85,38 +126,53 @@ def trigger_gains(
     applies: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     batch_size: int = 128,
 ) -> dict[str, torch.Tensor]:
-    """Per BatchNorm of ``bns`` (name -> module), each channel's trigger gain: the mean over ``images``
-    of ReLU(BN output) averaged over space, with a trigger applied (``apply(images)``) minus without,
-    divided by the channel's standard deviation over ``images`` (+ 1e-3: a channel silent on clean
-    images that the trigger switches on gets a large gain); with several triggers (``applies``), the
-    largest. ``model``'s mode is kept."""
-    records: dict[str, list[torch.Tensor]] = {name: [] for name in bns}
+    """Per BatchNorm of ``bns`` (name -> module), each channel's trigger gain: its shift
+    (``standardized_shifts``) of ReLU(BN output); with several triggers (``applies``), the largest.
+    ``model``'s mode is kept."""
+    shifts = standardized_shifts(model, bns, images, applies, relu=True, batch_size=batch_size)
+    return {n: torch.stack([s[n] for s in shifts]).amax(0) for n in bns}
 
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            records[name].append(output.relu().mean((2, 3)).cpu())
 
-        return hook
+def patch_specific_shifts(
+    model: nn.Module,
+    convs: dict[str, nn.Module],
+    images: torch.Tensor,
+    patch: PatchTrigger,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    random_patches: int,
+    generator: torch.Generator,
+    batch_size: int = 128,
+) -> dict[str, torch.Tensor]:
+    """Per conv of ``convs`` (name -> module), each output channel's shift under ``patch``
+    (``standardized_shifts`` of its output) beyond what any patch of its size causes: minus the
+    largest shift under ``random_patches`` controls (the patch's mask with its pixels shuffled, a
+    uniformly random pattern, ``normalize``d). Early channels are edge and colour detectors that any
+    pasted square switches on; the control removes that part (session 23:
+    ``benchmarks.experiments.backdoor_channels``, ranking ``patch-minus-random``). ``model``'s mode
+    is kept."""
+    controls = []
+    for _ in range(random_patches):
+        order = torch.randperm(patch.mask.numel(), generator=generator)
+        mask = patch.mask.flatten()[order].view_as(patch.mask)
+        pattern = normalize(torch.rand(patch.pattern.shape, generator=generator))
+        controls.append(replace(patch, mask=mask, pattern=pattern))
+    found, *control = standardized_shifts(
+        model, convs, images, [t.apply for t in (patch, *controls)], batch_size=batch_size
+    )
+    if not control:
+        return found
+    return {n: found[n] - torch.stack([c[n] for c in control]).amax(0) for n in convs}
 
-    def activations(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        for v in records.values():
-            v.clear()
-        for batch in batches(x, batch_size, next(model.parameters()).device):
-            model(batch)
-        return {name: torch.cat(v) for name, v in records.items()}
 
-    handles = [bn.register_forward_hook(recorder(name)) for name, bn in bns.items()]
-    try:
-        with frozen(model):
-            clean = activations(images)
-            triggered = [activations(apply(images)) for apply in applies]
-    finally:
-        for h in handles:
-            h.remove()
-    return {
-        n: torch.stack([t[n].mean(0) for t in triggered]).amax(0).sub(clean[n].mean(0)) / (clean[n].std(0) + 1e-3)
-        for n in bns
-    }
+@torch.no_grad()
+def zero_filters(model: nn.Module, filters: dict[str, list[int]]) -> None:
+    """Silence output channels at their conv (name -> channel indices): filter and bias 0, which
+    ``Recover`` keeps at 0 (``freeze_silenced_channels``)."""
+    for name, idx in filters.items():
+        conv = model.get_submodule(name)
+        conv.weight[idx] = 0
+        if conv.bias is not None:
+            conv.bias[idx] = 0
 
 
 class TriggerModel(str, Enum):
@@ -141,6 +197,10 @@ class TriggerPruneDetails(PassDetails):
     top_gains: list[float]
     removed: int | None = None
     zeroed: int | None = None
+    # early_depth > 0: the per-image patch check (``TriggerPrune.early_gate``): the patch's area and
+    # lift, the warp search's lift where it ran, whether the gate opened, the convs scored, and the
+    # early channels silenced (through their BatchNorm, or their filter where none follows).
+    early: dict | None = None
     images: int = 0  # synthetic images made and scored on
     sample_steps: int = 0  # about the image forwards and backwards spent (``TriggerPrune.sample_steps``)
     # The triggers that passed the gate, as fitted (tensors: not in ``to_dict``; ``triggers`` summarises them).
@@ -152,7 +212,7 @@ class TriggerPruneDetails(PassDetails):
     def found_backdoor(self) -> bool:
         """A trigger passed its gate *and* channels were silenced: a trigger that switches on no
         channel above ``min_gain`` leaves the model as it was, as if none had been found."""
-        return not self.gated and self.flagged > 0
+        return (not self.gated and self.flagged > 0) or bool(self.early and self.early["silenced"])
 
     def found_triggers(self) -> tuple[UniversalTrigger | PatchTrigger, ...]:
         return self.passed if self.found_backdoor() else ()
@@ -169,9 +229,17 @@ class TriggerPruneDetails(PassDetails):
                 f"({t['share_before']:.0%} without it{'' if t['passed'] else ', below the gate'})"
             )
         text = "; ".join(found)
-        if self.gated:
+        early = ""
+        if self.early and self.early["opened"]:
+            early = (
+                f"; a per-image patch (no patch of at most {self.early['max_area']:.0%}, no perturbation, "
+                f"no warp): {self.early['silenced']} channels of the first {self.early['convs']} convs silenced"
+            )
+        if self.gated and not early:
             return f"{text}: no backdoor found, nothing removed"
         removed = f", {self.removed} removed" if self.removed else ""
+        if early:
+            return f"{text}{early}: {self.flagged} channels silenced in all{removed}"
         return f"{text}: {self.flagged} channels it switches on silenced{removed}"
 
 
@@ -202,6 +270,19 @@ class TriggerPrune(Pass):
     patch_penalty: PositiveFloat = PATCH_PENALTY
     patch_steps: Count = PATCH_STEPS
     max_area: PositiveFraction = 0.02
+    # Per-image patch triggers (Input-aware; session 24, our variant). With early_depth > 0, where no
+    # trigger passes the gate above but the patch search still lifts a class by early_min_lift with a
+    # mask larger than max_area and at most early_max_area, and a smooth warp search
+    # (``fit_universal_warp``, WaNet's trigger model) lifts none by early_min_lift: the first
+    # early_depth of the convs (in module order) are scored by ``patch_specific_shifts`` and the top
+    # early_fraction of their output channels silenced. A per-image trigger moves the early features
+    # that clean images need too, so the deep scoring above finds nothing there (docs/defaults.md,
+    # sessions 22-24).
+    early_depth: Fraction = 0.0
+    early_fraction: PositiveFraction = 0.13
+    early_min_lift: Fraction = 0.3
+    early_max_area: PositiveFraction = 0.06
+    early_random_patches: NonNegativeCount = 4
     mode: Mode = Mode.COMPRESS
     residual_policy: RemovalPolicy = RemovalPolicy.GROUP
 
@@ -215,6 +296,20 @@ class TriggerPrune(Pass):
             raise InvalidInputError(
                 f"{', '.join(changed)} shape the patch search, which trigger_model='perturbation' does not run: "
                 "add trigger_model='patch' or 'both'"
+            )
+        early_options = [f for f in dataclasses.fields(self) if f.name.startswith("early_") and f.name != "early_depth"]
+        changed = [f.name for f in early_options if getattr(self, f.name) != f.default]
+        if self.early_depth > 0 and self.trigger_model is TriggerModel.PERTURBATION:
+            raise InvalidInputError(
+                "early_depth checks the patch search for a per-image trigger, which trigger_model='perturbation' "
+                "does not run: add trigger_model='patch' or 'both'"
+            )
+        if changed and self.early_depth == 0:
+            raise InvalidInputError(f"{', '.join(changed)} shape the per-image patch check: it needs early_depth > 0")
+        if self.early_depth > 0 and self.early_max_area <= self.max_area:
+            raise InvalidInputError(
+                f"early_max_area ({self.early_max_area:g}) must exceed max_area ({self.max_area:g}): the per-image "
+                "check takes the patches too large for the patch gate"
             )
 
     def check(self, model: nn.Module, context: PurifyContext) -> None:
@@ -242,7 +337,14 @@ class TriggerPrune(Pass):
             TriggerModel.PATCH: [self.patch_steps],
             TriggerModel.BOTH: [self.trigger_steps, self.patch_steps],
         }[self.trigger_model]
-        return self.images * self.synthesis_steps + sum(trigger_fit_steps(n, self.images) for n in steps)
+        # The per-image check, counted even where its gate may stop it: the warp search, and the
+        # images scored with the patch and each control.
+        early = (
+            trigger_fit_steps(WARP_STEPS, self.images) + self.images * (2 + self.early_random_patches)
+            if self.early_depth > 0
+            else 0
+        )
+        return self.images * self.synthesis_steps + sum(trigger_fit_steps(n, self.images) for n in steps) + early
 
     def fit_triggers(
         self, model: nn.Module, images: torch.Tensor, context: PurifyContext
@@ -268,6 +370,65 @@ class TriggerPrune(Pass):
             )
             found["patch"] = patch, patch.lift >= self.min_lift and patch.area <= self.max_area
         return found
+
+    def early_check(
+        self,
+        model: nn.Module,
+        graph: ChannelGraph,
+        images: torch.Tensor,
+        found: dict[str, tuple[UniversalTrigger | PatchTrigger, bool]],
+        context: PurifyContext,
+    ) -> tuple[dict, dict[str, list[int]], dict[str, list[int]]]:
+        """The per-image patch check (``early_depth``): its report, the BatchNorm channels and the
+        filters (convs no BatchNorm normalises: a pre-activation network's residual writers) to
+        silence. The gate, in order of cost: no trigger passed the main gate, the patch lifts its
+        class by ``early_min_lift`` with an area in (``max_area``, ``early_max_area``], and a warp
+        search lifts no class by as much (a warp explains WaNet's patch-like search result: a 4-5%
+        mask on CIFAR-10 WaNet, docs/defaults.md session 16)."""
+        patch, _ = found["patch"]
+        report = {
+            "area": round(patch.area, 4),
+            "lift": round(patch.lift, 4),
+            "max_area": self.max_area,
+            "warp_lift": None,
+            "opened": False,
+            "convs": 0,
+            "silenced": 0,
+            "filters": {},
+        }
+        if any(passed for _, passed in found.values()) or patch.lift < self.early_min_lift:
+            return report, {}, {}
+        if not self.max_area < patch.area <= self.early_max_area:
+            return report, {}, {}
+        warp = fit_universal_warp(model, images, generator=context.generator(41), device=context.device)
+        report["warp_lift"] = round(warp.lift, 4)
+        if warp.lift >= self.early_min_lift:
+            return report, {}, {}
+        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n in graph.layers]
+        convs = convs[: max(1, round(self.early_depth * len(convs)))]
+        shifts = patch_specific_shifts(
+            model, dict(convs), images, patch, context.normalize, self.early_random_patches, context.generator(43)
+        )
+        ranked = sorted(((float(v), n, k) for n, _ in convs for k, v in enumerate(shifts[n])), reverse=True)
+        count = int(self.early_fraction * sum(m.out_channels for _, m in convs))
+        bns: dict[str, list[int]] = {}
+        filters: dict[str, list[int]] = {}
+        for shift, conv, k in ranked[:count]:
+            if shift <= 0:
+                break
+            bn = graph.layers[conv].bn
+            if bn is not None and model.get_submodule(bn).weight is not None:
+                bns.setdefault(bn, []).append(k)
+            else:
+                filters.setdefault(conv, []).append(k)
+        report.update(
+            opened=True,
+            convs=len(convs),
+            silenced=sum(map(len, bns.values())) + sum(map(len, filters.values())),
+            top_shifts=[round(v, 3) for v, _, _ in ranked[:10]],
+            filters={n: sorted(k) for n, k in filters.items()},
+        )
+        return report, bns, filters
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         graph = ChannelGraph(model, context.example_inputs)
@@ -297,19 +458,29 @@ class TriggerPrune(Pass):
         for g, bn, i in [] if gated else ranked[:limit]:
             if g > self.min_gain:
                 flagged.setdefault(bn, []).append(i)
-        flagged = {bn: sorted(idx) for bn, idx in flagged.items()}
+        early, early_bns, early_filters = None, {}, {}
+        if self.early_depth > 0:
+            early, early_bns, early_filters = self.early_check(model, graph, images, found, context)
+        for bn, idx in early_bns.items():
+            flagged[bn] = [*flagged.get(bn, []), *idx]
+        flagged = {bn: sorted(set(idx)) for bn, idx in flagged.items()}
+        passed = tuple(t for t, ok in found.values() if ok)
+        if early is not None and early["silenced"]:
+            passed += (found["patch"][0],)  # the recovery may unlearn it (Recover.found_patch_weight)
         details = TriggerPruneDetails(
-            triggers={kind: {**t.summary(), "passed": passed} for kind, (t, passed) in found.items()},
+            triggers={kind: {**t.summary(), "passed": ok} for kind, (t, ok) in found.items()},
             gated=gated,
             scored_channels=len(ranked),
-            flagged=sum(len(idx) for idx in flagged.values()),
+            flagged=sum(len(idx) for idx in flagged.values()) + sum(map(len, early_filters.values())),
             layers=flagged,
             top_gains=[round(g, 3) for g, _, _ in ranked[:10]],
             images=len(images),
             sample_steps=self.sample_steps(context),
-            passed=tuple(t for t, passed in found.values() if passed),
+            passed=passed,
+            early=early,
         )
         zero_bn_channels(model, flagged, beta=True)  # scale and shift 0: the channel outputs 0
+        zero_filters(model, early_filters)
         # Channels whose BN normalises one conv's output go physically; the others (a pre-activation
         # network's residual stream, read through its own BN by each block) stay zeroed.
         by_bn = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
@@ -318,10 +489,12 @@ class TriggerPrune(Pass):
             for bn, idx in flagged.items()
             if bn in by_bn and graph.layers[by_bn[bn]].coupling not in (Coupling.BLOCKED, Coupling.OUTPUT)
         }
+        edits = []
         if self.mode is Mode.FAITHFUL or not selection:
             details.zeroed = details.flagged
-            return PassResult(model, details)
-        removal = graph.remove_channels(selection, self.residual_policy)
-        details.removed = removal.removed
-        details.zeroed = details.flagged - removal.removed
-        return PassResult(model, details, [removal.edit()] if removal.history else [])
+        else:
+            removal = graph.remove_channels(selection, self.residual_policy)
+            details.removed = removal.removed
+            details.zeroed = details.flagged - removal.removed
+            edits = [removal.edit()] if removal.history else []
+        return PassResult(model, details, edits)
