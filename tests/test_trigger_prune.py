@@ -348,3 +348,30 @@ def test_the_per_image_check_is_off_by_default_and_refuses_options_it_would_igno
         TriggerPrune(early_depth=0.5)
     with pytest.raises(InvalidInputError, match="must exceed max_area"):
         TriggerPrune(trigger_model="both", early_depth=0.5, early_max_area=0.01)
+
+
+def test_the_per_image_check_scores_only_convs_it_can_silence():
+    """A grouped conv's channels are tied to its input's, a conv classifier's are the logits, and a
+    BatchNorm without scale and shift would output a constant where the filter is zeroed: none of
+    them is scored. A plain conv is."""
+    from ccpurify.graph import ChannelGraph
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.BatchNorm2d(8, affine=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),  # feeds the grouped conv: blocked with it
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 8),
+        nn.Flatten(),
+    ).eval()
+    graph = ChannelGraph(model, torch.zeros(1, 3, 8, 8))
+    scored = [n for n in ("0", "3", "6", "9", "12") if TriggerPrune._silenceable(n, graph, model)]
+    assert scored == ["0"]

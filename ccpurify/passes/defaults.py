@@ -287,8 +287,8 @@ def with_recovery_options(pipeline: Pipeline, **options) -> Pipeline:
 
 
 # TriggerPrune's per-image patch check (TriggerPrune.early_depth; session 24): the first half of the
-# convs scored, at most 13% of their channels silenced (32 of the 240 in the first ten convs of the
-# zoo's PreAct-ResNet18: benchmarks.experiments.backdoor_channels, session 23).
+# convs scored, at most 13% of their channels silenced (31 of the 240 in the first ten convs of the
+# zoo's PreAct-ResNet18; session 23 zeroed 32 there: benchmarks.experiments.backdoor_channels).
 EARLY_DEPTH = 0.5
 
 

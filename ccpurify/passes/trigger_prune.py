@@ -25,7 +25,8 @@ trigger activates most, measured on clean data. Here nothing is real (issue 14; 
    WaNet (15% to 61%), Input-aware (21% to 51%), BadNets (23% to 50%) and the clean model (12% to
    22%); the patch passes on PreAct BadNets (CIFAR-10 and GTSRB) and not on WaNet (a 4-5% mask),
    the clean models or VGG16-BN and MobileNetV2 BadNets (docs/defaults.md, session 15). Where no
-   trigger passes, nothing is removed.
+   trigger passes, nothing is removed, unless the per-image check (``early_depth``, off by
+   default) silences channels of the first convs: see ``TriggerPrune``'s options.
 4. Score: each channel of the last ``depth`` of the BatchNorm layers (in module order) gets its
    *trigger gain*: the mean over images of ReLU(BN output), averaged over space, on the triggered
    images minus on the images, in units of its standard deviation over the images. Only the deep
@@ -47,6 +48,7 @@ what ``Fallback`` runs a broader defense on.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -92,7 +94,8 @@ def standardized_shifts(
     shift: the mean over ``images`` of its output (after a ReLU with ``relu``) averaged over space,
     with the trigger applied (``apply(images)``) minus without, divided by the channel's standard
     deviation over ``images`` (+ 1e-3: a channel silent on clean images that the trigger switches
-    on gets a large shift). ``model`` runs frozen; its mode is kept."""
+    on gets a large shift). Modules the forward never calls are left out. ``model`` runs frozen; its
+    mode is kept."""
     records: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
 
     def recorder(name: str):
@@ -106,7 +109,7 @@ def standardized_shifts(
             v.clear()
         for batch in batches(x, batch_size, next(model.parameters()).device):
             model(batch)
-        return {name: torch.cat(v) for name, v in records.items()}
+        return {name: torch.cat(v) if v else torch.empty(0) for name, v in records.items()}
 
     handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
     try:
@@ -116,7 +119,8 @@ def standardized_shifts(
     finally:
         for h in handles:
             h.remove()
-    return [{n: (m[n].mean(0) - clean[n].mean(0)) / (clean[n].std(0) + 1e-3) for n in modules} for m in moved]
+    ran = [n for n in modules if len(clean[n])]  # a module the forward never calls records nothing
+    return [{n: (m[n].mean(0) - clean[n].mean(0)) / (clean[n].std(0) + 1e-3) for n in ran} for m in moved]
 
 
 def trigger_gains(
@@ -130,7 +134,7 @@ def trigger_gains(
     (``standardized_shifts``) of ReLU(BN output); with several triggers (``applies``), the largest.
     ``model``'s mode is kept."""
     shifts = standardized_shifts(model, bns, images, applies, relu=True, batch_size=batch_size)
-    return {n: torch.stack([s[n] for s in shifts]).amax(0) for n in bns}
+    return {n: torch.stack([s[n] for s in shifts]).amax(0) for n in shifts[0]}
 
 
 def patch_specific_shifts(
@@ -161,13 +165,13 @@ def patch_specific_shifts(
     )
     if not control:
         return found
-    return {n: found[n] - torch.stack([c[n] for c in control]).amax(0) for n in convs}
+    return {n: found[n] - torch.stack([c[n] for c in control]).amax(0) for n in found}
 
 
 @torch.no_grad()
 def zero_filters(model: nn.Module, filters: dict[str, list[int]]) -> None:
     """Silence output channels at their conv (name -> channel indices): filter and bias 0, which
-    ``Recover`` keeps at 0 (``freeze_silenced_channels``)."""
+    ``Recover(teacher_from="input")`` keeps at 0 (``freeze_silenced_channels``)."""
     for name, idx in filters.items():
         conv = model.get_submodule(name)
         conv.weight[idx] = 0
@@ -190,14 +194,14 @@ class TriggerPruneDetails(PassDetails):
     silenced, and how many of them were removed physically and how many only zeroed."""
 
     triggers: dict[str, dict]  # "perturbation" / "patch" -> summary and "passed"
-    gated: bool  # True: no trigger passed its gate, nothing was removed
+    gated: bool  # True: no trigger passed its gate (the per-image check may still have silenced channels)
     scored_channels: int
     flagged: int
     layers: dict[str, list[int]]
     top_gains: list[float]
     removed: int | None = None
     zeroed: int | None = None
-    # early_depth > 0: the per-image patch check (``TriggerPrune.early_gate``): the patch's area and
+    # early_depth > 0: the per-image patch check (``TriggerPrune.early_check``): the patch's area and
     # lift, the warp search's lift where it ran, whether the gate opened, the convs scored, and the
     # early channels silenced (through their BatchNorm, or their filter where none follows).
     early: dict | None = None
@@ -210,8 +214,9 @@ class TriggerPruneDetails(PassDetails):
         return Training(self.images, "synthetic", self.sample_steps)
 
     def found_backdoor(self) -> bool:
-        """A trigger passed its gate *and* channels were silenced: a trigger that switches on no
-        channel above ``min_gain`` leaves the model as it was, as if none had been found."""
+        """A trigger passed its gate *and* channels were silenced, or the per-image check silenced
+        some: a trigger that switches on no channel above ``min_gain`` leaves the model as it was,
+        as if none had been found."""
         return (not self.gated and self.flagged > 0) or bool(self.early and self.early["silenced"])
 
     def found_triggers(self) -> tuple[UniversalTrigger | PatchTrigger, ...]:
@@ -230,9 +235,9 @@ class TriggerPruneDetails(PassDetails):
             )
         text = "; ".join(found)
         early = ""
-        if self.early and self.early["opened"]:
+        if self.early and self.early["silenced"]:
             early = (
-                f"; a per-image patch (no patch of at most {self.early['max_area']:.0%}, no perturbation, "
+                f"; a per-image patch (no patch of at most {100 * self.early['max_area']:g}%, no perturbation, "
                 f"no warp): {self.early['silenced']} channels of the first {self.early['convs']} convs silenced"
             )
         if self.gated and not early:
@@ -371,6 +376,17 @@ class TriggerPrune(Pass):
             found["patch"] = patch, patch.lift >= self.min_lift and patch.area <= self.max_area
         return found
 
+    @staticmethod
+    def _silenceable(conv: str, graph: ChannelGraph, model: nn.Module) -> bool:
+        """Whether the per-image check can silence ``conv``'s output channels: the graph knows it, it
+        is not the output layer, nor blocked (a grouped conv's channels are tied to its input's), and
+        a BatchNorm that normalises it has a scale and shift to zero (else it would output a
+        constant where the filter is zeroed)."""
+        info = graph.layers.get(conv)
+        if info is None or info.coupling in (Coupling.BLOCKED, Coupling.OUTPUT):
+            return False
+        return info.bn is None or model.get_submodule(info.bn).weight is not None
+
     def early_check(
         self,
         model: nn.Module,
@@ -404,12 +420,16 @@ class TriggerPrune(Pass):
         report["warp_lift"] = round(warp.lift, 4)
         if warp.lift >= self.early_min_lift:
             return report, {}, {}
-        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n in graph.layers]
+        convs = [
+            (n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and self._silenceable(n, graph, model)
+        ]
         convs = convs[: max(1, round(self.early_depth * len(convs)))]
         shifts = patch_specific_shifts(
             model, dict(convs), images, patch, context.normalize, self.early_random_patches, context.generator(43)
         )
-        ranked = sorted(((float(v), n, k) for n, _ in convs for k, v in enumerate(shifts[n])), reverse=True)
+        ranked = sorted(
+            ((float(v), n, k) for n in shifts for k, v in enumerate(shifts[n]) if math.isfinite(v)), reverse=True
+        )
         count = int(self.early_fraction * sum(m.out_channels for _, m in convs))
         bns: dict[str, list[int]] = {}
         filters: dict[str, list[int]] = {}
@@ -417,10 +437,7 @@ class TriggerPrune(Pass):
             if shift <= 0:
                 break
             bn = graph.layers[conv].bn
-            if bn is not None and model.get_submodule(bn).weight is not None:
-                bns.setdefault(bn, []).append(k)
-            else:
-                filters.setdefault(conv, []).append(k)
+            (bns.setdefault(bn, []) if bn is not None else filters.setdefault(conv, [])).append(k)
         report.update(
             opened=True,
             convs=len(convs),
@@ -452,7 +469,7 @@ class TriggerPrune(Pass):
         # for the report).
         scored = [t.apply for t, passed in found.values() if passed or gated]
         gains = trigger_gains(model, deep, images, scored)
-        ranked = sorted(((float(g), bn, i) for bn in deep for i, g in enumerate(gains[bn])), reverse=True)
+        ranked = sorted(((float(g), bn, i) for bn in gains for i, g in enumerate(gains[bn])), reverse=True)
         limit = int(self.max_fraction * sum(bn.num_features for bn in bns.values()))
         flagged: dict[str, list[int]] = {}
         for g, bn, i in [] if gated else ranked[:limit]:
@@ -480,10 +497,12 @@ class TriggerPrune(Pass):
             early=early,
         )
         zero_bn_channels(model, flagged, beta=True)  # scale and shift 0: the channel outputs 0
-        zero_filters(model, early_filters)
+        by_bn = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
+        # An early channel is zeroed at its filter as well: a stem conv's BN is only one of its readers
+        # in a pre-activation network, whose shortcut carries the conv's output on.
+        zero_filters(model, {**early_filters, **{by_bn[bn]: idx for bn, idx in early_bns.items()}})
         # Channels whose BN normalises one conv's output go physically; the others (a pre-activation
         # network's residual stream, read through its own BN by each block) stay zeroed.
-        by_bn = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
         selection = {
             by_bn[bn]: idx
             for bn, idx in flagged.items()
