@@ -704,7 +704,7 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         lambda m: datafree_recovered_on(m, "clean"),
     ),
     # ... with TriggerPrune's per-image patch check (with_early_check; session 24): against CIFAR-10
-    # Input-aware, whose backdoor the labelled default keeps.
+    # Input-aware, whose backdoor the labelled default keeps (test CA / ASR 79.7 / 74.6 -> 75.5 / 44.9).
     "trigger-prune-both-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean": (
         "clean",
         lambda m: with_early_check(datafree_recovered_on(m, "clean")),
@@ -831,7 +831,7 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         ),
     ),
     # ... with TriggerPrune's per-image patch check (with_early_check; session 24): against CIFAR-10
-    # Input-aware, whose backdoor the unlabelled default keeps.
+    # Input-aware, whose backdoor the unlabelled default keeps (test CA / ASR 79.2 / 55.8 -> 74.7 / 12.9).
     "trigger-prune-both-synth100-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled-foundpatch-warp3-gated": (
         "unlabeled",
         lambda m: with_gated_warp(
