@@ -394,10 +394,10 @@ class TriggerPrune(Pass):
         images: torch.Tensor,
         found: dict[str, tuple[UniversalTrigger | PatchTrigger, bool]],
         context: PurifyContext,
-    ) -> tuple[dict, dict[str, list[int]], dict[str, list[int]]]:
-        """The per-image patch check (``early_depth``): its report, the BatchNorm channels and the
-        filters (convs no BatchNorm normalises: a pre-activation network's residual writers) to
-        silence. The gate, in order of cost: no trigger passed the main gate, the patch lifts its
+    ) -> tuple[dict, dict[str, list[int]]]:
+        """The per-image patch check (``early_depth``): its report, and the output channels to
+        silence per conv (the report's ``filters``: those of convs no BatchNorm normalises, a
+        pre-activation network's residual writers). The gate, in order of cost: no trigger passed the main gate, the patch lifts its
         class by ``early_min_lift`` with an area in (``max_area``, ``early_max_area``], and a warp
         search lifts no class by as much (a warp explains WaNet's patch-like search result: a 4-5%
         mask on CIFAR-10 WaNet, docs/defaults.md session 16)."""
@@ -413,13 +413,13 @@ class TriggerPrune(Pass):
             "filters": {},
         }
         if any(passed for _, passed in found.values()) or patch.lift < self.early_min_lift:
-            return report, {}, {}
+            return report, {}
         if not self.max_area < patch.area <= self.early_max_area:
-            return report, {}, {}
+            return report, {}
         warp = fit_universal_warp(model, images, generator=context.generator(41), device=context.device)
         report["warp_lift"] = round(warp.lift, 4)
         if warp.lift >= self.early_min_lift:
-            return report, {}, {}
+            return report, {}
         convs = [
             (n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and self._silenceable(n, graph, model)
         ]
@@ -431,21 +431,19 @@ class TriggerPrune(Pass):
             ((float(v), n, k) for n in shifts for k, v in enumerate(shifts[n]) if math.isfinite(v)), reverse=True
         )
         count = int(self.early_fraction * sum(m.out_channels for _, m in convs))
-        bns: dict[str, list[int]] = {}
-        filters: dict[str, list[int]] = {}
+        channels: dict[str, list[int]] = {}
         for shift, conv, k in ranked[:count]:
             if shift <= 0:
                 break
-            bn = graph.layers[conv].bn
-            (bns.setdefault(bn, []) if bn is not None else filters.setdefault(conv, [])).append(k)
+            channels.setdefault(conv, []).append(k)
         report.update(
             opened=True,
             convs=len(convs),
-            silenced=sum(map(len, bns.values())) + sum(map(len, filters.values())),
+            silenced=sum(map(len, channels.values())),
             top_shifts=[round(v, 3) for v, _, _ in ranked[:10]],
-            filters={n: sorted(k) for n, k in filters.items()},
+            filters={n: sorted(k) for n, k in channels.items() if graph.layers[n].bn is None},
         )
-        return report, bns, filters
+        return report, channels
 
     def run(self, model: nn.Module, context: PurifyContext) -> PassResult:
         graph = ChannelGraph(model, context.example_inputs)
@@ -475,11 +473,12 @@ class TriggerPrune(Pass):
         for g, bn, i in [] if gated else ranked[:limit]:
             if g > self.min_gain:
                 flagged.setdefault(bn, []).append(i)
-        early, early_bns, early_filters = None, {}, {}
-        if self.early_depth > 0:
-            early, early_bns, early_filters = self.early_check(model, graph, images, found, context)
-        for bn, idx in early_bns.items():
-            flagged[bn] = [*flagged.get(bn, []), *idx]
+        early, early_channels = (
+            self.early_check(model, graph, images, found, context) if self.early_depth else (None, {})
+        )
+        for conv, idx in early_channels.items():
+            if (bn := graph.layers[conv].bn) is not None:
+                flagged[bn] = [*flagged.get(bn, []), *idx]
         flagged = {bn: sorted(set(idx)) for bn, idx in flagged.items()}
         passed = tuple(t for t, ok in found.values() if ok)
         if early is not None and early["silenced"]:
@@ -488,7 +487,8 @@ class TriggerPrune(Pass):
             triggers={kind: {**t.summary(), "passed": ok} for kind, (t, ok) in found.items()},
             gated=gated,
             scored_channels=len(ranked),
-            flagged=sum(len(idx) for idx in flagged.values()) + sum(map(len, early_filters.values())),
+            flagged=sum(len(idx) for idx in flagged.values())
+            + sum(map(len, early["filters"].values()) if early else []),
             layers=flagged,
             top_gains=[round(g, 3) for g, _, _ in ranked[:10]],
             images=len(images),
@@ -497,12 +497,12 @@ class TriggerPrune(Pass):
             early=early,
         )
         zero_bn_channels(model, flagged, beta=True)  # scale and shift 0: the channel outputs 0
-        by_bn = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
         # An early channel is zeroed at its filter as well: a stem conv's BN is only one of its readers
         # in a pre-activation network, whose shortcut carries the conv's output on.
-        zero_filters(model, {**early_filters, **{by_bn[bn]: idx for bn, idx in early_bns.items()}})
+        zero_filters(model, early_channels)
         # Channels whose BN normalises one conv's output go physically; the others (a pre-activation
         # network's residual stream, read through its own BN by each block) stay zeroed.
+        by_bn = {info.bn: name for name, info in graph.layers.items() if info.bn is not None}
         selection = {
             by_bn[bn]: idx
             for bn, idx in flagged.items()
