@@ -343,15 +343,16 @@ class ChannelGraph:
         }
 
     # ------------------------------------------------------------------------------------ editing
-    def zero_channels(self, layer: str | nn.Module, indices: Sequence[int]) -> None:
+    def zero_channels(self, layer: str | nn.Module, indices: Sequence[int], at_filter: bool = False) -> None:
         """Silence output channels of ``layer``: its paired BN's gamma and beta set to 0 when there is
-        one (CLP's reference operation), else the filters and bias."""
+        one (CLP's reference operation), else, or with ``at_filter``, the filters and bias (a
+        pre-activation stem's BN is only one reader of its conv: the shortcut carries the output on)."""
         name = self._name(layer)
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         if len(idx) == 0:
             return
         with torch.no_grad():
-            bn_name = self.layers[name].bn
+            bn_name = None if at_filter else self.layers[name].bn
             target = self.module(bn_name) if bn_name is not None else self.module(name)
             target.weight[idx] = 0
             if target.bias is not None:

@@ -191,6 +191,7 @@ def fit_patch_trigger(
     *,
     penalty: float = PATCH_PENALTY,
     steps: int = PATCH_STEPS,
+    warmup: float = 0.0,
     batch_size: int = TRIGGER_BATCH,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
@@ -207,23 +208,32 @@ def fit_patch_trigger(
     images sent to the class before -> after): CIFAR-10 BadNets 0.5%, 23% -> 100% (99.8% of real
     validation images); GTSRB BadNets 1.4%, 18% -> 100%; the clean CIFAR-10 model 0.5%, 13% -> 17%;
     the clean GTSRB model 0.2%, 8% -> 8% (``benchmarks/experiments/patch_trigger.py``). ``model``'s
-    parameters and mode are kept."""
-    if steps < 1 or batch_size < 1 or not 0 < penalty < math.inf:
+    parameters and mode are kept.
+
+    ``warmup`` (a fraction of ``steps``) ramps the penalty linearly from 0 over the first steps: the
+    mask first grows until the patch sends the batch to a class, then shrinks to the smallest that
+    still does, as Neural Cleanse raises its cost only once the attack succeeds. With the penalty
+    from the first step the search can settle on a larger mask that fools fewer images; which one it
+    settles on then depends on the CPU's floating-point kernels (docs/defaults.md, session 25)."""
+    if steps < 1 or batch_size < 1 or not 0 < penalty < math.inf or not 0 <= warmup <= 1:
         raise ValueError(
-            f"steps and batch_size must be >= 1 and penalty finite and > 0, got {steps}, {batch_size}, {penalty}"
+            f"steps and batch_size must be >= 1, penalty finite and > 0, and warmup in [0, 1], got {steps}, "
+            f"{batch_size}, {penalty}, {warmup}"
         )
+    ramp = max(1, round(warmup * steps)) if warmup > 0 else 0
     _, channels, height, width = images.shape
     mask_logit = torch.full((1, 1, height, width), -3.0, device=device, requires_grad=True)
     pattern_logit = torch.zeros(1, channels, height, width, device=device, requires_grad=True)
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=0.1)
     with modes_kept(model):  # every module's mode, not only the top one's
         model.eval()
-        for _ in range(steps):
+        for step in range(steps):
             x = images[torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)].to(device)
             mask = mask_logit.sigmoid()
             logits = model(_paste(x, mask, normalize(pattern_logit.sigmoid())))
             target = int(logits.softmax(1).mean(0).argmax())
-            loss = _collapse_loss(logits, target) + penalty * mask.mean()
+            weight = penalty * min(1.0, step / ramp) if ramp else penalty
+            loss = _collapse_loss(logits, target) + weight * mask.mean()
             mask_grad, pattern_grad = torch.autograd.grad(loss, (mask_logit, pattern_logit))
             mask_logit.grad, pattern_logit.grad = mask_grad, pattern_grad
             opt.step()

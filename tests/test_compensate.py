@@ -808,3 +808,13 @@ def test_agreement_compares_in_eval_mode_and_leaves_the_models_modes_as_they_wer
     assert all(p.requires_grad for p in a.parameters())
     with pytest.raises(InvalidInputError, match="at least one image"):
         agreement(a, b, images[:0])
+
+
+def test_a_teacher_on_another_device_is_copied_there_and_the_callers_model_stays_put():
+    from ccpurify.passes.recover import on_device
+
+    net = two_bn_net()
+    assert on_device(net, "cpu") is net  # already there: used as it is
+    moved = on_device(net, "meta")
+    assert moved is not net and next(moved.parameters()).device.type == "meta"
+    assert all(t.device.type == "cpu" for t in [*net.parameters(), *net.buffers()])

@@ -78,6 +78,17 @@ def test_removing_internal_channels_equals_zeroing_their_bn(name):
         assert (model(X) - zeroed(X)).abs().max() <= 1e-5
 
 
+def test_zeroing_at_the_filter_leaves_the_bn_and_silences_every_reader():
+    model = build("preact_resnet18")
+    graph = ChannelGraph(model, EXAMPLE)
+    bn = graph.module(graph.layers["layer1.0.conv1"].bn)
+    before = bn.weight.detach().clone()
+    graph.zero_channels("layer1.0.conv1", [0, 2], at_filter=True)
+    assert torch.equal(bn.weight, before)  # the BN is untouched ...
+    assert model.layer1[0].conv1.weight[[0, 2]].abs().sum() == 0  # ... the filters are zero
+    assert model.layer1[0].conv1.weight[1].abs().sum() > 0
+
+
 def test_residual_channels_follow_the_policy():
     base = build("preact_resnet18")
     writers = ["conv1", "layer1.0.conv2", "layer1.1.conv2"]

@@ -14,9 +14,10 @@ from torch import nn
 from ccpurify.data.datasets import CIFAR10
 from ccpurify.demo import ASSETS
 from ccpurify.errors import InvalidInputError
-from ccpurify.invariance import PatchTrigger
+from ccpurify.invariance import PatchTrigger, fit_patch_trigger
 from ccpurify.io import load_model
 from ccpurify.passes import CLP, Fallback, Pipeline, PurifyContext, Recover, TriggerPrune, create
+from ccpurify.passes.trigger_prune import best_patch
 from ccpurify.transforms import Normalize
 
 PIXELS = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # eps 0.15 of the pixel range: 0.6 here
@@ -375,3 +376,42 @@ def test_the_per_image_check_scores_only_convs_it_can_silence():
     graph = ChannelGraph(model, torch.zeros(1, 3, 8, 8))
     scored = [n for n in ("0", "3", "6", "9", "12") if TriggerPrune._silenceable(n, graph, model)]
     assert scored == ["0"]
+
+
+def a_patch(area: float, fooled: float, share_before: float = 0.1) -> PatchTrigger:
+    return PatchTrigger(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 4, 4), area, 0, fooled, share_before)
+
+
+def test_of_several_patch_searches_the_passing_one_that_fools_the_most_counts_else_the_first():
+    first, weak, strong, large = a_patch(0.014, 0.88), a_patch(0.018, 0.7), a_patch(0.013, 1.0), a_patch(0.03, 1.0)
+    assert best_patch([first, weak, strong, large], min_lift=0.5, max_area=0.02) == (strong, True)
+    tie = a_patch(0.009, 1.0)
+    assert best_patch([strong, tie], min_lift=0.5, max_area=0.02)[0] is tie  # the smaller on a tie
+    too_large = a_patch(0.05, 0.9)
+    assert best_patch([too_large, large], min_lift=0.5, max_area=0.02) == (too_large, False)
+    assert best_patch([first, a_patch(0.01, 0.3)], min_lift=0.5, max_area=0.02) == (first, True)
+
+
+def test_two_patch_searches_on_the_demo_badnets_model_report_both_and_keep_a_passing_patch(demo_badnets):
+    """Given the demo BadNets model and ``patch_warmups=(0.0, 0.5)``, the pass runs the usual patch
+    search and one whose penalty warms up over half its steps: both are reported, and the one that
+    counts passes the gate and fools at least as many images as the other."""
+    _, report = TriggerPrune(**PATCH, trigger_model="patch", patch_warmups=(0.0, 0.5))(
+        copy.deepcopy(demo_badnets), cifar10_context()
+    )
+    details = report.details
+    searches = details.patch_searches
+    assert [s["warmup"] for s in searches] == [0.0, 0.5] and sum(s["chosen"] for s in searches) == 1
+    chosen = next(s for s in searches if s["chosen"])
+    assert details.triggers["patch"]["passed"] and details.triggers["patch"]["area"] == chosen["area"]
+    assert chosen["area"] <= 0.02 and all(chosen["fooled"] >= s["fooled"] for s in searches if s["area"] <= 0.02)
+    assert details.training().sample_steps == 64 * 10 + 2 * (64 * 150 + 2 * 64)
+
+
+def test_patch_warmups_need_a_search_and_a_patch_model_and_the_warmup_a_fraction():
+    with pytest.raises(InvalidInputError, match="patch_warmups needs at least one"):
+        TriggerPrune(trigger_model="patch", patch_warmups=())
+    with pytest.raises(InvalidInputError, match="patch_warmups shape the patch search"):
+        TriggerPrune(patch_warmups=(0.0, 0.5))
+    with pytest.raises(ValueError, match="warmup in"):
+        fit_patch_trigger(shortcut_net(), torch.randn(4, 3, 8, 8), PIXELS, warmup=1.5)

@@ -22,6 +22,7 @@ compressed (``defaults.self_finetune``).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -459,7 +460,7 @@ class Recover(Pass):
                 "no defense ran before it: put one first (e.g. ccpurify.purify(model, [OTBR(), Recover(guard=True, "
                 "teacher_from='input')])), or use guard=False"
             )
-        return context.teacher.to(context.device).eval()
+        return on_device(context.teacher, context.device).eval()
 
     def _check_found_patches_can_come(self, context: PurifyContext) -> None:
         """``found_patch_weight`` needs a defense earlier in the pipeline to hand on what it found:
@@ -538,7 +539,7 @@ class Recover(Pass):
 
     def _recover(self, student: nn.Module, context: PurifyContext) -> RecoverDetails:
         self._check_found_patches_can_come(context)
-        teacher = self._teacher(student, context).to(context.device).eval()
+        teacher = on_device(self._teacher(student, context), context.device).eval()
         guard = self._guard(context)
         details = context.teacher_details
         found = details is not None and details.found_backdoor() is True
@@ -668,6 +669,17 @@ def with_views(images: torch.Tensor, augment: Augment | None, generator: torch.G
     """``images`` and three augmented views of them (as the distillation will see them), or the images
     alone without augmentation: what the guard's statistics (suspected target, dead classes) are read on."""
     return images if augment is None else torch.cat([images, *(augment(images, generator) for _ in range(3))])
+
+
+def on_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """``model`` itself where all its parameters and buffers are on ``device``, else a copy moved
+    there: a teacher or guard may be the caller's own model, which a pass must not move."""
+    device = torch.device(device)
+    same = (
+        t.device.type == device.type and (device.index is None or t.device.index == device.index)
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
+    return model if all(same) else copy.deepcopy(model).to(device)
 
 
 def freeze_silenced_channels(model: nn.Module) -> tuple[list[torch.utils.hooks.RemovableHandle], int]:
