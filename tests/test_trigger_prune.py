@@ -413,5 +413,6 @@ def test_patch_warmups_need_a_search_and_a_patch_model_and_the_warmup_a_fraction
         TriggerPrune(trigger_model="patch", patch_warmups=())
     with pytest.raises(InvalidInputError, match="patch_warmups shape the patch search"):
         TriggerPrune(patch_warmups=(0.0, 0.5))
+    assert TriggerPrune(patch_warmups=[0.0]).patch_warmups == (0.0,)  # a list, as a saved config has it
     with pytest.raises(ValueError, match="warmup in"):
         fit_patch_trigger(shortcut_net(), torch.randn(4, 3, 8, 8), PIXELS, warmup=1.5)

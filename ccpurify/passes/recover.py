@@ -675,11 +675,10 @@ def on_device(model: nn.Module, device: str | torch.device) -> nn.Module:
     """``model`` itself where all its parameters and buffers are on ``device``, else a copy moved
     there: a teacher or guard may be the caller's own model, which a pass must not move."""
     device = torch.device(device)
-    same = (
-        t.device.type == device.type and (device.index is None or t.device.index == device.index)
-        for t in itertools.chain(model.parameters(), model.buffers())
-    )
-    return model if all(same) else copy.deepcopy(model).to(device)
+    if device.type == "cuda" and device.index is None:  # where .to("cuda") puts the student
+        device = torch.device("cuda", torch.cuda.current_device())
+    same = all(t.device == device for t in itertools.chain(model.parameters(), model.buffers()))
+    return model if same else copy.deepcopy(model).to(device)
 
 
 def freeze_silenced_channels(model: nn.Module) -> tuple[list[torch.utils.hooks.RemovableHandle], int]:

@@ -304,6 +304,7 @@ class TriggerPrune(Pass):
         super().__post_init__()
         self.mode, self.residual_policy = Mode(self.mode), RemovalPolicy(self.residual_policy)
         self.trigger_model = TriggerModel(self.trigger_model)
+        self.patch_warmups = tuple(self.patch_warmups)  # a list from a CLI or a saved config
         patch_options = [
             f
             for f in dataclasses.fields(self)
@@ -315,7 +316,6 @@ class TriggerPrune(Pass):
                 f"{', '.join(changed)} shape the patch search, which trigger_model='perturbation' does not run: "
                 "add trigger_model='patch' or 'both'"
             )
-        self.patch_warmups = tuple(self.patch_warmups)
         if not self.patch_warmups:
             raise InvalidInputError("patch_warmups needs at least one warmup: (0.0,) is the single usual search")
         early_options = [f for f in dataclasses.fields(self) if f.name.startswith("early_") and f.name != "early_depth"]
