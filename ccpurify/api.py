@@ -252,7 +252,7 @@ def plan(
         normalize=normalize,
     )
     if context.num_classes is None:
-        context.num_classes = output_classes(model, example.to(device))
+        context.num_classes = output_classes(model, example)
     for data, who in ((context.clean_data, "clean_data"), (context.unlabeled_data, "unlabeled_data")):
         if data is not None:
             data.check(example, who)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ccpurify.attacks import Attack
-from ccpurify.cost import ModelCost, device_of, model_cost
+from ccpurify.cost import ModelCost, model_cost
 from ccpurify.data import DatasetSpec, Normalize, SourceInfo, get_spec, load_dataset
 from ccpurify.errors import InvalidInputError
 from ccpurify.metrics import BackdoorMetrics, der, evaluate
@@ -90,7 +90,7 @@ class TestBench:
 
     def check_classes(self, model: nn.Module) -> None:
         size = self.spec.image_size
-        outputs = output_classes(model, torch.zeros(1, 3, size, size, device=device_of(model)))
+        outputs = output_classes(model, torch.zeros(1, 3, size, size))
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.spec.num_classes):
             raise InvalidInputError(
                 f"the test labels range {int(self.labels.min())}..{int(self.labels.max())}, outside "

@@ -214,7 +214,9 @@ def fit_patch_trigger(
     mask first grows until the patch sends the batch to a class, then shrinks to the smallest that
     still does, as Neural Cleanse raises its cost only once the attack succeeds. With the penalty
     from the first step the search can settle on a larger mask that fools fewer images; which one it
-    settles on then depends on the CPU's floating-point kernels (docs/defaults.md, session 25)."""
+    settles on then depends on the CPU's floating-point kernels (docs/defaults.md, session 25). The
+    weight at step ``t`` is ``penalty * min(1, t / round(warmup * steps))``, so ``warmup=1`` ramps over
+    the whole search and its last step has ``(steps - 1) / steps`` of the penalty."""
     if steps < 1 or batch_size < 1 or not 0 < penalty < math.inf or not 0 <= warmup <= 1:
         raise ValueError(
             f"steps and batch_size must be >= 1, penalty finite and > 0, and warmup in [0, 1], got {steps}, "

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ccpurify.cost import device_of
 from ccpurify.errors import InvalidInputError, NonFiniteError
 
 PROBE_SEED = 20201130
@@ -43,11 +44,12 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def output_classes(model: nn.Module, example: torch.Tensor) -> int:
-    """The number of logits ``model`` computes for ``example`` (run in eval mode; mode restored)."""
+    """The number of logits ``model`` computes for ``example`` (run in eval mode on the model's own
+    device, so the caller's model is never moved; mode restored)."""
     was_training = model.training
     try:
         with torch.no_grad():
-            out = _forward(model.eval(), example)
+            out = _forward(model.eval(), example.to(device_of(model)))
     except RuntimeError as exc:
         raise InvalidInputError(
             f"the model fails on an example input of shape {tuple(example.shape)} ({str(exc).splitlines()[0][:160]}); "

@@ -818,3 +818,13 @@ def test_a_teacher_on_another_device_is_copied_there_and_the_callers_model_stays
     moved = on_device(net, "meta")
     assert moved is not net and next(moved.parameters()).device.type == "meta"
     assert all(t.device.type == "cpu" for t in [*net.parameters(), *net.buffers()])
+
+
+def test_counting_a_models_classes_runs_it_where_it_is():
+    """``output_classes`` (which the plan and ``Recover(guard_topk=)``'s check call on the caller's
+    model) moves the example to the model, never the model to the example's device."""
+    from ccpurify.probes import output_classes
+
+    net = two_bn_net().to("meta")
+    assert output_classes(net, torch.zeros(1, 3, 8, 8)) == net[-1].out_features
+    assert next(net.parameters()).device.type == "meta"

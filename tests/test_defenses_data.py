@@ -293,7 +293,8 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     """Labelled (session 18) and unlabelled (session 19) data: the data-free default's defense and
     compression, then its guarded recovery from the suspect on the defender's images (labels at
     weight 1 where there are labels), without feature hints; labelled data wins when both kinds
-    are given. Only how long the trigger search refines its images may differ (each default's
+    are given. Only how long the trigger search refines its images and how many patch searches it
+    runs may differ (each default's
     own grid choice, session 20); the data-free and, since session 23, the unlabelled default
     unlearn the patch the search found (session 21) and the warp the recovery finds (session 22),
     the labelled one neither."""
@@ -302,11 +303,15 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     def defense_and_compression(passes: list) -> list[dict]:
         configs = [p.config() for p in passes[:-1]]
         configs[0]["first"].pop("synthesis_steps")
+        configs[0]["first"].pop("patch_warmups")
         return configs
 
     with_data, datafree = default_pipeline(has_clean, has_unlabeled).passes, default_pipeline().passes
     assert defense_and_compression(with_data) == defense_and_compression(datafree)
     assert with_data[0].first.synthesis_steps == (30 if has_clean else 100)
+    # Since session 26 the data-free default also runs the patch search whose penalty warms up; the
+    # with-data defaults were chosen before it and run the usual search alone.
+    assert with_data[0].first.patch_warmups == (0.0,) and datafree[0].first.patch_warmups == (0.0, 0.5)
     assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
     recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
@@ -361,6 +366,7 @@ def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in
     assert (defense.name, prune.name, recover.name) == ("fallback", "prune", "recover")
     assert defense.first.name == "trigger_prune" and defense.first.trigger_model.value == "both"
     assert defense.first.synthesis_steps == 100  # the patch search finds VGG16-BN's BadNets trigger (session 20)
+    assert defense.first.patch_warmups == (0.0, 0.5)  # ... on an AVX2 CPU too (session 26)
     assert defense.otherwise.compact and defense.otherwise.ratio_search == OTBR_RATIOS_UP_TO_005 == (0.01, 0.02, 0.05)
     assert prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
     assert prune.of_pipeline_input and prune.round_to == WIDTH_BLOCK == 16

@@ -88,6 +88,16 @@ def test_zeroing_at_the_filter_leaves_the_bn_and_silences_every_reader():
     assert model.layer1[0].conv1.weight[[0, 2]].abs().sum() == 0  # ... the filters are zero
     assert model.layer1[0].conv1.weight[1].abs().sum() > 0
 
+    # A pre-activation stem is read by the first block's BN and by its identity shortcut: zeroing
+    # the stem's filters silences the channel for both, which zeroing the BN would not.
+    seen = {}
+    model.layer1[0].register_forward_pre_hook(lambda module, args: seen.update(block_input=args[0]))
+    graph.zero_channels("conv1", [3], at_filter=True)
+    with torch.no_grad():
+        out = model(X)
+    assert torch.isfinite(out).all()
+    assert seen["block_input"][:, 3].abs().max() == 0 and seen["block_input"][:, 4].abs().max() > 0
+
 
 def test_residual_channels_follow_the_policy():
     base = build("preact_resnet18")

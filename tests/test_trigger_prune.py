@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from ccpurify.errors import InvalidInputError
 from ccpurify.invariance import PatchTrigger, fit_patch_trigger
 from ccpurify.io import load_model
 from ccpurify.passes import CLP, Fallback, Pipeline, PurifyContext, Recover, TriggerPrune, create
+from ccpurify.passes.base import PassReport
+from ccpurify.passes.fallback import FallbackDetails
 from ccpurify.passes.trigger_prune import best_patch
 from ccpurify.transforms import Normalize
 
@@ -163,13 +166,20 @@ def cifar10_context() -> PurifyContext:
 PATCH = dict(images=64, synthesis_steps=10, trigger_steps=40, patch_steps=150)
 
 
-def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gate_stops(demo_badnets):
+@pytest.fixture(scope="module")
+def both_searches(demo_badnets) -> tuple[nn.Module, PassReport]:
+    """TriggerPrune on the demo BadNets model with both trigger models and two patch searches, the
+    usual one and one whose penalty warms up over half its steps (shared: about 30 s on 2 cores)."""
+    return TriggerPrune(**PATCH, trigger_model="both", patch_warmups=(0.0, 0.5))(demo_badnets, cifar10_context())
+
+
+def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gate_stops(demo_badnets, both_searches):
     """BadNets' trigger is a small opaque patch: no change within 0.05 of the pixel range imitates
     it, and a mask of under 2% of the pixels does."""
     perturbation_only = {k: v for k, v in PATCH.items() if k != "patch_steps"}
     _, perturbation = TriggerPrune(**perturbation_only)(demo_badnets, cifar10_context())
     assert perturbation.details.gated and list(perturbation.details.triggers) == ["perturbation"]
-    purified, report = TriggerPrune(**PATCH, trigger_model="both")(demo_badnets, cifar10_context())
+    _, report = both_searches
     patch = report.details.triggers["patch"]
     assert patch["passed"] and patch["target"] == 0 and patch["area"] <= 0.02 and patch["fooled"] > 0.9, patch
     assert not report.details.triggers["perturbation"]["passed"]
@@ -177,7 +187,7 @@ def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gat
     assert (
         "a patch (area" in report.details.choices() and "channels it switches on silenced" in report.details.choices()
     )
-    assert report.details.training().sample_steps == 64 * 10 + (64 * 40 + 2 * 64) + (64 * 150 + 2 * 64)
+    assert report.details.training().sample_steps == 64 * 10 + (64 * 40 + 2 * 64) + 2 * (64 * 150 + 2 * 64)
 
 
 def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
@@ -252,6 +262,31 @@ def test_a_guarded_recovery_distills_from_the_detectors_output_only_where_it_fou
     assert plain.passes[1].details.teacher == "input"
     with pytest.raises(InvalidInputError, match="guard_teaches_if_found .*need guard=True"):
         Recover(guard_teaches_if_found=True)
+
+
+def test_the_guard_vetoes_only_the_suspected_target_where_the_defense_silenced_a_per_image_trigger():
+    """Recover(guard_scope_per_image="target") after a defense: where the defense reports channels
+    silenced for a per-image trigger, the guard overrules the suspect only where the suspect predicts
+    the class it suspects (which it finds and reports); where the defense did anything else, the
+    guard keeps ``guard_scope`` ("all"). Without a guard the option is refused."""
+    recovery = dict(
+        data="synthetic", teacher_from="input", guard=True, synthetic_images=32, synthetic_steps=2, epochs=1
+    )
+    model = shortcut_net()
+    guard, found = TriggerPrune(**FAST)(model, context())
+    assert not found.details.silenced_per_image_trigger()
+    # As Fallback(TriggerPrune(early_depth=...), OTBR()) reports a check that silenced one channel.
+    per_image = FallbackDetails(
+        ran=["trigger_prune"], first=replace(found.details, early={"opened": True, "silenced": 1})
+    )
+    assert per_image.silenced_per_image_trigger()
+    for details, scope in ((found.details, "all"), (per_image, "target")):
+        ctx = context()
+        ctx.teacher, ctx.pipeline_input, ctx.teacher_details = guard, model, details
+        recovered = Recover(**recovery, guard_scope_per_image="target").recover(copy.deepcopy(guard), ctx)
+        assert recovered.guard_scope == scope and (recovered.suspected_target is not None) == (scope == "target")
+    with pytest.raises(InvalidInputError, match="guard_scope_per_image.* need guard=True"):
+        Recover(guard_scope_per_image="target")
 
 
 def test_fallback_runs_its_other_defense_alone_where_the_first_cannot_apply_and_refuses_a_non_detector():
@@ -332,7 +367,7 @@ def test_a_patch_larger_than_max_area_does_not_pass_the_gate_and_goes_to_the_per
     assert early["convs"] == len(scored)
     assert 0 < early["silenced"] <= int(0.13 * sum(m.out_channels for _, m in scored))
     assert details.found_backdoor() and isinstance(details.found_triggers()[0], PatchTrigger)
-    assert "per-image patch" in details.choices()
+    assert "per-image patch" in details.choices() and details.silenced_per_image_trigger()
     for name, idx in early["filters"].items():  # writers of the residual stream: zeroed in place
         assert name in dict(scored)
         assert purified.get_submodule(name).weight[idx].abs().sum() == 0
@@ -392,20 +427,17 @@ def test_of_several_patch_searches_the_passing_one_that_fools_the_most_counts_el
     assert best_patch([first, a_patch(0.01, 0.3)], min_lift=0.5, max_area=0.02) == (first, True)
 
 
-def test_two_patch_searches_on_the_demo_badnets_model_report_both_and_keep_a_passing_patch(demo_badnets):
+def test_two_patch_searches_on_the_demo_badnets_model_report_both_and_keep_a_passing_patch(both_searches):
     """Given the demo BadNets model and ``patch_warmups=(0.0, 0.5)``, the pass runs the usual patch
     search and one whose penalty warms up over half its steps: both are reported, and the one that
     counts passes the gate and fools at least as many images as the other."""
-    _, report = TriggerPrune(**PATCH, trigger_model="patch", patch_warmups=(0.0, 0.5))(
-        copy.deepcopy(demo_badnets), cifar10_context()
-    )
+    _, report = both_searches
     details = report.details
     searches = details.patch_searches
     assert [s["warmup"] for s in searches] == [0.0, 0.5] and sum(s["chosen"] for s in searches) == 1
     chosen = next(s for s in searches if s["chosen"])
     assert details.triggers["patch"]["passed"] and details.triggers["patch"]["area"] == chosen["area"]
     assert chosen["area"] <= 0.02 and all(chosen["fooled"] >= s["fooled"] for s in searches if s["area"] <= 0.02)
-    assert details.training().sample_steps == 64 * 10 + 2 * (64 * 150 + 2 * 64)
 
 
 def test_patch_warmups_need_a_search_and_a_patch_model_and_the_warmup_a_fraction():
@@ -416,3 +448,23 @@ def test_patch_warmups_need_a_search_and_a_patch_model_and_the_warmup_a_fraction
     assert TriggerPrune(patch_warmups=[0.0]).patch_warmups == (0.0,)  # a list, as a saved config has it
     with pytest.raises(ValueError, match="warmup in"):
         fit_patch_trigger(shortcut_net(), torch.randn(4, 3, 8, 8), PIXELS, warmup=1.5)
+
+
+def test_a_warmed_up_penalty_leaves_a_larger_mask_after_the_same_steps():
+    """Given one model, images and seed, the later the L1 penalty reaches full weight, the less the
+    mask has shrunk after 20 steps: the warmup alone changes what the search finds."""
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    areas = [
+        fit_patch_trigger(
+            shortcut_net(), images, PIXELS, steps=20, warmup=warmup, generator=torch.Generator().manual_seed(0)
+        ).area
+        for warmup in (0.0, 0.5, 1.0)
+    ]
+    assert areas[0] < areas[1] < areas[2]
+
+
+def test_best_patch_needs_a_search_and_the_warmups_are_distinct():
+    with pytest.raises(ValueError, match="at least one"):
+        best_patch([], min_lift=0.5, max_area=0.02)
+    with pytest.raises(InvalidInputError, match="repeats a warmup"):
+        TriggerPrune(trigger_model="patch", patch_warmups=(0.0, 0.5, 0.5))

@@ -111,6 +111,12 @@ class PassDetails:
         one (``Fallback`` runs its other defense where it did not); None for passes that always act."""
         return None
 
+    def silenced_per_image_trigger(self) -> bool:
+        """For a defense that also checks for a per-image trigger (``TriggerPrune(early_depth=)``):
+        whether it silenced channels for one. Such a defense's output has lost early features that
+        clean images need too, so a later ``Recover`` may trust it less (``guard_scope_per_image``)."""
+        return False
+
     def found_triggers(self) -> tuple[Any, ...]:
         """The reversed triggers behind a found backdoor (``TriggerPrune``'s ``invariance.PatchTrigger``
         and ``UniversalTrigger`` that passed its gate), for a later ``Recover`` to unlearn; empty

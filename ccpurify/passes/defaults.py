@@ -658,6 +658,19 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         "none",
         lambda m: with_gated_warp(with_patch_warmups(synth100_pipeline(m)), found_patch_weight=FOUND_PATCH_WEIGHT),
     ),
+    # ... with both: the two patch searches and the per-image check, and where the check silenced
+    # channels a guard that vetoes only the suspected target (Recover.guard_scope_per_image; session 26):
+    # on CIFAR-10 Input-aware the check's guard is the pruned suspect at 65% CA, and vetoing wherever the
+    # two disagree held the student near it (test CA / ASR 66.0 / 0.9 with the check alone). Where the
+    # check stays shut (all twelve selection models) it runs what the data-free default runs.
+    "trigger-prune-both-synth100-warmups-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated-targetguard-if-early": (
+        "none",
+        lambda m: with_gated_warp(
+            with_early_check(with_patch_warmups(synth100_pipeline(m))),
+            found_patch_weight=FOUND_PATCH_WEIGHT,
+            guard_scope_per_image="target",
+        ),
+    ),
     # ... silencing fewer of the early channels (a sweep on CIFAR-10 Input-aware only; docs/defaults.md,
     # session 24): 10% 73.8 / 13.2, 11.5% 65.9 / 2.6, 7% 76.3 / 76.5.
     **{
@@ -916,8 +929,14 @@ DEFAULTS = {
     # over the twelve selection models mean validation DER 93.42 (92.40), CA drop 4.38 (4.31), max
     # validation ASR 5.2% (26.1%, MobileNetV2 WaNet); the eight without a warp backdoor are unchanged
     # (docs/defaults.md, session 22).
+    # Since session 26, the same with two patch searches, the usual one and one whose penalty warms
+    # up (with_patch_warmups): on an AVX2 CPU the usual search alone settles on a weaker patch on
+    # VGG16-BN BadNets and the backdoor stays (test ASR 36.4%). Over the twelve selection models, all on
+    # one AVX2 CPU: mean validation DER 93.55 against the old default's 92.34 there, CA drop 4.29
+    # (4.33), max validation ASR 5.7% (33.7%, VGG16-BN BadNets); against the old default's AVX-512
+    # cells 93.42, 4.38, 5.2%. Where the usual search is kept (9 of 12) it runs what the old one ran.
     "none": Default(
-        "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated",
+        "trigger-prune-both-synth100-warmups-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated",
         0.75,
     ),
     # Since session 18: the data-free default's defense and compression, then its guarded recovery on

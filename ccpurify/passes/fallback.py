@@ -38,6 +38,9 @@ class FallbackDetails(PassDetails):
     def found_backdoor(self) -> bool | None:
         return (self.otherwise or self.first).found_backdoor()
 
+    def silenced_per_image_trigger(self) -> bool:
+        return (self.otherwise or self.first).silenced_per_image_trigger()
+
     def found_triggers(self) -> tuple:
         """What the pass whose output this is reversed (``first``'s only where ``otherwise`` did not run)."""
         return (self.otherwise or self.first).found_triggers()

@@ -172,6 +172,8 @@ def best_patch(patches: Sequence[PatchTrigger], min_lift: float, max_area: float
     """Of several patch searches' results, the one that counts and whether it passed the gate (a
     lift of at least ``min_lift`` with an area of at most ``max_area``): of those that pass, the one
     that sends the most images to its class (the smaller on a tie), else the first."""
+    if not patches:
+        raise ValueError("best_patch needs at least one patch search's result")
     passing = [p for p in patches if p.lift >= min_lift and p.area <= max_area]
     if not passing:
         return patches[0], False
@@ -218,7 +220,10 @@ class TriggerPruneDetails(PassDetails):
         """A trigger passed its gate *and* channels were silenced, or the per-image check silenced
         some: a trigger that switches on no channel above ``min_gain`` leaves the model as it was,
         as if none had been found."""
-        return (not self.gated and self.flagged > 0) or bool(self.early and self.early["silenced"])
+        return (not self.gated and self.flagged > 0) or self.silenced_per_image_trigger()
+
+    def silenced_per_image_trigger(self) -> bool:
+        return bool(self.early and self.early["silenced"])
 
     def found_triggers(self) -> tuple[UniversalTrigger | PatchTrigger, ...]:
         return self.passed if self.found_backdoor() else ()
@@ -318,6 +323,11 @@ class TriggerPrune(Pass):
             )
         if not self.patch_warmups:
             raise InvalidInputError("patch_warmups needs at least one warmup: (0.0,) is the single usual search")
+        if len(set(self.patch_warmups)) < len(self.patch_warmups):
+            raise InvalidInputError(
+                f"patch_warmups repeats a warmup ({list(self.patch_warmups)}): searches with one warmup and one "
+                "seed find the same patch; list each warmup once"
+            )
         early_options = [f for f in dataclasses.fields(self) if f.name.startswith("early_") and f.name != "early_depth"]
         changed = [f.name for f in early_options if getattr(self, f.name) != f.default]
         if self.early_depth > 0 and self.trigger_model is TriggerModel.PERTURBATION:
