@@ -6,6 +6,7 @@ evaluation harness (``ccpurify.metrics``) re-exports it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -43,6 +44,6 @@ def model_cost(model: nn.Module, example_inputs: torch.Tensor | Sequence[int] = 
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """Where the model's parameters live (CPU for a model without parameters)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    """Where the model's parameters live, else its buffers (CPU for a model with neither)."""
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")

@@ -184,6 +184,12 @@ def fit_universal_trigger(
     return UniversalTrigger(delta, bound, *_class_shares(model, images, images + delta.cpu(), logits.shape[1]))
 
 
+def penalty_ramp(warmup: float, steps: int) -> int:
+    """The steps over which ``fit_patch_trigger`` ramps its penalty up for ``warmup`` (a fraction
+    of ``steps``): 0 for none, else at least one. Two warmups with the same ramp run the same search."""
+    return max(1, round(warmup * steps)) if warmup > 0 else 0
+
+
 def fit_patch_trigger(
     model: nn.Module,
     images: torch.Tensor,
@@ -215,14 +221,15 @@ def fit_patch_trigger(
     still does, as Neural Cleanse raises its cost only once the attack succeeds. With the penalty
     from the first step the search can settle on a larger mask that fools fewer images; which one it
     settles on then depends on the CPU's floating-point kernels (docs/defaults.md, session 25). The
-    weight at step ``t`` is ``penalty * min(1, t / round(warmup * steps))``, so ``warmup=1`` ramps over
-    the whole search and its last step has ``(steps - 1) / steps`` of the penalty."""
+    weight at step ``t`` is ``penalty * min(1, t / r)`` with ``r = penalty_ramp(warmup, steps)``
+    (``max(1, round(warmup * steps))``), so ``warmup=1`` ramps over the whole search and its last
+    step has ``(steps - 1) / steps`` of the penalty."""
     if steps < 1 or batch_size < 1 or not 0 < penalty < math.inf or not 0 <= warmup <= 1:
         raise ValueError(
             f"steps and batch_size must be >= 1, penalty finite and > 0, and warmup in [0, 1], got {steps}, "
             f"{batch_size}, {penalty}, {warmup}"
         )
-    ramp = max(1, round(warmup * steps)) if warmup > 0 else 0
+    ramp = penalty_ramp(warmup, steps)
     _, channels, height, width = images.shape
     mask_logit = torch.full((1, 1, height, width), -3.0, device=device, requires_grad=True)
     pattern_logit = torch.zeros(1, channels, height, width, device=device, requires_grad=True)

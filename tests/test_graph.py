@@ -88,8 +88,9 @@ def test_zeroing_at_the_filter_leaves_the_bn_and_silences_every_reader():
     assert model.layer1[0].conv1.weight[[0, 2]].abs().sum() == 0  # ... the filters are zero
     assert model.layer1[0].conv1.weight[1].abs().sum() > 0
 
-    # A pre-activation stem is read by the first block's BN and by its identity shortcut: zeroing
-    # the stem's filters silences the channel for both, which zeroing the BN would not.
+    # A pre-activation stem's output is the first block's input, which the block's BN and its
+    # identity shortcut both read: zeroing the stem's filters zeroes that input channel for both
+    # (zeroing the block's BN would silence only the first).
     seen = {}
     model.layer1[0].register_forward_pre_hook(lambda module, args: seen.update(block_input=args[0]))
     graph.zero_channels("conv1", [3], at_filter=True)

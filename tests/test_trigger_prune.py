@@ -190,7 +190,7 @@ def test_a_badnets_patch_is_found_by_the_patch_search_where_the_perturbation_gat
     assert report.details.training().sample_steps == 64 * 10 + (64 * 40 + 2 * 64) + 2 * (64 * 150 + 2 * 64)
 
 
-def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
+def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets, both_searches):
     """Given the demo BadNets model, TriggerPrune's reversed patch passes through the pipeline
     (``context.teacher_details``) to ``Recover(found_patch_weight=1)``, which adds Neural Cleanse's
     unlearning term on it: on the same images the first batch's loss is the plain recovery's plus
@@ -198,7 +198,8 @@ def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
     recovery = dict(
         data="synthetic", teacher_from="input", guard=True, synthetic_images=32, synthetic_steps=2, epochs=1
     )
-    pipeline = Pipeline([TriggerPrune(**PATCH, trigger_model="both"), Recover(**recovery, found_patch_weight=1.0)])
+    search_both = TriggerPrune(**PATCH, trigger_model="both", patch_warmups=(0.0, 0.5))  # as both_searches
+    pipeline = Pipeline([search_both, Recover(**recovery, found_patch_weight=1.0)])
     _, report = pipeline(demo_badnets, cifar10_context())
     search, recovered = report.passes[0].details, report.passes[1].details
     (patch,) = search.found_triggers()
@@ -207,7 +208,7 @@ def test_the_recovery_unlearns_the_patch_the_trigger_search_found(demo_badnets):
     assert (
         "passed" not in saved["passes"][0]["details"] and saved["passes"][0]["details"]["triggers"]["patch"]["passed"]
     )
-    alone, _ = TriggerPrune(**PATCH, trigger_model="both")(demo_badnets, cifar10_context())
+    alone, _ = both_searches
     by_hand = cifar10_context()
     by_hand.teacher, by_hand.pipeline_input, by_hand.teacher_details = alone, demo_badnets, search
     plain = Recover(**recovery).recover(copy.deepcopy(alone), by_hand)
@@ -285,8 +286,16 @@ def test_the_guard_vetoes_only_the_suspected_target_where_the_defense_silenced_a
         ctx.teacher, ctx.pipeline_input, ctx.teacher_details = guard, model, details
         recovered = Recover(**recovery, guard_scope_per_image="target").recover(copy.deepcopy(guard), ctx)
         assert recovered.guard_scope == scope and (recovered.suspected_target is not None) == (scope == "target")
-    with pytest.raises(InvalidInputError, match="guard_scope_per_image.* need guard=True"):
+    with pytest.raises(InvalidInputError, match="guard_scope_per_image shape the guard: they need guard=True"):
         Recover(guard_scope_per_image="target")
+    guarded = dict(teacher_from="input", guard=True)
+    with pytest.raises(InvalidInputError, match="is guard_scope already"):
+        Recover(**guarded, guard_scope_per_image="all")
+    with pytest.raises(InvalidInputError, match="guard_scope_per_image would never apply"):
+        Recover(**guarded, guard_scope_per_image="target", guard_teaches_if_found=True)
+    with pytest.raises(InvalidInputError, match="guard_scope_per_image .*one of all/target or null"):
+        create("recover", **guarded, guard_scope_per_image="bogus")
+    assert create("recover", **guarded, guard_scope_per_image=None).guard_scope_per_image is None  # a saved config
 
 
 def test_fallback_runs_its_other_defense_alone_where_the_first_cannot_apply_and_refuses_a_non_detector():
@@ -466,5 +475,8 @@ def test_a_warmed_up_penalty_leaves_a_larger_mask_after_the_same_steps():
 def test_best_patch_needs_a_search_and_the_warmups_are_distinct():
     with pytest.raises(ValueError, match="at least one"):
         best_patch([], min_lift=0.5, max_area=0.02)
-    with pytest.raises(InvalidInputError, match="repeats a warmup"):
-        TriggerPrune(trigger_model="patch", patch_warmups=(0.0, 0.5, 0.5))
+    with pytest.raises(InvalidInputError, match="same number of the 200 patch steps twice"):
+        TriggerPrune(trigger_model="patch", patch_warmups=(0.0, 0.5, 0.501))  # both ramp over 100 steps
+    # One patch search per warmup, each with its scoring, is the estimate of the work.
+    one, two = (TriggerPrune(**PATCH, trigger_model="patch", patch_warmups=w) for w in ((0.0,), (0.0, 0.5)))
+    assert two.sample_steps(cifar10_context()) - one.sample_steps(cifar10_context()) == 64 * 150 + 2 * 64

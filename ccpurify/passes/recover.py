@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 import torch
@@ -367,18 +367,24 @@ class Recover(Pass):
                 "Recover(guard_revive_share) sizes the revival of the guard's dead classes: it needs "
                 "guard_revive_classes='guard' or 'agreed'"
             )
-        if not self.guard and (
-            self.guard_scope is not GuardScope.ALL
-            or self.guard_scope_per_image is not None
-            or self.guard_vetoed is not GuardVeto.GUARD
-            or self.guard_targets is not GuardTargets.TEACHER
-            or self.guard_topk != 1
-            or self.guard_revive_classes is not GuardRevive.OFF
-            or self.guard_teaches_if_found
-        ):
+        changed = [  # guard_vetoes_hints and guard_revive_share: checked above
+            f.name
+            for f in fields(self)
+            if f.name.startswith("guard_")
+            and f.name not in ("guard_vetoes_hints", "guard_revive_share")
+            and getattr(self, f.name) != f.default
+        ]
+        if not self.guard and changed:
+            raise InvalidInputError(f"{', '.join(changed)} shape the guard: they need guard=True")
+        if self.guard_scope_per_image is not None and self.guard_scope_per_image is self.guard_scope:
             raise InvalidInputError(
-                "guard_scope, guard_scope_per_image, guard_vetoed, guard_targets, guard_topk, guard_revive_classes and "
-                "guard_teaches_if_found shape the guard: they need guard=True"
+                f"Recover(guard_scope_per_image={self.guard_scope_per_image.value!r}) is guard_scope already: "
+                "give another scope, or leave it None"
+            )
+        if self.guard_scope_per_image is not None and self.guard_teaches_if_found:
+            raise InvalidInputError(
+                "Recover(guard_teaches_if_found=True) makes the guard the teacher wherever the defense found the "
+                "backdoor, per-image triggers included, so guard_scope_per_image would never apply: give one of them"
             )
 
     def config(self) -> dict:

@@ -69,6 +69,7 @@ from ccpurify.invariance import (
     fit_patch_trigger,
     fit_universal_trigger,
     fit_universal_warp,
+    penalty_ramp,
     perturbation_bound,
     trigger_fit_steps,
 )
@@ -323,10 +324,12 @@ class TriggerPrune(Pass):
             )
         if not self.patch_warmups:
             raise InvalidInputError("patch_warmups needs at least one warmup: (0.0,) is the single usual search")
-        if len(set(self.patch_warmups)) < len(self.patch_warmups):
+        ramps = [penalty_ramp(w, self.patch_steps) for w in self.patch_warmups]
+        if len(set(ramps)) < len(ramps):
             raise InvalidInputError(
-                f"patch_warmups repeats a warmup ({list(self.patch_warmups)}): searches with one warmup and one "
-                "seed find the same patch; list each warmup once"
+                f"patch_warmups {list(self.patch_warmups)} ramp the penalty over the same number of the "
+                f"{self.patch_steps} patch steps twice: searches with one ramp and one seed find the same patch; "
+                "list warmups that differ by at least 1/patch_steps"
             )
         early_options = [f for f in dataclasses.fields(self) if f.name.startswith("early_") and f.name != "early_depth"]
         changed = [f.name for f in early_options if getattr(self, f.name) != f.default]
