@@ -288,7 +288,8 @@ class TriggerPrune(Pass):
     # first. Session 25, our variant: on this CPU (AVX2) the single search settled on a 1.4% mask
     # that fools 88% of VGG16-BN BadNets' images, against 1.3% and 100% with warmup 0.5; on
     # MobileNetV2 BadNets the warmup search's mask is too large for the gate (2.6%) and the first
-    # one's (1.3%, 98%) counts (docs/defaults.md, session 25).
+    # one's (1.3%, 98%) counts (docs/defaults.md, session 25). The data-free default runs (0.0, 0.5)
+    # since session 26.
     patch_warmups: tuple[Fraction, ...] = (0.0,)
     # Per-image patch triggers (Input-aware; session 24, our variant). With early_depth > 0, where no
     # trigger passes the gate above but the patch search still lifts a class by early_min_lift with a
