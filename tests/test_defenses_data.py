@@ -293,31 +293,33 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     """Labelled (session 18) and unlabelled (session 19) data: the data-free default's defense and
     compression, then its guarded recovery from the suspect on the defender's images (labels at
     weight 1 where there are labels), without feature hints; labelled data wins when both kinds
-    are given. Only how long the trigger search refines its images and how many patch searches it
-    runs may differ (each default's
-    own grid choice, session 20); the data-free and, since session 23, the unlabelled default
+    are given. Only how long the trigger search refines its images, how many patch searches it
+    runs and whether it runs the per-image check may differ (each default's own grid choice,
+    sessions 20, 26, 27); the data-free and, since session 23, the unlabelled default
     unlearn the patch the search found (session 21) and the warp the recovery finds (session 22),
     the labelled one neither."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     def defense_and_compression(passes: list) -> list[dict]:
         configs = [p.config() for p in passes[:-1]]
-        configs[0]["first"].pop("synthesis_steps")
-        configs[0]["first"].pop("patch_warmups")
+        for option in ("synthesis_steps", "patch_warmups", "early_depth"):
+            configs[0]["first"].pop(option)
         return configs
 
     with_data, datafree = default_pipeline(has_clean, has_unlabeled).passes, default_pipeline().passes
     assert defense_and_compression(with_data) == defense_and_compression(datafree)
     assert with_data[0].first.synthesis_steps == (30 if has_clean else 100)
-    # Since session 26 the data-free default also runs the patch search whose penalty warms up; the
-    # with-data defaults were chosen before it and run the usual search alone.
+    # Since session 26 the data-free default also runs the patch search whose penalty warms up, and
+    # since session 27 the per-image check; the with-data defaults were chosen before them.
     assert with_data[0].first.patch_warmups == (0.0,) and datafree[0].first.patch_warmups == (0.0, 0.5)
+    assert with_data[0].first.early_depth == 0 and datafree[0].first.early_depth == 0.5
     assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
     recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
     unlearning = {"found_patch_weight", "invariance_warp_weight", "invariance_warp_min_lift"}
+    assert datafree[-1].guard_scope_per_image.value == "target" and recover.guard_scope_per_image is None
     labelled_only = unlearning | {"hard_label_weight"} if has_clean else set()
-    assert differs == {"data", "feature_weight", "hints_from"} | labelled_only
+    assert differs == {"data", "feature_weight", "hints_from", "guard_scope_per_image"} | labelled_only
     if has_clean:
         assert recover.found_patch_weight == 0 and recover.invariance_warp_weight == 0
     else:
@@ -367,6 +369,8 @@ def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in
     assert defense.first.name == "trigger_prune" and defense.first.trigger_model.value == "both"
     assert defense.first.synthesis_steps == 100  # the patch search finds VGG16-BN's BadNets trigger (session 20)
     assert defense.first.patch_warmups == (0.0, 0.5)  # ... on an AVX2 CPU too (session 26)
+    # The per-image patch check (Input-aware), and where it silenced channels a guard on the target only
+    assert defense.first.early_depth == 0.5 and recover.guard_scope_per_image.value == "target"
     assert defense.otherwise.compact and defense.otherwise.ratio_search == OTBR_RATIOS_UP_TO_005 == (0.01, 0.02, 0.05)
     assert prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
     assert prune.of_pipeline_input and prune.round_to == WIDTH_BLOCK == 16
