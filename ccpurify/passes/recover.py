@@ -236,6 +236,7 @@ class Recover(Pass):
     # validation CA 65%), and a guard that overrules the suspect wherever the two disagree holds the
     # student near it; "target" lets the suspect teach where it does not predict the backdoor's class
     # (after the data-free pipeline with the check, test CA / ASR 66.0 / 0.9 -> 72.0 / 2.4; session 26).
+    # The data-free default sets "target" since session 27.
     guard_scope_per_image: GuardScope | None = None
     # Where the teacher's target stands: "teacher" distills it as it is, "shared" keeps only the dark
     # knowledge the guard shares (class by class the smaller probability; distill.shared_knowledge).

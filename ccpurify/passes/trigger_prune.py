@@ -298,7 +298,7 @@ class TriggerPrune(Pass):
     # early_depth of the convs (in module order) are scored by ``patch_specific_shifts`` and the top
     # early_fraction of their output channels silenced. A per-image trigger moves the early features
     # that clean images need too, so the deep scoring above finds nothing there (docs/defaults.md,
-    # sessions 22-24).
+    # sessions 22-24). The data-free default runs it at 0.5 since session 27.
     early_depth: Fraction = 0.0
     early_fraction: PositiveFraction = 0.13
     early_min_lift: Fraction = 0.3
