@@ -544,12 +544,14 @@ def test_guard_options_are_refused_where_they_cannot_apply():
 
     with pytest.raises(InvalidInputError, match="teacher_from='input'"):
         Recover(guard=True)
-    with pytest.raises(InvalidInputError, match="need guard=True"):
+    with pytest.raises(InvalidInputError, match="guard_[a-z_]* shapes the guard: it needs guard=True"):
         Recover(guard_scope="target")
-    with pytest.raises(InvalidInputError, match="need guard=True"):
+    with pytest.raises(InvalidInputError, match="guard_[a-z_]* shapes the guard: it needs guard=True"):
         Recover(guard_targets="shared")
-    with pytest.raises(InvalidInputError, match="need guard=True"):
+    with pytest.raises(InvalidInputError, match="guard_[a-z_]* shapes the guard: it needs guard=True"):
         Recover(guard_topk=2)
+    with pytest.raises(InvalidInputError, match="guard_scope, guard_topk shape the guard: they need guard=True"):
+        Recover(guard_scope="target", guard_topk=2)
     net = two_bn_net().train()  # three classes: a top-3 guard would veto nothing
     with pytest.raises(InvalidInputError, match="guard_topk below 3"):
         Recover(teacher_from="input", guard=True, guard_topk=3).check(

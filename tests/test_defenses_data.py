@@ -294,8 +294,8 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     compression, then its guarded recovery from the suspect on the defender's images (labels at
     weight 1 where there are labels), without feature hints; labelled data wins when both kinds
     are given. Only how long the trigger search refines its images, how many patch searches it
-    runs and whether it runs the per-image check may differ (each default's own grid choice,
-    sessions 20, 26, 27); the data-free and, since session 23, the unlabelled default
+    runs, and whether it runs the per-image check with a guard on the suspected target after it,
+    may differ (each default's own grid choice, sessions 20, 26, 27); the data-free and, since session 23, the unlabelled default
     unlearn the patch the search found (session 21) and the warp the recovery finds (session 22),
     the labelled one neither."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
@@ -328,6 +328,21 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     assert recover.data.value == data and recover.hard_label_weight == label_weight
     assert recover.invariance_keeps_bn_stats and recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET
+
+
+def test_every_candidate_builds_at_every_macs_target_and_its_recovery_trains_on_its_kind_of_data():
+    """Each candidate's options are validated when it is built, not when the grid first runs it, and
+    a candidate filed under a kind of defender data distils on that data (synthetic without any)."""
+    from ccpurify.passes import Recover
+    from ccpurify.passes.defaults import CANDIDATES, MACS_TARGETS, candidate
+
+    for name, (kind, _) in CANDIDATES.items():
+        for macs in MACS_TARGETS:
+            pipeline = candidate(name, macs)
+            assert pipeline.passes, name
+            recoveries = [p for p in pipeline.passes if isinstance(p, Recover)]
+            if recoveries:
+                assert recoveries[-1].data.value == ("synthetic" if kind == "none" else kind), name
 
 
 def test_the_default_pipeline_takes_a_macs_target_and_refuses_one_outside_0_1():

@@ -261,7 +261,7 @@ def test_a_guarded_recovery_distills_from_the_detectors_output_only_where_it_fou
     assert fell.passes[0].details.found_backdoor() is None and fell.passes[1].details.teacher == "input"
     _, plain = Pipeline([Fallback(TriggerPrune(**FAST), CLP()), Recover(**recovery)])(model, ctx)
     assert plain.passes[1].details.teacher == "input"
-    with pytest.raises(InvalidInputError, match="guard_teaches_if_found .*need guard=True"):
+    with pytest.raises(InvalidInputError, match="guard_teaches_if_found shapes the guard: it needs guard=True"):
         Recover(guard_teaches_if_found=True)
 
 
@@ -286,7 +286,7 @@ def test_the_guard_vetoes_only_the_suspected_target_where_the_defense_silenced_a
         ctx.teacher, ctx.pipeline_input, ctx.teacher_details = guard, model, details
         recovered = Recover(**recovery, guard_scope_per_image="target").recover(copy.deepcopy(guard), ctx)
         assert recovered.guard_scope == scope and (recovered.suspected_target is not None) == (scope == "target")
-    with pytest.raises(InvalidInputError, match="guard_scope_per_image shape the guard: they need guard=True"):
+    with pytest.raises(InvalidInputError, match="guard_scope_per_image shapes the guard: it needs guard=True"):
         Recover(guard_scope_per_image="target")
     guarded = dict(teacher_from="input", guard=True)
     with pytest.raises(InvalidInputError, match="is guard_scope already"):

@@ -346,7 +346,9 @@ def datafree_recovered_on(
     feature hints, because on real images the features of the guard carried WaNet's backdoors
     (session 18, docs/defaults.md). The labelled default since session 18, the unlabelled one since 19.
     ``trigger_synthesis_steps`` is ``trigger_fallback_pipeline``'s. The trigger search runs one patch
-    search: the data-free default's second one (``with_patch_warmups``, session 26) came after."""
+    search and no per-image check: the data-free default's second search (``with_patch_warmups``,
+    session 26), its check and its target guard (``with_early_check``, ``guard_scope_per_image``,
+    session 27) came after."""
     return with_recovery_options(
         trigger_fallback_pipeline(
             macs,

@@ -376,7 +376,10 @@ class Recover(Pass):
             and getattr(self, f.name) != f.default
         ]
         if not self.guard and changed:
-            raise InvalidInputError(f"{', '.join(changed)} shape the guard: they need guard=True")
+            they = "they need" if len(changed) > 1 else "it needs"
+            raise InvalidInputError(
+                f"{', '.join(changed)} shape{'' if len(changed) > 1 else 's'} the guard: {they} guard=True"
+            )
         if self.guard_scope_per_image is not None and self.guard_scope_per_image is self.guard_scope:
             raise InvalidInputError(
                 f"Recover(guard_scope_per_image={self.guard_scope_per_image.value!r}) is guard_scope already: "
