@@ -82,6 +82,8 @@ KINDS = {
             candidate_key(DEFAULTS["clean"].name, DEFAULTS["clean"].macs),
             "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-"
             "shared-revived-clean-warp3-gated@0.75",
+            "trigger-prune-both-synth100-warmups-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-"
+            "invariant-keptbn-nohints-shared-revived-clean-foundpatch-warp3-gated-targetguard-if-early@0.75",
         ),
         (250, 500, 2500),
         "Labelled defaults against the amount of clean data",
@@ -91,7 +93,9 @@ KINDS = {
         "`-keptbn-...-clean`: the data-free default's recovery on the labelled images for a fixed 10,240 "
         "sample-steps; `-keptbn-nohints-...-clean` (the default since session 18): the same without feature hints; "
         "`-clean-warp3-gated` (session 23's candidate): the same, unlearning a smooth warp where one lifts a class "
-        "by 0.3 or more.",
+        "by 0.3 or more; `-synth100-warmups-early-...-clean-foundpatch-warp3-gated-targetguard-if-early` (session 27's "
+        "candidate): the data-free default's trigger search (two patch searches, the per-image check) and guard, "
+        "unlearning the found patch and a gated warp.",
     ),
     "unlabeled": Kind(
         (
@@ -252,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
                         f"{key}: test CA {100 * m.ca:.1f} ASR {100 * (m.asr or 0):.1f} ({seconds:.0f} s, images {used})",
                         flush=True,
                     )
-    write_tables(read_json(STORE, {"cells": {}})["cells"], args.entries)
+    write_tables(read_json(STORE, {"cells": {}})["cells"])
     return 0
 
 
-def write_tables(cells: dict, entries: list[str]) -> None:
-    """One table per kind of data, from every stored cell of ``entries``."""
+def stored_entries(cells: dict) -> list[str]:
+    """The zoo entries with a stored cell, ``ENTRIES`` first: a run on some of them rewrites the
+    report without dropping the others' rows."""
+    stored = {key.split("|")[0] for key in cells}
+    return [e for e in ENTRIES if e in stored] + sorted(stored - set(ENTRIES))
+
+
+def write_tables(cells: dict) -> None:
+    """One table per kind of data, from every stored cell."""
+    entries = stored_entries(cells)
 
     def fmt(c: dict | None) -> str:
         if c is None:

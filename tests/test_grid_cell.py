@@ -308,3 +308,12 @@ def test_data_amount_refuses_bad_names_and_counts_before_loading_anything(argv, 
     monkeypatch.setattr(data_amount, "load_entry", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit, match=says):
         data_amount.main(argv)
+
+
+def test_data_amount_tables_keep_every_stored_entry_whatever_a_run_was_given():
+    """A run on one zoo entry rewrites the report from every stored cell: the other entries' rows
+    stay, the default entries first."""
+    from benchmarks.data_amount import stored_entries
+
+    cells = {"gtsrb-badnets|dense": {}, "cifar10-wanet|x@0.75|500": {}, "cifar10-badnets|dense": {}}
+    assert stored_entries(cells) == ["cifar10-badnets", "cifar10-wanet", "gtsrb-badnets"]
