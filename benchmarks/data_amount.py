@@ -79,11 +79,11 @@ KINDS = {
             "shared-revived+finetune-clean@0.75",
             "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-"
             "shared-revived-clean@0.75",
-            candidate_key(DEFAULTS["clean"].name, DEFAULTS["clean"].macs),
+            "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-"
+            "shared-revived-clean@0.75",
             "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-"
             "shared-revived-clean-warp3-gated@0.75",
-            "trigger-prune-both-synth100-warmups-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-"
-            "invariant-keptbn-nohints-shared-revived-clean-foundpatch-warp3-gated-targetguard-if-early@0.75",
+            candidate_key(DEFAULTS["clean"].name, DEFAULTS["clean"].macs),
         ),
         (250, 500, 2500),
         "Labelled defaults against the amount of clean data",
@@ -91,10 +91,10 @@ KINDS = {
         "`-budget`: RNP on at most 500 of them and distillation for a fixed 10,000 sample-steps; `+finetune-clean` "
         "(the default in session 17): the data-free default, then a fine-tune for a fixed 10,000 sample-steps; "
         "`-keptbn-...-clean`: the data-free default's recovery on the labelled images for a fixed 10,240 "
-        "sample-steps; `-keptbn-nohints-...-clean` (the default since session 18): the same without feature hints; "
+        "sample-steps; `-keptbn-nohints-...-clean` (the default in sessions 18-27): the same without feature hints; "
         "`-clean-warp3-gated` (session 23's candidate): the same, unlearning a smooth warp where one lifts a class "
-        "by 0.3 or more; `-synth100-warmups-early-...-clean-foundpatch-warp3-gated-targetguard-if-early` (session 27's "
-        "candidate): the data-free default's trigger search (two patch searches, the per-image check) and guard, "
+        "by 0.3 or more; `-synth100-warmups-early-...-clean-foundpatch-warp3-gated-targetguard-if-early` (the default "
+        "since session 28): the data-free default's trigger search (two patch searches, the per-image check) and guard, "
         "unlearning the found patch and a gated warp.",
     ),
     "unlabeled": Kind(

@@ -293,11 +293,12 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     """Labelled (session 18) and unlabelled (session 19) data: the data-free default's defense and
     compression, then its guarded recovery from the suspect on the defender's images (labels at
     weight 1 where there are labels), without feature hints; labelled data wins when both kinds
-    are given. Only how long the trigger search refines its images, how many patch searches it
-    runs, and whether it runs the per-image check with a guard on the suspected target after it,
-    may differ (each default's own grid choice, sessions 20, 26, 27); the data-free and, since session 23, the unlabelled default
-    unlearn the patch the search found (session 21) and the warp the recovery finds (session 22),
-    the labelled one neither."""
+    are given. All three unlearn the patch the search found (session 21) and the warp the recovery
+    finds (session 22; the unlabelled default since session 23, the labelled one since session 28).
+    Only how long the trigger search refines its images, how many patch searches it runs, and
+    whether it runs the per-image check with a guard on the suspected target after it may differ
+    (each default's own grid choice, sessions 20, 26, 27, 28): the labelled default runs the
+    data-free one's trigger search whole, the unlabelled one its session 23 search."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     def defense_and_compression(passes: list) -> list[dict]:
@@ -308,23 +309,25 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
 
     with_data, datafree = default_pipeline(has_clean, has_unlabeled).passes, default_pipeline().passes
     assert defense_and_compression(with_data) == defense_and_compression(datafree)
-    assert with_data[0].first.synthesis_steps == (30 if has_clean else 100)
-    # Since session 26 the data-free default also runs the patch search whose penalty warms up, and
-    # since session 27 the per-image check; the with-data defaults were chosen before them.
-    assert with_data[0].first.patch_warmups == (0.0,) and datafree[0].first.patch_warmups == (0.0, 0.5)
-    assert with_data[0].first.early_depth == 0 and datafree[0].first.early_depth == 0.5
+    search, datafree_search = with_data[0].first, datafree[0].first
+    assert search.synthesis_steps == datafree_search.synthesis_steps == 100
+    if has_clean:
+        assert search.config() == datafree_search.config()
+    else:
+        assert search.patch_warmups == (0.0,) and datafree_search.patch_warmups == (0.0, 0.5)
+        assert search.early_depth == 0 and datafree_search.early_depth == 0.5
     assert DEFAULTS["clean" if has_clean else "unlabeled"].macs == next(p for p in with_data if p.name == "prune").macs
     recover, synthetic = with_data[-1], datafree[-1]
     differs = {k for k, v in recover.config().items() if synthetic.config()[k] != v}
-    unlearning = {"found_patch_weight", "invariance_warp_weight", "invariance_warp_min_lift"}
-    assert datafree[-1].guard_scope_per_image.value == "target" and recover.guard_scope_per_image is None
-    labelled_only = unlearning | {"hard_label_weight"} if has_clean else set()
-    assert differs == {"data", "feature_weight", "hints_from", "guard_scope_per_image"} | labelled_only
+    assert synthetic.guard_scope_per_image.value == "target"
     if has_clean:
-        assert recover.found_patch_weight == 0 and recover.invariance_warp_weight == 0
+        assert recover.guard_scope_per_image.value == "target"
+        assert differs == {"data", "feature_weight", "hints_from", "hard_label_weight"}
     else:
-        assert recover.found_patch_weight == 1 and recover.invariance_warp_weight == 3
-        assert recover.invariance_warp_min_lift == 0.3
+        assert recover.guard_scope_per_image is None
+        assert differs == {"data", "feature_weight", "hints_from", "guard_scope_per_image"}
+    assert recover.found_patch_weight == 1 and recover.invariance_warp_weight == 3
+    assert recover.invariance_warp_min_lift == 0.3
     assert recover.data.value == data and recover.hard_label_weight == label_weight
     assert recover.invariance_keeps_bn_stats and recover.feature_weight == 0 and recover.hints_from.value == "teacher"
     assert recover.teacher_from.value == "input" and recover.guard and recover.budget == DATAFREE_BUDGET
