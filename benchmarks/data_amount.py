@@ -116,7 +116,7 @@ KINDS = {
         "`-budget`: BCU's distillation for a fixed 100,000 sample-steps (5,000 images x 20 epochs); `-capped`: "
         "BCU on at most 5,000 of the images (a seeded draw), 20 epochs; `+finetune-unlabeled` (the default in "
         "sessions 17-18): the data-free default, then a fine-tune for a fixed 10,000 sample-steps; "
-        "`-keptbn-nohints-...-unlabeled` (the default in session 19): the labelled default's recipe on the "
+        "`-keptbn-nohints-...-unlabeled` (the default in session 19): session 18's labelled default's recipe on the "
         "unlabelled images; `-synth100-...-unlabeled` (the default in sessions 20-22): the same with the trigger "
         "search on images refined for 100 steps; `-unlabeled-foundpatch-warp3-gated` (the default since session 23): "
         "the same, unlearning the found patch and, where a smooth warp lifts one class by 0.3 or more, the warp.",

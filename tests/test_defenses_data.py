@@ -298,7 +298,7 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     Only how long the trigger search refines its images, how many patch searches it runs, and
     whether it runs the per-image check with a guard on the suspected target after it may differ
     (each default's own grid choice, sessions 20, 26, 27, 28): the labelled default runs the
-    data-free one's trigger search whole, the unlabelled one its session 23 search."""
+    data-free one's trigger search whole, the unlabelled one session 20's (100 steps, one patch search)."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     def defense_and_compression(passes: list) -> list[dict]:

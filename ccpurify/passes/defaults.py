@@ -741,17 +741,17 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         lambda m: datafree_recovered_on(m, "clean"),
     ),
     # ... with TriggerPrune's per-image patch check (with_early_check; session 24): against CIFAR-10
-    # Input-aware, whose backdoor the labelled default keeps (test CA / ASR 79.7 / 74.6 -> 75.5 / 44.9).
+    # Input-aware, whose backdoor session 18's labelled default kept (test CA / ASR 79.7 / 74.6 -> 75.5 / 44.9).
     "trigger-prune-both-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean": (
         "clean",
         lambda m: with_early_check(datafree_recovered_on(m, "clean")),
     ),
     # ... with the recovery also unlearning a smooth universal warp where the search finds one, as the
-    # data-free candidate "-warp3-gated" (session 22). Tied with the default (validation DER 93.95
-    # against 93.35), it is the rule's choice since session 23 (ASR_GOAL: MobileNetV2 WaNet validation
-    # ASR 2.0% against 15.3%); not the default: with 250 / 500 / 2,500 labelled images it keeps CIFAR-10
-    # WaNet at 76.1 / 76.6 / 78.9% test CA against the default's 79.8 / 80.5 / 80.8 (docs/defaults.md,
-    # session 23), to be re-measured first.
+    # data-free candidate "-warp3-gated" (session 22). Tied with session 18's default (validation DER
+    # 93.95 against 93.35), it was the rule's choice in sessions 23-26 (ASR_GOAL: MobileNetV2 WaNet
+    # validation ASR 2.0% against 15.3%); not taken: with 250 / 500 / 2,500 labelled images it kept
+    # CIFAR-10 WaNet at 76.1 / 76.6 / 78.9% test CA against that default's 79.8 / 80.5 / 80.8
+    # (docs/defaults.md, session 23).
     "trigger-prune-both-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean-warp3-gated": (
         "clean",
         lambda m: with_gated_warp(
@@ -766,7 +766,7 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
         "clean",
         lambda m: datafree_recovered_on(m, "clean", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
     ),
-    # ... and with the gated warp unlearning (both changes above; session 23): the labelled default's
+    # ... and with the gated warp unlearning (both changes above; session 23): session 18's labelled default's
     # largest CA loss is VGG16-BN BadNets (test 78.6%, -6.1), which 100 steps brought to 80.2%. Not run
     # yet (session 23 spent its CPU on adopting the two warp candidates).
     "trigger-prune-both-synth100-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean-warp3-gated": (
@@ -775,11 +775,12 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
             datafree_recovered_on(m, "clean", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS),
         ),
     ),
-    # ... with the data-free targetguard candidate's trigger search and guard (session 27): two patch
-    # searches (the labelled default's single search settles on a weaker patch on VGG16-BN BadNets on
-    # AVX2 CPUs, session 25), the per-image check with a guard that vetoes only the suspected target
-    # where it silenced channels, and the unlabelled default's unlearning of the found patch and a
-    # gated warp (MobileNetV2 WaNet: the labelled default's test ASR 15.5%, ...-clean-warp3-gated 1.9%).
+    # ... with the data-free targetguard candidate's trigger search and guard (session 27; the labelled
+    # default since session 28): two patch searches (session 18's default's single search settles on a
+    # weaker patch on VGG16-BN BadNets on AVX2 CPUs, session 25), the per-image check with a guard that
+    # vetoes only the suspected target where it silenced channels, and the unlabelled default's
+    # unlearning of the found patch and a gated warp (MobileNetV2 WaNet: session 18's default's test
+    # ASR 15.5%, ...-clean-warp3-gated 1.9%).
     # Over the twelve selection models (AVX2) mean validation DER 94.0, CA drop 4.4, max ASR 3.3%: the
     # rule's choice; VGG16-BN BadNets test CA 78.6 -> 80.0%, MobileNetV2 WaNet ASR 15.5 -> 2.2%;
     # Input-aware 74.5 / 45.0; CIFAR-10 WaNet with 500 / 2,500 images 80.1 / 80.2% (docs/defaults.md, session 27).
@@ -1003,7 +1004,7 @@ DEFAULTS = {
     # 0.64x). Since session 20 with the data-free default's trigger search on images refined for 100
     # steps: mean validation DER 92.6, CA drop 3.6 (VGG16-BN BadNets test CA 77.2 -> 81.6%). With
     # labelled images the same change tied (93.32 against 93.35) for 0.06 points more CA drop, so the
-    # labelled default keeps 30 steps.
+    # labelled default kept 30 steps until session 28.
     # Since session 23, the same unlearning the patch the trigger search found and, where one lifts a
     # class by 0.3 or more, a smooth warp, as the data-free default: over the twelve selection models
     # mean validation DER 94.47 (92.63), CA drop 3.58 (3.64), max validation ASR 3.3% (30.5%,
