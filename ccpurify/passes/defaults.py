@@ -897,8 +897,9 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     ),
     # ... with the data-free targetguard candidate's trigger search and guard, as the labelled default
     # (session 27). Test CA / ASR (AVX2): CIFAR-10 Input-aware 74.7 / 12.9% (the unlabelled default
-    # 79.2 / 55.8%), VGG16-BN BadNets 81.2 / 2.0%, MobileNetV2 WaNet 76.0 / 1.4%; the other selection
-    # cells not yet run (docs/defaults.md, session 28).
+    # 79.2 / 55.8%), VGG16-BN BadNets 81.2 / 2.0%, MobileNetV2 WaNet 76.0 / 1.4%, CIFAR-10 BadNets,
+    # Blended, WaNet and GTSRB BadNets within 0.5 points of the default's; six selection cells not yet
+    # run (docs/defaults.md, session 28).
     "trigger-prune-both-synth100-warmups-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled-foundpatch-warp3-gated-targetguard-if-early": (
         "unlabeled",
         lambda m: with_gated_warp(
