@@ -325,6 +325,19 @@ def with_gated_warp(pipeline: Pipeline, **options) -> Pipeline:
     )
 
 
+def with_targetguard_search(pipeline: Pipeline) -> Pipeline:
+    """``pipeline`` with the data-free default's trigger search and guard since session 27: both patch
+    searches (``with_patch_warmups``), the per-image check (``with_early_check``), and a recovery that
+    unlearns the found patch and a gated warp and, where the check silenced channels, vetoes only the
+    suspected target (``Recover.guard_scope_per_image``). The labelled default since session 28 is the
+    same on the labelled images."""
+    return with_gated_warp(
+        with_early_check(with_patch_warmups(pipeline)),
+        found_patch_weight=FOUND_PATCH_WEIGHT,
+        guard_scope_per_image="target",
+    )
+
+
 def synth100_pipeline(macs: float) -> Pipeline:
     """Session 20's data-free default: ``trigger_fallback_pipeline`` with OTBR's ratio at most 0.05, the
     invariance leaving the BatchNorm running statistics alone and the trigger search on images refined
@@ -669,11 +682,7 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     # check stays shut (all twelve selection models) it runs what the data-free default runs.
     "trigger-prune-both-synth100-warmups-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-guardhints30-shared-revived-foundpatch-warp3-gated-targetguard-if-early": (
         "none",
-        lambda m: with_gated_warp(
-            with_early_check(with_patch_warmups(synth100_pipeline(m))),
-            found_patch_weight=FOUND_PATCH_WEIGHT,
-            guard_scope_per_image="target",
-        ),
+        lambda m: with_targetguard_search(synth100_pipeline(m)),
     ),
     # ... silencing fewer of the early channels (a sweep on CIFAR-10 Input-aware only; docs/defaults.md,
     # session 24): 10% 73.8 / 13.2, 11.5% 65.9 / 2.6, 7% 76.3 / 76.5.
@@ -786,12 +795,8 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     # Input-aware 74.5 / 45.0; CIFAR-10 WaNet with 500 / 2,500 images 80.1 / 80.2% (docs/defaults.md, session 27).
     "trigger-prune-both-synth100-warmups-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-clean-foundpatch-warp3-gated-targetguard-if-early": (
         "clean",
-        lambda m: with_gated_warp(
-            with_early_check(
-                with_patch_warmups(datafree_recovered_on(m, "clean", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS))
-            ),
-            found_patch_weight=FOUND_PATCH_WEIGHT,
-            guard_scope_per_image="target",
+        lambda m: with_targetguard_search(
+            datafree_recovered_on(m, "clean", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS)
         ),
     ),
     # ... after RNP's ranked pruning on at most RNP_IMAGES of the images (session 19): the labelled
@@ -902,14 +907,8 @@ CANDIDATES: dict[str, tuple[str, Builder]] = {
     # run (docs/defaults.md, session 28).
     "trigger-prune-both-synth100-warmups-early-or-otbr-search-max0.05+prune-dense-comp16+recover-guarded-invariant-keptbn-nohints-shared-revived-unlabeled-foundpatch-warp3-gated-targetguard-if-early": (
         "unlabeled",
-        lambda m: with_gated_warp(
-            with_early_check(
-                with_patch_warmups(
-                    datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS)
-                )
-            ),
-            found_patch_weight=FOUND_PATCH_WEIGHT,
-            guard_scope_per_image="target",
+        lambda m: with_targetguard_search(
+            datafree_recovered_on(m, "unlabeled", trigger_synthesis_steps=TRIGGER_SYNTHESIS_STEPS)
         ),
     ),
     "bcu-compact": ("unlabeled", lambda m: Pipeline([BCU(compact=prune(m))])),
