@@ -480,3 +480,39 @@ def test_best_patch_needs_a_search_and_the_warmups_are_distinct():
     # One patch search per warmup, each with its scoring, is the estimate of the work.
     one, two = (TriggerPrune(**PATCH, trigger_model="patch", patch_warmups=w) for w in ((0.0,), (0.0, 0.5)))
     assert two.sample_steps(cifar10_context()) - one.sample_steps(cifar10_context()) == 64 * 150 + 2 * 64
+
+
+def test_the_per_image_check_can_score_with_the_patch_search_that_lifts_its_class_the_most(demo_badnets):
+    """Given the demo BadNets model, two patch searches and the patch gate's area bar below both
+    patches, nothing passes and the first search's patch counts: it opens the per-image check. With
+    ``early_patch="strongest"`` the early channels are scored with the search whose patch lifts class
+    0 the most, and that patch is the one passed on for the recovery to unlearn."""
+    purified, report = TriggerPrune(
+        **PATCH,
+        trigger_model="patch",
+        max_area=0.001,
+        patch_warmups=(0.0, 0.5),
+        early_depth=0.5,
+        early_patch="strongest",
+    )(copy.deepcopy(demo_badnets), cifar10_context())
+    details = report.details
+    counted, strongest = details.patch_searches
+    assert counted["chosen"] and not details.triggers["patch"]["passed"]
+    assert strongest["lift"] > counted["lift"]  # else the option would pick the counted patch: nothing shown
+    early = details.early
+    assert early["opened"] and (early["area"], early["lift"]) == (counted["area"], counted["lift"])  # the gate's
+    assert early["scored_with"] == {"target": 0, "area": strongest["area"], "lift": strongest["lift"]}
+    unlearned = details.found_triggers()[-1]
+    assert round(unlearned.area, 4) == strongest["area"] and round(unlearned.lift, 4) == strongest["lift"]
+    assert 0 < early["silenced"] and details.silenced_per_image_trigger()
+
+
+def test_early_patch_is_a_per_image_check_option():
+    with pytest.raises(InvalidInputError, match="early_patch shape the per-image patch check"):
+        TriggerPrune(early_patch="strongest")
+    with pytest.raises(InvalidInputError, match="early_patch of pass 'trigger_prune' takes one of counted/strongest"):
+        TriggerPrune(trigger_model="both", early_depth=0.5, early_patch="largest")
+    with pytest.raises(InvalidInputError, match="picks among several patch searches"):
+        TriggerPrune(trigger_model="both", early_depth=0.5, early_patch="strongest")
+    both = TriggerPrune(trigger_model="both", early_depth=0.5, early_patch="strongest", patch_warmups=(0.0, 0.5))
+    assert both.config()["early_patch"] == "strongest"

@@ -45,7 +45,7 @@ from ccpurify.passes.otbr import OTBR  # noqa: E402
 from ccpurify.passes.prune import Prune  # noqa: E402
 from ccpurify.passes.recover import Recover  # noqa: E402
 from ccpurify.passes.rnp import RNP  # noqa: E402
-from ccpurify.passes.trigger_prune import TriggerModel, TriggerPrune  # noqa: E402
+from ccpurify.passes.trigger_prune import EarlyPatch, TriggerModel, TriggerPrune  # noqa: E402
 
 __all__ = [
     "BCU",
@@ -53,6 +53,7 @@ __all__ = [
     "PASSES",
     "RNP",
     "CleanCompact",
+    "EarlyPatch",
     "Factorize",
     "Fallback",
     "OTBR",
