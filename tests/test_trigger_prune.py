@@ -487,7 +487,7 @@ def test_the_per_image_check_can_score_with_the_patch_search_that_lifts_its_clas
     patches, nothing passes and the first search's patch counts: it opens the per-image check. With
     ``early_patch="strongest"`` the early channels are scored with the search whose patch lifts class
     0 the most, and that patch is the one passed on for the recovery to unlearn."""
-    purified, report = TriggerPrune(
+    _, report = TriggerPrune(
         **PATCH,
         trigger_model="patch",
         max_area=0.001,
