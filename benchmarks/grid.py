@@ -55,6 +55,7 @@ from ccpurify.atomic import write_json, write_text
 from ccpurify.passes import BCU, CLP, OTBR, PASSES, RNP, CleanCompact, Pass, Pipeline, Prune
 from ccpurify.passes.defaults import (
     ASR_GOAL,
+    CA_TIE,
     CANDIDATES,
     DEFAULTS,
     DER_TIE,
@@ -421,7 +422,7 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
     MACs target) pairs with a cell on every selection entry (``SELECTION_ENTRIES`` present in the
     zoo) that meet the MACs and latency goals, those within ``DER_TIE`` of the best mean validation
     DER, and of these the one with the smallest mean validation CA drop, those whose highest
-    validation ASR is at most ``ASR_GOAL`` first. A pair with cells on only
+    validation ASR is at most ``ASR_GOAL`` first (``pick``). A pair with cells on only
     some selection entries is listed as incomplete with what it lacks, not compared: scoring the
     others on fewer models would change their numbers."""
     selection = [n for n in SELECTION_ENTRIES if n in baselines]
@@ -439,18 +440,7 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
         eligible = [c for c in rows if rows[c]["eligible"]]
         best = max((rows[c]["mean_der_val"] for c in eligible), default=None)
         tied = [c for c in eligible if rows[c]["mean_der_val"] >= best - DER_TIE]
-        # among the tied, those that leave no backdoor above ASR_GOAL first; then the smallest CA drop; then a
-        # candidate whose cost or effect does not grow with the data, in FIXED_BUDGET's order
-        chosen = min(
-            tied,
-            key=lambda c: (
-                rows[c]["max_asr_val"] > ASR_GOAL,
-                rows[c]["mean_ca_drop_val"],
-                data_robust_rank(c.split("@")[0]),
-                c,
-            ),
-            default=None,
-        )
+        chosen = pick(tied, rows)
         out[kind] = {
             "entries": selection,
             "candidates": rows,
@@ -460,6 +450,19 @@ def select_defaults(cells: dict, baselines: dict) -> dict:
             "current_default": key(DEFAULTS[kind].name, DEFAULTS[kind].macs),
         }
     return out
+
+
+def pick(tied: list[str], rows: dict) -> str | None:
+    """Of the candidates ``tied`` on mean validation DER, those that leave no backdoor above
+    ``ASR_GOAL`` first; of these, those within ``CA_TIE`` of the smallest mean validation CA drop;
+    then a candidate whose cost or effect does not grow with the data (``FIXED_BUDGET``'s order);
+    then the name."""
+    if not tied:
+        return None
+    clear = [c for c in tied if rows[c]["max_asr_val"] <= ASR_GOAL] or tied
+    least = min(rows[c]["mean_ca_drop_val"] for c in clear)
+    close = [c for c in clear if rows[c]["mean_ca_drop_val"] <= least + CA_TIE]
+    return min(close, key=lambda c: (data_robust_rank(c.split("@")[0]), c))
 
 
 def validation_summary(done: list[dict]) -> dict:
@@ -504,7 +507,8 @@ def selection_table(selection: dict) -> str:
         "",
         f"Rule (ccpurify/passes/defaults.py): over the selection models (both datasets), among the candidates with a "
         f"MACs ratio <= {MACS_GOAL} and a batch-1 / 1-thread latency ratio <= {LATENCY_GOAL}, those within "
-        f"{100 * DER_TIE:g} point of the best mean validation DER; of these, the smallest mean validation CA drop, "
+        f"{100 * DER_TIE:g} point of the best mean validation DER; of these, the smallest mean validation CA drop "
+        f"(drops within {100 * CA_TIE:g} points of it count as equal: then a fixed-budget candidate, then the name), "
         f"those whose highest validation ASR is at most {100 * ASR_GOAL:g}% first. "
         "Test DER is shown, never used.",
     ]

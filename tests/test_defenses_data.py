@@ -297,13 +297,14 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     finds (session 22; the unlabelled default since session 23, the labelled one since session 28).
     Only how long the trigger search refines its images, how many patch searches it runs, and
     whether it runs the per-image check with a guard on the suspected target after it may differ
-    (each default's own grid choice, sessions 20, 26, 27, 28): the labelled default runs the
-    data-free one's trigger search whole, the unlabelled one session 20's (100 steps, one patch search)."""
+    (each default's own grid choice, sessions 20, 26, 27, 28, 30): the labelled default runs the
+    data-free one's trigger search but for the patches its per-image check scores with (session 30),
+    the unlabelled one session 20's (100 steps, one patch search)."""
     from ccpurify.passes.defaults import DATAFREE_BUDGET, DEFAULTS, default_pipeline
 
     def defense_and_compression(passes: list) -> list[dict]:
         configs = [p.config() for p in passes[:-1]]
-        for option in ("synthesis_steps", "patch_warmups", "early_depth"):
+        for option in ("synthesis_steps", "patch_warmups", "early_depth", "early_patch"):
             configs[0]["first"].pop(option)
         return configs
 
@@ -311,8 +312,9 @@ def test_the_with_data_defaults_are_the_data_free_one_with_its_recovery_on_the_d
     assert defense_and_compression(with_data) == defense_and_compression(datafree)
     search, datafree_search = with_data[0].first, datafree[0].first
     assert search.synthesis_steps == datafree_search.synthesis_steps == 100
-    if has_clean:
-        assert search.config() == datafree_search.config()
+    if has_clean:  # all but how the per-image check scores (session 30's data-free switch)
+        assert search.early_patch.value == "counted" and datafree_search.early_patch.value == "all"
+        assert {**search.config(), "early_patch": "all"} == datafree_search.config()
     else:
         assert search.patch_warmups == (0.0,) and datafree_search.patch_warmups == (0.0, 0.5)
         assert search.early_depth == 0 and datafree_search.early_depth == 0.5
@@ -389,6 +391,7 @@ def test_the_data_free_default_prunes_triggers_else_searches_otbr_then_prunes_in
     assert defense.first.patch_warmups == (0.0, 0.5)  # ... on an AVX2 CPU too (session 26)
     # The per-image patch check (Input-aware), and where it silenced channels a guard on the target only
     assert defense.first.early_depth == 0.5 and recover.guard_scope_per_image.value == "target"
+    assert defense.first.early_patch.value == "all"  # scored by every patch search (session 30)
     assert defense.otherwise.compact and defense.otherwise.ratio_search == OTBR_RATIOS_UP_TO_005 == (0.01, 0.02, 0.05)
     assert prune.macs == DEFAULTS["none"].macs and prune.global_pruning and prune.compensate
     assert prune.of_pipeline_input and prune.round_to == WIDTH_BLOCK == 16

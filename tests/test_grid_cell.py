@@ -232,6 +232,31 @@ def test_the_default_is_chosen_on_both_datasets_and_a_der_tie_goes_to_the_smalle
     assert select_defaults(cells, baselines)["clean"]["chosen"] == budget
 
 
+def test_ca_drops_closer_than_the_tie_count_as_equal_and_the_name_decides():
+    """Two candidates tied on DER whose mean validation CA drops differ by a tenth of ``CA_TIE`` (the
+    same computation on two CPUs) are equal on CA drop, and the name decides; a difference of twice
+    ``CA_TIE`` still goes to the smaller drop. A candidate that leaves a backdoor above ``ASR_GOAL``
+    neither wins nor sets the drop the others are measured from."""
+    from benchmarks.grid import CA_TIE, select_defaults
+
+    def cell(ca: float, asr: float = 0.02) -> dict:
+        scores = {"ca_before": 0.9, "ca": ca, "asr_before": 0.9, "asr": asr, "der": 0.9}
+        return {"test": scores, "val": scores, "macs_ratio": 0.7, "latency": {"latency_ratio_bs1_t1": 0.7}}
+
+    baselines = {f"{d}-{a}": {"dataset": d, "attack": a} for d in ("cifar10", "gtsrb") for a in ("badnets", "wanet")}
+    first, second = "otbr+prune+recover@0.75", "clp+prune+recover@0.75"  # "clp..." sorts first
+    for gap, chosen in ((CA_TIE / 10, second), (2 * CA_TIE, first)):
+        cells = {}
+        for n in baselines:
+            cells[f"{n}|pipeline:{first}"] = cell(0.85)
+            cells[f"{n}|pipeline:{second}"] = cell(0.85 - gap)  # loses a little more CA
+        assert select_defaults(cells, baselines)["none"]["chosen"] == chosen, gap
+    backdoored = "clp+otbr+prune+recover@0.75"  # sorts before both, loses the least CA, keeps a backdoor
+    for n in baselines:
+        cells[f"{n}|pipeline:{backdoored}"] = cell(0.85 + 1.5 * CA_TIE, asr=0.15 if n == "gtsrb-wanet" else 0.02)
+    assert select_defaults(cells, baselines)["none"]["chosen"] == first
+
+
 def test_bad_cells_are_refused_in_one_line_before_any_model_is_loaded(monkeypatch):
     from benchmarks import grid
 

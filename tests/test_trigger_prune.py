@@ -17,10 +17,10 @@ from ccpurify.demo import ASSETS
 from ccpurify.errors import InvalidInputError
 from ccpurify.invariance import PatchTrigger, fit_patch_trigger
 from ccpurify.io import load_model
-from ccpurify.passes import CLP, Fallback, Pipeline, PurifyContext, Recover, TriggerPrune, create
+from ccpurify.passes import CLP, EarlyPatch, Fallback, Pipeline, PurifyContext, Recover, TriggerPrune, create
 from ccpurify.passes.base import PassReport
 from ccpurify.passes.fallback import FallbackDetails
-from ccpurify.passes.trigger_prune import best_patch
+from ccpurify.passes.trigger_prune import TriggerPruneDetails, best_patch
 from ccpurify.transforms import Normalize
 
 PIXELS = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # eps 0.15 of the pixel range: 0.6 here
@@ -348,23 +348,88 @@ def test_a_channel_tuned_to_the_patch_outranks_one_that_any_patch_moves():
     dark = 0.2 * torch.rand(128, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     model, images = colour_net(), PIXELS(dark)
     convs = {"0": model[0]}
-    raw = patch_specific_shifts(model, convs, images, red_patch(), PIXELS, 0, torch.Generator().manual_seed(1))
-    net = patch_specific_shifts(model, convs, images, red_patch(), PIXELS, 4, torch.Generator().manual_seed(1))
+    raw = patch_specific_shifts(model, convs, images, [red_patch()], PIXELS, 0, torch.Generator().manual_seed(1))
+    net = patch_specific_shifts(model, convs, images, [red_patch()], PIXELS, 4, torch.Generator().manual_seed(1))
     assert raw["0"][0] > 0 and raw["0"][1] > 0
     assert net["0"][0] > 0 > net["0"][1]
     assert not model.training
 
 
-def test_a_patch_larger_than_max_area_does_not_pass_the_gate_and_goes_to_the_per_image_check(demo_badnets):
+def test_with_several_patches_each_channel_takes_its_largest_shift_against_the_same_controls():
+    """Given a red patch, which moves the red detector, and a larger grey one, which moves the
+    brightness channel more, scored together each channel keeps its larger score of the two, each
+    computed as if that patch were scored alone with the same seed (its controls shuffle its own
+    mask); with no patch, or patches of two input shapes, there is nothing to score."""
+    from ccpurify.passes.trigger_prune import patch_specific_shifts
+
+    dark = 0.2 * torch.rand(128, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model, images = colour_net(), PIXELS(dark)
+    convs = {"0": model[0]}
+    grey = replace(red_patch(5), pattern=PIXELS(torch.full((1, 3, 8, 8), 0.9)))
+    alone = [
+        patch_specific_shifts(model, convs, images, [p], PIXELS, 4, torch.Generator().manual_seed(1))["0"]
+        for p in (red_patch(), grey)
+    ]
+    both = patch_specific_shifts(model, convs, images, [red_patch(), grey], PIXELS, 4, torch.Generator().manual_seed(1))
+    assert alone[0][0] > alone[1][0] and alone[1][1] > alone[0][1]  # each patch leads on one channel
+    torch.testing.assert_close(both["0"], torch.maximum(*alone))
+    with pytest.raises(ValueError, match="at least one patch"):
+        patch_specific_shifts(model, convs, images, [], PIXELS, 4, torch.Generator())
+    smaller = replace(grey, mask=torch.ones(1, 1, 4, 4), pattern=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="one input shape"):
+        patch_specific_shifts(model, convs, images, [red_patch(), smaller], PIXELS, 4, torch.Generator())
+
+
+def test_the_check_scores_with_the_counted_patch_the_strongest_or_every_one_for_the_suspected_class():
+    """Given three patch searches' results, the first counted (class 0), a stronger one for class 0
+    and the strongest for class 1: ``early_patch`` picks the counted one, the strongest of all, or
+    both class-0 patches (another class's patch would single out that class's features)."""
+    counted = red_patch()
+    stronger = replace(red_patch(4), fooled=0.9)
+    other = replace(red_patch(5), target=1, fooled=0.95)
+    patches = [counted, stronger, other]
+    pick = {
+        c: TriggerPrune(**PATCH, trigger_model="patch", patch_warmups=(0.0, 0.5, 1.0), early_depth=0.5, early_patch=c)
+        for c in EarlyPatch
+    }
+    assert pick[EarlyPatch.COUNTED].scoring_patches(counted, patches) == [counted]
+    assert pick[EarlyPatch.STRONGEST].scoring_patches(counted, patches) == [other]
+    assert pick[EarlyPatch.ALL].scoring_patches(counted, patches) == [counted, stronger]
+
+
+@pytest.fixture(scope="module")
+def early_patches(demo_badnets) -> dict[str, tuple[nn.Module, TriggerPruneDetails]]:
+    """The demo BadNets model, two patch searches and the patch gate's area bar below both patches,
+    so nothing passes and the first search's patch (the single search's) counts and opens the
+    per-image check: the pass's purified model and details with each ``early_patch`` (about 30 s
+    each on 2 cores)."""
+    runs = {
+        choice.value: TriggerPrune(
+            **PATCH,
+            trigger_model="patch",
+            max_area=0.001,
+            patch_warmups=(0.0, 0.5),
+            early_depth=0.5,
+            early_patch=choice,
+        )(copy.deepcopy(demo_badnets), cifar10_context())
+        for choice in EarlyPatch
+    }
+    return {choice: (purified, report.details) for choice, (purified, report) in runs.items()}
+
+
+def summary(search: dict) -> dict:
+    return {"target": 0, "area": search["area"], "lift": search["lift"]}
+
+
+def test_a_patch_larger_than_max_area_does_not_pass_the_gate_and_goes_to_the_per_image_check(
+    demo_badnets, early_patches
+):
     """Given the demo BadNets model with the patch gate's area bar set below its patch, the gate
     stops the patch. The per-image check (``early_depth``) takes it: the patch still lifts class 0
     and no warp of a pixel does, so the first half of the convs are scored and at most 13% of their
     channels silenced: through their BatchNorm where one normalises the conv, else at the filter
     (the residual stream's writers). The patch is passed on for the recovery to unlearn."""
-    purified, report = TriggerPrune(**PATCH, trigger_model="patch", max_area=0.001, early_depth=0.5)(
-        copy.deepcopy(demo_badnets), cifar10_context()
-    )
-    details = report.details
+    purified, details = early_patches["counted"]
     patch = details.triggers["patch"]
     assert patch["fooled"] - patch["share_before"] >= 0.5 and patch["area"] > 0.001  # only the area gate stops it
     assert details.gated and not patch["passed"]
@@ -482,37 +547,52 @@ def test_best_patch_needs_a_search_and_the_warmups_are_distinct():
     assert two.sample_steps(cifar10_context()) - one.sample_steps(cifar10_context()) == 64 * 150 + 2 * 64
 
 
-def test_the_per_image_check_can_score_with_the_patch_search_that_lifts_its_class_the_most(demo_badnets):
-    """Given the demo BadNets model, two patch searches and the patch gate's area bar below both
-    patches, nothing passes and the first search's patch counts: it opens the per-image check. With
-    ``early_patch="strongest"`` the early channels are scored with the search whose patch lifts class
-    0 the most, and that patch is the one passed on for the recovery to unlearn."""
-    _, report = TriggerPrune(
-        **PATCH,
-        trigger_model="patch",
-        max_area=0.001,
-        patch_warmups=(0.0, 0.5),
-        early_depth=0.5,
-        early_patch="strongest",
-    )(copy.deepcopy(demo_badnets), cifar10_context())
-    details = report.details
+def test_the_per_image_check_can_score_with_the_patch_search_that_lifts_its_class_the_most(early_patches):
+    """With ``early_patch="strongest"`` the early channels are scored with the search whose patch
+    lifts class 0 the most, and that patch is the one passed on for the recovery to unlearn; the
+    gate still reads the counted patch."""
+    _, details = early_patches["strongest"]
     counted, strongest = details.patch_searches
     assert counted["chosen"] and not details.triggers["patch"]["passed"]
     assert strongest["lift"] > counted["lift"]  # else the option would pick the counted patch: nothing shown
     early = details.early
     assert early["opened"] and (early["area"], early["lift"]) == (counted["area"], counted["lift"])  # the gate's
-    assert early["scored_with"] == {"target": 0, "area": strongest["area"], "lift": strongest["lift"]}
+    assert early["scored_with"] == [summary(strongest)]
     unlearned = details.found_triggers()[-1]
     assert round(unlearned.area, 4) == strongest["area"] and round(unlearned.lift, 4) == strongest["lift"]
     assert 0 < early["silenced"] and details.silenced_per_image_trigger()
+    assert early_patches["counted"][1].early["scored_with"] == [summary(counted)]
+
+
+def test_the_per_image_check_can_score_each_channel_by_its_largest_shift_over_every_patch_search(early_patches):
+    """With ``early_patch="all"`` a channel's score is its largest shift over both searches' patches,
+    each against the same controls: so the k-th highest score is at least the k-th highest under
+    either patch alone, and the highest is the larger of the two single-patch highest. The counted
+    patch is the one passed on."""
+    _, details = early_patches["all"]
+    counted, strongest = details.patch_searches
+    early = details.early
+    assert early["opened"] and early["scored_with"] == [summary(counted), summary(strongest)]
+    alone = [early_patches[c][1].early["top_shifts"] for c in ("counted", "strongest")]
+    assert early["top_shifts"][0] == max(top[0] for top in alone)
+    assert all(v >= max(a, b) for v, a, b in zip(early["top_shifts"], *alone))
+    unlearned = details.found_triggers()[-1]
+    assert round(unlearned.area, 4) == counted["area"] and round(unlearned.lift, 4) == counted["lift"]
+    assert 0 < early["silenced"]
+    # The work estimate counts the images once more with the second patch and with each control.
+    one, every = (early_patches[c][1].sample_steps for c in ("counted", "all"))
+    assert every - one == 64 * (1 + TriggerPrune.early_random_patches)
 
 
 def test_early_patch_is_a_per_image_check_option():
     with pytest.raises(InvalidInputError, match="early_patch shape the per-image patch check"):
         TriggerPrune(early_patch="strongest")
-    with pytest.raises(InvalidInputError, match="early_patch of pass 'trigger_prune' takes one of counted/strongest"):
+    with pytest.raises(
+        InvalidInputError, match="early_patch of pass 'trigger_prune' takes one of counted/strongest/all"
+    ):
         TriggerPrune(trigger_model="both", early_depth=0.5, early_patch="largest")
-    with pytest.raises(InvalidInputError, match="picks among several patch searches"):
-        TriggerPrune(trigger_model="both", early_depth=0.5, early_patch="strongest")
+    for choice in ("strongest", "all"):
+        with pytest.raises(InvalidInputError, match=f"early_patch='{choice}' reads several patch searches"):
+            TriggerPrune(trigger_model="both", early_depth=0.5, early_patch=choice)
     both = TriggerPrune(trigger_model="both", early_depth=0.5, early_patch="strongest", patch_warmups=(0.0, 0.5))
     assert both.config()["early_patch"] == "strongest"

@@ -142,31 +142,46 @@ def patch_specific_shifts(
     model: nn.Module,
     convs: dict[str, nn.Module],
     images: torch.Tensor,
-    patch: PatchTrigger,
+    patches: Sequence[PatchTrigger],
     normalize: Callable[[torch.Tensor], torch.Tensor],
     random_patches: int,
     generator: torch.Generator,
     batch_size: int = 128,
 ) -> dict[str, torch.Tensor]:
-    """Per conv of ``convs`` (name -> module), each output channel's shift under ``patch``
+    """Per conv of ``convs`` (name -> module), each output channel's shift under a patch
     (``standardized_shifts`` of its output) beyond what any patch of its size causes: minus the
     largest shift under ``random_patches`` controls (the patch's mask with its pixels shuffled, a
     uniformly random pattern, ``normalize``d). Early channels are edge and colour detectors that any
     pasted square switches on; the control removes that part (session 23:
-    ``benchmarks.experiments.backdoor_channels``, ranking ``patch-minus-random``). ``model``'s mode
-    is kept."""
-    controls = []
-    for _ in range(random_patches):
-        order = torch.randperm(patch.mask.numel(), generator=generator)
-        mask = patch.mask.flatten()[order].view_as(patch.mask)
-        pattern = normalize(torch.rand(patch.pattern.shape, generator=generator))
-        controls.append(replace(patch, mask=mask, pattern=pattern))
-    found, *control = standardized_shifts(
-        model, convs, images, [t.apply for t in (patch, *controls)], batch_size=batch_size
-    )
-    if not control:
-        return found
-    return {n: found[n] - torch.stack([c[n] for c in control]).amax(0) for n in found}
+    ``benchmarks.experiments.backdoor_channels``, ranking ``patch-minus-random``). With several
+    ``patches`` (several searches' results), each channel's largest such shift over them, every
+    patch against the same draws of controls (session 30). ``model``'s mode is kept."""
+    if not patches:
+        raise ValueError("patch_specific_shifts needs at least one patch")
+    if len({(p.mask.shape, p.pattern.shape) for p in patches}) > 1:
+        raise ValueError("patch_specific_shifts scores patches of one input shape: their masks or patterns differ")
+    draws = [
+        (
+            torch.randperm(patches[0].mask.numel(), generator=generator),
+            torch.rand(patches[0].pattern.shape, generator=generator),
+        )
+        for _ in range(random_patches)
+    ]
+    applies = []
+    for patch in patches:
+        controls = [
+            replace(patch, mask=patch.mask.flatten()[order].view_as(patch.mask), pattern=normalize(pattern))
+            for order, pattern in draws
+        ]
+        applies += [t.apply for t in (patch, *controls)]
+    shifts = standardized_shifts(model, convs, images, applies, batch_size=batch_size)
+    scores = []  # per patch: its shift minus the largest of its controls'
+    for i in range(0, len(shifts), 1 + random_patches):
+        found, *control = shifts[i : i + 1 + random_patches]
+        scores.append(
+            {n: found[n] - torch.stack([c[n] for c in control]).amax(0) if control else found[n] for n in found}
+        )
+    return {n: torch.stack([s[n] for s in scores]).amax(0) for n in scores[0]}
 
 
 def best_patch(patches: Sequence[PatchTrigger], min_lift: float, max_area: float) -> tuple[PatchTrigger, bool]:
@@ -182,11 +197,12 @@ def best_patch(patches: Sequence[PatchTrigger], min_lift: float, max_area: float
 
 
 class EarlyPatch(str, Enum):
-    """Which patch search's result the per-image check scores the early channels with (its gate
+    """Which patch searches' results the per-image check scores the early channels with (its gate
     always reads the one that counts, ``best_patch``'s)."""
 
     COUNTED = "counted"  # the one that counts: where none passes the gate, the first search's
     STRONGEST = "strongest"  # of all searches, the one that lifts its class the most
+    ALL = "all"  # every search's with the counted one's class: each channel by its largest shift over them
 
 
 class TriggerModel(str, Enum):
@@ -214,7 +230,8 @@ class TriggerPruneDetails(PassDetails):
     # early_depth > 0: the per-image patch check (``TriggerPrune.early_check``): the patch's area and
     # lift, the warp search's lift where it ran, whether the gate opened, the convs scored, the
     # early channels silenced (through their BatchNorm, or their filter where none follows), and
-    # once open the patch that scored them (``scored_with``: ``TriggerPrune.early_patch``).
+    # once open the patches that scored them (``scored_with``, a list since session 30; a dict in
+    # session 29's stored cells: ``TriggerPrune.early_patch``).
     early: dict | None = None
     # More than one patch_warmups: each search's warmup, area, share sent to its class and lift.
     patch_searches: list[dict] = field(default_factory=list)
@@ -313,7 +330,7 @@ class TriggerPrune(Pass):
     early_min_lift: Fraction = 0.3
     early_max_area: PositiveFraction = 0.06
     early_random_patches: NonNegativeCount = 4
-    # Which patch scores the early channels once the check has opened (session 29, our variant). With
+    # Which patches score the early channels once the check has opened (session 29, our variant). With
     # several patch searches and none passing the gate, the first one counts; on CIFAR-10
     # Input-aware the warmup search's mask lifts the target class more (lift 0.77 against 0.48 on an
     # AVX-512 CPU, 0.75 against 0.44 on an AVX2 one), and the data-free default there ends at test
@@ -321,7 +338,11 @@ class TriggerPrune(Pass):
     # AVX-512 CPU (72.0 / 2.4% on the AVX2 one: which channels the first patch ranks first depends
     # on the CPU). The gate is unchanged, so where the check stays shut this option changes nothing;
     # the scoring patch has no area bar of its own (6.15% there, above early_max_area): the gate's
-    # patch has already said the backdoor is a per-image one. It needs several patch searches.
+    # patch has already said the backdoor is a per-image one. "all" (session 30; the data-free
+    # default's) scores each channel by its largest shift over every search's patch for the counted
+    # one's class (each against the same controls) and hands the counted patch on, so a channel
+    # either search singles out is a candidate and the ranking leans less on which patch one search
+    # reaches: 70.8 / 5.7% there (docs/defaults.md, session 30). Both need several patch searches.
     early_patch: EarlyPatch = EarlyPatch.COUNTED
     mode: Mode = Mode.COMPRESS
     residual_policy: RemovalPolicy = RemovalPolicy.GROUP
@@ -361,9 +382,9 @@ class TriggerPrune(Pass):
             )
         if changed and self.early_depth == 0:
             raise InvalidInputError(f"{', '.join(changed)} shape the per-image patch check: it needs early_depth > 0")
-        if self.early_patch is EarlyPatch.STRONGEST and len(self.patch_warmups) < 2:
+        if self.early_patch is not EarlyPatch.COUNTED and len(self.patch_warmups) < 2:
             raise InvalidInputError(
-                "early_patch='strongest' picks among several patch searches and this pass runs one: "
+                f"early_patch='{self.early_patch.value}' reads several patch searches and this pass runs one: "
                 "add patch_warmups=(0.0, 0.5)"
             )
         if self.early_depth > 0 and self.early_max_area <= self.max_area:
@@ -398,9 +419,10 @@ class TriggerPrune(Pass):
             TriggerModel.BOTH: [self.trigger_steps] + [self.patch_steps] * len(self.patch_warmups),
         }[self.trigger_model]
         # The per-image check, counted even where its gate may stop it: the warp search, and the
-        # images scored with the patch and each control.
+        # images scored without a patch, and per scoring patch with it and with each control.
+        scored = len(self.patch_warmups) if self.early_patch is EarlyPatch.ALL else 1
         early = (
-            trigger_fit_steps(WARP_STEPS, self.images) + self.images * (2 + self.early_random_patches)
+            trigger_fit_steps(WARP_STEPS, self.images) + self.images * (1 + (1 + self.early_random_patches) * scored)
             if self.early_depth > 0
             else 0
         )
@@ -461,6 +483,18 @@ class TriggerPrune(Pass):
             return False
         return info.bn is None or model.get_submodule(info.bn).weight is not None
 
+    def scoring_patches(self, counted: PatchTrigger, patches: Sequence[PatchTrigger]) -> list[PatchTrigger]:
+        """The patches the open per-image check scores the early channels with (``early_patch``):
+        the counted one; the search's whose patch lifts its class the most (the first of equals, so
+        the counted one on a tie); or every search's patch that sends images to the counted one's
+        class, the suspected target (a patch for another class would single out that class's
+        features)."""
+        if self.early_patch is EarlyPatch.STRONGEST:
+            return [max(patches, key=lambda p: p.lift)]
+        if self.early_patch is EarlyPatch.ALL:
+            return [p for p in patches if p.target == counted.target]
+        return [counted]
+
     def early_check(
         self,
         model: nn.Module,
@@ -472,11 +506,12 @@ class TriggerPrune(Pass):
     ) -> tuple[dict, dict[str, list[int]], PatchTrigger]:
         """The per-image patch check (``early_depth``): its report, the output channels to silence
         per conv (the report's ``filters``: those of convs no BatchNorm normalises, a pre-activation
-        network's residual writers), and the patch that scored them (``early_patch``; the counted
-        one where the check stays shut). The gate, in order of cost: no trigger passed the main gate, the patch lifts its
-        class by ``early_min_lift`` with an area in (``max_area``, ``early_max_area``], and a warp
-        search lifts no class by as much (a warp explains WaNet's patch-like search result: a 4-5%
-        mask on CIFAR-10 WaNet, docs/defaults.md session 16)."""
+        network's residual writers), and the patch the recovery may unlearn: the one that scored
+        them under ``early_patch="strongest"``, else the counted one. The gate, in order of cost: no
+        trigger passed the main gate, the patch lifts its class by ``early_min_lift`` with an area
+        in (``max_area``, ``early_max_area``], and a warp search lifts no class by as much (a warp
+        explains WaNet's patch-like search result: a 4-5% mask on CIFAR-10 WaNet, docs/defaults.md
+        session 16). The channels are scored with ``scoring_patches``."""
         patch, _ = found["patch"]
         report = {
             "area": round(patch.area, 4),
@@ -496,14 +531,15 @@ class TriggerPrune(Pass):
         report["warp_lift"] = round(warp.lift, 4)
         if warp.lift >= self.early_min_lift:
             return report, {}, patch
+        scoring = self.scoring_patches(patch, patches)
         if self.early_patch is EarlyPatch.STRONGEST:
-            patch = max(patches, key=lambda p: p.lift)  # the first of equals: the counted one on a tie
+            (patch,) = scoring
         convs = [
             (n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and self._silenceable(n, graph, model)
         ]
         convs = convs[: max(1, round(self.early_depth * len(convs)))]
         shifts = patch_specific_shifts(
-            model, dict(convs), images, patch, context.normalize, self.early_random_patches, context.generator(43)
+            model, dict(convs), images, scoring, context.normalize, self.early_random_patches, context.generator(43)
         )
         ranked = sorted(
             ((float(v), n, k) for n in shifts for k, v in enumerate(shifts[n]) if math.isfinite(v)), reverse=True
@@ -516,7 +552,7 @@ class TriggerPrune(Pass):
             channels.setdefault(conv, []).append(k)
         report.update(
             opened=True,
-            scored_with={"target": patch.target, "area": round(patch.area, 4), "lift": round(patch.lift, 4)},
+            scored_with=[{"target": p.target, "area": round(p.area, 4), "lift": round(p.lift, 4)} for p in scoring],
             convs=len(convs),
             silenced=sum(map(len, channels.values())),
             top_shifts=[round(v, 3) for v, _, _ in ranked[:10]],
