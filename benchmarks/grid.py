@@ -508,7 +508,8 @@ def selection_table(selection: dict) -> str:
         f"Rule (ccpurify/passes/defaults.py): over the selection models (both datasets), among the candidates with a "
         f"MACs ratio <= {MACS_GOAL} and a batch-1 / 1-thread latency ratio <= {LATENCY_GOAL}, those within "
         f"{100 * DER_TIE:g} point of the best mean validation DER; of these, the smallest mean validation CA drop "
-        f"(drops within {100 * CA_TIE:g} points of it count as equal: then a fixed-budget candidate, then the name), "
+        f"(drops within {100 * CA_TIE:g} points of it count as equal: then a fixed-budget candidate, then the name, "
+        "alphabetically), "
         f"those whose highest validation ASR is at most {100 * ASR_GOAL:g}% first. "
         "Test DER is shown, never used.",
     ]

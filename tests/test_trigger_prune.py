@@ -109,7 +109,7 @@ def test_trigger_prune_is_registered_and_refuses_a_model_without_batchnorm_or_ba
         TriggerPrune(max_fraction=1.5)
     with pytest.raises(InvalidInputError, match="min_gain"):
         TriggerPrune(min_gain=0.0)
-    with pytest.raises(InvalidInputError, match="patch_steps shape the patch search.*trigger_model='patch'"):
+    with pytest.raises(InvalidInputError, match="patch_steps shapes the patch search.*trigger_model='patch'"):
         TriggerPrune(patch_steps=10)  # ignored by the perturbation search: refused, not silently dropped
 
 
@@ -378,6 +378,11 @@ def test_with_several_patches_each_channel_takes_its_largest_shift_against_the_s
     smaller = replace(grey, mask=torch.ones(1, 1, 4, 4), pattern=torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="one input shape"):
         patch_specific_shifts(model, convs, images, [red_patch(), smaller], PIXELS, 4, torch.Generator())
+    diverged = replace(grey, pattern=torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        patch_specific_shifts(model, convs, images, [red_patch(), diverged], PIXELS, 4, torch.Generator())
+    with pytest.raises(TypeError, match=r"pass \[patch\]"):
+        patch_specific_shifts(model, convs, images, red_patch(), PIXELS, 4, torch.Generator())
 
 
 def test_the_check_scores_with_the_counted_patch_the_strongest_or_every_one_for_the_suspected_class():
@@ -452,7 +457,7 @@ def test_a_patch_larger_than_max_area_does_not_pass_the_gate_and_goes_to_the_per
 def test_the_per_image_check_is_off_by_default_and_refuses_options_it_would_ignore():
     _, report = TriggerPrune(**FAST)(shortcut_net(), context())
     assert report.details.early is None
-    with pytest.raises(InvalidInputError, match="early_fraction shape the per-image patch check"):
+    with pytest.raises(InvalidInputError, match="early_fraction shapes the per-image patch check"):
         TriggerPrune(early_fraction=0.2)
     with pytest.raises(InvalidInputError, match="trigger_model='patch' or 'both'"):
         TriggerPrune(early_depth=0.5)
@@ -517,7 +522,7 @@ def test_two_patch_searches_on_the_demo_badnets_model_report_both_and_keep_a_pas
 def test_patch_warmups_need_a_search_and_a_patch_model_and_the_warmup_a_fraction():
     with pytest.raises(InvalidInputError, match="patch_warmups needs at least one"):
         TriggerPrune(trigger_model="patch", patch_warmups=())
-    with pytest.raises(InvalidInputError, match="patch_warmups shape the patch search"):
+    with pytest.raises(InvalidInputError, match="patch_warmups shapes the patch search"):
         TriggerPrune(patch_warmups=(0.0, 0.5))
     assert TriggerPrune(patch_warmups=[0.0]).patch_warmups == (0.0,)  # a list, as a saved config has it
     with pytest.raises(ValueError, match="warmup in"):
@@ -585,7 +590,7 @@ def test_the_per_image_check_can_score_each_channel_by_its_largest_shift_over_ev
 
 
 def test_early_patch_is_a_per_image_check_option():
-    with pytest.raises(InvalidInputError, match="early_patch shape the per-image patch check"):
+    with pytest.raises(InvalidInputError, match="early_patch shapes the per-image patch check"):
         TriggerPrune(early_patch="strongest")
     with pytest.raises(
         InvalidInputError, match="early_patch of pass 'trigger_prune' takes one of counted/strongest/all"

@@ -156,10 +156,17 @@ def patch_specific_shifts(
     ``benchmarks.experiments.backdoor_channels``, ranking ``patch-minus-random``). With several
     ``patches`` (several searches' results), each channel's largest such shift over them, every
     patch against the same draws of controls (session 30). ``model``'s mode is kept."""
+    if isinstance(patches, PatchTrigger):
+        raise TypeError("patch_specific_shifts takes a list of patches: pass [patch]")
+    patches = list(patches)
     if not patches:
         raise ValueError("patch_specific_shifts needs at least one patch")
     if len({(p.mask.shape, p.pattern.shape) for p in patches}) > 1:
         raise ValueError("patch_specific_shifts scores patches of one input shape: their masks or patterns differ")
+    if not all(p.mask.isfinite().all() and p.pattern.isfinite().all() for p in patches):
+        raise ValueError("a patch's mask or pattern is NaN or infinite: its search diverged; nothing to score with it")
+    if random_patches < 0:
+        raise ValueError(f"random_patches must be 0 or more, got {random_patches}")
     draws = [
         (
             torch.randperm(patches[0].mask.numel(), generator=generator),
@@ -361,7 +368,8 @@ class TriggerPrune(Pass):
         changed = [f.name for f in patch_options if getattr(self, f.name) != f.default]
         if changed and self.trigger_model is TriggerModel.PERTURBATION:
             raise InvalidInputError(
-                f"{', '.join(changed)} shape the patch search, which trigger_model='perturbation' does not run: "
+                f"{', '.join(changed)} {'shape' if len(changed) > 1 else 'shapes'} the patch search, which "
+                "trigger_model='perturbation' does not run: "
                 "add trigger_model='patch' or 'both'"
             )
         if not self.patch_warmups:
@@ -381,11 +389,14 @@ class TriggerPrune(Pass):
                 "does not run: add trigger_model='patch' or 'both'"
             )
         if changed and self.early_depth == 0:
-            raise InvalidInputError(f"{', '.join(changed)} shape the per-image patch check: it needs early_depth > 0")
+            raise InvalidInputError(
+                f"{', '.join(changed)} {'shape' if len(changed) > 1 else 'shapes'} the per-image patch check: "
+                "it needs early_depth > 0"
+            )
         if self.early_patch is not EarlyPatch.COUNTED and len(self.patch_warmups) < 2:
             raise InvalidInputError(
                 f"early_patch='{self.early_patch.value}' reads several patch searches and this pass runs one: "
-                "add patch_warmups=(0.0, 0.5)"
+                "add patch_warmups=(0.0, 0.5) (CLI: --set patch_warmups=[0.0,0.5])"
             )
         if self.early_depth > 0 and self.early_max_area <= self.max_area:
             raise InvalidInputError(
