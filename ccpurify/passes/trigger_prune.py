@@ -134,7 +134,11 @@ def trigger_gains(
     """Per BatchNorm of ``bns`` (name -> module), each channel's trigger gain: its shift
     (``standardized_shifts``) of ReLU(BN output); with several triggers (``applies``), the largest.
     ``model``'s mode is kept."""
-    shifts = standardized_shifts(model, bns, images, applies, relu=True, batch_size=batch_size)
+    return largest_per_channel(standardized_shifts(model, bns, images, applies, relu=True, batch_size=batch_size))
+
+
+def largest_per_channel(shifts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per module, each channel's largest value over ``shifts`` (one name -> per-channel dict each)."""
     return {n: torch.stack([s[n] for s in shifts]).amax(0) for n in shifts[0]}
 
 
@@ -170,14 +174,14 @@ def patch_specific_shifts(
     draws = [
         (
             torch.randperm(patches[0].mask.numel(), generator=generator),
-            torch.rand(patches[0].pattern.shape, generator=generator),
+            normalize(torch.rand(patches[0].pattern.shape, generator=generator)),
         )
         for _ in range(random_patches)
     ]
     applies = []
     for patch in patches:
         controls = [
-            replace(patch, mask=patch.mask.flatten()[order].view_as(patch.mask), pattern=normalize(pattern))
+            replace(patch, mask=patch.mask.flatten()[order].view_as(patch.mask), pattern=pattern)
             for order, pattern in draws
         ]
         applies += [t.apply for t in (patch, *controls)]
@@ -185,10 +189,11 @@ def patch_specific_shifts(
     scores = []  # per patch: its shift minus the largest of its controls'
     for i in range(0, len(shifts), 1 + random_patches):
         found, *control = shifts[i : i + 1 + random_patches]
-        scores.append(
-            {n: found[n] - torch.stack([c[n] for c in control]).amax(0) if control else found[n] for n in found}
-        )
-    return {n: torch.stack([s[n] for s in scores]).amax(0) for n in scores[0]}
+        if control:
+            beyond = largest_per_channel(control)
+            found = {n: found[n] - beyond[n] for n in found}
+        scores.append(found)
+    return largest_per_channel(scores)
 
 
 def best_patch(patches: Sequence[PatchTrigger], min_lift: float, max_area: float) -> tuple[PatchTrigger, bool]:
@@ -201,6 +206,11 @@ def best_patch(patches: Sequence[PatchTrigger], min_lift: float, max_area: float
     if not passing:
         return patches[0], False
     return max(passing, key=lambda p: (p.fooled, -p.area)), True
+
+
+def options_shape(names: Sequence[str]) -> str:
+    """The start of a refusal naming options set for a part that will not run: "a shapes", "a, b shape"."""
+    return f"{', '.join(names)} {'shapes' if len(names) == 1 else 'shape'}"
 
 
 class EarlyPatch(str, Enum):
@@ -368,8 +378,7 @@ class TriggerPrune(Pass):
         changed = [f.name for f in patch_options if getattr(self, f.name) != f.default]
         if changed and self.trigger_model is TriggerModel.PERTURBATION:
             raise InvalidInputError(
-                f"{', '.join(changed)} {'shape' if len(changed) > 1 else 'shapes'} the patch search, which "
-                "trigger_model='perturbation' does not run: "
+                f"{options_shape(changed)} the patch search, which trigger_model='perturbation' does not run: "
                 "add trigger_model='patch' or 'both'"
             )
         if not self.patch_warmups:
@@ -389,10 +398,7 @@ class TriggerPrune(Pass):
                 "does not run: add trigger_model='patch' or 'both'"
             )
         if changed and self.early_depth == 0:
-            raise InvalidInputError(
-                f"{', '.join(changed)} {'shape' if len(changed) > 1 else 'shapes'} the per-image patch check: "
-                "it needs early_depth > 0"
-            )
+            raise InvalidInputError(f"{options_shape(changed)} the per-image patch check: it needs early_depth > 0")
         if self.early_patch is not EarlyPatch.COUNTED and len(self.patch_warmups) < 2:
             raise InvalidInputError(
                 f"early_patch='{self.early_patch.value}' reads several patch searches and this pass runs one: "
@@ -497,13 +503,13 @@ class TriggerPrune(Pass):
     def scoring_patches(self, counted: PatchTrigger, patches: Sequence[PatchTrigger]) -> list[PatchTrigger]:
         """The patches the open per-image check scores the early channels with (``early_patch``):
         the counted one; the search's whose patch lifts its class the most (the first of equals, so
-        the counted one on a tie); or every search's patch that sends images to the counted one's
-        class, the suspected target (a patch for another class would single out that class's
-        features)."""
+        the counted one on a tie); or, the counted one first, every search's patch that sends images
+        to the counted one's class, the suspected target (a patch for another class would single out
+        that class's features). The first is the one the recovery may unlearn."""
         if self.early_patch is EarlyPatch.STRONGEST:
             return [max(patches, key=lambda p: p.lift)]
         if self.early_patch is EarlyPatch.ALL:
-            return [p for p in patches if p.target == counted.target]
+            return [counted, *(p for p in patches if p is not counted and p.target == counted.target)]
         return [counted]
 
     def early_check(
@@ -517,12 +523,12 @@ class TriggerPrune(Pass):
     ) -> tuple[dict, dict[str, list[int]], PatchTrigger]:
         """The per-image patch check (``early_depth``): its report, the output channels to silence
         per conv (the report's ``filters``: those of convs no BatchNorm normalises, a pre-activation
-        network's residual writers), and the patch the recovery may unlearn: the one that scored
-        them under ``early_patch="strongest"``, else the counted one. The gate, in order of cost: no
-        trigger passed the main gate, the patch lifts its class by ``early_min_lift`` with an area
-        in (``max_area``, ``early_max_area``], and a warp search lifts no class by as much (a warp
-        explains WaNet's patch-like search result: a 4-5% mask on CIFAR-10 WaNet, docs/defaults.md
-        session 16). The channels are scored with ``scoring_patches``."""
+        network's residual writers), and the patch the recovery may unlearn (the first of
+        ``scoring_patches``, which score the channels; the counted one where the check stays shut).
+        The gate, in order of cost: no trigger passed the main gate, the patch lifts its class by
+        ``early_min_lift`` with an area in (``max_area``, ``early_max_area``], and a warp search
+        lifts no class by as much (a warp explains WaNet's patch-like search result: a 4-5% mask on
+        CIFAR-10 WaNet, docs/defaults.md session 16)."""
         patch, _ = found["patch"]
         report = {
             "area": round(patch.area, 4),
@@ -543,8 +549,7 @@ class TriggerPrune(Pass):
         if warp.lift >= self.early_min_lift:
             return report, {}, patch
         scoring = self.scoring_patches(patch, patches)
-        if self.early_patch is EarlyPatch.STRONGEST:
-            (patch,) = scoring
+        patch = scoring[0]
         convs = [
             (n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and self._silenceable(n, graph, model)
         ]
